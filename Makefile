@@ -1,0 +1,31 @@
+# Two commands do all the set-up:  `make demo`  and  `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned in pyproject.toml and named here too, so pip takes the local CPU build
+# and never resolves a newer, CUDA-bundled one.
+PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
+# The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
+QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
+
+.PHONY: install demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e ".[test]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import rayalign, ray, deepspeed, torch; print('installed rayalign with torch', torch.__version__)"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluster
+	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml
+
+test: install  ## the whole suite (real local Ray cluster, DeepSpeed)
+	$(BIN)/python -m pytest -ra
+
+clean:
+	rm -rf runs .pytest_cache

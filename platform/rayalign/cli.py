@@ -1,0 +1,52 @@
+"""``rayalign`` command line: parses arguments, loads the config, composes stages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rayalign.config import ConfigError, load_config
+from rayalign.data import DataQualityError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rayalign.pipeline import format_summaries, run_train
+
+    # Validate every config before Ray starts, so a typo fails in a second, not after a run.
+    configs = [load_config(path, args.overrides) for path in args.config]
+    summaries = []
+    for cfg in configs:
+        print(f"[rayalign] training {cfg.output.name} ({cfg.loss.type}) -> {cfg.output.run_dir}", flush=True)
+        summaries.append(run_train(cfg))
+    print("\n" + format_summaries(summaries))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a policy with DPO/CPO on Ray (Data → reference → Train)")
+    train.add_argument(
+        "--config", action="append", required=True, metavar="FILE",
+        help="YAML config; repeat to run several configs one after another (e.g. DPO then CPO)",
+    )
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
+    )
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataQualityError, FileNotFoundError) as err:
+        print(f"rayalign: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The one typed configuration that flows from YAML / CLI to every stage.
+
+A run is described by a single :class:`RunConfig`. It is loaded from YAML with
+:func:`load_config`, dotted ``key=value`` overrides from the command line are
+applied on top, and the result is validated before Ray starts: an unknown key,
+a wrong type or an out-of-range value raises :class:`ConfigError` naming the
+key and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """A small Llama built from scratch (no download), for tests and demos.
+
+    Head size (hidden_size / num_attention_heads) must be at least 32 so that
+    vLLM's CPU attention backend can serve the same model.
+    """
+
+    hidden_size: int = Field(64, ge=32)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    max_position_embeddings: int = Field(512, ge=16)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _head_size(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.hidden_size // self.num_attention_heads < 32:
+            raise ValueError("head size (hidden_size / num_attention_heads) must be >= 32")
+        return self
+
+
+class ModelConfig(_Section):
+    """The policy's starting weights, which are also the frozen reference."""
+
+    path: str | None = Field(None, description="Hugging Face model directory (local).")
+    tiny: TinyModelConfig | None = Field(
+        None, description="Build a tiny Llama + byte-level tokenizer instead of loading one."
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path or model.tiny")
+        return self
+
+
+class SyntheticDataConfig(_Section):
+    """A generated preference task with known ground truth (see rayalign.synthetic)."""
+
+    task: Literal["arithmetic"] = "arithmetic"
+    num_pairs: int = Field(256, ge=1)
+    max_operand: int = Field(4, ge=1, le=10_000)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    paths: list[str] = Field(
+        default_factory=list,
+        description="JSONL (.jsonl, .jsonl.gz) or Parquet files; empty means use `synthetic`.",
+    )
+    format: Literal["auto", "pairs", "conversational", "hh"] = "auto"
+    synthetic: SyntheticDataConfig | None = None
+    max_length: int = Field(512, ge=8, description="Max tokens of prompt + response.")
+    max_prompt_length: int = Field(256, ge=1)
+    truncation: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"
+    max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    shuffle: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source(self) -> "DataConfig":
+        if not self.paths and self.synthetic is None:
+            raise ValueError("set data.paths or data.synthetic")
+        if self.paths and self.synthetic is not None:
+            raise ValueError("set only one of data.paths or data.synthetic")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+        return self
+
+
+class ReferenceConfig(_Section):
+    """The frozen reference scorer: a pool of Ray Data actors."""
+
+    backend: Literal["transformers"] = "transformers"
+    num_actors: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class LossConfig(_Section):
+    """Which preference loss, and its parameters (formulas in rayalign.losses)."""
+
+    type: Literal["dpo", "ipo", "hinge", "cpo", "cpo_clip"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    gamma: float = Field(0.0, description="CPO target margin γ.")
+    alpha: float = Field(1.0, gt=0, description="CPO constraint weight α (inf disables).")
+    tau: float = Field(1.0, gt=0, description="CPO smoothness τ.")
+    nll_weight: float = Field(0.0, ge=0, description="Weight of the NLL term on chosen.")
+    length_normalize: bool = Field(
+        False, description="Use per-token average log-probs instead of sums."
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(8, ge=1, description="Pairs per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="None: only at the end.")
+    seed: int = 0
+
+
+class ScalingConfig(_Section):
+    """Ray Train workers (maps onto ray.train.ScalingConfig)."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+
+
+class RayConfig(_Section):
+    """How the driver reaches Ray. address=None starts (or joins) a local cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="Only for a cluster started here.")
+    object_store_memory_mb: int | None = Field(None, ge=64)
+    data_cpus_per_task: float = Field(
+        0.25, gt=0, description="CPUs for Ray Data read/tokenize tasks (fractional on small hosts)."
+    )
+
+
+class OutputConfig(_Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    root: str = "runs"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root).expanduser().resolve() / self.name
+
+
+class RunConfig(_Section):
+    """Everything a run needs; every stage receives this object."""
+
+    model: ModelConfig
+    data: DataConfig
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"loss.beta=0.2"`` -> ``("loss.beta", 0.2)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. loss.beta=0.2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return key.strip(), value
+
+
+def config_from_dict(
+    tree: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>"
+) -> RunConfig:
+    tree = dict(tree)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(tree, overrides, origin=str(path))
+

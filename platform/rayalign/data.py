@@ -1,0 +1,424 @@
+"""Data stage: read preference pairs with Ray Data, validate, tokenize, quarantine.
+
+Flow::
+
+    files ──PreferenceFileDatasource──▶ {source, row, record}
+          ──map_batches(PairTokenizer)──▶ {status, reason, ..., prompt_ids, chosen_ids, rejected_ids}
+          ──materialize──▶ counts + quarantine.jsonl  (driver sees only rejected rows)
+          ──keep status == "ok"──▶ tokenized pairs for the reference stage
+
+Supported record formats (``data.format``, or detected per record with ``auto``):
+
+* ``pairs``: ``{"prompt": str, "chosen": str, "rejected": str}`` (JSONL or Parquet);
+  tokenized as raw text, like TRL's "standard" format.
+* ``conversational``: TRL-style ``chosen``/``rejected`` as lists of ``{role, content}``
+  messages, with an optional ``prompt`` list; without one, the prompt is the shared
+  dialogue before the final assistant turn. Rendered with the tokenizer's chat template.
+* ``hh``: Anthropic HH-RLHF transcripts; the prompt is everything up to and including
+  the last ``"\\n\\nAssistant:"``, the response is the rest.
+
+A record that cannot be used is never dropped silently: it is written to
+``quarantine.jsonl`` with its file, line/row and the reason, and the run fails
+when the quarantined fraction exceeds ``data.max_quarantine_fraction``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy, Dataset
+from ray.data.datasource import FileBasedDatasource
+
+from rayalign.config import DataConfig, RunConfig
+
+HH_ASSISTANT = "\n\nAssistant:"
+OK = "ok"
+TOKEN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+_RAW_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()), ("record", pa.string())])
+_RAW_ROWS_PER_BLOCK = 1024
+
+
+class DataQualityError(RuntimeError):
+    """Too much of the input was quarantined to trust the run."""
+
+
+class RecordError(ValueError):
+    """One record is unusable; ``reason`` is a stable snake_case code."""
+
+    def __init__(self, reason: str, detail: str, field: str | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.field = reason, detail, field
+
+
+# ---------------------------------------------------------------- reading
+
+
+class PreferenceFileDatasource(FileBasedDatasource):
+    """Streams raw records with their file and 1-based line (JSONL) or 0-based row (Parquet).
+
+    Parsing happens later, per record, so that one bad line is quarantined
+    instead of failing the whole read.
+    """
+
+    _FILE_EXTENSIONS = ["jsonl", "json", "gz", "parquet"]
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        if path.endswith(".parquet"):
+            yield from self._read_parquet(f, path)
+        else:
+            yield from self._read_jsonl(f, path)
+
+    @staticmethod
+    def _table(path: str, rows: list[int], records: list[str]) -> pa.Table:
+        return pa.Table.from_arrays(
+            [pa.array([path] * len(rows)), pa.array(rows, pa.int64()), pa.array(records)],
+            schema=_RAW_SCHEMA,
+        )
+
+    def _read_jsonl(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        rows, records = [], []
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n")
+        for line_no, line in enumerate(text, start=1):
+            if not line.strip():
+                continue
+            rows.append(line_no)
+            records.append(line.rstrip("\n"))
+            if len(rows) == _RAW_ROWS_PER_BLOCK:
+                yield self._table(path, rows, records)
+                rows, records = [], []
+        if rows:
+            yield self._table(path, rows, records)
+
+    def _read_parquet(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        # Parquet needs random access; the input is a stream, so buffer the file.
+        parquet = pq.ParquetFile(pa.BufferReader(f.read()))
+        row = 0
+        for batch in parquet.iter_batches(batch_size=_RAW_ROWS_PER_BLOCK):
+            records = [json.dumps(r, default=str) for r in batch.to_pylist()]
+            yield self._table(path, list(range(row, row + len(records))), records)
+            row += len(records)
+
+
+def read_preference_files(paths: list[str], num_cpus: float) -> Dataset:
+    """A Ray Dataset of ``{source, row, record}``, one row per input record."""
+    missing = [p for p in paths if "://" not in p and not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"data.paths: not found: {', '.join(missing)}")
+    resolved = [p if "://" in p else str(Path(p).resolve()) for p in paths]
+    return ray.data.read_datasource(PreferenceFileDatasource(resolved), num_cpus=num_cpus)
+
+
+# ---------------------------------------------------------------- parsing one record
+
+
+@dataclass
+class Pair:
+    """A normalised preference pair; ``prompt`` is text or a list of chat messages."""
+
+    prompt: str | list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+
+def _require_str(obj: dict, key: str, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise RecordError("missing_field", f"field {key!r} is missing", key)
+    value = obj[key]
+    if not isinstance(value, str):
+        raise RecordError("not_a_string", f"field {key!r} must be a string, got {type(value).__name__}", key)
+    if not allow_empty and not value.strip():
+        raise RecordError("empty_response", f"field {key!r} is empty", key)
+    return value
+
+
+def _check_messages(messages: Any, key: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("bad_messages", f"field {key!r} must be a non-empty list of messages", key)
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise RecordError("bad_messages", f"{key}[{i}] must be {{role: str, content: str}}", key)
+    return messages
+
+
+def _final_assistant_text(messages: list[dict[str, str]], key: str) -> str:
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise RecordError("bad_messages", f"the last message of {key!r} must be from the assistant", key)
+    if not last["content"].strip():
+        raise RecordError("empty_response", f"the final assistant message of {key!r} is empty", key)
+    return last["content"]
+
+
+def _parse_conversational(obj: dict) -> Pair:
+    chosen = _check_messages(obj.get("chosen"), "chosen")
+    rejected = _check_messages(obj.get("rejected"), "rejected")
+    if obj.get("prompt") is not None:
+        prompt = _check_messages(obj["prompt"], "prompt")
+        if len(chosen) != 1 or len(rejected) != 1:
+            raise RecordError(
+                "bad_messages", "with an explicit prompt, chosen and rejected must each be one message"
+            )
+    else:
+        if chosen[:-1] != rejected[:-1]:
+            raise RecordError("prompt_mismatch", "chosen and rejected dialogues differ before the final turn", "chosen")
+        prompt = chosen[:-1]
+        if not prompt:
+            raise RecordError("bad_messages", "no prompt: the dialogue has only the final turn", "chosen")
+    return Pair(prompt, _final_assistant_text(chosen, "chosen"), _final_assistant_text(rejected, "rejected"))
+
+
+def _split_hh(transcript: str, key: str) -> tuple[str, str]:
+    cut = transcript.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise RecordError("hh_no_assistant_turn", f"{key!r} has no '\\n\\nAssistant:' turn", key)
+    cut += len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def _parse_hh(obj: dict) -> Pair:
+    chosen_prompt, chosen = _split_hh(_require_str(obj, "chosen"), "chosen")
+    rejected_prompt, rejected = _split_hh(_require_str(obj, "rejected"), "rejected")
+    if chosen_prompt != rejected_prompt:
+        raise RecordError(
+            "prompt_mismatch", "the dialogue before the last Assistant turn differs between chosen and rejected", "rejected"
+        )
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise RecordError("empty_response", f"the final Assistant response of {key!r} is empty", key)
+    return Pair(chosen_prompt, chosen, rejected)
+
+
+def _parse_pairs(obj: dict) -> Pair:
+    return Pair(
+        _require_str(obj, "prompt", allow_empty=True), _require_str(obj, "chosen"), _require_str(obj, "rejected")
+    )
+
+
+def detect_format(obj: dict) -> str:
+    if isinstance(obj.get("chosen"), list) or isinstance(obj.get("prompt"), list):
+        return "conversational"
+    if "prompt" in obj:
+        return "pairs"
+    if isinstance(obj.get("chosen"), str) and HH_ASSISTANT in obj["chosen"]:
+        return "hh"
+    return "pairs"  # reports the missing prompt field
+
+
+_PARSERS = {"pairs": _parse_pairs, "conversational": _parse_conversational, "hh": _parse_hh}
+
+
+def parse_record(record: str, fmt: str) -> Pair:
+    """Parse one raw record (JSON text) in ``fmt`` ('auto' detects); raises RecordError."""
+    try:
+        obj = json.loads(record)
+    except json.JSONDecodeError as exc:
+        raise RecordError("bad_json", f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(obj, dict):
+        raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    pair = _PARSERS[detect_format(obj) if fmt == "auto" else fmt](obj)
+    if pair.chosen == pair.rejected:
+        raise RecordError("identical_responses", "chosen and rejected responses are identical", "rejected")
+    return pair
+
+
+# ---------------------------------------------------------------- tokenizing one pair
+
+
+def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], list[int], bool]:
+    """Token ids of (prompt, chosen, rejected) and whether anything was truncated.
+
+    Responses end with EOS so the model learns where an answer stops. Over-long
+    pairs follow ``cfg.truncation``: keep the end of the prompt (at most
+    ``max_prompt_length`` tokens) and then cut responses to fit ``max_length``,
+    or quarantine the pair as ``too_long``.
+    """
+    if isinstance(pair.prompt, list):
+        if tokenizer.chat_template:
+            prompt_ids = tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True, tokenize=True)
+            if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+                prompt_ids = prompt_ids["input_ids"]
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in pair.prompt) + "assistant:"
+            prompt_ids = tokenizer(text).input_ids
+    else:
+        prompt_ids = tokenizer(pair.prompt).input_ids
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    chosen_ids = tokenizer(pair.chosen, add_special_tokens=False).input_ids + eos
+    rejected_ids = tokenizer(pair.rejected, add_special_tokens=False).input_ids + eos
+
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= cfg.max_length:
+        return list(prompt_ids), chosen_ids, rejected_ids, False
+    if cfg.truncation == "drop":
+        raise RecordError(
+            "too_long",
+            f"{len(prompt_ids)} prompt + {longest} response tokens > data.max_length={cfg.max_length}",
+        )
+    if len(prompt_ids) > cfg.max_prompt_length:
+        prompt_ids = prompt_ids[-cfg.max_prompt_length :]
+    budget = cfg.max_length - len(prompt_ids)
+    chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+    if chosen_ids == rejected_ids:
+        raise RecordError("identical_after_truncation", "responses are identical once truncated to max_length")
+    return list(prompt_ids), chosen_ids, rejected_ids, True
+
+
+class PairTokenizer:
+    """Ray Data callable: raw records -> tokenized pairs, or a reason they were rejected."""
+
+    def __init__(self, tokenizer_dir: str, data_cfg: dict[str, Any]):
+        from rayalign.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.cfg = DataConfig.model_validate(data_cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list] = {k: [] for k in ("status", "field", "detail", "truncated", *TOKEN_COLUMNS)}
+        kept_records = []
+        for record in batch.column("record").to_pylist():
+            try:
+                ids = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
+                status, fld, detail, truncated = OK, None, None, ids[3]
+                kept_records.append(None)  # the raw text is only kept for the quarantine
+            except RecordError as err:
+                ids = ([], [], [], False)
+                status, fld, detail, truncated = err.reason, err.field, err.detail, False
+                kept_records.append(record)
+            out["status"].append(status)
+            out["field"].append(fld)
+            out["detail"].append(detail)
+            out["truncated"].append(truncated)
+            for name, value in zip(TOKEN_COLUMNS, ids[:3]):
+                out[name].append(value)
+        ids_type = pa.list_(pa.int32())
+        return pa.table(
+            {
+                "source": batch.column("source"),
+                "row": batch.column("row"),
+                "status": pa.array(out["status"], pa.string()),
+                "field": pa.array(out["field"], pa.string()),
+                "detail": pa.array(out["detail"], pa.string()),
+                "record": pa.array(kept_records, pa.string()),
+                "truncated": pa.array(out["truncated"], pa.bool_()),
+                **{name: pa.array(out[name], ids_type) for name in TOKEN_COLUMNS},
+            }
+        )
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass
+class DataReport:
+    total: int = 0
+    ok: int = 0
+    truncated: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    quarantine_path: str = ""
+
+    @property
+    def num_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+    @property
+    def quarantined_fraction(self) -> float:
+        return self.num_quarantined / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "ok": self.ok,
+            "truncated": self.truncated,
+            "quarantined": self.num_quarantined,
+            "quarantined_by_reason": dict(sorted(self.quarantined.items())),
+            "quarantined_fraction": round(self.quarantined_fraction, 6),
+            "quarantine_path": self.quarantine_path,
+        }
+
+    def summary_line(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
+        return (
+            f"data: {self.total} records, {self.ok} usable, {self.truncated} truncated, "
+            f"{self.num_quarantined} quarantined ({reasons}) -> {self.quarantine_path}"
+        )
+
+
+def _only(status_is_ok: bool):
+    def keep(batch: pa.Table) -> pa.Table:
+        is_ok = pc.equal(batch.column("status"), OK)
+        return batch.filter(is_ok if status_is_ok else pc.invert(is_ok))
+
+    return keep
+
+
+def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
+    counts: Counter = Counter()
+    with path.open("w") as f:
+        for row in rejected.iter_rows():
+            counts[row["status"]] += 1
+            f.write(
+                json.dumps(
+                    {
+                        "source": row["source"],
+                        "row": int(row["row"]),
+                        "reason": row["status"],
+                        "field": row["field"],
+                        "detail": row["detail"],
+                        "record": row["record"],
+                    }
+                )
+                + "\n"
+            )
+    return counts
+
+
+def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir: Path) -> tuple[Dataset, DataReport]:
+    """Read, validate and tokenize; write the quarantine; return usable pairs and counts.
+
+    The tokenized pairs are materialized in Ray's object store (not on the
+    driver) so that counts, quarantine and training all see one pass.
+    Raises DataQualityError when too much was quarantined.
+    """
+    num_cpus = cfg.ray.data_cpus_per_task
+    prepared = (
+        read_preference_files(paths, num_cpus)
+        .map_batches(
+            PairTokenizer,
+            fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "data_cfg": cfg.data.model_dump()},
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=1),
+            num_cpus=num_cpus,
+        )
+        .materialize()
+    )
+    report = DataReport(quarantine_path=str(run_dir / "quarantine.jsonl"))
+    for batch in prepared.select_columns(["status", "truncated"], num_cpus=num_cpus).iter_batches(batch_format="pyarrow"):
+        report.total += batch.num_rows
+        report.ok += pc.sum(pc.equal(batch.column("status"), OK)).as_py() or 0
+        report.truncated += pc.sum(batch.column("truncated")).as_py() or 0
+    rejected = prepared.map_batches(_only(status_is_ok=False), batch_format="pyarrow", num_cpus=num_cpus)
+    report.quarantined = dict(_write_quarantine(rejected, Path(report.quarantine_path)))
+
+    if report.total == 0:
+        raise DataQualityError(f"no records found in {', '.join(paths)}")
+    if report.quarantined_fraction > cfg.data.max_quarantine_fraction:
+        raise DataQualityError(
+            f"{report.num_quarantined} of {report.total} records ({report.quarantined_fraction:.1%}) were "
+            f"quarantined, above data.max_quarantine_fraction={cfg.data.max_quarantine_fraction:.1%}. "
+            f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}"
+        )
+    usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)
+    usable = usable.select_columns(["source", "row", *TOKEN_COLUMNS], num_cpus=num_cpus)
+    if cfg.data.shuffle:
+        usable = usable.random_shuffle(seed=cfg.data.seed, num_cpus=num_cpus)
+    return usable, report
+

@@ -1,0 +1,89 @@
+"""Training metrics: pure per-pair statistics, an interval accumulator, and the JSONL log.
+
+Beyond the loss, two metrics make DPO's failure mode visible:
+
+    pref/absolute_accuracy   fraction of pairs with δ_θ > 0 (policy prefers y_w outright)
+    pref/frac_in_U           fraction with δ_ref < δ_θ < 0 (better than the reference,
+                             yet still preferring y_l: the loss can fall here forever)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rayalign.losses import margins
+
+# Every logged row has these keys (besides step/epoch bookkeeping).
+METRIC_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "pref/absolute_accuracy",
+    "pref/frac_in_U",
+    "pairs/s",
+    "tokens/s",
+)
+_PER_PAIR_KEYS = METRIC_KEYS[1:9]
+
+
+def preference_stats(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> dict[str, Tensor]:
+    """Per-pair values (shape (B,)) of every preference metric; average them to report."""
+    h, delta_policy, delta_ref = margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    reward_chosen = beta * (policy_chosen - ref_chosen)
+    reward_rejected = beta * (policy_rejected - ref_rejected)
+    return {
+        "rewards/chosen": reward_chosen,
+        "rewards/rejected": reward_rejected,
+        "rewards/margins": reward_chosen - reward_rejected,
+        "rewards/accuracies": (h > 0).float(),
+        "logps/chosen": policy_chosen,
+        "logps/rejected": policy_rejected,
+        "pref/absolute_accuracy": (delta_policy > 0).float(),
+        "pref/frac_in_U": ((delta_ref < delta_policy) & (delta_policy < 0)).float(),
+    }
+
+
+class IntervalMeter:
+    """Sums per-pair metrics over a logging interval; reduces across workers on demand."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(len(_PER_PAIR_KEYS) + 3, dtype=torch.float64)  # + loss, pairs, tokens
+
+    def add(self, loss_per_pair: Tensor, stats: dict[str, Tensor], tokens: int) -> None:
+        detached = [stats[k].detach().double().sum() for k in _PER_PAIR_KEYS]
+        extra = [loss_per_pair.detach().double().sum(), float(loss_per_pair.numel()), float(tokens)]
+        self.sums += torch.tensor([*map(float, detached), *extra], dtype=torch.float64)
+
+    def reduce(self, elapsed_s: float, all_reduce=None) -> dict[str, float]:
+        """Averages over every pair seen by every worker since the last reduce; then resets."""
+        sums = self.sums.clone()
+        if all_reduce is not None:
+            all_reduce(sums)
+        self.sums.zero_()
+        pairs, tokens = sums[-2].item(), sums[-1].item()
+        row = {"loss": sums[-3].item() / max(pairs, 1)}
+        row.update({k: sums[i].item() / max(pairs, 1) for i, k in enumerate(_PER_PAIR_KEYS)})
+        row["pairs/s"] = pairs / max(elapsed_s, 1e-9)
+        row["tokens/s"] = tokens / max(elapsed_s, 1e-9)
+        return row
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]

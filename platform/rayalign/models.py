@@ -1,0 +1,110 @@
+"""Model directories: a tiny Llama built from a config (no download), or a local HF directory.
+
+Everything downstream (reference actors, training workers, vLLM later) loads the
+policy's starting weights from one Hugging Face directory, so that reference and
+policy start from exactly the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from rayalign.config import ModelConfig, TinyModelConfig
+
+BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+
+# Minimal chat template so conversational records exercise the chat-template path.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + bos/eos/pad): encodes any text, no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def _spec_digest(spec: TinyModelConfig) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build_tiny_model(spec: TinyModelConfig, out_dir: Path) -> Path:
+    """Write a randomly initialised (seeded) Llama and its tokenizer to ``out_dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written directory is never reused
+    return out_dir
+
+
+def resolve_model_dir(cfg: ModelConfig, cache_root: Path) -> Path:
+    """The HF directory holding the starting weights; builds the tiny model once per spec."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model directory")
+        return path
+    assert cfg.tiny is not None
+    out_dir = cache_root / f"tiny-llama-{_spec_digest(cfg.tiny)}"
+    if not (out_dir / "config.json").is_file():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        build_tiny_model(cfg.tiny, out_dir)
+    return out_dir
+
+
+def load_causal_lm(model_dir: str | Path, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

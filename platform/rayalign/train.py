@@ -1,0 +1,223 @@
+"""Training stage: Ray Train workers running DeepSpeed on a stream of scored pairs.
+
+Each worker reads its shard of the reference-scored stream
+(``ray.train.get_dataset_shard``), computes policy log-probs of chosen and
+rejected in one forward pass over the concatenated batch, applies the
+configured preference loss, and steps a DeepSpeed engine (ZeRO 0-3). Rank 0
+appends one row per logging step to ``metrics.jsonl``; every rank reports to
+Ray Train. At the end the policy is saved in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+from ray.data import Dataset
+from ray.train import Checkpoint, CheckpointConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train import ScalingConfig as RayScalingConfig
+from ray.train.torch import TorchTrainer
+
+from rayalign.config import RunConfig, TrainConfig
+from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
+from rayalign.losses import nll, preference_loss
+from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats
+
+DEEPSPEED_TAG = "deepspeed"
+
+
+def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
+    """Optimizer steps the run will take (Ray Train splits the stream equally across workers)."""
+    micro_batches = math.ceil((num_pairs // num_workers) / train.micro_batch_size)
+    steps = train.epochs * (micro_batches // train.gradient_accumulation_steps)
+    if steps == 0:
+        raise ValueError(
+            f"{num_pairs} usable pairs are not enough for one optimizer step with {num_workers} workers × "
+            f"micro_batch_size {train.micro_batch_size} × gradient_accumulation_steps "
+            f"{train.gradient_accumulation_steps}"
+        )
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        # We pass a torch optimizer: naming one here would JIT-build fused_adam (~70 s on CPU).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_schedule(train: TrainConfig, total_steps: int):
+    """Multiplier on the base learning rate: linear warm-up, then constant/linear/cosine decay."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+        if train.scheduler == "linear":
+            return 1.0 - progress
+        if train.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _export_hf_model(engine, model_dir: str, out_dir: Path, zero_stage: int, rank: int) -> None:
+    import deepspeed
+
+    from rayalign.models import load_tokenizer
+
+    # ZeRO-3 shards parameters across ranks: gather full tensors before saving.
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
+    with gather:
+        if rank == 0:
+            engine.module.save_pretrained(out_dir, safe_serialization=True)
+            load_tokenizer(model_dir).save_pretrained(out_dir)
+
+
+def _report(metrics: dict[str, Any], engine=None) -> None:
+    """Report to Ray Train (a barrier across workers); with ``engine``, also checkpoint it."""
+    if engine is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    # The shared-memory comm op would be JIT-compiled with g++ (~60 s); gloo works without it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from rayalign.models import load_causal_lm, load_tokenizer
+
+    cfg = RunConfig.model_validate(loop_cfg["run"])
+    run_dir, model_dir, total_steps = Path(loop_cfg["run_dir"]), loop_cfg["model_dir"], loop_cfg["total_steps"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    model = load_causal_lm(model_dir, cfg.model.dtype)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.train.learning_rate,
+        betas=cfg.train.adam_betas,
+        weight_decay=cfg.train.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.train, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG)
+    pad_id = load_tokenizer(model_dir).pad_token_id
+    device = engine.device
+    metrics_path = run_dir / "metrics.jsonl"
+
+    shard = ray.train.get_dataset_shard("train")
+    meter = IntervalMeter()
+    interval_start = time.perf_counter()
+    step = engine.global_steps
+    checkpointed_step, row = None, {"step": step}
+    loss_cfg = cfg.loss
+    for epoch in range(cfg.train.epochs):
+        if step >= total_steps:
+            break
+        for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
+            pairs = collate_pairs(batch, pad_id).to(device)
+            logps, counts = sequence_logps(engine, pairs)
+            policy_chosen, policy_rejected = split_pairs(logps)
+            chosen_tokens, rejected_tokens = split_pairs(counts)
+            ref_chosen = torch.as_tensor(batch["ref_chosen_logps"], dtype=logps.dtype, device=device)
+            ref_rejected = torch.as_tensor(batch["ref_rejected_logps"], dtype=logps.dtype, device=device)
+            scored = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+            if loss_cfg.length_normalize:
+                # Per-token averages, as in the CPO reference implementation.
+                scored = (
+                    policy_chosen / chosen_tokens,
+                    policy_rejected / rejected_tokens,
+                    ref_chosen / chosen_tokens,
+                    ref_rejected / rejected_tokens,
+                )
+            per_pair = preference_loss(loss_cfg, *scored)
+            if loss_cfg.nll_weight > 0:
+                per_pair = per_pair + loss_cfg.nll_weight * nll(policy_chosen, chosen_tokens)
+            engine.backward(per_pair.mean())
+            engine.step()
+            meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), int(pairs.attention_mask.sum()))
+
+            if engine.global_steps == step:  # still accumulating gradients
+                continue
+            step = engine.global_steps
+            done = step >= total_steps
+            if step % cfg.train.log_every and not done:
+                continue
+            row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0]}
+            row.update(meter.reduce(time.perf_counter() - interval_start, all_reduce=dist.all_reduce))
+            interval_start = time.perf_counter()
+            if rank == 0:
+                append_jsonl(metrics_path, row)
+                print(
+                    f"[rayalign] step {step}/{total_steps} loss={row['loss']:.4f} "
+                    f"reward_acc={row['rewards/accuracies']:.3f} abs_acc={row['pref/absolute_accuracy']:.3f} "
+                    f"frac_in_U={row['pref/frac_in_U']:.3f} pairs/s={row['pairs/s']:.1f}",
+                    flush=True,
+                )
+            every = cfg.train.checkpoint_every
+            if done or (every and step % every == 0):
+                _report(row, engine)
+                checkpointed_step = step
+            else:
+                _report(row)
+            if done:
+                break
+
+    if checkpointed_step != step:  # the stream ended before the planned step count
+        _report(row, engine)
+    _export_hf_model(engine, model_dir, run_dir / "model", cfg.train.zero_stage, rank)
+
+
+def fit(cfg: RunConfig, pairs: Dataset, num_pairs: int, model_dir: Path, run_dir: Path):
+    """Train the policy on reference-scored ``pairs``; returns Ray Train's Result."""
+    total_steps = planned_steps(cfg.train, cfg.scaling.num_workers, num_pairs)
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "run": cfg.model_dump(),
+            "run_dir": str(run_dir),
+            "model_dir": str(model_dir),
+            "total_steps": total_steps,
+        },
+        scaling_config=RayScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        datasets={"train": pairs},
+        run_config=RayRunConfig(
+            name="train",
+            storage_path=str(run_dir / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()

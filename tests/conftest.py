@@ -1,0 +1,40 @@
+"""Shared fixtures: one real local Ray cluster per test session, and a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rayalign.config import ModelConfig, TinyModelConfig, config_from_dict
+from rayalign.models import resolve_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # Small, fixed sizing so the suite behaves the same on a 2-core CI machine.
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return resolve_model_dir(ModelConfig(tiny=TinyModelConfig()), tmp_path_factory.mktemp("models"))
+
+
+def make_config(tmp_path: Path, **sections):
+    """A valid RunConfig for tests: tiny model, synthetic data, output under tmp_path."""
+    tree = {
+        "model": {"tiny": {}},
+        "data": {"synthetic": {"num_pairs": 64}, "max_length": 64, "max_prompt_length": 32},
+        "output": {"root": str(tmp_path / "runs"), "name": "test"},
+    }
+    for name, values in sections.items():
+        tree[name] = {**tree.get(name, {}), **values}
+    return config_from_dict(tree)

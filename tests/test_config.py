@@ -1,0 +1,59 @@
+"""Config loading: YAML + overrides, and errors that name the key."""
+
+import pytest
+
+from rayalign.config import ConfigError, config_from_dict, load_config
+
+from conftest import REPO
+
+BASE = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
+
+
+def test_shipped_job_configs_load():
+    for name in ("tiny-dpo", "tiny-cpo"):
+        cfg = load_config(REPO / "jobs" / "configs" / f"{name}.yaml")
+        assert cfg.output.name == name
+    assert load_config(REPO / "jobs/configs/tiny-cpo.yaml").loss.type == "cpo"
+
+
+def test_overrides_are_typed():
+    cfg = config_from_dict(BASE, ["loss.beta=0.25", "loss.type=cpo", "train.max_steps=3", "data.shuffle=false"])
+    assert cfg.loss.beta == 0.25 and cfg.loss.type == "cpo" and cfg.train.max_steps == 3
+    assert cfg.data.shuffle is False
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["loss.betta=0.1"], "loss.betta: unknown key"),
+        (["nonsense.x=1"], "nonsense: unknown key"),
+        (["loss.beta=-1"], "loss.beta: Input should be greater than 0"),
+        (["train.zero_stage=4"], "train.zero_stage: Input should be less than or equal to 3"),
+        (["train.epochs=many"], "train.epochs: Input should be a valid integer"),
+        (["loss.type=contrastive"], "loss.type: Input should be 'dpo', 'ipo', 'hinge', 'cpo' or 'cpo_clip'"),
+        (["model.tiny.hidden_size=48"], "head size"),
+        (["data.max_prompt_length=1000"], "max_prompt_length must be smaller"),
+    ],
+)
+def test_errors_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(BASE, overrides)
+    assert expected in str(err.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        config_from_dict(BASE, ["loss.beta"])
+
+
+def test_missing_sections_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="model: Field required"):
+        config_from_dict({"data": {"synthetic": {}}})
+    with pytest.raises(ConfigError, match="model: Value error, set exactly one of model.path or model.tiny"):
+        config_from_dict({"model": {}, "data": {"synthetic": {}}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,186 @@
+"""Data stage on a real local Ray cluster: readers, validation, quarantine, truncation."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayalign.data import DataQualityError, Pair, RecordError, parse_record, prepare_pairs, tokenize_pair
+from rayalign.models import load_tokenizer
+
+from conftest import SHARED_DATA, make_config
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def read_quarantine(report) -> list[dict]:
+    return [json.loads(line) for line in Path(report.quarantine_path).read_text().splitlines()]
+
+
+def run_stage(tmp_path, tiny_model_dir, paths, **data):
+    cfg = make_config(tmp_path, data={"paths": [str(p) for p in paths], "synthetic": None, **data})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    return prepare_pairs(cfg, [str(p) for p in paths], tiny_model_dir, run_dir)
+
+
+GOOD = {"prompt": "Q: 1+1=?\nA:", "chosen": " 2", "rejected": " 3"}
+
+
+# ------------------------------------------------------------------ per-record rules (no Ray)
+
+
+@pytest.mark.parametrize(
+    "record,reason,field",
+    [
+        ('{"prompt": "x", "chosen": "a"', "bad_json", None),
+        ("[1, 2]", "not_an_object", None),
+        ('{"prompt": "x", "chosen": "a"}', "missing_field", "rejected"),
+        ('{"prompt": "x", "chosen": 5, "rejected": "b"}', "not_a_string", "chosen"),
+        ('{"prompt": "x", "chosen": "  ", "rejected": "b"}', "empty_response", "chosen"),
+        ('{"prompt": "x", "chosen": "same", "rejected": "same"}', "identical_responses", "rejected"),
+        ('{"chosen": [{"role": "user"}], "rejected": []}', "bad_messages", "chosen"),
+    ],
+)
+def test_parse_record_rejections(record, reason, field):
+    with pytest.raises(RecordError) as err:
+        parse_record(record, "auto")
+    assert err.value.reason == reason and err.value.field == field
+
+
+def test_parse_formats():
+    assert parse_record(json.dumps(GOOD), "auto") == Pair("Q: 1+1=?\nA:", " 2", " 3")
+    conv = {
+        "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}],
+    }
+    assert parse_record(json.dumps(conv), "auto") == Pair([{"role": "user", "content": "hi"}], "hello", "go away")
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    assert parse_record(json.dumps(hh), "auto") == Pair("\n\nHuman: hi\n\nAssistant:", " hello", " no")
+
+
+def test_tokenize_truncation(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    pair = Pair("p" * 40, " yes", " no")
+    keep = make_config(tmp_path, data={"max_length": 24, "max_prompt_length": 16}).data
+    prompt, chosen, rejected, truncated = tokenize_pair(pair, tok, keep)
+    assert truncated and len(prompt) == 16 and prompt[-1] == tok.convert_tokens_to_ids("p")
+    assert chosen[-1] == tok.eos_token_id and len(prompt) + len(chosen) <= 24
+    drop = make_config(tmp_path, data={"max_length": 24, "max_prompt_length": 16, "truncation": "drop"}).data
+    with pytest.raises(RecordError, match="max_length=24") as err:
+        tokenize_pair(pair, tok, drop)
+    assert err.value.reason == "too_long"
+
+
+# ------------------------------------------------------------------ the Ray Data stage
+
+
+def test_jsonl_quarantine_names_file_line_and_reason(ray_cluster, tiny_model_dir, tmp_path):
+    lines = [json.dumps(GOOD)] * 40 + [
+        '{"prompt": "broken',  # line 41
+        json.dumps({"prompt": "x", "chosen": "a"}),  # line 42
+        json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}),  # line 43
+    ]
+    path = write_lines(tmp_path / "pairs.jsonl.gz", lines)
+    pairs, report = run_stage(tmp_path, tiny_model_dir, [path], max_quarantine_fraction=0.1)
+    assert (report.total, report.ok, report.num_quarantined) == (43, 40, 3)
+    assert report.quarantined == {"bad_json": 1, "missing_field": 1, "identical_responses": 1}
+    rows = {q["row"]: q for q in read_quarantine(report)}
+    assert set(rows) == {41, 42, 43}
+    assert rows[42]["source"] == str(path) and rows[42]["field"] == "rejected"
+    assert rows[41]["reason"] == "bad_json" and rows[41]["record"] == '{"prompt": "broken'
+    usable = pairs.take_all()
+    assert len(usable) == 40 and set(usable[0]) == {"source", "row", "prompt_ids", "chosen_ids", "rejected_ids"}
+
+
+def test_quarantine_threshold_fails_the_run(ray_cluster, tiny_model_dir, tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD)] * 9 + ["not json"])
+    with pytest.raises(DataQualityError, match=r"1 of 10 records \(10.0%\).*bad_json"):
+        run_stage(tmp_path, tiny_model_dir, [path])  # default limit 5%
+    assert "not json" in (tmp_path / "run" / "quarantine.jsonl").read_text()  # nothing is lost
+
+
+def test_parquet_rows(ray_cluster, tiny_model_dir, tmp_path):
+    table = pa.table(
+        {
+            "prompt": ["Q: 1+1=?\nA:"] * 3 + ["Q: 2+2=?\nA:"],
+            "chosen": [" 2", " 2", None, " 4"],
+            "rejected": [" 3", " 5", " 1", " 4"],
+        }
+    )
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(table, path)
+    _, report = run_stage(tmp_path, tiny_model_dir, [path], max_quarantine_fraction=0.5)
+    reasons = {q["row"]: q["reason"] for q in read_quarantine(report)}
+    assert reasons == {2: "not_a_string", 3: "identical_responses"} and report.ok == 2
+
+
+def test_conversational_uses_chat_template(ray_cluster, tiny_model_dir, tmp_path):
+    explicit = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    implicit = {
+        "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+    }
+    mismatch = {
+        "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}],
+    }
+    path = write_lines(tmp_path / "conv.jsonl", [json.dumps(explicit), json.dumps(implicit), json.dumps(mismatch)])
+    pairs, report = run_stage(tmp_path, tiny_model_dir, [path], format="conversational", max_quarantine_fraction=0.5)
+    assert report.quarantined == {"prompt_mismatch": 1}
+    tok = load_tokenizer(tiny_model_dir)
+    expected = tok(tok.apply_chat_template(explicit["prompt"], add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False).input_ids
+    rows = pairs.take_all()
+    assert len(rows) == 2
+    for row in rows:
+        assert list(row["prompt_ids"]) == expected
+        assert tok.decode(row["chosen_ids"]) == "4<eos>"
+
+
+def test_hh_format_quirks_are_quarantined(ray_cluster, tiny_model_dir, tmp_path):
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    differ = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: bye\n\nAssistant: b"}
+    empty = {"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant:"}
+    path = write_lines(tmp_path / "hh.jsonl", [json.dumps(good)] * 3 + [json.dumps(differ), json.dumps(empty)])
+    _, report = run_stage(tmp_path, tiny_model_dir, [path], format="hh", max_quarantine_fraction=0.5)
+    assert {q["row"]: q["reason"] for q in read_quarantine(report)} == {4: "prompt_mismatch", 5: "empty_response"}
+
+
+def test_truncation_counts(ray_cluster, tiny_model_dir, tmp_path):
+    long = {"prompt": "x" * 100, "chosen": " a", "rejected": " b"}
+    path = write_lines(tmp_path / "long.jsonl", [json.dumps(GOOD)] * 3 + [json.dumps(long)])
+    _, kept = run_stage(tmp_path, tiny_model_dir, [path])
+    assert (kept.ok, kept.truncated, kept.num_quarantined) == (4, 1, 0)
+    _, dropped = run_stage(tmp_path, tiny_model_dir, [path], truncation="drop", max_quarantine_fraction=0.5)
+    assert (dropped.ok, dropped.truncated, dropped.quarantined) == (3, 0, {"too_long": 1})
+
+
+HH_FILE = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH_FILE.exists(), reason=f"real HH-RLHF data not found at {HH_FILE} (../shared absent)")
+def test_real_hh_rlhf_file(ray_cluster, tiny_model_dir, tmp_path):
+    _, report = run_stage(tmp_path, tiny_model_dir, [HH_FILE], max_length=4096, max_prompt_length=3072)
+    assert report.total == 2312
+    quarantine = read_quarantine(report)
+    reasons = {q["reason"] for q in quarantine}
+    # The file's documented quirks: differing dialogues and empty final responses.
+    assert {"prompt_mismatch", "empty_response"} <= reasons
+    assert all(q["source"] == str(HH_FILE) and 1 <= q["row"] <= 2312 and q["record"] for q in quarantine)
+    assert report.ok + report.num_quarantined == report.total
+    assert 0 < report.quarantined_fraction < 0.05

@@ -1,0 +1,116 @@
+"""Each loss against values computed by hand from its formula."""
+
+import math
+
+import pytest
+import torch
+
+from rayalign import losses
+from rayalign.config import LossConfig
+from rayalign.metrics import IntervalMeter, preference_stats
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+# policy chosen/rejected, reference chosen/rejected for two pairs:
+# pair 0: h = (-1 - -3) - (-2 - -2) = 2, δ_θ = 2, δ_ref = 0
+# pair 1: h = (-5 - -4) - (-6 - -2) = 3, δ_θ = -1, δ_ref = -4  (in U: δ_ref < δ_θ < 0)
+PC, PR, RC, RR = t(-1.0, -5.0), t(-3.0, -4.0), t(-2.0, -6.0), t(-2.0, -2.0)
+H = [2.0, 3.0]
+DELTA_REF = [0.0, -4.0]
+DELTA_POLICY = [2.0, -1.0]
+
+
+def test_margins():
+    h, dp, dr = losses.margins(PC, PR, RC, RR)
+    assert h.tolist() == H and dp.tolist() == DELTA_POLICY and dr.tolist() == DELTA_REF
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.0), (0.5, 0.2)])
+def test_dpo(beta, eps):
+    got = losses.dpo(PC, PR, RC, RR, beta=beta, label_smoothing=eps)
+    want = [-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h) for h in H]
+    assert got.tolist() == pytest.approx(want, abs=1e-12)
+
+
+def test_dpo_at_zero_margin_is_log2():
+    zero = t(-1.0)
+    assert losses.dpo(zero, zero, zero, zero, beta=0.1).item() == pytest.approx(math.log(2))
+
+
+def test_ipo():
+    beta = 0.25  # 1/(2β) = 2
+    assert losses.ipo(PC, PR, RC, RR, beta=beta).tolist() == pytest.approx([(2 - 2) ** 2, (3 - 2) ** 2])
+
+
+def test_hinge():
+    assert losses.hinge(PC, PR, RC, RR, beta=0.1).tolist() == pytest.approx([1 - 0.2, 1 - 0.3])
+    assert losses.hinge(PC, PR, RC, RR, beta=1.0).tolist() == pytest.approx([0.0, 0.0])
+
+
+def test_cpo_smooth():
+    beta, gamma, alpha, tau = 0.5, 1.0, 2.0, 3.0
+    got = losses.cpo(PC, PR, RC, RR, beta=beta, gamma=gamma, alpha=alpha, tau=tau)
+    want = []
+    for h, dr in zip(H, DELTA_REF):
+        m = math.log1p(math.exp(tau * (gamma - dr))) / tau
+        want.append(-logsig(beta * h - (beta / alpha) * m))
+    assert got.tolist() == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("gamma,alpha", [(-1e4, 1.0), (0.0, 1e12), (-50.0, 1e6)])
+def test_cpo_reduces_to_dpo_when_constraint_vanishes(gamma, alpha):
+    got = losses.cpo(PC, PR, RC, RR, beta=0.5, gamma=gamma, alpha=alpha, tau=1.0)
+    assert torch.allclose(got, losses.dpo(PC, PR, RC, RR, beta=0.5), atol=1e-9)
+
+
+def test_cpo_penalises_pairs_the_reference_gets_wrong_more():
+    dpo = losses.dpo(PC, PR, RC, RR, beta=0.5)
+    cpo = losses.cpo(PC, PR, RC, RR, beta=0.5, gamma=1.0, alpha=1.0, tau=1.0)
+    assert (cpo > dpo).all()
+    assert (cpo - dpo)[1] > (cpo - dpo)[0]  # δ_ref = -4 is far below γ
+
+
+def test_cpo_clip():
+    beta = 0.5
+    got = losses.cpo_clip(PC, PR, RC, RR, beta=beta)
+    want = [-logsig(beta * (dp - max(0.0, dr))) for dp, dr in zip(DELTA_POLICY, DELTA_REF)]
+    assert got.tolist() == pytest.approx(want, abs=1e-12)
+
+
+def test_nll_is_per_token():
+    assert losses.nll(t(-6.0, -2.0), t(3.0, 2.0)).tolist() == [2.0, 1.0]
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge", "cpo", "cpo_clip"])
+def test_preference_loss_dispatch(kind):
+    cfg = LossConfig(type=kind, beta=0.5, gamma=1.0)
+    got = losses.preference_loss(cfg, PC, PR, RC, RR)
+    direct = {
+        "dpo": lambda: losses.dpo(PC, PR, RC, RR, beta=0.5),
+        "ipo": lambda: losses.ipo(PC, PR, RC, RR, beta=0.5),
+        "hinge": lambda: losses.hinge(PC, PR, RC, RR, beta=0.5),
+        "cpo": lambda: losses.cpo(PC, PR, RC, RR, beta=0.5, gamma=1.0, alpha=1.0, tau=1.0),
+        "cpo_clip": lambda: losses.cpo_clip(PC, PR, RC, RR, beta=0.5),
+    }[kind]()
+    assert torch.equal(got, direct)
+
+
+def test_preference_stats_and_meter():
+    stats = preference_stats(PC, PR, RC, RR, beta=0.5)
+    assert stats["rewards/chosen"].tolist() == [0.5, 0.5]
+    assert stats["rewards/rejected"].tolist() == [-0.5, -1.0]
+    assert stats["rewards/accuracies"].tolist() == [1.0, 1.0]
+    assert stats["pref/absolute_accuracy"].tolist() == [1.0, 0.0]
+    assert stats["pref/frac_in_U"].tolist() == [0.0, 1.0]
+    meter = IntervalMeter()
+    meter.add(t(1.0, 3.0), stats, tokens=10)
+    row = meter.reduce(elapsed_s=2.0)
+    assert row["loss"] == 2.0 and row["pref/frac_in_U"] == 0.5 and row["pairs/s"] == 1.0 and row["tokens/s"] == 5.0
+    assert meter.reduce(elapsed_s=1.0)["pairs/s"] == 0.0  # reset after reduce
