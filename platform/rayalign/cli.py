@@ -18,8 +18,15 @@ def _train(args: argparse.Namespace) -> int:
     for cfg in configs:
         print(f"[rayalign] training {cfg.output.name} ({cfg.loss.type}) -> {cfg.output.run_dir}", flush=True)
         summaries.append(run_train(cfg))
+    _shutdown_ray()  # flush worker logs first, so the table is the last thing printed
     print("\n" + format_summaries(summaries))
     return 0
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:

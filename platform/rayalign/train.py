@@ -10,6 +10,7 @@ Ray Train. At the end the policy is saved in Hugging Face format.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -31,6 +32,8 @@ from rayalign.losses import nll, preference_loss
 from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats
 
 DEEPSPEED_TAG = "deepspeed"
+# Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
+logger = logging.getLogger(__name__)
 
 
 def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
@@ -177,11 +180,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             interval_start = time.perf_counter()
             if rank == 0:
                 append_jsonl(metrics_path, row)
-                print(
-                    f"[rayalign] step {step}/{total_steps} loss={row['loss']:.4f} "
-                    f"reward_acc={row['rewards/accuracies']:.3f} abs_acc={row['pref/absolute_accuracy']:.3f} "
-                    f"frac_in_U={row['pref/frac_in_U']:.3f} pairs/s={row['pairs/s']:.1f}",
-                    flush=True,
+                logger.info(
+                    "step %d/%d loss=%.4f reward_acc=%.3f abs_acc=%.3f frac_in_U=%.3f pairs/s=%.1f",
+                    step, total_steps, row["loss"], row["rewards/accuracies"],
+                    row["pref/absolute_accuracy"], row["pref/frac_in_U"], row["pairs/s"],
                 )
             every = cfg.train.checkpoint_every
             if done or (every and step % every == 0):
