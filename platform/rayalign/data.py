@@ -382,7 +382,7 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
 
 
 def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir: Path) -> tuple[Dataset, DataReport]:
-    """Read, validate and tokenize; write the quarantine; return usable pairs and counts.
+    """Read, validate and tokenize; write the quarantine; return usable pairs (in file order) and counts.
 
     The tokenized pairs are materialized in Ray's object store (not on the
     driver) so that counts, quarantine and training all see one pass.
@@ -417,8 +417,12 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
             f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}"
         )
     usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)
-    usable = usable.select_columns(["source", "row", *TOKEN_COLUMNS], num_cpus=num_cpus)
-    if cfg.data.shuffle:
-        usable = usable.random_shuffle(seed=cfg.data.seed, num_cpus=num_cpus)
-    return usable, report
+    return usable.select_columns(["source", "row", *TOKEN_COLUMNS], num_cpus=num_cpus), report
+
+
+def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:
+    """Shuffle rows with the data seed (when ``data.shuffle``); fractional CPUs as elsewhere."""
+    if not cfg.data.shuffle:
+        return pairs
+    return pairs.random_shuffle(seed=cfg.data.seed, num_cpus=cfg.ray.data_cpus_per_task)
 

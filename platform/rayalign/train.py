@@ -14,6 +14,7 @@ import logging
 import math
 import tempfile
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     meter = IntervalMeter()
-    interval_start = time.perf_counter()
+    interval_start = None  # set at the first batch, so pipeline start-up is not counted as throughput
     step = engine.global_steps
     checkpointed_step, row = None, {"step": step}
     loss_cfg = cfg.loss
@@ -147,6 +148,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if step >= total_steps:
             break
         for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
+            interval_start = interval_start or time.perf_counter()
             pairs = collate_pairs(batch, pad_id).to(device)
             logps, counts = sequence_logps(engine, pairs)
             policy_chosen, policy_rejected = split_pairs(logps)
@@ -217,7 +219,8 @@ def fit(cfg: RunConfig, pairs: Dataset, num_pairs: int, model_dir: Path, run_dir
         ),
         datasets={"train": pairs},
         run_config=RayRunConfig(
-            name="train",
+            # A fresh name per fit: Ray Train resumes a same-named run from its last checkpoint.
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=str(run_dir / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
