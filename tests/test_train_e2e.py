@@ -50,3 +50,25 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
     changed = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
     assert changed, "training did not change the saved weights"
 
+
+
+@pytest.mark.timeout(600)
+def test_heldout_split_is_evaluated(ray_cluster, tmp_path):
+    cfg = make_config(
+        tmp_path,
+        data={"synthetic": {"num_pairs": 96}, "eval_fraction": 0.25},
+        train={"micro_batch_size": 8, "zero_stage": 0, "log_every": 1},
+        monitor={"eval_every": 2},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+    )
+    summary = run_train(cfg)
+    heldout = summary["reference"]["heldout_pairs"]
+    assert 8 <= heldout <= 40  # ~25% of 96, chosen by hash
+    rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
+    last = rows[-1]["step"]
+    evaluated = [r["step"] for r in rows if "eval/loss" in r]
+    assert evaluated == sorted({s for s in range(2, last + 1, 2)} | {last})
+    for key in ("eval/loss", "eval/pref/absolute_accuracy", "eval/pref/frac_in_U", "eval/rewards/accuracies"):
+        assert key in rows[-1]
+    assert summary["heldout"]["eval/loss"] == rows[-1]["eval/loss"]
+    assert "eval/pairs/s" not in rows[-1]

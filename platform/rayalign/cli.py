@@ -10,7 +10,10 @@ from rayalign.data import DataQualityError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rayalign.pipeline import format_summaries, run_train
+    from pathlib import Path
+
+    from rayalign.pipeline import run_train
+    from rayalign.report import format_runs_table
 
     # Validate every config before Ray starts, so a typo fails in a second, not after a run.
     configs = [load_config(path, args.overrides) for path in args.config]
@@ -19,7 +22,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"[rayalign] training {cfg.output.name} ({cfg.loss.type}) -> {cfg.output.run_dir}", flush=True)
         summaries.append(run_train(cfg))
     _shutdown_ray()  # flush worker logs first, so the table is the last thing printed
-    print("\n" + format_summaries(summaries))
+    print("\n" + format_runs_table([Path(s["files"]["run_dir"]) for s in summaries]))
+    for s in summaries:
+        for alarm in s["alarms"][:1]:
+            print(f"PATHOLOGY ALARM in {s['run']} (first at step {alarm['step']}): {alarm['reason']}")
+    print("details: summary.json in each run directory; plots: rayalign report RUN_DIR [RUN_DIR ...]")
     return 0
 
 
@@ -37,6 +44,34 @@ def _refcheck(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"details: {out_dir / 'refcheck.json'}")
     return 0 if report["passed"] else 1
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from rayalign.audit import format_audit, run_audit
+    from rayalign.pipeline import data_paths, resolve_run_model
+    from rayalign.runtime import init_ray
+
+    cfg = load_config(args.config, args.overrides)
+    model_dir = resolve_run_model(cfg)
+    init_ray(cfg.ray)
+    out_dir = cfg.output.run_dir / "audit"
+    report = run_audit(cfg, model_dir, data_paths(cfg, out_dir), out_dir)
+    _shutdown_ray()
+    print(format_audit(report))
+    print(f"report: {out_dir / 'audit.json'}  figure: {out_dir / 'audit.png'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rayalign.report import format_runs_table, plot_runs
+
+    run_dirs = [Path(d) for d in args.run_dirs]
+    png = plot_runs(run_dirs, Path(args.out) if args.out else None)
+    print(format_runs_table(run_dirs))
+    print(f"figure: {png}")
+    return 0
 
 
 def _shutdown_ray() -> None:
@@ -67,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     refcheck.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     refcheck.add_argument("--num-pairs", type=int, default=64, help="pairs to score both ways (default 64)")
     refcheck.set_defaults(func=_refcheck)
+
+    audit = sub.add_parser("audit", help="audit the reference (δ_ref) and the data before training")
+    audit.add_argument("--config", required=True, metavar="FILE")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    audit.set_defaults(func=_audit)
+
+    report = sub.add_parser("report", help="PNG plots of one run or several side by side")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", metavar="PNG", help="output file (default: in the (first) run directory)")
+    report.set_defaults(func=_report)
     return parser
 
 

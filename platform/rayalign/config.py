@@ -69,6 +69,12 @@ class SyntheticDataConfig(_Section):
     task: Literal["arithmetic"] = "arithmetic"
     num_pairs: int = Field(256, ge=1)
     max_operand: int = Field(4, ge=1, le=10_000)
+    wrong_offset: int | None = Field(
+        None, description="Rejected = sum + offset (a systematic error); None: a random error of ±1..3."
+    )
+    label_noise: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Share of pairs whose labels are flipped (chosen = the wrong answer)."
+    )
     seed: int = 0
 
 
@@ -78,11 +84,15 @@ class DataConfig(_Section):
         description="JSONL (.jsonl, .jsonl.gz) or Parquet files; empty means use `synthetic`.",
     )
     format: Literal["auto", "pairs", "conversational", "hh"] = "auto"
+    limit: int | None = Field(None, ge=1, description="Read only the first N records (quick audits, smoke runs).")
     synthetic: SyntheticDataConfig | None = None
     max_length: int = Field(512, ge=8, description="Max tokens of prompt + response.")
     max_prompt_length: int = Field(256, ge=1)
     truncation: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Held-out share of pairs (by a hash of file and row), 0 = none."
+    )
     shuffle: bool = True
     seed: int = 0
 
@@ -164,6 +174,26 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+class MonitorConfig(_Section):
+    """Watching for DPO's failure mode during training (see rayalign.alarms)."""
+
+    alarm_window: int = Field(10, ge=2, description="Logged steps the pathology alarm looks back over.")
+    alarm_min_change: float = Field(
+        0.1, ge=0, description="Smallest fitted change that counts; per-step metrics of small batches are noisy."
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate the held-out split every N steps (always at the end)."
+    )
+
+
+class AuditConfig(_Section):
+    """``rayalign audit``: what counts as the reference preferring the rejected response strongly."""
+
+    margin: float = Field(
+        1.0, ge=0, description="Report the share of pairs with δ_ref < −margin (nats, summed log-probs)."
+    )
+
+
 class ScalingConfig(_Section):
     """Ray Train workers (maps onto ray.train.ScalingConfig)."""
 
@@ -201,6 +231,8 @@ class RunConfig(_Section):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,9 +390,11 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
     Raises DataQualityError when too much was quarantined.
     """
     num_cpus = cfg.ray.data_cpus_per_task
+    records = read_preference_files(paths, num_cpus)
+    if cfg.data.limit is not None:
+        records = records.limit(cfg.data.limit)
     prepared = (
-        read_preference_files(paths, num_cpus)
-        .map_batches(
+        records.map_batches(
             PairTokenizer,
             fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "data_cfg": cfg.data.model_dump()},
             batch_format="pyarrow",
@@ -426,3 +429,25 @@ def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:
         return pairs
     return pairs.random_shuffle(seed=cfg.data.seed, num_cpus=cfg.ray.data_cpus_per_task)
 
+
+
+def split_heldout(pairs: Dataset, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
+    """(train, held-out) by a hash of each pair's file and row: a pair lands in the same split in every
+    run and at every stage (tokenized or scored), so splitting never needs a materialization."""
+    fraction = cfg.data.eval_fraction
+    if fraction == 0:
+        return pairs, None
+
+    def keep(heldout: bool):
+        def select(batch: pa.Table) -> pa.Table:
+            keys = zip(batch.column("source").to_pylist(), batch.column("row").to_pylist())
+            is_heldout = [zlib.crc32(f"{cfg.data.seed}:{src}:{row}".encode()) / 2**32 < fraction for src, row in keys]
+            return batch.filter(pa.array([h == heldout for h in is_heldout]))
+
+        return select
+
+    num_cpus = cfg.ray.data_cpus_per_task
+    return (
+        pairs.map_batches(keep(False), batch_format="pyarrow", num_cpus=num_cpus),
+        pairs.map_batches(keep(True), batch_format="pyarrow", num_cpus=num_cpus),
+    )

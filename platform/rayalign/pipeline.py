@@ -23,7 +23,7 @@ from typing import Any
 from ray.data import Dataset
 
 from rayalign.config import RunConfig
-from rayalign.data import prepare_pairs, shuffled
+from rayalign.data import prepare_pairs, shuffled, split_heldout
 from rayalign.metrics import read_jsonl
 from rayalign.models import resolve_model_dir
 from rayalign.refcache import describe, scored_pairs_cached
@@ -67,6 +67,8 @@ def summarize(
     k = max(1, min(3, len(rows) // 4))
     first = {key: sum(r[key] for r in rows[:k]) / k for key in ("loss", *SUMMARY_METRICS)}
     last = {key: sum(r[key] for r in rows[-k:]) / k for key in ("loss", *SUMMARY_METRICS)}
+    alarms = [{"step": r["step"], "reason": r["alarm"]} for r in rows if "alarm" in r]
+    evaluated = [r for r in rows if "eval/loss" in r]
     return {
         "run": cfg.output.name,
         "loss_type": cfg.loss.type,
@@ -74,6 +76,9 @@ def summarize(
         "first": first,
         "last": last,
         "loss_decreased": last["loss"] < first["loss"],
+        "pathology_alarm": bool(alarms),
+        "alarms": alarms,
+        "heldout": {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else None,
         "data": data_report,
         "wall_seconds": round(wall_s, 1),
         "files": {
@@ -88,22 +93,36 @@ def summarize(
     }
 
 
-def reference_stage(cfg: RunConfig, pairs: Dataset, model_dir: Path, paths: list[str]) -> tuple[Dataset, dict]:
-    """Scored, shuffled pairs ready for training, and how the reference was obtained.
+def reference_stage(
+    cfg: RunConfig, pairs: Dataset, model_dir: Path, paths: list[str]
+) -> tuple[Dataset, int, Dataset | None, dict[str, Any]]:
+    """Scored training pairs (shuffled), their count, the scored held-out split, and how the
+    reference was obtained.
 
-    With ``reference.cache`` the reference runs once into Parquet (or is read from an
-    earlier run); otherwise the reference actors stream straight into training.
+    With ``reference.cache`` the reference runs once into Parquet (or is read from an earlier
+    run); otherwise the reference actors stream straight into training. The small held-out
+    split is scored once and kept in the object store, since every evaluation re-reads it.
     """
+    info = None
     if cfg.reference.cache:
         scored, info = scored_pairs_cached(pairs, cfg, model_dir, paths)
-        state = "hit" if info.hit else "miss"
-        print(f"[rayalign] reference cache {state}: {info.path}", flush=True)
-        return shuffled(scored, cfg), {"backend": cfg.reference.backend, "cache": describe(info)}
-    scored = add_reference_logps(shuffled(pairs, cfg), cfg, model_dir)
-    if cfg.train.epochs > 1:
-        # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
-        scored = scored.materialize()
-    return scored, {"backend": cfg.reference.backend, "cache": None}
+        print(f"[rayalign] reference cache {'hit' if info.hit else 'miss'}: {info.path}", flush=True)
+        train, heldout = split_heldout(scored, cfg)
+    else:
+        train, heldout = split_heldout(pairs, cfg)
+        if heldout is not None:
+            heldout = add_reference_logps(heldout, cfg, model_dir)
+    num_train = train.count() if heldout is not None else None
+    train = shuffled(train, cfg)
+    if info is None:
+        train = add_reference_logps(train, cfg, model_dir)
+        if cfg.train.epochs > 1:
+            # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
+            train = train.materialize()
+    if heldout is not None:
+        heldout = heldout.materialize()
+    reference = {"backend": cfg.reference.backend, "cache": describe(info) if info else None}
+    return train, num_train, heldout, reference
 
 
 def run_train(cfg: RunConfig) -> dict[str, Any]:
@@ -116,28 +135,13 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     paths = data_paths(cfg, run_dir)
     pairs, data_report = prepare_pairs(cfg, paths, model_dir, run_dir)
     print(f"[rayalign] {data_report.summary_line()}", flush=True)
-    scored, reference = reference_stage(cfg, pairs, model_dir, paths)
-    fit(cfg, scored, data_report.ok, model_dir, run_dir)
+    scored, num_train, heldout, reference = reference_stage(cfg, pairs, model_dir, paths)
+    if heldout is not None:
+        reference["heldout_pairs"] = heldout.count()
+    fit(cfg, scored, num_train if num_train is not None else data_report.ok, model_dir, run_dir, heldout)
 
     summary = summarize(cfg, run_dir, model_dir, data_report.as_dict(), time.perf_counter() - start)
     summary["reference"] = reference
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
-
-def format_summaries(summaries: list[dict[str, Any]]) -> str:
-    """A terminal table: one line per run, first → last of each headline metric."""
-    header = f"{'run':<16}{'loss':>22}{'reward acc':>16}{'abs pref acc':>16}{'frac in U':>16}  run dir"
-    lines = [header, "-" * len(header)]
-    for s in summaries:
-        f, l = s["first"], s["last"]
-        cells = [
-            f"{f['loss']:.4f} → {l['loss']:.4f}",
-            f"{f['rewards/accuracies']:.2f} → {l['rewards/accuracies']:.2f}",
-            f"{f['pref/absolute_accuracy']:.2f} → {l['pref/absolute_accuracy']:.2f}",
-            f"{f['pref/frac_in_U']:.2f} → {l['pref/frac_in_U']:.2f}",
-        ]
-        lines.append(
-            f"{s['run']:<16}{cells[0]:>22}{cells[1]:>16}{cells[2]:>16}{cells[3]:>16}  {s['files']['run_dir']}"
-        )
-    return "\n".join(lines)

@@ -27,7 +27,8 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rayalign.config import RunConfig, TrainConfig
+from rayalign.alarms import pathology_alarm
+from rayalign.config import LossConfig, RunConfig, TrainConfig
 from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
 from rayalign.losses import nll, preference_loss
 from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats
@@ -105,6 +106,45 @@ def _report(metrics: dict[str, Any], engine=None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
+def _score_batch(engine, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device):
+    """Per-pair loss, the (policy, reference) log-probs it used, and the batch's token count."""
+    pairs = collate_pairs(batch, pad_id).to(device)
+    logps, counts = sequence_logps(engine, pairs)
+    policy_chosen, policy_rejected = split_pairs(logps)
+    chosen_tokens, rejected_tokens = split_pairs(counts)
+    ref_chosen = torch.as_tensor(batch["ref_chosen_logps"], dtype=logps.dtype, device=device)
+    ref_rejected = torch.as_tensor(batch["ref_rejected_logps"], dtype=logps.dtype, device=device)
+    scored = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if loss_cfg.length_normalize:
+        # Per-token averages, as in the CPO reference implementation.
+        scored = (
+            policy_chosen / chosen_tokens,
+            policy_rejected / rejected_tokens,
+            ref_chosen / chosen_tokens,
+            ref_rejected / rejected_tokens,
+        )
+    per_pair = preference_loss(loss_cfg, *scored)
+    if loss_cfg.nll_weight > 0:
+        per_pair = per_pair + loss_cfg.nll_weight * nll(policy_chosen, chosen_tokens)
+    return per_pair, scored, int(pairs.attention_mask.sum())
+
+
+def _evaluate(engine, shard, cfg: RunConfig, pad_id: int, device) -> dict[str, float]:
+    """The training metrics on the held-out split, averaged over every worker's shard."""
+    import torch.distributed as dist
+
+    meter = IntervalMeter()
+    start = time.perf_counter()
+    engine.module.eval()
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
+            per_pair, scored, tokens = _score_batch(engine, batch, cfg.loss, pad_id, device)
+            meter.add(per_pair, preference_stats(*scored, beta=cfg.loss.beta), tokens)
+    engine.module.train()
+    row = meter.reduce(time.perf_counter() - start, all_reduce=dist.all_reduce)
+    return {f"eval/{key}": value for key, value in row.items() if not key.endswith("/s")}
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import deepspeed
     import torch.distributed as dist
@@ -139,48 +179,42 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     metrics_path = run_dir / "metrics.jsonl"
 
     shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if loop_cfg["has_eval"] else None
+    monitor = cfg.monitor
+    history: list[dict[str, Any]] = []  # rank 0's logged rows, for the pathology alarm
     meter = IntervalMeter()
     interval_start = None  # set at the first batch, so pipeline start-up is not counted as throughput
     step = engine.global_steps
     checkpointed_step, row = None, {"step": step}
-    loss_cfg = cfg.loss
     for epoch in range(cfg.train.epochs):
         if step >= total_steps:
             break
         for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
             interval_start = interval_start or time.perf_counter()
-            pairs = collate_pairs(batch, pad_id).to(device)
-            logps, counts = sequence_logps(engine, pairs)
-            policy_chosen, policy_rejected = split_pairs(logps)
-            chosen_tokens, rejected_tokens = split_pairs(counts)
-            ref_chosen = torch.as_tensor(batch["ref_chosen_logps"], dtype=logps.dtype, device=device)
-            ref_rejected = torch.as_tensor(batch["ref_rejected_logps"], dtype=logps.dtype, device=device)
-            scored = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-            if loss_cfg.length_normalize:
-                # Per-token averages, as in the CPO reference implementation.
-                scored = (
-                    policy_chosen / chosen_tokens,
-                    policy_rejected / rejected_tokens,
-                    ref_chosen / chosen_tokens,
-                    ref_rejected / rejected_tokens,
-                )
-            per_pair = preference_loss(loss_cfg, *scored)
-            if loss_cfg.nll_weight > 0:
-                per_pair = per_pair + loss_cfg.nll_weight * nll(policy_chosen, chosen_tokens)
+            per_pair, scored, tokens = _score_batch(engine, batch, cfg.loss, pad_id, device)
             engine.backward(per_pair.mean())
             engine.step()
-            meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), int(pairs.attention_mask.sum()))
+            meter.add(per_pair, preference_stats(*scored, beta=cfg.loss.beta), tokens)
 
             if engine.global_steps == step:  # still accumulating gradients
                 continue
             step = engine.global_steps
             done = step >= total_steps
-            if step % cfg.train.log_every and not done:
+            evaluate = eval_shard is not None and (done or bool(monitor.eval_every and step % monitor.eval_every == 0))
+            if step % cfg.train.log_every and not (done or evaluate):
                 continue
             row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0]}
             row.update(meter.reduce(time.perf_counter() - interval_start, all_reduce=dist.all_reduce))
+            if evaluate:
+                row.update(_evaluate(engine, eval_shard, cfg, pad_id, device))
             interval_start = time.perf_counter()
             if rank == 0:
+                history.append(row)
+                alarm = pathology_alarm(history, monitor.alarm_window, monitor.alarm_min_change)
+                if alarm:
+                    row["alarm"] = alarm
+                    if "alarm" not in (history[-2] if len(history) > 1 else {}):
+                        logger.warning("PATHOLOGY ALARM at step %d: %s", step, alarm)
                 append_jsonl(metrics_path, row)
                 logger.info(
                     "step %d/%d loss=%.4f reward_acc=%.3f abs_acc=%.3f frac_in_U=%.3f pairs/s=%.1f",
@@ -201,8 +235,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     _export_hf_model(engine, model_dir, run_dir / "model", cfg.train.zero_stage, rank)
 
 
-def fit(cfg: RunConfig, pairs: Dataset, num_pairs: int, model_dir: Path, run_dir: Path):
-    """Train the policy on reference-scored ``pairs``; returns Ray Train's Result."""
+def fit(
+    cfg: RunConfig, pairs: Dataset, num_pairs: int, model_dir: Path, run_dir: Path, heldout: Dataset | None = None
+):
+    """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result."""
     total_steps = planned_steps(cfg.train, cfg.scaling.num_workers, num_pairs)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
@@ -213,11 +249,12 @@ def fit(cfg: RunConfig, pairs: Dataset, num_pairs: int, model_dir: Path, run_dir
             "run_dir": str(run_dir),
             "model_dir": str(model_dir),
             "total_steps": total_steps,
+            "has_eval": heldout is not None,
         },
         scaling_config=RayScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),
-        datasets={"train": pairs},
+        datasets={"train": pairs, **({"eval": heldout} if heldout is not None else {})},
         run_config=RayRunConfig(
             # A fresh name per fit: Ray Train resumes a same-named run from its last checkpoint.
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",

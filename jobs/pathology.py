@@ -1,0 +1,148 @@
+"""Reproduce DPO's pathological convergence, and CPO preventing it.
+
+Part (a), exact: one prompt, two responses, π_ref(y_w) = 0.1, labels prefer y_w with
+probability 0.7, β = 1. The population DPO optimum is δ ≈ −1.350 (π(y_w) ≈ 0.206,
+loss ≈ 0.611): DPO settles on y_l. The table lists each loss variant's optimum and, for
+CPO, the smallest γ that reaches δ > 0.
+
+Part (b), language model: a tiny reference is fine-tuned toward the rejected answers of
+the synthetic arithmetic task (chosen = correct sum), then DPO and CPO are trained from it
+on the same pairs with the platform's full pipeline (Ray Data → reference actors → Ray
+Train + DeepSpeed), over several seeds. The metrics files show DPO's loss falling while
+absolute preference stays wrong on a clear share of pairs, and CPO ending higher.
+
+    python jobs/pathology.py                      # full: 3 seeds
+    python jobs/pathology.py --reduced            # CI: 1 seed, 1 epoch
+    ray job submit --working-dir . -- python jobs/pathology.py
+
+Results: <out>/results.md (Markdown tables), <out>/results.json, <out>/dpo-vs-cpo.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from rayalign.config import load_config
+from rayalign.metrics import read_jsonl
+from rayalign.pathology import bias_toward_rejected, format_table, two_response_table
+from rayalign.pipeline import resolve_run_model, run_train
+from rayalign.report import plot_runs
+from rayalign.runtime import init_ray
+from rayalign.synthetic import generate
+
+HERE = Path(__file__).resolve().parent
+LM_CONFIG = HERE / "configs" / "pathology-lm.yaml"
+
+
+def part_a() -> tuple[list[dict], str]:
+    rows = two_response_table(beta=1.0, ref_prob_chosen=0.1, label_prob=0.7)
+    return rows, format_table(rows)
+
+
+def _run_summary(run_dir: Path, tail: int = 4) -> dict:
+    """Train metrics averaged over the first and last few steps (single batches are noisy under
+    label noise) and the final held-out metrics."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    def mean(key: str, part: list[dict]) -> float:
+        return statistics.mean(r[key] for r in part)
+
+    heldout = summary["heldout"]
+    return {
+        "loss_first": mean("loss", rows[:tail]),
+        "loss_last": mean("loss", rows[-tail:]),
+        "abs_acc_last": mean("pref/absolute_accuracy", rows[-tail:]),
+        "frac_in_U_last": mean("pref/frac_in_U", rows[-tail:]),
+        "eval_loss": heldout["eval/loss"],
+        "eval_reward_acc": heldout["eval/rewards/accuracies"],
+        "eval_abs_acc": heldout["eval/pref/absolute_accuracy"],
+        "eval_frac_in_U": heldout["eval/pref/frac_in_U"],
+        "alarm": summary["pathology_alarm"],
+    }
+
+
+def part_b(seeds: list[int], epochs: int, bias_steps: int, overrides: list[str]) -> dict:
+    base = load_config(LM_CONFIG, overrides + [f"train.epochs={epochs}"])
+    out_root = Path(base.output.root).expanduser().resolve()
+    init_ray(base.ray)
+    biased = out_root / f"reference-biased-{bias_steps}"
+    if not (biased / "config.json").is_file():
+        clean = base.data.synthetic.model_copy(update={"label_noise": 0.0})  # rejected = the wrong answer
+        bias_toward_rejected(resolve_run_model(base), generate(clean), biased, steps=bias_steps, lr=3e-3, seed=0)
+    runs: dict[str, list[dict]] = {"dpo": [], "cpo": []}
+    run_dirs: dict[str, list[Path]] = {"dpo": [], "cpo": []}
+    for seed in seeds:
+        for loss in ("dpo", "cpo"):
+            cfg = load_config(
+                LM_CONFIG,
+                overrides
+                + [
+                    f"train.epochs={epochs}",
+                    "model.tiny=null",
+                    f"model.path={biased}",
+                    f"loss.type={loss}",
+                    f"train.seed={seed}",
+                    f"data.seed={seed}",
+                    f"output.name={loss}-seed{seed}",
+                ],
+            )
+            run_train(cfg)
+            run_dirs[loss].append(cfg.output.run_dir)
+            runs[loss].append({"seed": seed, **_run_summary(cfg.output.run_dir)})
+    figure = plot_runs([run_dirs["dpo"][0], run_dirs["cpo"][0]], out_root / "dpo-vs-cpo.png")
+    return {"reference": str(biased), "bias_steps": bias_steps, "epochs": epochs, "runs": runs, "figure": str(figure)}
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def format_part_b(result: dict) -> str:
+    """Mean ± sd over seeds; train columns average the first/last 4 steps, held-out is the final evaluation."""
+    lines = [
+        "| loss | seeds | train loss first → last | held-out loss | held-out reward acc "
+        "| held-out abs pref acc (δ_θ > 0) | held-out frac in U | alarm fired |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for loss, runs in result["runs"].items():
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        cells = [_mean_sd([r[k] for r in runs]) for k in ("eval_loss", "eval_reward_acc", "eval_abs_acc", "eval_frac_in_U")]
+        lines.append(
+            f"| {loss} | {seeds} | {_mean_sd([r['loss_first'] for r in runs])} → {_mean_sd([r['loss_last'] for r in runs])} "
+            f"| {' | '.join(cells)} | {sum(r['alarm'] for r in runs)}/{len(runs)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reduced", action="store_true", help="CI size: part (b) with 1 seed and 1 epoch")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--bias-steps", type=int, default=200)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override keys of jobs/configs/pathology-lm.yaml (e.g. output.root=/tmp/p)")
+    args = parser.parse_args()
+    seeds, epochs = ([args.seeds[0]], 1) if args.reduced else (args.seeds, args.epochs)
+
+    rows_a, table_a = part_a()
+    print("Part (a): exact two-response case (π_ref(y_w)=0.1, q=0.7, β=1)\n" + table_a, flush=True)
+    result_b = part_b(seeds, epochs, args.bias_steps, args.overrides)
+    table_b = format_part_b(result_b)
+    print("\nPart (b): tiny LM, reference biased toward rejected answers\n" + table_b, flush=True)
+
+    out_root = Path(load_config(LM_CONFIG, args.overrides).output.root).expanduser().resolve()
+    (out_root / "results.json").write_text(json.dumps({"part_a": rows_a, "part_b": result_b}, indent=2))
+    (out_root / "results.md").write_text(
+        "## Part (a)\n\n" + table_a + "\n\n## Part (b)\n\n" + table_b + f"\n\nFigure: {result_b['figure']}\n"
+    )
+    print(f"\nresults: {out_root / 'results.md'}  figure: {result_b['figure']}")
+
+
+if __name__ == "__main__":
+    main()

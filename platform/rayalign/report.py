@@ -1,0 +1,187 @@
+"""Plots and a terminal table for one or more run directories.
+
+The figure puts the loss next to the metrics that expose DPO's failure mode: a loss that
+keeps falling while the absolute preference accuracy stays below 0.5 and the fraction of
+pairs in U = {δ_ref < δ_θ < 0} grows. Held-out ("eval/...") values are drawn dashed, and
+alarm steps from summary.json as red vertical lines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from rayalign.metrics import read_jsonl
+
+# (metric key, panel title, draw the 0.5 chance line), in reading order: the top row is the
+# failure-mode story (loss vs. both accuracies), the bottom row explains it.
+PANELS: tuple[tuple[str, str, bool], ...] = (
+    ("loss", "loss", False),
+    ("rewards/accuracies", "reward accuracy", True),
+    ("pref/absolute_accuracy", r"absolute preference accuracy, $\delta_\theta > 0$", True),
+    ("pref/frac_in_U", r"fraction in U = $\{\delta_{ref} < \delta_\theta < 0\}$", False),
+    ("rewards/chosen", "chosen reward", False),
+    ("rewards/rejected", "rejected reward", False),
+)
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("loss", "loss"),
+    ("rewards/accuracies", "reward acc"),
+    ("pref/absolute_accuracy", "abs acc"),
+    ("pref/frac_in_U", "frac_in_U"),
+)
+FIGSIZE = (16.0, 9.0)
+DPI = 110
+_MAX_NAME_CHARS = 32
+
+
+@dataclass
+class Run:
+    """What the report needs from one run directory."""
+
+    path: Path
+    label: str
+    rows: list[dict[str, Any]]
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_run(run_dir: Path) -> Run:
+    """Reads metrics.jsonl (required), config.yaml and summary.json (both optional)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"no metrics file: {metrics}")
+    try:
+        rows = read_jsonl(metrics)
+    except json.JSONDecodeError as exc:
+        # A run killed mid-write leaves a truncated last line.
+        raise ValueError(f"{metrics} is not valid JSONL: {exc}") from exc
+    if not rows:
+        raise ValueError(f"metrics file is empty: {metrics}")
+    return Run(run_dir, _run_label(run_dir), rows, _read_alarms(run_dir / "summary.json"))
+
+
+def _run_label(run_dir: Path) -> str:
+    """'<output.name> (<loss.type>)' from config.yaml, else the directory name."""
+    fallback = run_dir.resolve().name
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        name = cfg.get("output", {}).get("name") or fallback
+        loss_type = cfg.get("loss", {}).get("type")
+    except (OSError, yaml.YAMLError, AttributeError):
+        # The label is cosmetic: a missing or odd config must not stop the report.
+        return fallback
+    return f"{name} ({loss_type})" if loss_type else str(name)
+
+
+def _read_alarms(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    alarms = summary.get("alarms") if isinstance(summary, dict) else None
+    return [a for a in alarms or [] if isinstance(a, dict) and isinstance(a.get("step"), (int, float))]
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Steps and values of the rows that carry ``key`` (eval/ keys appear only on some rows)."""
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.")[:_MAX_NAME_CHARS] or "run"
+
+
+def default_out_path(run_dirs: list[Path]) -> Path:
+    """``<run>/report.png`` for one run; ``<parent of first>/compare-a-vs-b.png`` for several."""
+    first = Path(run_dirs[0]).resolve()
+    if len(run_dirs) == 1:
+        return first / "report.png"
+    names = [_safe_name(Path(d).resolve().name) for d in run_dirs]
+    # Beyond three runs the file name would stop being readable; count the rest instead.
+    stem = "-vs-".join(names) if len(names) <= 3 else "-vs-".join(names[:2]) + f"-and-{len(names) - 2}-more"
+    return first.parent / f"compare-{stem}.png"
+
+
+def _draw_panel(ax: Axes, runs: list[Run], colors: list[str], key: str, title: str, chance: bool) -> None:
+    for run, color in zip(runs, colors):
+        ax.plot(*_series(run.rows, key), color=color, linewidth=1.6)
+        eval_steps, eval_values = _series(run.rows, f"eval/{key}")
+        if eval_steps:
+            ax.plot(eval_steps, eval_values, color=color, linestyle="--", marker="o", markersize=4)
+        for alarm in run.alarms:
+            ax.axvline(alarm["step"], color="red", linewidth=1.0, alpha=0.7)
+            # A tick in the run's colour says whose alarm it is when several runs share a panel.
+            ax.plot(alarm["step"], 1.0, marker="v", color=color, markeredgecolor="red",
+                    transform=ax.get_xaxis_transform(), clip_on=False)
+    if chance:
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1.2)
+    ax.set_title(title, fontsize=11, pad=9)  # room for the alarm ticks above the axes
+    ax.set_xlabel("step", fontsize=9)
+    ax.set_ylabel(key, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, alpha=0.25)
+
+
+def _legend_handles(runs: list[Run], colors: list[str]) -> list[Line2D]:
+    handles = [Line2D([], [], color=c, linewidth=2, label=r.label) for r, c in zip(runs, colors)]
+    if any(k.startswith("eval/") for r in runs for row in r.rows for k in row):
+        handles.append(Line2D([], [], color="gray", linestyle="--", marker="o", markersize=4, label="held-out (eval/)"))
+    handles.append(Line2D([], [], color="gray", linestyle=":", label="0.5 (chance)"))
+    if any(r.alarms for r in runs):
+        handles.append(Line2D([], [], color="red", linewidth=1.0, label="alarm (summary.json)"))
+    return handles
+
+
+def plot_runs(run_dirs: list[Path], out_path: Path | None = None) -> Path:
+    """Writes one 2x3 PNG of the training curves of ``run_dirs`` and returns its path."""
+    if not run_dirs:
+        raise ValueError("plot_runs needs at least one run directory")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    out = Path(out_path) if out_path is not None else default_out_path([Path(d) for d in run_dirs])
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+
+    # A bare Figure on an Agg canvas: no pyplot, so no display and no global backend switch.
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    for ax, (key, title, chance) in zip(axes.flat, PANELS):
+        _draw_panel(ax, runs, colors, key, title, chance)
+    title = " vs ".join(r.label for r in runs)
+    fig.suptitle(title if len(title) <= 100 else f"{len(runs)} runs", fontsize=13)
+    handles = _legend_handles(runs, colors)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=10, frameon=False)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def _first_last(rows: list[dict[str, Any]], key: str) -> str:
+    _, values = _series(rows, key)
+    return f"{values[0]:.3f} → {values[-1]:.3f}" if values else "-"
+
+
+def format_runs_table(run_dirs: list[Path]) -> str:
+    """A plain-text table: per run, first → last value of loss and the preference metrics."""
+    runs = [load_run(Path(d)) for d in run_dirs]
+    header = ["run", *(title for _, title in TABLE_COLUMNS), "steps"]
+    body = [
+        [r.label, *(_first_last(r.rows, key) for key, _ in TABLE_COLUMNS), str(r.rows[-1].get("step", "-"))]
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
