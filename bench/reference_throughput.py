@@ -47,7 +47,7 @@ def main() -> None:
     tree = {
         "model": {"path": args.model_dir} if args.model_dir else {"tiny": {}},
         "data": {"synthetic": {}, "max_length": args.max_length, "max_prompt_length": args.max_length // 2},
-        "reference": {"vllm": {"max_model_len": args.max_length}},
+        "reference": {"vllm": {"max_model_len": args.max_length + 1}},
         "output": {"root": str(REPO / "runs")},
     }
     cfg = config_from_dict(tree)

@@ -61,7 +61,8 @@ def _run_summary(run_dir: Path, tail: int = 4) -> dict:
         "eval_reward_acc": heldout["eval/rewards/accuracies"],
         "eval_abs_acc": heldout["eval/pref/absolute_accuracy"],
         "eval_frac_in_U": heldout["eval/pref/frac_in_U"],
-        "alarm": summary["pathology_alarm"],
+        "alarm_steps": sum("alarm" in r for r in rows),
+        "logged_steps": len(rows),
     }
 
 
@@ -106,15 +107,16 @@ def format_part_b(result: dict) -> str:
     """Mean ± sd over seeds; train columns average the first/last 4 steps, held-out is the final evaluation."""
     lines = [
         "| loss | seeds | train loss first → last | held-out loss | held-out reward acc "
-        "| held-out abs pref acc (δ_θ > 0) | held-out frac in U | alarm fired |",
+        "| held-out abs pref acc (δ_θ > 0) | held-out frac in U | steps with alarm |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for loss, runs in result["runs"].items():
         seeds = ",".join(str(r["seed"]) for r in runs)
         cells = [_mean_sd([r[k] for r in runs]) for k in ("eval_loss", "eval_reward_acc", "eval_abs_acc", "eval_frac_in_U")]
+        alarms = ", ".join(f"{r['alarm_steps']}/{r['logged_steps']}" for r in runs)
         lines.append(
             f"| {loss} | {seeds} | {_mean_sd([r['loss_first'] for r in runs])} → {_mean_sd([r['loss_last'] for r in runs])} "
-            f"| {' | '.join(cells)} | {sum(r['alarm'] for r in runs)}/{len(runs)} |"
+            f"| {' | '.join(cells)} | {alarms} |"
         )
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ class TinyModelConfig(_Section):
     num_hidden_layers: int = Field(2, ge=1)
     num_attention_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(128, ge=1)
-    max_position_embeddings: int = Field(512, ge=16)
+    max_position_embeddings: int = Field(1024, ge=16)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -113,7 +113,7 @@ class VllmEngineConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="float32 for fidelity with training; bf16 drifts ~1e-2 per token."
     )
-    max_model_len: int | None = Field(None, ge=8, description="Default: data.max_length.")
+    max_model_len: int | None = Field(None, ge=8, description="Default: data.max_length + 1.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     enforce_eager: bool = True

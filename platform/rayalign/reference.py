@@ -103,7 +103,8 @@ class VllmReferenceScorer:
             model=model_dir,
             tokenizer=model_dir,
             dtype=engine.dtype,
-            max_model_len=engine.max_model_len or cfg.data.max_length,
+            # vLLM counts the one generated token it insists on: a max_length sequence needs +1.
+            max_model_len=engine.max_model_len or cfg.data.max_length + 1,
             gpu_memory_utilization=engine.gpu_memory_utilization,
             tensor_parallel_size=engine.tensor_parallel_size,
             enforce_eager=engine.enforce_eager,

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Start a single-machine Ray head for rayalign, with token authentication on.
+#
+#   clusters/local/start.sh [--num-cpus N] [--num-gpus N] [--port P] [--dashboard-port P]
+#
+# Every option can also be set by environment variable (a flag wins over its variable):
+#   RAYALIGN_NUM_CPUS       CPUs Ray may use (default: all cores, `nproc`)
+#   RAYALIGN_NUM_GPUS       GPUs Ray may use (default: Ray's own detection)
+#   RAYALIGN_RAY_PORT       GCS port (default 6379)
+#   RAYALIGN_DASHBOARD_PORT dashboard / job server port (default 8265)
+#   RAY_BIN                 the `ray` executable (default: `ray` on PATH, else .venv/bin/ray)
+#
+# Security:
+#   * RAY_AUTH_MODE=token: every Ray RPC and HTTP endpoint (GCS, dashboard, job server,
+#     Ray Client) requires the cluster token.
+#   * The token comes, in Ray's order of precedence, from RAY_AUTH_TOKEN if you exported
+#     it, else from the file RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token, Ray's own
+#     default path). If the file does not exist this script creates it: 32 random bytes as
+#     hex, mode 600. The token is never printed; `ray get-auth-token` shows it if you
+#     need it (e.g. to log in to the dashboard in a browser).
+#   * The dashboard and job server listen on 127.0.0.1 only.
+#
+# Stop the cluster with clusters/local/stop.sh.
+set -euo pipefail
+
+usage() {
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+num_cpus="${RAYALIGN_NUM_CPUS:-}"
+num_gpus="${RAYALIGN_NUM_GPUS:-}"
+gcs_port="${RAYALIGN_RAY_PORT:-6379}"
+dashboard_port="${RAYALIGN_DASHBOARD_PORT:-8265}"
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --num-cpus) num_cpus="${2:?--num-cpus needs a value}"; shift 2 ;;
+        --num-cpus=*) num_cpus="${1#*=}"; shift ;;
+        --num-gpus) num_gpus="${2:?--num-gpus needs a value}"; shift 2 ;;
+        --num-gpus=*) num_gpus="${1#*=}"; shift ;;
+        --port) gcs_port="${2:?--port needs a value}"; shift 2 ;;
+        --port=*) gcs_port="${1#*=}"; shift ;;
+        --dashboard-port) dashboard_port="${2:?--dashboard-port needs a value}"; shift 2 ;;
+        --dashboard-port=*) dashboard_port="${1#*=}"; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "start.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ -z "$num_cpus" ]]; then
+    num_cpus="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+fi
+for pair in "num-cpus:$num_cpus" "port:$gcs_port" "dashboard-port:$dashboard_port" "num-gpus:${num_gpus:-0}"; do
+    if ! [[ "${pair#*:}" =~ ^[0-9]+$ ]]; then
+        echo "start.sh: --${pair%%:*} must be a non-negative integer, got '${pair#*:}'" >&2
+        exit 2
+    fi
+done
+if [[ "$num_cpus" -lt 1 ]]; then
+    echo "start.sh: --num-cpus must be at least 1" >&2
+    exit 2
+fi
+
+# The `ray` to use. When it comes from the repository's virtual environment, put that
+# environment's bin/ first on PATH so that job entrypoints (`rayalign ...`) resolve too.
+source "$(dirname "${BASH_SOURCE[0]}")/find-ray.sh"
+export PATH="$(dirname "$RAY_BIN"):$PATH"
+
+# Token authentication. Ray reads RAY_AUTH_TOKEN first, then the file RAY_AUTH_TOKEN_PATH.
+export RAY_AUTH_MODE=token
+if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then
+    token_source="the RAY_AUTH_TOKEN environment variable; clients need it exported too"
+    client_env="RAY_AUTH_MODE=token"
+else
+    token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    if [[ ! -s "$token_file" ]]; then
+        token_dir="$(dirname "$token_file")"
+        if [[ ! -d "$token_dir" ]]; then
+            mkdir -p "$token_dir"
+            chmod 700 "$token_dir"
+        fi
+        # umask 077: the file is created 600, never readable by others, not even briefly.
+        tmp_file="$(umask 077 && mktemp "$token_dir/.auth_token.XXXXXX")"
+        trap 'rm -f "$tmp_file"' EXIT
+        (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$tmp_file")
+        mv -f "$tmp_file" "$token_file"
+        trap - EXIT
+        echo "Created a new Ray auth token file: $token_file (mode 600; not shown)"
+    fi
+    chmod 600 "$token_file"
+    export RAY_AUTH_TOKEN_PATH="$token_file"
+    token_source="$token_file"
+    client_env="RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$token_file"
+fi
+
+ray_args=(
+    start --head
+    --port "$gcs_port"
+    --node-ip-address 127.0.0.1
+    --dashboard-host 127.0.0.1
+    --dashboard-port "$dashboard_port"
+    --num-cpus "$num_cpus"
+    --disable-usage-stats
+)
+if [[ -n "$num_gpus" ]]; then
+    ray_args+=(--num-gpus "$num_gpus")
+fi
+
+"$RAY_BIN" "${ray_args[@]}"
+
+dashboard_url="http://127.0.0.1:$dashboard_port"
+cat <<EOF
+
+rayalign local Ray head is up (token authentication on; token from $token_source).
+  Dashboard / job server: $dashboard_url   (log in with the output of 'ray get-auth-token')
+  GCS address:            127.0.0.1:$gcs_port
+  RAY_ADDRESS for jobs:   $dashboard_url
+
+Submit a job from the repository root:
+  $client_env RAY_ADDRESS=$dashboard_url \\
+    ray job submit --working-dir . -- rayalign train --config jobs/configs/tiny-dpo.yaml
+
+Stop it with: clusters/local/stop.sh
+EOF

@@ -1,0 +1,572 @@
+"""The cluster definitions under clusters/: parsed and checked, never launched.
+
+Fast and offline: no Ray cluster is started. The local scripts are checked with `bash -n`
+and run against a stub `ray` executable (RAY_BIN) that only records how it was called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTERS = REPO / "clusters"
+START_SH = CLUSTERS / "local" / "start.sh"
+STOP_SH = CLUSTERS / "local" / "stop.sh"
+AWS_YAML = CLUSTERS / "aws" / "rayalign-gpu.yaml"
+RAYCLUSTER_YAML = CLUSTERS / "kuberay" / "raycluster.yaml"
+RAYJOB_YAML = CLUSTERS / "kuberay" / "rayjob-sweep.yaml"
+DOCKERFILE = CLUSTERS / "docker" / "Dockerfile"
+
+LAUNCHER_REQUIRED = ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers")
+RAY_PORTS = (6379, 8265, 10001)
+# Env names whose value is a credential: they may only come from a secretKeyRef/file/variable.
+SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def pinned_ray_version() -> str:
+    # A regex, not tomllib: the project supports Python 3.10.
+    m = re.search(r'^\s*"ray(\[[^\]]*\])?==([0-9][0-9.]*[0-9])"', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert m, "pyproject.toml does not pin ray==X.Y.Z"
+    return m.group(2)
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in CLUSTERS.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def load_docs(path: Path) -> list[Any]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def all_docs() -> list[tuple[Path, Any]]:
+    return [(p, d) for p in yaml_files() for d in load_docs(p)]
+
+
+def is_launcher(doc: Any) -> bool:
+    return isinstance(doc, dict) and "provider" in doc and "cluster_name" in doc
+
+
+def is_kuberay(doc: Any) -> bool:
+    return isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("ray.io/")
+
+
+def launcher_docs() -> list[tuple[Path, dict]]:
+    return [(p, d) for p, d in all_docs() if is_launcher(d)]
+
+
+def kuberay_docs(kind: str | None = None) -> list[tuple[Path, dict]]:
+    return [(p, d) for p, d in all_docs() if is_kuberay(d) and (kind is None or d.get("kind") == kind)]
+
+
+def doc_id(item: tuple[Path, Any]) -> str:
+    path, doc = item
+    name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
+    return f"{path.relative_to(CLUSTERS)}:{name or doc.get('cluster_name', '?')}"
+
+
+def cluster_spec(doc: dict) -> dict | None:
+    """The RayCluster spec of a RayCluster, or the rayClusterSpec of a RayJob (None if it uses a clusterSelector)."""
+    if doc["kind"] == "RayCluster":
+        return doc["spec"]
+    return doc["spec"].get("rayClusterSpec")
+
+
+def ray_containers(spec: dict) -> Iterator[tuple[str, dict]]:
+    groups = [("head", spec["headGroupSpec"])] + [
+        (f"worker group {g.get('groupName')}", g) for g in spec["workerGroupSpecs"]
+    ]
+    for label, group in groups:
+        containers = group["template"]["spec"]["containers"]
+        assert containers, f"{label}: no containers"
+        for c in containers:
+            yield f"{label}/{c.get('name')}", c
+
+
+def env_map(env: list[dict] | None) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for entry in env or []:
+        assert entry["name"] not in out, f"env {entry['name']} set twice"
+        out[entry["name"]] = entry
+    return out
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def is_gpu_worker_group(group: dict) -> bool:
+    for c in group["template"]["spec"]["containers"]:
+        for section in ("limits", "requests"):
+            res = (c.get("resources") or {}).get(section) or {}
+            if any(k.endswith("/gpu") and int(v) > 0 for k, v in res.items()):
+                return True
+    return False
+
+
+def is_gpu_node_type(node_type: dict) -> bool:
+    if int((node_type.get("resources") or {}).get("GPU", 0)) > 0:
+        return True
+    # AWS GPU families: g4dn, g5, g6, g6e, p3, p4d, p5 ...
+    return bool(re.match(r"^[gp]\d", str(node_type.get("node_config", {}).get("InstanceType", ""))))
+
+
+def ray_start_commands(config: dict) -> list[tuple[str, str]]:
+    out = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        cmds = [c for c in config.get(key) or [] if "ray start" in c]
+        assert cmds, f"{key} has no `ray start` command"
+        out += [(key, c) for c in cmds]
+    return out
+
+
+# ------------------------------------------------------------------ inventory & parsing
+
+
+def test_all_definitions_exist():
+    for path in (START_SH, STOP_SH, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE, CLUSTERS / "README.md"):
+        assert path.is_file(), f"missing {path.relative_to(REPO)}"
+
+
+def test_every_yaml_parses_to_a_known_definition():
+    files = yaml_files()
+    assert len(files) >= 3
+    kinds = []
+    for path, doc in all_docs():
+        assert isinstance(doc, dict), f"{path}: a YAML document is not a mapping"
+        assert is_launcher(doc) or is_kuberay(doc), (
+            f"{path}: document is neither a Ray cluster launcher config nor a ray.io resource "
+            f"(kind={doc.get('kind')!r}); Secrets and other objects must not live here"
+        )
+        kinds.append("launcher" if is_launcher(doc) else doc["kind"])
+    assert {"launcher", "RayCluster", "RayJob"} <= set(kinds), kinds
+
+
+# ------------------------------------------------------------------ cluster launcher (AWS)
+
+LAUNCHERS = launcher_docs()
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_required_fields(item):
+    _, cfg = item
+    for key in LAUNCHER_REQUIRED:
+        assert key in cfg, f"missing {key}"
+    assert isinstance(cfg["provider"], dict) and cfg["provider"].get("type"), "provider.type missing"
+    assert cfg["head_node_type"] in cfg["available_node_types"], "head_node_type is not a node type"
+    for name, node_type in cfg["available_node_types"].items():
+        assert "resources" in node_type and "node_config" in node_type, f"{name}: needs resources and node_config"
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_matches_ray_json_schema(item):
+    jsonschema = pytest.importorskip("jsonschema")
+    import ray.autoscaler
+
+    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    jsonschema.validate(item[1], schema)
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_passes_rays_own_config_preparation(item):
+    """What `ray up` does before any cloud call: fill provider defaults, then validate."""
+    pytest.importorskip("jsonschema")
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    import copy
+
+    prepared = util.prepare_config(copy.deepcopy(item[1]))
+    util.validate_config(prepared)
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_autoscaling_bounds(item):
+    _, cfg = item
+    assert cfg["max_workers"] > 0
+    assert cfg.get("idle_timeout_minutes", 0) > 0, "idle_timeout_minutes must be set (> 0)"
+    workers = {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+    assert workers, "no worker node types"
+    assert any(is_gpu_node_type(t) for t in workers.values()), "no GPU worker type"
+    for name, t in workers.items():
+        lo, hi = t.get("min_workers", 0), t.get("max_workers")
+        assert hi is not None, f"{name}: max_workers not set"
+        assert 0 <= lo <= hi and hi > 0, f"{name}: bad bounds min={lo} max={hi}"
+        assert hi <= cfg["max_workers"], f"{name}: max_workers {hi} above the cluster cap {cfg['max_workers']}"
+        if is_gpu_node_type(t):
+            assert lo == 0, f"{name}: GPU worker type must scale from 0 (min_workers={lo})"
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_token_auth_on_every_ray_start(item):
+    _, cfg = item
+    for key, cmd in ray_start_commands(cfg):
+        auth = cmd.find("RAY_AUTH_MODE=token")
+        assert 0 <= auth < cmd.index("ray start"), f"{key}: RAY_AUTH_MODE=token must precede ray start: {cmd}"
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_token_comes_from_a_mounted_user_file(item):
+    _, cfg = item
+    mounts = {k.replace("$HOME/", "~/"): v for k, v in (cfg.get("file_mounts") or {}).items()}
+    for key, cmd in ray_start_commands(cfg):
+        literal = re.search(r"RAY_AUTH_TOKEN=(?!\$)\S", cmd)
+        assert literal is None, f"{key}: RAY_AUTH_TOKEN set to a literal"
+        m = re.search(r"RAY_AUTH_TOKEN_PATH=(\S+)", cmd)
+        assert m or "RAY_AUTH_TOKEN=$" in cmd, f"{key}: no token source (RAY_AUTH_TOKEN_PATH or $RAY_AUTH_TOKEN)"
+        if m:
+            remote = m.group(1).strip("\"'").replace("$HOME/", "~/").replace("${HOME}/", "~/")
+            assert remote in mounts, f"{key}: token file {remote} is not in file_mounts"
+            local = mounts[remote]
+            # The user's own file (home directory or absolute path), never a file in the repository.
+            assert local.startswith(("~", "/")), f"token file mount source {local!r} is inside the repository"
+            assert not Path(os.path.expanduser(local)).resolve().is_relative_to(REPO)
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_dashboard_is_localhost_only(item):
+    _, cfg = item
+    head = [c for k, c in ray_start_commands(cfg) if k == "head_start_ray_commands"]
+    for cmd in head:
+        assert re.search(r"--dashboard-host[= ]127\.0\.0\.1(\s|$)", cmd), f"dashboard not bound to 127.0.0.1: {cmd}"
+    everything = json.dumps(cfg)
+    assert "0.0.0.0" not in everything.replace('"CidrIp": "0.0.0.0/0"', ""), "0.0.0.0 bind in launcher config"
+    for perm in (cfg["provider"].get("security_group") or {}).get("IpPermissions", []):
+        open_world = any(r.get("CidrIp") == "0.0.0.0/0" for r in perm.get("IpRanges", []))
+        ports = range(perm.get("FromPort", 0), perm.get("ToPort", 65535) + 1)
+        assert not (open_world and any(p in ports for p in RAY_PORTS)), f"Ray port open to the world: {perm}"
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_installs_project_with_vllm_from_synced_dir(item):
+    _, cfg = item
+    synced = {k for k, v in (cfg.get("file_mounts") or {}).items() if v in (".", "./")}
+    assert synced, "the working directory (.) is not synced to the nodes"
+    cmds = (cfg.get("setup_commands") or []) + (cfg.get("worker_setup_commands") or [])
+    ok = False
+    for cmd in cmds:
+        m = re.search(r"cd\s+(\S+)\s*&&\s*pip install\b[^&;]*-e\s+[\"']?\.\[vllm\]", cmd)
+        ok |= bool(m and m.group(1) in synced)
+    assert ok, f"no setup command runs `pip install -e .[vllm]` in a synced dir {synced}"
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_image_matches_pinned_ray(item):
+    _, cfg = item
+    image = (cfg.get("docker") or {}).get("image", "")
+    assert image, "no docker image"
+    assert f":{pinned_ray_version()}-" in image, f"{image} is not Ray {pinned_ray_version()}"
+
+
+# ------------------------------------------------------------------ KubeRay
+
+KUBERAY = kuberay_docs()
+KUBERAY_CLUSTERS = [(p, d) for p, d in KUBERAY if cluster_spec(d) is not None]
+
+
+@pytest.mark.parametrize("item", KUBERAY, ids=doc_id)
+def test_kuberay_required_fields(item):
+    _, doc = item
+    for key in ("apiVersion", "kind", "metadata", "spec"):
+        assert key in doc, f"missing {key}"
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert doc["kind"] in ("RayCluster", "RayJob")
+    assert doc["metadata"].get("name")
+    if doc["kind"] == "RayJob":
+        assert "rayClusterSpec" in doc["spec"] or "clusterSelector" in doc["spec"]
+    spec = cluster_spec(doc)
+    if spec is not None:
+        assert "headGroupSpec" in spec, "missing headGroupSpec"
+        assert spec.get("workerGroupSpecs"), "missing workerGroupSpecs"
+        assert spec["headGroupSpec"]["template"]["spec"]["containers"]
+
+
+@pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
+def test_kuberay_autoscaling_bounds(item):
+    spec = cluster_spec(item[1])
+    assert spec.get("enableInTreeAutoscaling") is True
+    idle = (spec.get("autoscalerOptions") or {}).get("idleTimeoutSeconds")
+    assert isinstance(idle, int) and idle > 0, "autoscalerOptions.idleTimeoutSeconds must be set (> 0)"
+    assert any(is_gpu_worker_group(g) for g in spec["workerGroupSpecs"]), "no GPU worker group"
+    for g in spec["workerGroupSpecs"]:
+        lo, hi = g.get("minReplicas", 0), g.get("maxReplicas")
+        n = g.get("replicas", lo)
+        assert hi is not None, f"{g.get('groupName')}: maxReplicas not set"
+        assert 0 <= lo <= n <= hi and hi > 0, f"{g.get('groupName')}: bad bounds {lo} <= {n} <= {hi}"
+        if is_gpu_worker_group(g):
+            assert lo == 0, f"{g.get('groupName')}: GPU group must scale from 0 (minReplicas={lo})"
+
+
+def _assert_token_env(where: str, env: dict[str, dict], secret: str) -> None:
+    mode = env.get("RAY_AUTH_MODE")
+    assert mode is not None and mode.get("value") == "token", f"{where}: RAY_AUTH_MODE=token not set"
+    tok = env.get("RAY_AUTH_TOKEN")
+    assert tok is not None, f"{where}: RAY_AUTH_TOKEN not set"
+    assert "value" not in tok, f"{where}: RAY_AUTH_TOKEN is a literal"
+    ref = (tok.get("valueFrom") or {}).get("secretKeyRef") or {}
+    assert ref.get("name") == secret and ref.get("key") == "auth_token", (
+        f"{where}: RAY_AUTH_TOKEN must come from secretKeyRef {secret}/auth_token, got {tok}"
+    )
+
+
+@pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
+def test_kuberay_token_auth_everywhere(item):
+    spec = cluster_spec(item[1])
+    auth = spec.get("authOptions") or {}
+    assert auth.get("mode") == "token", "authOptions.mode must be token"
+    secret = auth.get("secretName")
+    assert secret, "authOptions.secretName must name the user-created Secret"
+    for where, container in ray_containers(spec):
+        _assert_token_env(where, env_map(container.get("env")), secret)
+    _assert_token_env("autoscaler", env_map((spec.get("autoscalerOptions") or {}).get("env")), secret)
+
+
+@pytest.mark.parametrize("item", KUBERAY, ids=doc_id)
+def test_kuberay_no_literal_credentials(item):
+    for node in walk(item[1]):
+        if isinstance(node, dict) and "name" in node and ("value" in node or "valueFrom" in node):
+            if SECRET_ENV_NAME.search(str(node["name"])):
+                assert "value" not in node, f"env {node['name']} has a literal value"
+                assert set((node.get("valueFrom") or {})) <= {"secretKeyRef"}, node
+        if isinstance(node, dict):
+            assert "stringData" not in node, "inline Secret data"
+
+
+@pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
+def test_kuberay_dashboard_not_public(item):
+    spec = cluster_spec(item[1])
+    head = spec["headGroupSpec"]
+    # KubeRay binds the dashboard to 0.0.0.0 when rayStartParams does not say otherwise.
+    host = str((head.get("rayStartParams") or {}).get("dashboard-host", "0.0.0.0"))
+    head_env = env_map(head["template"]["spec"]["containers"][0].get("env"))
+    auth_on = (spec.get("authOptions") or {}).get("mode") == "token" and (
+        head_env.get("RAY_AUTH_MODE", {}).get("value") == "token"
+    )
+    if host == "0.0.0.0":
+        assert auth_on, "dashboard on 0.0.0.0 without token auth"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", "head Service must stay ClusterIP"
+    assert head.get("enableIngress") is not True, "no Ingress for the dashboard"
+
+
+@pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
+def test_kuberay_versions_and_images(item):
+    spec = cluster_spec(item[1])
+    assert str(spec.get("rayVersion")) == pinned_ray_version()
+    for where, container in ray_containers(spec):
+        image = container.get("image", "")
+        name, _, tag = image.rpartition(":")
+        assert name and tag and "/" not in tag and tag != "latest", f"{where}: pin an image tag, got {image!r}"
+
+
+def test_rayjob_runs_a_rayalign_sweep_and_cleans_up():
+    jobs = kuberay_docs("RayJob")
+    assert jobs
+    for _, job in jobs:
+        argv = shlex.split(job["spec"]["entrypoint"])
+        assert argv[0] == "rayalign" and argv[1] == "sweep", argv
+        assert "--config" in argv, argv
+        config = argv[argv.index("--config") + 1]
+        assert re.fullmatch(r"jobs/configs/[\w.-]+\.ya?ml", config), config
+        assert job["spec"].get("shutdownAfterJobFinishes") is True
+        assert job["spec"].get("ttlSecondsAfterFinished", 0) >= 0
+        assert "rayClusterSpec" in job["spec"], "shutdownAfterJobFinishes needs a RayJob-owned cluster"
+
+
+def test_rayjob_cluster_matches_raycluster():
+    (_, cluster), = kuberay_docs("RayCluster")
+    for _, job in kuberay_docs("RayJob"):
+        assert job["spec"]["rayClusterSpec"] == cluster["spec"], "rayjob-sweep.yaml drifted from raycluster.yaml"
+
+
+def test_dockerfile_uses_pinned_ray():
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(rf"rayproject/ray:{re.escape(pinned_ray_version())}-py3\d+-gpu", text)
+    assert re.search(r'pip install[^\n]*-e\s+"?\.\[vllm\]', text)
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
+    assert {".venv", ".git", "runs"} <= set(ignore)
+
+
+# ------------------------------------------------------------------ no secrets committed
+
+
+def test_no_secret_material_under_clusters():
+    hexrun = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{32,}(?![0-9a-fA-F])")
+    literal_env = re.compile(r"RAY_AUTH_TOKEN=(?![\$\"'\s]|\.\.\.)")
+    for path in CLUSTERS.rglob("*"):
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert not hexrun.search(text), f"{path}: looks like a token or key"
+        assert not literal_env.search(text), f"{path}: RAY_AUTH_TOKEN assigned a literal"
+        assert "BEGIN" not in text or "PRIVATE KEY" not in text, f"{path}: private key"
+        assert path.name != "auth_token", f"{path}: token file committed"
+
+
+# ------------------------------------------------------------------ local scripts
+
+
+@pytest.mark.parametrize("script", [START_SH, STOP_SH], ids=lambda p: p.name)
+def test_local_script_syntax_and_strict_mode(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text(encoding="utf-8")
+    assert "set -euo pipefail" in text
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+
+
+def test_local_start_script_static_contract():
+    text = START_SH.read_text(encoding="utf-8")
+    assert "--dashboard-host 127.0.0.1" in text
+    assert "RAY_AUTH_MODE=token" in text
+    assert "0.0.0.0" not in text
+    # Never print the token: no `ray get-auth-token` call, no cat/echo of the token file.
+    assert not re.search(r'"?\$\{?RAY_BIN\}?"?\s+get-auth-token|^\s*ray\s+get-auth-token', text, re.M)
+    assert not re.search(r"\bcat\s[^\n|>]*\$\{?(token_file|tmp_file|RAY_AUTH_TOKEN_PATH)\b", text)
+    assert not re.search(r"\b(echo|printf)\b[^\n]*\$\{?RAY_AUTH_TOKEN(?!_PATH)\b", text)
+
+
+STUB_RAY = """#!/usr/bin/env bash
+{
+  echo "ARGS $*"
+  echo "RAY_AUTH_MODE=${RAY_AUTH_MODE:-}"
+  echo "RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}"
+  echo "END"
+} >> "$RAY_STUB_LOG"
+"""
+
+
+@pytest.fixture
+def stub_env(tmp_path):
+    """A clean environment whose `ray` is a stub that records its arguments and auth env."""
+    home = tmp_path / "home"
+    home.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    stub = bindir / "ray"
+    stub.write_text(STUB_RAY)
+    stub.chmod(0o755)
+    log = tmp_path / "ray-calls.log"
+    env = {
+        "HOME": str(home),
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "RAY_BIN": str(stub),
+        "RAY_STUB_LOG": str(log),
+        "LC_ALL": "C",
+    }
+    return env, log, home
+
+
+def run_script(script: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30, cwd=REPO
+    )
+
+
+def calls(log: Path) -> list[dict[str, str]]:
+    if not log.exists():
+        return []
+    out, cur = [], {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        if line == "END":
+            out.append(cur)
+            cur = {}
+        elif line.startswith("ARGS "):
+            cur["args"] = line[5:]
+        else:
+            k, _, v = line.partition("=")
+            cur[k] = v
+    return out
+
+
+def test_local_start_creates_private_token_and_starts_authenticated_head(stub_env):
+    env, log, home = stub_env
+    res = run_script(START_SH, env, "--num-cpus", "3")
+    assert res.returncode == 0, res.stderr
+    token_file = home / ".ray" / "auth_token"
+    assert token_file.is_file()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    token = token_file.read_text(encoding="utf-8")
+    assert re.fullmatch(r"[0-9a-f]{64}", token), "expected 32 random bytes as hex, no newline"
+    assert token not in res.stdout + res.stderr, "the token was printed"
+    assert not list(token_file.parent.glob(".auth_token.*")), "temporary token file left behind"
+
+    (call,) = calls(log)
+    args = call["args"]
+    assert args.startswith("start --head")
+    assert "--dashboard-host 127.0.0.1" in args and "0.0.0.0" not in args
+    assert "--num-cpus 3" in args
+    assert call["RAY_AUTH_MODE"] == "token"
+    assert call["RAY_AUTH_TOKEN_PATH"] == str(token_file)
+
+    out = res.stdout
+    assert "http://127.0.0.1:8265" in out
+    assert "ray job submit" in out and "RAY_AUTH_MODE=token" in out
+
+
+def test_local_start_reuses_token_tightens_mode_and_reads_env(stub_env):
+    env, log, home = stub_env
+    token_file = home / ".ray" / "auth_token"
+    token_file.parent.mkdir()
+    token_file.write_text("f" * 8 + "-existing-token")
+    token_file.chmod(0o644)
+    res = run_script(START_SH, {**env, "RAYALIGN_NUM_CPUS": "2", "RAYALIGN_DASHBOARD_PORT": "8300"})
+    assert res.returncode == 0, res.stderr
+    assert token_file.read_text(encoding="utf-8") == "f" * 8 + "-existing-token", "existing token replaced"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    (call,) = calls(log)
+    assert "--num-cpus 2" in call["args"] and "--dashboard-port 8300" in call["args"]
+    assert "http://127.0.0.1:8300" in res.stdout
+    assert "-existing-token" not in res.stdout + res.stderr
+
+
+def test_local_start_honours_custom_token_path(stub_env, tmp_path):
+    env, log, home = stub_env
+    custom = tmp_path / "secrets" / "ray-token"
+    res = run_script(START_SH, {**env, "RAY_AUTH_TOKEN_PATH": str(custom)})
+    assert res.returncode == 0, res.stderr
+    assert custom.is_file() and stat.S_IMODE(custom.stat().st_mode) == 0o600
+    assert not (home / ".ray" / "auth_token").exists()
+    (call,) = calls(log)
+    assert call["RAY_AUTH_TOKEN_PATH"] == str(custom)
+
+
+def test_local_start_rejects_bad_cpu_count_without_starting(stub_env):
+    env, log, _ = stub_env
+    for bad in ("abc", "0", "-1"):
+        res = run_script(START_SH, env, "--num-cpus", bad)
+        assert res.returncode != 0, bad
+    assert calls(log) == []
+
+
+def test_local_stop_calls_ray_stop(stub_env):
+    env, log, _ = stub_env
+    res = run_script(STOP_SH, env)
+    assert res.returncode == 0, res.stderr
+    res = run_script(STOP_SH, env, "--force")
+    assert res.returncode == 0, res.stderr
+    assert [c["args"] for c in calls(log)] == ["stop", "stop --force"]
+
+
+def test_readme_covers_every_definition():
+    text = (CLUSTERS / "README.md").read_text(encoding="utf-8")
+    for path in (START_SH, STOP_SH, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE):
+        assert str(path.relative_to(CLUSTERS)) in text, f"README does not describe {path.name}"
+    assert re.search(r"^#+\s*Security", text, re.MULTILINE)
