@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import ray
 from ray.util.state import list_actors
 
 from rayalign.config import ModelConfig, TinyModelConfig
@@ -24,8 +25,11 @@ pytestmark = pytest.mark.e2e
 
 def vllm_actor_starts() -> int:
     """How many vLLM scorer actors this Ray session has ever started (alive or dead)."""
-    return sum("VllmReferenceScorer" in (a.get("repr_name") or a.get("class_name") or "")
-               for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False))
+    # Name this session's cluster: another local Ray instance on the machine would make the lookup ambiguous.
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000, raise_on_missing_output=False
+    )
+    return sum("VllmReferenceScorer" in (a.get("repr_name") or a.get("class_name") or "") for a in actors)
 
 
 def vllm_config(tmp_path, **sections):
