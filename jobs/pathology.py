@@ -27,11 +27,10 @@ from pathlib import Path
 
 from rayalign.config import load_config
 from rayalign.metrics import read_jsonl
-from rayalign.pathology import bias_toward_rejected, format_table, two_response_table
-from rayalign.pipeline import resolve_run_model, run_train
+from rayalign.pathology import biased_reference, format_table, two_response_table
+from rayalign.pipeline import run_train
 from rayalign.report import plot_runs
 from rayalign.runtime import init_ray
-from rayalign.synthetic import generate
 
 HERE = Path(__file__).resolve().parent
 LM_CONFIG = HERE / "configs" / "pathology-lm.yaml"
@@ -70,10 +69,7 @@ def part_b(seeds: list[int], epochs: int, bias_steps: int, overrides: list[str])
     base = load_config(LM_CONFIG, overrides + [f"train.epochs={epochs}"])
     out_root = Path(base.output.root).expanduser().resolve()
     init_ray(base.ray)
-    biased = out_root / f"reference-biased-{bias_steps}"
-    if not (biased / "config.json").is_file():
-        clean = base.data.synthetic.model_copy(update={"label_noise": 0.0})  # rejected = the wrong answer
-        bias_toward_rejected(resolve_run_model(base), generate(clean), biased, steps=bias_steps, lr=3e-3, seed=0)
+    biased = biased_reference(base, steps=bias_steps)
     runs: dict[str, list[dict]] = {"dpo": [], "cpo": []}
     run_dirs: dict[str, list[Path]] = {"dpo": [], "cpo": []}
     for seed in seeds:

@@ -49,7 +49,7 @@ def test_bad_override_syntax():
 def test_missing_sections_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="model: Field required"):
         config_from_dict({"data": {"synthetic": {}}})
-    with pytest.raises(ConfigError, match="model: Value error, set exactly one of model.path or model.tiny"):
+    with pytest.raises(ConfigError, match="model: set exactly one of model.path or model.tiny"):
         config_from_dict({"model": {}, "data": {"synthetic": {}}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

@@ -30,6 +30,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from rayalign.sweep import format_sweep_table, run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_sweep(cfg, fresh=args.fresh)
+    _shutdown_ray()
+    files = summary["files"]
+    print("\n" + format_sweep_table(summary))
+    print(f"objective: {summary['objective']} ({summary['mode']}); trials: "
+          + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in summary["counts"].items() if n))
+    print(f"results: {files['csv']}  plot: {files['plot']}")
+    if files["best_config"]:
+        print(f"best config: {files['best_config']}  (rayalign train --config {files['best_config']})")
+    if summary["interrupted"]:
+        print(f"sweep interrupted; resume with: rayalign sweep --config {args.config}")
+        return 1
+    return 0
+
+
 def _refcheck(args: argparse.Namespace) -> int:
     from rayalign.pipeline import data_paths, resolve_run_model
     from rayalign.refcheck import format_report, run_refcheck
@@ -94,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
     )
     train.set_defaults(func=_train)
+
+    sweep = sub.add_parser(
+        "sweep", help="Ray Tune search over the config's `sweep.space` (reference scored once, shared)"
+    )
+    sweep.add_argument("--config", required=True, metavar="FILE", help="YAML config with a `sweep` section")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument(
+        "--fresh", action="store_true",
+        help="discard an unfinished sweep in the same output directory instead of resuming it",
+    )
+    sweep.set_defaults(func=_sweep)
 
     refcheck = sub.add_parser(
         "refcheck", help="compare vLLM reference log-probs with the training forward pass on a sample"

@@ -9,6 +9,7 @@ key and what was expected.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -223,6 +224,83 @@ class OutputConfig(_Section):
         return Path(self.root).expanduser().resolve() / self.name
 
 
+OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
+    "eval/pref/absolute_accuracy": "max",
+    "eval/rewards/accuracies": "max",
+    "eval/loss": "min",
+    "eval/pref/frac_in_U": "min",
+}
+
+
+class SearchDimension(_Section):
+    """One searched config key: a list of ``values`` (grid or categorical) or a range."""
+
+    values: list[float | int | str | bool] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SearchDimension":
+        kinds = [k for k in ("values", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of values, uniform: [low, high], loguniform: [low, high]")
+        for kind in ("uniform", "loguniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind}: low must be below high (got {list(bounds)})")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: bounds must be positive")
+        return self
+
+    def samples(self) -> list[Any]:
+        """Values that exercise the dimension (for validating the key against RunConfig)."""
+        return list(self.values if self.values is not None else (self.uniform or self.loguniform))
+
+
+class AshaConfig(_Section):
+    """ASHA early stopping, measured in optimizer steps."""
+
+    grace_period: int = Field(4, ge=1, description="Steps every trial runs before it can be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="Keep the best 1/reduction_factor at each rung.")
+
+
+class SweepConfig(_Section):
+    """``rayalign sweep``: a Ray Tune search over config keys; each trial is a training run.
+
+    The reference is scored once into the reference cache and read by every trial.
+    """
+
+    space: dict[str, SearchDimension] = Field(
+        ..., min_length=1, description="Dotted config key -> dimension, e.g. loss.gamma: {values: [0, 1, 2]}."
+    )
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid/random: Tune's variant generator; optuna: TPE (model-based)."
+    )
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the whole grid; random/optuna: trials.")
+    max_concurrent_trials: int = Field(2, ge=1)
+    trial_cpus: float = Field(
+        0.1, gt=0, description="CPUs of each trial's driver; its Train workers request `scaling` on top."
+    )
+    objective: Literal[
+        "eval/pref/absolute_accuracy", "eval/rewards/accuracies", "eval/loss", "eval/pref/frac_in_U"
+    ] = Field("eval/pref/absolute_accuracy", description="Held-out metric to optimize.")
+    mode: Literal["max", "min"] | None = Field(None, description="Default: the objective's natural direction.")
+    early_stopping: Literal["asha", "none"] = "asha"
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    seed: int = Field(0, description="Seed of the random/optuna searcher.")
+
+    @property
+    def objective_mode(self) -> Literal["max", "min"]:
+        return self.mode or OBJECTIVE_MODES[self.objective]
+
+    @model_validator(mode="after")
+    def _grid(self) -> "SweepConfig":
+        ranges = [key for key, dim in self.space.items() if dim.values is None]
+        if self.search == "grid" and ranges:
+            raise ValueError(f"search: grid needs `values` for every key; give values for {ranges} or use random/optuna")
+        return self
+
+
 class RunConfig(_Section):
     """Everything a run needs; every stage receives this object."""
 
@@ -236,22 +314,47 @@ class RunConfig(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    sweep: SweepConfig | None = Field(None, description="Only read by `rayalign sweep`.")
+
+    @model_validator(mode="after")
+    def _sweep_needs(self) -> "RunConfig":
+        if self.sweep is None:
+            return self
+        if self.data.eval_fraction == 0:
+            raise ValueError(f"sweep.objective {self.sweep.objective} is a held-out metric: set data.eval_fraction > 0")
+        if self.sweep.early_stopping == "asha" and self.monitor.eval_every is None:
+            raise ValueError(
+                "sweep.early_stopping: asha compares trials on the held-out objective during training: "
+                "set monitor.eval_every"
+            )
+        tree = self.model_dump(exclude={"sweep"})
+        for key, dim in self.sweep.space.items():
+            for value in dim.samples():
+                try:
+                    with_values(tree, {key: value})
+                except ConfigError as err:
+                    problems = "; ".join(line.strip() for line in str(err).splitlines()[1:])
+                    raise ValueError(f"sweep.space.{key} = {value!r} is not a valid setting: {problems}") from None
+        return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # A run config carries no `sweep: null`; a sweep config keeps its section.
+        tree = self.model_dump(mode="json", exclude={"sweep"} if self.sweep is None else None)
+        return yaml.safe_dump(tree, sort_keys=False)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"  {key}: {msg}")
+        # Cross-section checks (RunConfig validators) name their keys in the message.
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)
 
 
@@ -283,9 +386,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 def config_from_dict(
     tree: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>"
 ) -> RunConfig:
-    tree = dict(tree)
-    for text in overrides or []:
-        key, value = parse_override(text)
+    return with_values(tree, dict(parse_override(text) for text in overrides or []), origin)
+
+
+def with_values(tree: dict[str, Any], values: dict[str, Any], origin: str = "<dict>") -> RunConfig:
+    """Validate ``tree`` with dotted keys set, e.g. ``{"loss.gamma": 1.0}`` (a sweep trial's point)."""
+    tree = copy.deepcopy(tree)
+    for key, value in values.items():
         _set_dotted(tree, key, value)
     try:
         return RunConfig.model_validate(tree)

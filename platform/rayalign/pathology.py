@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rayalign.config import LossConfig
+from rayalign.config import LossConfig, RunConfig
 from rayalign.losses import preference_loss
 
 BOUND = 30.0  # search δ in [−BOUND, BOUND]; σ(±30) is 1 to within 1e-13
@@ -246,4 +246,19 @@ def bias_toward_rejected(
         optimizer.step()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def biased_reference(cfg: RunConfig, steps: int = 200, lr: float = 3e-3, seed: int = 0) -> Path:
+    """``cfg``'s starting model fine-tuned toward the wrong answers of its synthetic task,
+    built once under ``<output.root>/reference-biased-<steps>`` and reused after that."""
+    from rayalign.pipeline import resolve_run_model
+    from rayalign.synthetic import generate
+
+    if cfg.data.synthetic is None:
+        raise ValueError("a biased reference is built from the synthetic task: set data.synthetic")
+    out_dir = Path(cfg.output.root).expanduser().resolve() / f"reference-biased-{steps}"
+    if not (out_dir / "config.json").is_file():
+        clean = cfg.data.synthetic.model_copy(update={"label_noise": 0.0})  # rejected = the wrong answer
+        bias_toward_rejected(resolve_run_model(cfg), generate(clean), out_dir, steps=steps, lr=lr, seed=seed)
     return out_dir

@@ -95,7 +95,7 @@ def summarize(
 
 def reference_stage(
     cfg: RunConfig, pairs: Dataset, model_dir: Path, paths: list[str]
-) -> tuple[Dataset, int, Dataset | None, dict[str, Any]]:
+) -> tuple[Dataset, int | None, Dataset | None, dict[str, Any]]:
     """Scored training pairs (shuffled), their count, the scored held-out split, and how the
     reference was obtained.
 
@@ -103,31 +103,54 @@ def reference_stage(
     run); otherwise the reference actors stream straight into training. The small held-out
     split is scored once and kept in the object store, since every evaluation re-reads it.
     """
-    info = None
     if cfg.reference.cache:
         scored, info = scored_pairs_cached(pairs, cfg, model_dir, paths)
         print(f"[rayalign] reference cache {'hit' if info.hit else 'miss'}: {info.path}", flush=True)
-        train, heldout = split_heldout(scored, cfg)
-    else:
-        train, heldout = split_heldout(pairs, cfg)
-        if heldout is not None:
-            heldout = add_reference_logps(heldout, cfg, model_dir)
-    num_train = train.count() if heldout is not None else None
-    train = shuffled(train, cfg)
-    if info is None:
-        train = add_reference_logps(train, cfg, model_dir)
-        if cfg.train.epochs > 1:
-            # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
-            train = train.materialize()
+        train, num_train, heldout = split_scored(cfg, scored)
+        return train, num_train, heldout, {"backend": cfg.reference.backend, "cache": describe(info)}
+
+    train, heldout = split_heldout(pairs, cfg)
     if heldout is not None:
-        heldout = heldout.materialize()
-    reference = {"backend": cfg.reference.backend, "cache": describe(info) if info else None}
-    return train, num_train, heldout, reference
+        heldout = add_reference_logps(heldout, cfg, model_dir).materialize()
+    num_train = train.count() if heldout is not None else None
+    train = add_reference_logps(shuffled(train, cfg), cfg, model_dir)
+    if cfg.train.epochs > 1:
+        # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
+        train = train.materialize()
+    return train, num_train, heldout, {"backend": cfg.reference.backend, "cache": None}
+
+
+def split_scored(cfg: RunConfig, scored: Dataset) -> tuple[Dataset, int | None, Dataset | None]:
+    """Already-scored pairs -> (shuffled training split, its size, held-out split in the object store)."""
+    train, heldout = split_heldout(scored, cfg)
+    num_train = train.count() if heldout is not None else None
+    return shuffled(train, cfg), num_train, heldout.materialize() if heldout is not None else None
+
+
+def train_stage(
+    cfg: RunConfig,
+    run_dir: Path,
+    model_dir: Path,
+    scored: tuple[Dataset, int, Dataset | None],
+    data_report: dict[str, Any],
+    reference: dict[str, Any],
+    started: float,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Fit on ``scored`` = (training pairs, their count, held-out pairs); write and return summary.json."""
+    train, num_train, heldout = scored
+    if heldout is not None:
+        reference["heldout_pairs"] = heldout.count()
+    fit(cfg, train, num_train, model_dir, run_dir, heldout, callbacks)
+    summary = summarize(cfg, run_dir, model_dir, data_report, time.perf_counter() - started)
+    summary["reference"] = reference
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def run_train(cfg: RunConfig) -> dict[str, Any]:
     """Train one policy end to end and write its run directory; returns the summary."""
-    start = time.perf_counter()
+    started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray)
@@ -135,13 +158,6 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     paths = data_paths(cfg, run_dir)
     pairs, data_report = prepare_pairs(cfg, paths, model_dir, run_dir)
     print(f"[rayalign] {data_report.summary_line()}", flush=True)
-    scored, num_train, heldout, reference = reference_stage(cfg, pairs, model_dir, paths)
-    if heldout is not None:
-        reference["heldout_pairs"] = heldout.count()
-    fit(cfg, scored, num_train if num_train is not None else data_report.ok, model_dir, run_dir, heldout)
-
-    summary = summarize(cfg, run_dir, model_dir, data_report.as_dict(), time.perf_counter() - start)
-    summary["reference"] = reference
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
+    train, num_train, heldout, reference = reference_stage(cfg, pairs, model_dir, paths)
+    scored = (train, num_train if num_train is not None else data_report.ok, heldout)
+    return train_stage(cfg, run_dir, model_dir, scored, data_report.as_dict(), reference, started)

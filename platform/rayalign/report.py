@@ -181,7 +181,56 @@ def format_runs_table(run_dirs: list[Path]) -> str:
         [r.label, *(_first_last(r.rows, key) for key, _ in TABLE_COLUMNS), str(r.rows[-1].get("step", "-"))]
         for r in runs
     ]
+    return format_table(header, body)
+
+
+def format_table(header: list[str], body: list[list[str]]) -> str:
+    """Left-aligned plain-text columns with a rule under the header."""
     widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+SWEEP_MARKERS = {"completed": "o", "stopped_early": "x", "error": "s", "unfinished": "s"}
+
+
+def plot_sweep(trials: list[dict[str, Any]], x_key: str, objective: str, out: Path) -> Path:
+    """Two panels: each trial's final ``objective`` against ``x_key`` (e.g. γ), and the
+    objective over training steps per trial (ASHA's early stops show as short curves).
+
+    ``trials`` are rows of ``rayalign.sweep`` (params, status, objective, objective_history)."""
+    fig = Figure(figsize=(13.0, 5.0), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    final_ax, curve_ax = fig.subplots(1, 2)
+    for status, marker in SWEEP_MARKERS.items():
+        points = [(t["params"][x_key], t["objective"]) for t in trials
+                  if t["status"] == status and t["objective"] is not None]
+        if points:
+            final_ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker, s=60,
+                             label=status.replace("_", " "))
+    final_ax.set_xlabel(x_key)
+    final_ax.set_ylabel(f"{objective} (last measured)")
+    final_ax.set_title(f"{objective} vs {x_key}")
+    final_ax.legend(fontsize=9)
+    for i, trial in enumerate(trials):
+        steps = [step for step, _ in trial["objective_history"]]
+        values = [value for _, value in trial["objective_history"]]
+        if steps:
+            curve_ax.plot(steps, values, marker="o", markersize=3, color=f"C{i % 10}",
+                          label=f"{x_key.split('.')[-1]}={_format_param(trial['params'][x_key])}")
+    curve_ax.set_xlabel("step")
+    curve_ax.set_ylabel(objective)
+    curve_ax.set_title("held-out objective during training")
+    curve_ax.legend(fontsize=8, ncols=2)
+    for ax in (final_ax, curve_ax):
+        if "accurac" in objective:
+            ax.axhline(0.5, color="gray", linestyle=":", linewidth=1.2)
+        ax.grid(True, alpha=0.25)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out
+
+
+def _format_param(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -236,9 +236,18 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
 
 def fit(
-    cfg: RunConfig, pairs: Dataset, num_pairs: int, model_dir: Path, run_dir: Path, heldout: Dataset | None = None
+    cfg: RunConfig,
+    pairs: Dataset,
+    num_pairs: int,
+    model_dir: Path,
+    run_dir: Path,
+    heldout: Dataset | None = None,
+    callbacks: list | None = None,
 ):
-    """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result."""
+    """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result.
+
+    ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a sweep trial.
+    """
     total_steps = planned_steps(cfg.train, cfg.scaling.num_workers, num_pairs)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
@@ -260,6 +269,7 @@ def fit(
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=str(run_dir / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

@@ -1,0 +1,172 @@
+"""`rayalign sweep`: Ray Tune trials that are real Ray Train + DeepSpeed runs, sharing one reference pass."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import yaml
+from ray.util.state import list_actors
+
+from conftest import REPO, make_config
+from rayalign.config import ConfigError, config_from_dict, load_config
+from rayalign.pipeline import run_train
+from rayalign.sweep import _searcher, run_sweep
+
+pytestmark = pytest.mark.e2e
+
+
+def reference_actor_starts() -> int:
+    """How many reference scorer actors this Ray session has ever started (alive or dead)."""
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000, raise_on_missing_output=False
+    )
+    return sum("ReferenceScorer" in (a.get("repr_name") or a.get("class_name") or "") for a in actors)
+
+
+def sweep_config(tmp_path, sweep: dict, **sections):
+    """A small CPO sweep: 64 synthetic pairs (48 train / 16 held out), one Train worker per trial."""
+    base = {
+        "data": {"synthetic": {"num_pairs": 64, "label_noise": 0.1}, "eval_fraction": 0.25},
+        "reference": {"batch_size": 64, "cache_root": str(tmp_path / "refcache")},
+        "loss": {"type": "cpo", "beta": 0.5},
+        "train": {"micro_batch_size": 8, "learning_rate": 3e-3, "log_every": 1},
+        "monitor": {"eval_every": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "output": {"name": "sweep"},
+        "sweep": sweep,
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return make_config(tmp_path, **base)
+
+
+def test_sweep_config_errors_name_the_key():
+    base = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2}, "monitor": {"eval_every": 2}}
+    with pytest.raises(ConfigError, match=r"sweep.space.loss.gama = 0.0 is not a valid setting: loss.gama: unknown key"):
+        config_from_dict({**base, "sweep": {"space": {"loss.gama": {"values": [0.0]}}}})
+    with pytest.raises(ConfigError, match=r"loss.beta: Input should be greater than 0"):
+        config_from_dict({**base, "sweep": {"space": {"loss.beta": {"values": [-1.0]}}}})
+    with pytest.raises(ConfigError, match=r"search: grid needs `values`"):
+        config_from_dict({**base, "sweep": {"space": {"loss.gamma": {"uniform": [0, 2]}}}})
+    with pytest.raises(ConfigError, match=r"set data.eval_fraction > 0"):
+        config_from_dict({**base, "data": {"synthetic": {}}, "sweep": {"space": {"loss.gamma": {"values": [0]}}}})
+    with pytest.raises(ConfigError, match=r"set monitor.eval_every"):
+        config_from_dict({**base, "monitor": {}, "sweep": {"space": {"loss.gamma": {"values": [0]}}}})
+    cfg = config_from_dict({**base, "sweep": {"space": {"loss.gamma": {"uniform": [0, 2]}}, "search": "optuna"}})
+    assert cfg.sweep.objective == "eval/pref/absolute_accuracy" and cfg.sweep.objective_mode == "max"
+    assert type(_searcher(cfg.sweep)).__name__ == "OptunaSearch"
+    assert config_from_dict({**base, "sweep": {"space": {"loss.gamma": {"values": [0]}}, "objective": "eval/loss"}}
+                            ).sweep.objective_mode == "min"
+
+
+def _max_concurrent(trials: list[dict]) -> int:
+    """Most trials whose [started, ended] intervals overlap at one moment (1 s margin for rounding)."""
+    edges = sorted([(t["started"] + 1, 1) for t in trials] + [(t["ended"] - 1, -1) for t in trials])
+    running = peak = 0
+    for _, change in edges:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.timeout(900)
+def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path):
+    cfg = sweep_config(tmp_path, {
+        "space": {"loss.gamma": {"values": [0.0, 1.0, 2.0, 4.0]}},
+        "max_concurrent_trials": 2,
+        # On this easy task every γ ties on held-out accuracy early on, and ASHA stops no one on a
+        # tie; CPO's loss grows with γ, so the held-out loss makes ASHA's decisions certain.
+        "objective": "eval/loss",
+        "asha": {"grace_period": 2, "reduction_factor": 2},
+    })
+    before = reference_actor_starts()
+    summary = run_sweep(cfg)
+
+    # The reference ran once, in the sweep driver's actor pool; trials only read its output.
+    assert reference_actor_starts() - before == cfg.reference.num_actors
+    assert summary["reference"]["scored_now"] is True
+    trials = summary["trials"]
+    assert sorted(t["params"]["loss.gamma"] for t in trials) == [0.0, 1.0, 2.0, 4.0]
+    # Every trial reported the held-out objective; ASHA stopped at least one at a rung.
+    assert all(t["objective"] is not None and t["status"] in ("completed", "stopped_early") for t in trials)
+    stopped = [t for t in trials if t["status"] == "stopped_early"]
+    assert stopped and all(t["steps"] < summary["planned_steps"] for t in stopped)
+    assert any(t["status"] == "completed" and t["steps"] == summary["planned_steps"] for t in trials)
+    # Two trials ran at once, never more.
+    assert _max_concurrent(trials) == 2
+
+    with open(summary["files"]["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["trial_id"] for r in rows} == {t["trial_id"] for t in trials}
+    assert os.path.getsize(summary["files"]["plot"]) > 10_000
+
+    # The best trial's config is a complete run config that `rayalign train` accepts as is.
+    best_path = summary["files"]["best_config"]
+    best = next(t for t in trials if t["status"] == "completed")  # trials are sorted best first
+    tree = yaml.safe_load(open(best_path))
+    assert "sweep" not in tree and tree["loss"]["gamma"] == best["params"]["loss.gamma"]
+    trained = run_train(load_config(best_path))
+    assert trained["steps"] == summary["planned_steps"] and trained["loss_type"] == "cpo"
+
+
+def _wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"sweep exited (rc={proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    cfg = sweep_config(tmp_path, {
+        "space": {"loss.gamma": {"values": [0.0, 2.0]}},
+        "max_concurrent_trials": 1,  # one after the other: trial 2 starts only once trial 1 is finished
+        "early_stopping": "none",
+    })
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(cfg.to_yaml())
+    trials_dir = cfg.output.run_dir / "trials"
+
+    def started_training() -> list:
+        return [d for d in trials_dir.glob("*") if (d / "metrics.jsonl").is_file()]
+
+    def finished() -> list:
+        return [d for d in trials_dir.glob("*") if (d / "summary.json").is_file()]
+
+    # `rayalign sweep` as a user runs it, as a driver on this session's cluster; Ctrl+C mid-sweep.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = tmp_path / "sweep.log"  # a file, not a pipe: Ray's progress output would fill a pipe and block
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", "sweep", "--config", str(config_file)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(lambda: len(finished()) == 1 and len(started_training()) == 2, 600, "the second trial", proc)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = log.read_text()
+    assert proc.returncode == 1, output[-3000:]
+    assert "resume with: rayalign sweep" in output
+    done_before = {d.name: (d / "summary.json").read_text() for d in finished()}
+    assert len(done_before) == 1
+
+    summary = run_sweep(load_config(config_file))
+    assert not summary["interrupted"] and summary["counts"]["completed"] == 2
+    # The finished trial was not run again: its run directory is untouched.
+    for name, text in done_before.items():
+        assert (trials_dir / name / "summary.json").read_text() == text
+    resumed = [t for t in summary["trials"] if t["trial_id"] not in done_before]
+    assert len(resumed) == 1 and json.loads((trials_dir / resumed[0]["trial_id"] / "summary.json").read_text())
