@@ -92,7 +92,7 @@ class DataConfig(_Section):
     truncation: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Held-out share of pairs (by a hash of file and row), 0 = none."
+        0.0, ge=0.0, lt=1.0, description="Held-out share of pairs (by a hash of file name and row), 0 = none."
     )
     shuffle: bool = True
     seed: int = 0

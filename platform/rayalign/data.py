@@ -29,7 +29,7 @@ import json
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -432,15 +432,18 @@ def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:
 
 
 def split_heldout(pairs: Dataset, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:
-    """(train, held-out) by a hash of each pair's file and row: a pair lands in the same split in every
-    run and at every stage (tokenized or scored), so splitting never needs a materialization."""
+    """(train, held-out) by a hash of each pair's file name and row: a pair lands in the same split in
+    every run and at every stage (tokenized or scored), so splitting never needs a materialization.
+    The name, not the path: a sweep and the retraining of its best config write the synthetic task
+    to different directories and must still split it the same way."""
     fraction = cfg.data.eval_fraction
     if fraction == 0:
         return pairs, None
 
     def keep(heldout: bool):
         def select(batch: pa.Table) -> pa.Table:
-            keys = zip(batch.column("source").to_pylist(), batch.column("row").to_pylist())
+            names = [PurePath(src).name for src in batch.column("source").to_pylist()]
+            keys = zip(names, batch.column("row").to_pylist())
             is_heldout = [zlib.crc32(f"{cfg.data.seed}:{src}:{row}".encode()) / 2**32 < fraction for src, row in keys]
             return batch.filter(pa.array([h == heldout for h in is_heldout]))
 
