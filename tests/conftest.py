@@ -39,3 +39,10 @@ def make_config(tmp_path: Path, **sections):
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
     return config_from_dict(tree)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cluster`` run first: they start their own Ray clusters and stop them with
+    `ray stop`, which must not meet the session cluster (and `ray.init()` in this process would
+    join a `ray start` cluster instead of starting one)."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)

@@ -26,6 +26,7 @@ AWS_YAML = CLUSTERS / "aws" / "rayalign-gpu.yaml"
 RAYCLUSTER_YAML = CLUSTERS / "kuberay" / "raycluster.yaml"
 RAYJOB_YAML = CLUSTERS / "kuberay" / "rayjob-sweep.yaml"
 DOCKERFILE = CLUSTERS / "docker" / "Dockerfile"
+LOCAL_AUTOSCALING_YAML = CLUSTERS / "local" / "autoscaling.yaml"
 
 LAUNCHER_REQUIRED = ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers")
 RAY_PORTS = (6379, 8265, 10001)
@@ -64,8 +65,14 @@ def is_kuberay(doc: Any) -> bool:
     return isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("ray.io/")
 
 
+def is_local_autoscaling(doc: Any) -> bool:
+    """Ray's fake multi-node provider: an autoscaling cluster on one machine (no cloud fields)."""
+    return is_launcher(doc) and doc["provider"].get("type") == "fake_multinode"
+
+
 def launcher_docs() -> list[tuple[Path, dict]]:
-    return [(p, d) for p, d in all_docs() if is_launcher(d)]
+    """Cloud launcher configs."""
+    return [(p, d) for p, d in all_docs() if is_launcher(d) and not is_local_autoscaling(d)]
 
 
 def kuberay_docs(kind: str | None = None) -> list[tuple[Path, dict]]:
@@ -143,7 +150,8 @@ def ray_start_commands(config: dict) -> list[tuple[str, str]]:
 
 
 def test_all_definitions_exist():
-    for path in (START_SH, STOP_SH, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE, CLUSTERS / "README.md"):
+    for path in (START_SH, STOP_SH, LOCAL_AUTOSCALING_YAML, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE,
+                 CLUSTERS / "README.md"):
         assert path.is_file(), f"missing {path.relative_to(REPO)}"
 
 
@@ -157,8 +165,35 @@ def test_every_yaml_parses_to_a_known_definition():
             f"{path}: document is neither a Ray cluster launcher config nor a ray.io resource "
             f"(kind={doc.get('kind')!r}); Secrets and other objects must not live here"
         )
-        kinds.append("launcher" if is_launcher(doc) else doc["kind"])
-    assert {"launcher", "RayCluster", "RayJob"} <= set(kinds), kinds
+        kinds.append("local-autoscaling" if is_local_autoscaling(doc) else "launcher" if is_launcher(doc) else doc["kind"])
+    assert {"local-autoscaling", "launcher", "RayCluster", "RayJob"} <= set(kinds), kinds
+
+
+# ------------------------------------------------------------------ local autoscaling (fake multi-node)
+
+
+def test_local_autoscaling_config():
+    """The config start.sh --autoscaling hands to Ray's autoscaler (tests/test_jobs_cluster.py runs it)."""
+    import ray.autoscaler
+
+    cfg = yaml.safe_load(LOCAL_AUTOSCALING_YAML.read_text(encoding="utf-8"))
+    for key in LAUNCHER_REQUIRED:
+        assert key in cfg, f"missing {key}"
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text(encoding="utf-8"))
+    pytest.importorskip("jsonschema").validate(cfg, schema)
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    # The head takes no work, as on the cloud: every job's work needs worker nodes.
+    assert head["resources"].get("CPU") == 0 and head["max_workers"] == 0
+    workers = {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+    assert workers
+    for name, node_type in workers.items():
+        lo, hi = node_type.get("min_workers", 0), node_type["max_workers"]
+        assert lo == 0 and 0 < hi <= cfg["max_workers"], f"{name}: bad bounds min={lo} max={hi}"
+        assert node_type["resources"].get("CPU", 0) > 0
+    assert 0 < cfg["idle_timeout_minutes"] <= 1, "idle nodes should go quickly on a laptop"
+    # start.sh fills in the GCS address; nothing runs setup commands on a fake node.
+    assert cfg["provider"]["gcs_address"] is None
+    assert not any(cfg.get(k) for k in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"))
 
 
 # ------------------------------------------------------------------ cluster launcher (AWS)
@@ -447,6 +482,7 @@ STUB_RAY = """#!/usr/bin/env bash
   echo "ARGS $*"
   echo "RAY_AUTH_MODE=${RAY_AUTH_MODE:-}"
   echo "RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}"
+  echo "RAY_FAKE_CLUSTER=${RAY_FAKE_CLUSTER:-}"
   echo "END"
 } >> "$RAY_STUB_LOG"
 """
@@ -570,3 +606,25 @@ def test_readme_covers_every_definition():
     for path in (START_SH, STOP_SH, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE):
         assert str(path.relative_to(CLUSTERS)) in text, f"README does not describe {path.name}"
     assert re.search(r"^#+\s*Security", text, re.MULTILINE)
+
+
+def test_local_start_autoscaling_hands_ray_a_resolved_config(stub_env):
+    import sys
+
+    env, log, _ = stub_env
+    # start.sh runs the python next to `ray` (a virtual environment's) to resolve the config.
+    (Path(env["RAY_BIN"]).parent / "python").symlink_to(sys.executable)
+    res = run_script(START_SH, env, "--autoscaling", "--port", "6390")
+    assert res.returncode == 0, res.stderr
+    (call,) = calls(log)
+    args = call["args"]
+    assert "--num-cpus 0" in args, "the head's CPUs come from the head node type"
+    assert call["RAY_FAKE_CLUSTER"] == "1" and call["RAY_AUTH_MODE"] == "token"
+    resolved = Path(re.search(r"--autoscaling-config (\S+)", args).group(1))
+    config = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    assert config["provider"]["gcs_address"] == "127.0.0.1:6390"
+    original = yaml.safe_load(LOCAL_AUTOSCALING_YAML.read_text(encoding="utf-8"))
+    assert config["available_node_types"] == original["available_node_types"]
+
+    clash = run_script(START_SH, env, "--autoscaling", "--num-cpus", "2")
+    assert clash.returncode == 2 and "--num-cpus" in clash.stderr

@@ -2,13 +2,20 @@
 # Start a single-machine Ray head for rayalign, with token authentication on.
 #
 #   clusters/local/start.sh [--num-cpus N] [--num-gpus N] [--port P] [--dashboard-port P]
+#                           [--temp-dir DIR] [--autoscaling [FILE]]
 #
 # Every option can also be set by environment variable (a flag wins over its variable):
 #   RAYALIGN_NUM_CPUS       CPUs Ray may use (default: all cores, `nproc`)
 #   RAYALIGN_NUM_GPUS       GPUs Ray may use (default: Ray's own detection)
 #   RAYALIGN_RAY_PORT       GCS port (default 6379)
 #   RAYALIGN_DASHBOARD_PORT dashboard / job server port (default 8265)
+#   RAYALIGN_TEMP_DIR       Ray's session/log directory (default Ray's, /tmp/ray)
 #   RAY_BIN                 the `ray` executable (default: `ray` on PATH, else .venv/bin/ray)
+#
+# --autoscaling [FILE] starts an autoscaling cluster on this machine instead: the head takes
+# its resources from FILE (default clusters/local/autoscaling.yaml) and Ray's autoscaler
+# adds and removes worker nodes (extra raylets here) with demand. AUTOSCALER_UPDATE_INTERVAL_S
+# sets how often it looks (default 5 s).
 #
 # Security:
 #   * RAY_AUTH_MODE=token: every Ray RPC and HTTP endpoint (GCS, dashboard, job server,
@@ -31,6 +38,8 @@ num_cpus="${RAYALIGN_NUM_CPUS:-}"
 num_gpus="${RAYALIGN_NUM_GPUS:-}"
 gcs_port="${RAYALIGN_RAY_PORT:-6379}"
 dashboard_port="${RAYALIGN_DASHBOARD_PORT:-8265}"
+temp_dir="${RAYALIGN_TEMP_DIR:-}"
+autoscaling_config=""
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -42,21 +51,36 @@ while [[ $# -gt 0 ]]; do
         --port=*) gcs_port="${1#*=}"; shift ;;
         --dashboard-port) dashboard_port="${2:?--dashboard-port needs a value}"; shift 2 ;;
         --dashboard-port=*) dashboard_port="${1#*=}"; shift ;;
+        --temp-dir) temp_dir="${2:?--temp-dir needs a value}"; shift 2 ;;
+        --temp-dir=*) temp_dir="${1#*=}"; shift ;;
+        --autoscaling)
+            autoscaling_config="$(dirname "${BASH_SOURCE[0]}")/autoscaling.yaml"
+            if [[ $# -gt 1 && "$2" != --* ]]; then autoscaling_config="$2"; shift; fi
+            shift ;;
+        --autoscaling=*) autoscaling_config="${1#*=}"; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "start.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 
-if [[ -z "$num_cpus" ]]; then
+if [[ -n "$autoscaling_config" && -n "$num_cpus" ]]; then
+    echo "start.sh: with --autoscaling the head's CPUs come from $autoscaling_config, not --num-cpus" >&2
+    exit 2
+fi
+if [[ -n "$autoscaling_config" && ! -f "$autoscaling_config" ]]; then
+    echo "start.sh: autoscaling config not found: $autoscaling_config" >&2
+    exit 2
+fi
+if [[ -z "$num_cpus" && -z "$autoscaling_config" ]]; then
     num_cpus="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
 fi
-for pair in "num-cpus:$num_cpus" "port:$gcs_port" "dashboard-port:$dashboard_port" "num-gpus:${num_gpus:-0}"; do
+for pair in "num-cpus:${num_cpus:-0}" "port:$gcs_port" "dashboard-port:$dashboard_port" "num-gpus:${num_gpus:-0}"; do
     if ! [[ "${pair#*:}" =~ ^[0-9]+$ ]]; then
         echo "start.sh: --${pair%%:*} must be a non-negative integer, got '${pair#*:}'" >&2
         exit 2
     fi
 done
-if [[ "$num_cpus" -lt 1 ]]; then
+if [[ -z "$autoscaling_config" && "$num_cpus" -lt 1 ]]; then
     echo "start.sh: --num-cpus must be at least 1" >&2
     exit 2
 fi
@@ -65,6 +89,29 @@ fi
 # environment's bin/ first on PATH so that job entrypoints (`rayalign ...`) resolve too.
 source "$(dirname "${BASH_SOURCE[0]}")/find-ray.sh"
 export PATH="$(dirname "$RAY_BIN"):$PATH"
+
+if [[ -n "$autoscaling_config" ]]; then
+    # The provider must know this head's GCS port; the head's CPUs are the head node type's.
+    resolved_config="$(mktemp "${TMPDIR:-/tmp}/rayalign-autoscaling.XXXXXX")"
+    python_bin="$(dirname "$RAY_BIN")/python"
+    [[ -x "$python_bin" ]] || python_bin=python3
+    num_cpus="$("$python_bin" - "$autoscaling_config" "$gcs_port" "$resolved_config" <<'PY'
+import sys
+
+import yaml
+
+source, port, resolved = sys.argv[1:]
+with open(source) as f:
+    config = yaml.safe_load(f)
+config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+with open(resolved, "w") as f:
+    yaml.safe_dump(config, f)
+print(int(config["available_node_types"][config["head_node_type"]]["resources"].get("CPU", 0)))
+PY
+)"
+    export RAY_FAKE_CLUSTER=1
+    export AUTOSCALER_UPDATE_INTERVAL_S="${AUTOSCALER_UPDATE_INTERVAL_S:-5}"
+fi
 
 # Token authentication. Ray reads RAY_AUTH_TOKEN first, then the file RAY_AUTH_TOKEN_PATH.
 export RAY_AUTH_MODE=token
@@ -105,6 +152,12 @@ ray_args=(
 if [[ -n "$num_gpus" ]]; then
     ray_args+=(--num-gpus "$num_gpus")
 fi
+if [[ -n "$temp_dir" ]]; then
+    ray_args+=(--temp-dir "$temp_dir")
+fi
+if [[ -n "$autoscaling_config" ]]; then
+    ray_args+=(--autoscaling-config "$resolved_config")
+fi
 
 "$RAY_BIN" "${ray_args[@]}"
 
@@ -112,13 +165,15 @@ dashboard_url="http://127.0.0.1:$dashboard_port"
 cat <<EOF
 
 rayalign local Ray head is up (token authentication on; token from $token_source).
+  Autoscaling:            ${autoscaling_config:-off}
   Dashboard / job server: $dashboard_url   (log in with the output of 'ray get-auth-token')
   GCS address:            127.0.0.1:$gcs_port
   RAY_ADDRESS for jobs:   $dashboard_url
 
 Submit a job from the repository root:
   $client_env RAY_ADDRESS=$dashboard_url \\
-    ray job submit --working-dir . -- rayalign train --config jobs/configs/tiny-dpo.yaml
+    ray job submit --runtime-env jobs/runtime-env.yaml -- \\
+      python -m rayalign train --config jobs/configs/tiny-dpo.yaml --set output.storage=\$PWD/runs
 
 Stop it with: clusters/local/stop.sh
 EOF

@@ -49,10 +49,25 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference(args: argparse.Namespace) -> int:
+    from rayalign.pipeline import run_reference
+    from rayalign.storage import publish
+
+    cfg = load_config(args.config, args.overrides)
+    report = run_reference(cfg)
+    _shutdown_ray()
+    cache = report["cache"]
+    print(f"reference {'cache hit' if cache['hit'] else 'scored'}: {report['scored_pairs']} pairs "
+          f"({report['backend']}) in {cache['path']}")
+    print(f"details: {publish(cfg.output, cfg.output.run_dir / 'reference')}/reference.json")
+    return 0
+
+
 def _refcheck(args: argparse.Namespace) -> int:
     from rayalign.pipeline import data_paths, resolve_run_model
     from rayalign.refcheck import format_report, run_refcheck
     from rayalign.runtime import init_ray
+    from rayalign.storage import publish
 
     cfg = load_config(args.config, args.overrides)
     model_dir = resolve_run_model(cfg)
@@ -61,7 +76,7 @@ def _refcheck(args: argparse.Namespace) -> int:
     report = run_refcheck(cfg, model_dir, data_paths(cfg, out_dir), args.num_pairs, out_dir)
     _shutdown_ray()
     print(format_report(report))
-    print(f"details: {out_dir / 'refcheck.json'}")
+    print(f"details: {publish(cfg.output, out_dir)}/refcheck.json")
     return 0 if report["passed"] else 1
 
 
@@ -69,6 +84,7 @@ def _audit(args: argparse.Namespace) -> int:
     from rayalign.audit import format_audit, run_audit
     from rayalign.pipeline import data_paths, resolve_run_model
     from rayalign.runtime import init_ray
+    from rayalign.storage import publish
 
     cfg = load_config(args.config, args.overrides)
     model_dir = resolve_run_model(cfg)
@@ -77,7 +93,8 @@ def _audit(args: argparse.Namespace) -> int:
     report = run_audit(cfg, model_dir, data_paths(cfg, out_dir), out_dir)
     _shutdown_ray()
     print(format_audit(report))
-    print(f"report: {out_dir / 'audit.json'}  figure: {out_dir / 'audit.png'}")
+    stored = publish(cfg.output, out_dir)
+    print(f"report: {stored}/audit.json  figure: {stored}/audit.png")
     return 0
 
 
@@ -124,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard an unfinished sweep in the same output directory instead of resuming it",
     )
     sweep.set_defaults(func=_sweep)
+
+    reference = sub.add_parser(
+        "reference", help="the reference pass alone: score all pairs into the reference cache"
+    )
+    reference.add_argument("--config", required=True, metavar="FILE")
+    reference.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    reference.set_defaults(func=_reference)
 
     refcheck = sub.add_parser(
         "refcheck", help="compare vLLM reference log-probs with the training forward pass on a sample"

@@ -10,11 +10,12 @@ key and what was expected.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -172,6 +173,11 @@ class TrainConfig(_Section):
     zero_stage: int = Field(2, ge=0, le=3)
     log_every: int = Field(1, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="None: only at the end.")
+    max_failures: int = Field(
+        0, ge=-1,
+        description="Restart the workers from the last checkpoint this many times after a worker or node "
+        "is lost (-1: without limit). Steps since that checkpoint are trained again.",
+    )
     seed: int = 0
 
 
@@ -216,12 +222,45 @@ class RayConfig(_Section):
 
 
 class OutputConfig(_Section):
+    """Where a run writes. ``root/name`` is the local run directory, written as the run goes;
+    ``storage`` is where the finished run is kept when that is elsewhere (see rayalign.storage)."""
+
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     root: str = "runs"
+    storage: str | None = Field(
+        None,
+        description="A directory or a URI Ray Train's storage accepts (s3://bucket/runs, gs://..., "
+        "file:///shared/runs). Checkpoints go there directly; metrics, summary and model are copied "
+        "there at the end. Needed on a multi-node cluster without a shared filesystem. None: the "
+        "local run directory is the storage.",
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, value: str | None) -> str | None:
+        if value is None or "://" not in value:
+            return value
+        if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.", value):
+            raise ValueError(f"not a URI: {value!r} (expected scheme://location, e.g. s3://bucket/runs)")
+        return value.rstrip("/")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.root).expanduser().resolve() / self.name
+
+    @property
+    def storage_root(self) -> str:
+        """``storage`` as Ray and pyarrow take it: a URI, or an absolute local path."""
+        if self.storage is None:
+            return str(Path(self.root).expanduser().resolve())
+        if "://" in self.storage:
+            return self.storage
+        return str(Path(self.storage).expanduser().resolve())
+
+    @property
+    def run_storage(self) -> str:
+        """The run's directory in storage: ``<storage>/<name>``."""
+        return f"{self.storage_root}/{self.name}"
 
 
 OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {

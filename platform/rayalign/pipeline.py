@@ -11,6 +11,8 @@ Run directory layout::
         summary.json       the final numbers and where everything is
         model/             the trained policy (Hugging Face format, safetensors)
         ray/               Ray Train's storage: checkpoints
+
+With ``output.storage`` set, the same layout is kept at ``<storage>/<name>/`` (see rayalign.storage).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from rayalign.models import resolve_model_dir
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.reference import add_reference_logps
 from rayalign.runtime import init_ray
+from rayalign.storage import upload
 from rayalign.synthetic import generate, write_jsonl
-from rayalign.train import fit
+from rayalign.train import METRICS_FILE, fit, read_checkpoint_file
 
 SUMMARY_METRICS = ("rewards/accuracies", "pref/absolute_accuracy", "pref/frac_in_U", "rewards/margins")
 
@@ -68,7 +71,9 @@ def summarize(
     first = {key: sum(r[key] for r in rows[:k]) / k for key in ("loss", *SUMMARY_METRICS)}
     last = {key: sum(r[key] for r in rows[-k:]) / k for key in ("loss", *SUMMARY_METRICS)}
     alarms = [{"step": r["step"], "reason": r["alarm"]} for r in rows if "alarm" in r]
+    resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
     evaluated = [r for r in rows if "eval/loss" in r]
+    storage = cfg.output.run_storage
     return {
         "run": cfg.output.name,
         "loss_type": cfg.loss.type,
@@ -78,6 +83,7 @@ def summarize(
         "loss_decreased": last["loss"] < first["loss"],
         "pathology_alarm": bool(alarms),
         "alarms": alarms,
+        "resumed_from_steps": resumed,
         "heldout": {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else None,
         "data": data_report,
         "wall_seconds": round(wall_s, 1),
@@ -86,9 +92,10 @@ def summarize(
             "config": str(run_dir / "config.yaml"),
             "metrics": str(run_dir / "metrics.jsonl"),
             "quarantine": str(run_dir / "quarantine.jsonl"),
-            "model": str(run_dir / "model"),
+            "model": f"{storage}/model",
             "base_model": str(model_dir),
-            "checkpoints": str(run_dir / "ray"),
+            "checkpoints": f"{storage}/ray",
+            "storage": storage,
         },
     }
 
@@ -141,10 +148,17 @@ def train_stage(
     train, num_train, heldout = scored
     if heldout is not None:
         reference["heldout_pairs"] = heldout.count()
-    fit(cfg, train, num_train, model_dir, run_dir, heldout, callbacks)
+    result = fit(cfg, train, num_train, model_dir, run_dir, heldout, callbacks)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
+    # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
+    (run_dir / METRICS_FILE).write_bytes(read_checkpoint_file(result.checkpoint, METRICS_FILE))
     summary = summarize(cfg, run_dir, model_dir, data_report, time.perf_counter() - started)
     summary["reference"] = reference
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    for name in ("config.yaml", "quarantine.jsonl", METRICS_FILE, "summary.json"):
+        if (run_dir / name).exists():
+            upload(run_dir / name, f"{cfg.output.run_storage}/{name}")
     return summary
 
 
@@ -161,3 +175,28 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     train, num_train, heldout, reference = reference_stage(cfg, pairs, model_dir, paths)
     scored = (train, num_train if num_train is not None else data_report.ok, heldout)
     return train_stage(cfg, run_dir, model_dir, scored, data_report.as_dict(), reference, started)
+
+
+def run_reference(cfg: RunConfig) -> dict[str, Any]:
+    """The reference pass alone: score every pair into the reference cache, so later training runs
+    and sweeps with the same model and data read it instead of starting reference actors.
+    Writes ``<run_dir>/reference/reference.json`` and returns it."""
+    started = time.perf_counter()
+    out_dir = cfg.output.run_dir / "reference"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
+    model_dir = resolve_run_model(cfg)
+    init_ray(cfg.ray)
+    paths = data_paths(cfg, out_dir)
+    pairs, data_report = prepare_pairs(cfg, paths, model_dir, out_dir)
+    print(f"[rayalign] {data_report.summary_line()}", flush=True)
+    scored, info = scored_pairs_cached(pairs, cfg, model_dir, paths)
+    report = {
+        "backend": cfg.reference.backend,
+        "cache": describe(info),
+        "scored_pairs": scored.count(),
+        "data": data_report.as_dict(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out_dir / "reference.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -43,6 +43,7 @@ from rayalign.pipeline import data_paths, prepare_run_dir, resolve_run_model, sp
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.report import format_table, plot_sweep
 from rayalign.runtime import init_ray
+from rayalign.storage import upload
 from rayalign.train import planned_steps
 
 TUNE_DIR = "tune"
@@ -123,6 +124,8 @@ def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
     tree["data"]["paths"] = [str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
     tree["reference"]["cache_root"] = str(Path(cfg.reference.cache_root).expanduser().resolve())
     tree["output"]["root"] = str(trials_root)
+    if cfg.output.storage is not None:
+        tree["output"]["storage"] = f"{cfg.output.run_storage}/{trials_root.name}"
     return tree
 
 
@@ -225,6 +228,10 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         "files": _write_results(cfg, sweep_dir, trials),
     }
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
+    outputs = [sweep_dir / "sweep_summary.json", sweep_dir / "config.yaml"]
+    outputs += [Path(path) for path in summary["files"].values() if path]
+    for path in outputs:
+        upload(path, f"{cfg.output.run_storage}/{path.name}")
     return summary
 
 

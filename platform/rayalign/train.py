@@ -6,12 +6,20 @@ rejected in one forward pass over the concatenated batch, applies the
 configured preference loss, and steps a DeepSpeed engine (ZeRO 0-3). Rank 0
 appends one row per logging step to ``metrics.jsonl``; every rank reports to
 Ray Train. At the end the policy is saved in Hugging Face format.
+
+Fault tolerance: a checkpoint holds every rank's DeepSpeed shards plus rank 0's
+``metrics.jsonl`` up to that step. When a worker or its node is lost, Ray Train
+restarts the worker group (``train.max_failures``) from the last checkpoint:
+the engine, the step counter and the metrics history come back from it, and
+each worker skips the micro-batches of the current epoch it had already
+trained, so the run ends at the planned step count with each step logged once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import tempfile
 import time
 import uuid
@@ -22,7 +30,7 @@ from typing import Any
 import ray.train
 import torch
 from ray.data import Dataset
-from ray.train import Checkpoint, CheckpointConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
@@ -31,16 +39,23 @@ from rayalign.alarms import pathology_alarm
 from rayalign.config import LossConfig, RunConfig, TrainConfig
 from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
 from rayalign.losses import nll, preference_loss
-from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats
+from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats, read_jsonl
+from rayalign.storage import upload
 
 DEEPSPEED_TAG = "deepspeed"
+METRICS_FILE = "metrics.jsonl"
 # Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
 logger = logging.getLogger(__name__)
 
 
+def micro_batches_per_epoch(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
+    """Micro-batches each worker reads per epoch (Ray Train splits the stream equally across workers)."""
+    return math.ceil((num_pairs // num_workers) / train.micro_batch_size)
+
+
 def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
-    """Optimizer steps the run will take (Ray Train splits the stream equally across workers)."""
-    micro_batches = math.ceil((num_pairs // num_workers) / train.micro_batch_size)
+    """Optimizer steps the run will take."""
+    micro_batches = micro_batches_per_epoch(train, num_workers, num_pairs)
     steps = train.epochs * (micro_batches // train.gradient_accumulation_steps)
     if steps == 0:
         raise ValueError(
@@ -82,7 +97,8 @@ def lr_schedule(train: TrainConfig, total_steps: int):
     return factor
 
 
-def _export_hf_model(engine, model_dir: str, out_dir: Path, zero_stage: int, rank: int) -> None:
+def _export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zero_stage: int, rank: int) -> None:
+    """Save the policy in Hugging Face format to ``out_dir`` on rank 0's node, then to storage."""
     import deepspeed
 
     from rayalign.models import load_tokenizer
@@ -94,16 +110,39 @@ def _export_hf_model(engine, model_dir: str, out_dir: Path, zero_stage: int, ran
         if rank == 0:
             engine.module.save_pretrained(out_dir, safe_serialization=True)
             load_tokenizer(model_dir).save_pretrained(out_dir)
+            upload(out_dir, storage_uri)
 
 
-def _report(metrics: dict[str, Any], engine=None) -> None:
-    """Report to Ray Train (a barrier across workers); with ``engine``, also checkpoint it."""
+def _report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = None) -> None:
+    """Report to Ray Train (a barrier across workers); with ``engine``, also checkpoint it, together
+    with rank 0's ``metrics_path`` so the history survives the loss of rank 0's node."""
     if engine is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        if metrics_path is not None and metrics_path.exists():
+            shutil.copy(metrics_path, Path(tmp) / METRICS_FILE)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
+    """One file of a (possibly remote) checkpoint, without downloading the model shards."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as stream:
+        return stream.read()
+
+
+def _restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int) -> list[dict[str, Any]]:
+    """Load the engine (weights, optimizer, scheduler, step) from ``checkpoint``; on rank 0 also put
+    ``metrics.jsonl`` back as it was at that step and return its rows (the alarm's history)."""
+    with checkpoint.as_directory() as ckpt_dir:
+        engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG)
+        saved = Path(ckpt_dir) / METRICS_FILE
+        if rank != 0 or not saved.exists():
+            return []
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(saved, metrics_path)
+    return read_jsonl(metrics_path)
 
 
 def _score_batch(engine, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device):
@@ -170,26 +209,36 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
+    metrics_path = run_dir / METRICS_FILE
+    history: list[dict[str, Any]] = []  # rank 0's logged rows, for the pathology alarm
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG)
+        history = _restore(engine, checkpoint, metrics_path, rank)
+    elif rank == 0:  # rank 0 may be on another node than the driver, which cleared its own copy
+        metrics_path.unlink(missing_ok=True)
     pad_id = load_tokenizer(model_dir).pad_token_id
     device = engine.device
-    metrics_path = run_dir / "metrics.jsonl"
 
     shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_cfg["has_eval"] else None
     monitor = cfg.monitor
-    history: list[dict[str, Any]] = []  # rank 0's logged rows, for the pathology alarm
     meter = IntervalMeter()
     interval_start = None  # set at the first batch, so pipeline start-up is not counted as throughput
     step = engine.global_steps
-    checkpointed_step, row = None, {"step": step}
-    for epoch in range(cfg.train.epochs):
+    checkpointed_step, row = step, {"step": step}
+    # Where the data stands after a restore: whole epochs done, then micro-batches of this epoch done.
+    start_epoch, skip = divmod(step * cfg.train.gradient_accumulation_steps, loop_cfg["micro_batches_per_epoch"])
+    resumed_from = step if checkpoint is not None else None
+    if resumed_from is not None:
+        logger.info("resumed from the checkpoint at step %d: epoch %d, skipping %d micro-batches",
+                    step, start_epoch, skip)
+    for epoch in range(start_epoch, cfg.train.epochs):
         if step >= total_steps:
             break
         for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
+            if skip:  # already trained before the restore
+                skip -= 1
+                continue
             interval_start = interval_start or time.perf_counter()
             per_pair, scored, tokens = _score_batch(engine, batch, cfg.loss, pad_id, device)
             engine.backward(per_pair.mean())
@@ -204,6 +253,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             if step % cfg.train.log_every and not (done or evaluate):
                 continue
             row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0]}
+            if resumed_from is not None:
+                row["resumed_from_step"], resumed_from = resumed_from, None
             row.update(meter.reduce(time.perf_counter() - interval_start, all_reduce=dist.all_reduce))
             if evaluate:
                 row.update(_evaluate(engine, eval_shard, cfg, pad_id, device))
@@ -223,7 +274,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 )
             every = cfg.train.checkpoint_every
             if done or (every and step % every == 0):
-                _report(row, engine)
+                _report(row, engine, metrics_path)
                 checkpointed_step = step
             else:
                 _report(row)
@@ -231,8 +282,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 break
 
     if checkpointed_step != step:  # the stream ended before the planned step count
-        _report(row, engine)
-    _export_hf_model(engine, model_dir, run_dir / "model", cfg.train.zero_stage, rank)
+        _report(row, engine, metrics_path)
+    storage = cfg.output.run_storage
+    _export_hf_model(engine, model_dir, run_dir / "model", f"{storage}/model", cfg.train.zero_stage, rank)
 
 
 def fit(
@@ -249,6 +301,7 @@ def fit(
     ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a sweep trial.
     """
     total_steps = planned_steps(cfg.train, cfg.scaling.num_workers, num_pairs)
+    micro_batches = micro_batches_per_epoch(cfg.train, cfg.scaling.num_workers, num_pairs)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
@@ -258,6 +311,7 @@ def fit(
             "run_dir": str(run_dir),
             "model_dir": str(model_dir),
             "total_steps": total_steps,
+            "micro_batches_per_epoch": micro_batches,
             "has_eval": heldout is not None,
         },
         scaling_config=RayScalingConfig(
@@ -267,8 +321,9 @@ def fit(
         run_config=RayRunConfig(
             # A fresh name per fit: Ray Train resumes a same-named run from its last checkpoint.
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=str(run_dir / "ray"),
+            storage_path=f"{cfg.output.run_storage}/ray",
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
     )

@@ -1,0 +1,56 @@
+"""Where a run's outputs are kept: a local directory or any URI pyarrow (and so Ray Train) can open.
+
+A run writes into its local run directory (``output.root/output.name``) as it goes, so that
+``tail -f metrics.jsonl`` works. ``output.storage`` names where the run is *kept*; on a multi-node
+cluster that is shared storage, since the driver and rank 0 may be on different machines::
+
+    <output.storage>/<output.name>/
+        ray/             Ray Train's checkpoints, written there directly by every worker
+        model/           the trained policy, uploaded by rank 0
+        metrics.jsonl    copied by the driver at the end (taken from the final checkpoint)
+        summary.json, config.yaml, quarantine.jsonl, audit/, ...
+
+Without ``output.storage`` the run directory is the storage and nothing is copied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from rayalign.config import OutputConfig
+
+
+def _open(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri)
+
+
+def is_same_place(local: Path, uri: str) -> bool:
+    """True when ``uri`` is the local path itself (the default: no copy needed)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return False
+    _, path = _open(uri if "://" in uri else str(Path(uri).resolve()))
+    return Path(path).resolve() == local.resolve()
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a local file or directory (recursively) to ``uri``, replacing what is there."""
+    if is_same_place(local, uri):
+        return
+    fs, path = _open(uri)
+    fs.create_dir(path if local.is_dir() else path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(str(local.resolve()), path, destination_filesystem=fs)
+
+
+def exists(uri: str) -> bool:
+    fs, path = _open(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def publish(output: OutputConfig, local_dir: Path) -> str:
+    """Copy a finished output directory inside the run directory (e.g. ``audit/``) to the same place
+    under the run's storage; returns where it went."""
+    dest = f"{output.run_storage}/{local_dir.relative_to(output.run_dir).as_posix()}"
+    upload(local_dir, dest)
+    return dest
