@@ -420,6 +420,8 @@ def test_rayjob_runs_a_rayalign_sweep_and_cleans_up():
         assert "--config" in argv, argv
         config = argv[argv.index("--config") + 1]
         assert re.fullmatch(r"jobs/configs/[\w.-]+\.ya?ml", config), config
+        # The RayJob's cluster is deleted after the job: results must go to storage.
+        assert any(arg.startswith("output.storage=") and "://" in arg for arg in argv), argv
         assert job["spec"].get("shutdownAfterJobFinishes") is True
         assert job["spec"].get("ttlSecondsAfterFinished", 0) >= 0
         assert "rayClusterSpec" in job["spec"], "shutdownAfterJobFinishes needs a RayJob-owned cluster"

@@ -18,6 +18,8 @@ from conftest import make_config
 
 pytestmark = pytest.mark.cluster
 
+NUM_PAIRS, MICRO_BATCH, EPOCHS = 128, 4, 2
+STEPS_PER_EPOCH = NUM_PAIRS // 2 // MICRO_BATCH  # two workers, one micro-batch per step
 CHECKPOINT_EVERY = 4
 KILL_AFTER_STEP = CHECKPOINT_EVERY + 2  # past the first checkpoint, before the second
 
@@ -66,8 +68,9 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path):
         cluster.wait_for_nodes()
         cfg = make_config(
             tmp_path,
-            data={"synthetic": {"num_pairs": 128}},
-            train={"micro_batch_size": 4, "log_every": 1, "checkpoint_every": CHECKPOINT_EVERY, "max_failures": 2},
+            data={"synthetic": {"num_pairs": NUM_PAIRS}},
+            train={"micro_batch_size": MICRO_BATCH, "epochs": EPOCHS, "log_every": 1,
+                   "checkpoint_every": CHECKPOINT_EVERY, "max_failures": 2},
             # One CPU per trainer: the head (1 CPU) holds at most one, so one is on a worker node.
             scaling={"num_workers": 2, "cpus_per_worker": 1},
             ray={"address": cluster.address},
@@ -85,15 +88,20 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path):
     assert killed, "training ended before a node could be killed"
     print(f"\n[node-failure] killed node at step {killed['at_step']}, resumed from {summary['resumed_from_steps']}, "
           f"finished at step {summary['steps']} in {summary['wall_seconds']} s")
-    planned = 128 // 2 // 4  # pairs per worker / micro-batch size: one epoch
+    planned = EPOCHS * STEPS_PER_EPOCH
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     # Every step exactly once, up to the planned count: the rows after the checkpoint that were
     # trained again replaced the lost ones instead of repeating them.
     assert [row["step"] for row in rows] == list(range(1, planned + 1))
     assert summary["steps"] == planned
-    # It resumed from a checkpoint (not from scratch), the last one before the node was lost,
-    # so at most CHECKPOINT_EVERY steps were trained twice.
+    # The data position came back too: after the restore each worker skipped the micro-batches
+    # of the epoch it had trained, so every epoch still has exactly STEPS_PER_EPOCH steps.
+    assert [row["epoch"] for row in rows] == [(row["step"] - 1) // STEPS_PER_EPOCH for row in rows]
+    # It resumed from a checkpoint (not from scratch): the last one before the node was lost, so
+    # fewer than CHECKPOINT_EVERY steps were trained twice. (The worker may pass one more
+    # checkpoint between our look at the log and the kill.)
     (resumed,) = summary["resumed_from_steps"]
     assert resumed % CHECKPOINT_EVERY == 0 and resumed >= CHECKPOINT_EVERY
-    assert resumed <= killed["at_step"] < resumed + CHECKPOINT_EVERY + 2
+    last_checkpoint_seen = killed["at_step"] // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+    assert last_checkpoint_seen <= resumed <= last_checkpoint_seen + CHECKPOINT_EVERY
     assert (cfg.output.run_dir / "model" / "model.safetensors").exists()

@@ -35,7 +35,7 @@ def is_same_place(local: Path, uri: str) -> bool:
 
 
 def upload(local: Path, uri: str) -> None:
-    """Copy a local file or directory (recursively) to ``uri``, replacing what is there."""
+    """Copy a local file or directory (recursively) to ``uri``, overwriting files of the same name."""
     if is_same_place(local, uri):
         return
     fs, path = _open(uri)

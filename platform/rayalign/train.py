@@ -124,6 +124,11 @@ def _report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = No
         if metrics_path is not None and metrics_path.exists():
             shutil.copy(metrics_path, Path(tmp) / METRICS_FILE)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    # A checkpoint is restorable only once Ray Train's controller has taken it from the worker's
+    # one-slot report queue (it polls every 2 s). This report waits for that, so a node lost after
+    # training moved on never restores from an older checkpoint. No held-out metrics in it: Tune's
+    # callback ignores it.
+    ray.train.report({"step": metrics["step"]})
 
 
 def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
@@ -272,11 +277,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                     step, total_steps, row["loss"], row["rewards/accuracies"],
                     row["pref/absolute_accuracy"], row["pref/frac_in_U"], row["pairs/s"],
                 )
+            # Only what a consumer needs goes to Ray Train (checkpoints; held-out metrics for Tune):
+            # a worker blocks in report() until the controller, polling every 2 s, took the last one,
+            # so reporting every logged step would cap training at one step per 2 s.
             every = cfg.train.checkpoint_every
             if done or (every and step % every == 0):
                 _report(row, engine, metrics_path)
                 checkpointed_step = step
-            else:
+            elif evaluate:
                 _report(row)
             if done:
                 break
