@@ -43,11 +43,6 @@ def upload(local: Path, uri: str) -> None:
     pafs.copy_files(str(local.resolve()), path, destination_filesystem=fs)
 
 
-def exists(uri: str) -> bool:
-    fs, path = _open(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def publish(output: OutputConfig, local_dir: Path) -> str:
     """Copy a finished output directory inside the run directory (e.g. ``audit/``) to the same place
     under the run's storage; returns where it went."""
