@@ -5,8 +5,9 @@
 
 The reference log-probs depend on the model and the data, not on γ, α, τ, β or the learning
 rate, so the sweep scores them once (``rayalign.refcache``), keeps the scored set in the
-object store, and hands that dataset to every trial: no trial starts a reference engine. Trials report every logged step to Tune (Ray Train's
-``TuneReportCallback``); ASHA compares them on the held-out objective and stops the weak ones.
+object store, and hands that dataset to every trial: no trial starts a reference engine. Trials
+report each held-out evaluation to Tune (Ray Train's ``TuneReportCallback``); ASHA compares them
+on the held-out objective and stops the weak ones.
 
 Sweep directory (``<output.root>/<output.name>/``)::
 
@@ -38,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
-from rayalign.data import prepare_pairs
+from rayalign.data import prepare_pairs, split_heldout
 from rayalign.pipeline import data_paths, prepare_run_dir, resolve_run_model, split_scored, train_stage
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.report import format_table, plot_sweep
@@ -169,7 +170,7 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
     # In the object store once for all trials (a Parquet read in each trial would also want a
     # whole CPU for its file listing, which trials on a small machine do not leave free).
     scored = scored.materialize()
-    _, num_train, _ = split_scored(cfg, scored)
+    num_train = split_heldout(scored, cfg)[0].count()  # the trials' split; counted, not materialized
     reference = {"backend": cfg.reference.backend, "cache": describe(cache), "scored_by_sweep_driver": True}
     steps = planned_steps(cfg.train, cfg.scaling.num_workers, num_train)
 
