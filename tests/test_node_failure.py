@@ -49,6 +49,7 @@ def _kill_a_trainer_node(cluster, metrics_path, killed: dict) -> None:
     killed["at_step"] = _steps_logged(metrics_path)
     killed["node_id"] = victim.node_id
     cluster.remove_node(victim, allow_graceful=False)
+    killed["logged_after_kill"] = _steps_logged(metrics_path)
 
 
 def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path):
@@ -97,11 +98,14 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path):
     # The data position came back too: after the restore each worker skipped the micro-batches
     # of the epoch it had trained, so every epoch still has exactly STEPS_PER_EPOCH steps.
     assert [row["epoch"] for row in rows] == [(row["step"] - 1) // STEPS_PER_EPOCH for row in rows]
-    # It resumed from a checkpoint (not from scratch): the last one before the node was lost, so
-    # fewer than CHECKPOINT_EVERY steps were trained twice. (The worker may pass one more
-    # checkpoint between our look at the log and the kill.)
+    # It resumed from a checkpoint (not from scratch): the last one registered before the node was
+    # lost, so at most CHECKPOINT_EVERY steps were trained twice. A step's row is logged before its
+    # checkpoint is saved, and the next step starts only once that checkpoint is registered, so
+    # when step s was logged every checkpoint up to step s - 1 was restorable; and none later than
+    # the last step logged right after the kill can exist.
     (resumed,) = summary["resumed_from_steps"]
     assert resumed % CHECKPOINT_EVERY == 0 and resumed >= CHECKPOINT_EVERY
-    last_checkpoint_seen = killed["at_step"] // CHECKPOINT_EVERY * CHECKPOINT_EVERY
-    assert last_checkpoint_seen <= resumed <= last_checkpoint_seen + CHECKPOINT_EVERY
+    surely_registered = (killed["at_step"] - 1) // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+    at_most = killed["logged_after_kill"] // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+    assert surely_registered <= resumed <= at_most, killed
     assert (cfg.output.run_dir / "model" / "model.safetensors").exists()
