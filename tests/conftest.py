@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ from rayalign.models import resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Ray Train's controller polls its workers every 2 s, and a worker's report() (each checkpoint and
+# held-out evaluation) waits for that poll: most of a tiny run's wall time. Ray Train passes this
+# setting from the driver to its controller and workers; a user can set it the same way.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -124,7 +124,12 @@ def _wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen) ->
             raise AssertionError(f"sweep exited (rc={proc.returncode}) before {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(1)
+        time.sleep(0.2)
+
+
+def _last_step(run_dir) -> int:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    return json.loads(lines[-1])["step"] if lines else 0
 
 
 @pytest.mark.timeout(900)
@@ -133,13 +138,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
         "space": {"loss.gamma": {"values": [0.0, 2.0]}},
         "max_concurrent_trials": 1,  # one after the other: trial 2 starts only once trial 1 is finished
         "early_stopping": "none",
-    })
+    }, train={"epochs": 3, "checkpoint_every": 2})  # long enough to interrupt mid-trial
     config_file = tmp_path / "sweep.yaml"
     config_file.write_text(cfg.to_yaml())
     trials_dir = cfg.output.run_dir / "trials"
 
-    def started_training() -> list:
-        return [d for d in trials_dir.glob("*") if (d / "metrics.jsonl").is_file()]
+    def checkpointed() -> list:
+        # Step 3 logged: the checkpoint of step 2 was registered (the next step waits for that).
+        return [d for d in trials_dir.glob("*") if _last_step(d) >= 3]
 
     def finished() -> list:
         return [d for d in trials_dir.glob("*") if (d / "summary.json").is_file()]
@@ -151,7 +157,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
         proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", "sweep", "--config", str(config_file)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            _wait_for(lambda: len(finished()) == 1 and len(started_training()) == 2, 600, "the second trial", proc)
+            _wait_for(lambda: len(finished()) == 1 and len(checkpointed()) == 2, 600, "the second trial's checkpoint", proc)
+            (interrupted,) = set(checkpointed()) - set(finished())
+            interrupted_at = _last_step(interrupted)
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=300)
         finally:
@@ -168,5 +176,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     # The finished trial was not run again: its run directory is untouched.
     for name, text in done_before.items():
         assert (trials_dir / name / "summary.json").read_text() == text
-    resumed = [t for t in summary["trials"] if t["trial_id"] not in done_before]
-    assert len(resumed) == 1 and json.loads((trials_dir / resumed[0]["trial_id"] / "summary.json").read_text())
+    # The interrupted trial continued from its last checkpoint instead of from step 0, and every
+    # step of it is logged once.
+    (resumed,) = [t for t in summary["trials"] if t["trial_id"] not in done_before]
+    resumed_summary = json.loads((trials_dir / resumed["trial_id"] / "summary.json").read_text())
+    (resumed_from,) = resumed_summary["resumed_from_steps"]
+    assert resumed_from % 2 == 0 and 2 <= resumed_from, (resumed_from, interrupted_at)
+    steps = [row["step"] for row in map(json.loads, (trials_dir / resumed["trial_id"] / "metrics.jsonl").open())]
+    assert steps == list(range(1, summary["planned_steps"] + 1)) == list(range(1, resumed["steps"] + 1))

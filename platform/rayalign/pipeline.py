@@ -143,12 +143,13 @@ def train_stage(
     reference: dict[str, Any],
     started: float,
     callbacks: list | None = None,
+    resume_name: str | None = None,
 ) -> dict[str, Any]:
     """Fit on ``scored`` = (training pairs, their count, held-out pairs); write and return summary.json."""
     train, num_train, heldout = scored
     if heldout is not None:
         reference["heldout_pairs"] = heldout.count()
-    result = fit(cfg, train, num_train, model_dir, run_dir, heldout, callbacks)
+    result = fit(cfg, train, num_train, model_dir, run_dir, heldout, callbacks, resume_name)
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.

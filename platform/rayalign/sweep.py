@@ -75,7 +75,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, m
     cfg = with_values(base, {**params, "output.name": trial_id}, origin=f"sweep trial {trial_id}")
     run_dir = prepare_run_dir(cfg)
     train_stage(cfg, run_dir, Path(model_dir), split_scored(cfg, scored), data_report, dict(reference), started,
-                callbacks=[HeldoutReportCallback(objective)])
+                # The trial's run directory is its own: a fixed Ray Train run name lets a trial that
+                # Tune restores (resumed sweep, errored trial) continue from its last checkpoint.
+                callbacks=[HeldoutReportCallback(objective)], resume_name="train")
 
 
 def trial_dirname(trial) -> str:

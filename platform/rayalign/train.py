@@ -303,10 +303,13 @@ def fit(
     run_dir: Path,
     heldout: Dataset | None = None,
     callbacks: list | None = None,
+    resume_name: str | None = None,
 ):
     """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result.
 
     ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a sweep trial.
+    ``resume_name``: Ray Train continues a run of this name under the same storage path from its last
+    checkpoint (a sweep trial that Tune restores); None starts a fresh run.
     """
     total_steps = planned_steps(cfg.train, cfg.scaling.num_workers, num_pairs)
     micro_batches = micro_batches_per_epoch(cfg.train, cfg.scaling.num_workers, num_pairs)
@@ -327,8 +330,7 @@ def fit(
         ),
         datasets={"train": pairs, **({"eval": heldout} if heldout is not None else {})},
         run_config=RayRunConfig(
-            # A fresh name per fit: Ray Train resumes a same-named run from its last checkpoint.
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            name=resume_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=f"{cfg.output.run_storage}/ray",
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
