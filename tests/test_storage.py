@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_config
 from rayalign.config import ConfigError, config_from_dict
-from rayalign.storage import is_same_place, publish, upload
+from rayalign.storage import is_same_place, publish, read_text, remove, upload
 
 
 def test_storage_must_be_a_uri_or_a_path():
@@ -37,6 +37,11 @@ def test_upload_and_publish_copy_files_and_directories(tmp_path):
     assert (tmp_path / "store/test/audit/nested/x.txt").read_text() == "x"
     upload(audit / "audit.json", f"{tmp_path}/plain/dir/a.json")
     assert (tmp_path / "plain/dir/a.json").exists()
+    assert read_text(f"file://{tmp_path}/store/test/audit/nested/x.txt") == "x"
+    assert read_text(f"file://{tmp_path}/store/test/audit/missing.txt") is None
+    remove(f"file://{tmp_path}/store/test/audit")
+    assert not (tmp_path / "store/test/audit").exists()
+    remove(f"file://{tmp_path}/store/test/audit")  # already gone: nothing to do
 
 
 @pytest.mark.e2e

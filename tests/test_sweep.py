@@ -138,7 +138,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
         "space": {"loss.gamma": {"values": [0.0, 2.0]}},
         "max_concurrent_trials": 1,  # one after the other: trial 2 starts only once trial 1 is finished
         "early_stopping": "none",
-    }, train={"epochs": 3, "checkpoint_every": 2})  # long enough to interrupt mid-trial
+    }, train={"epochs": 3, "checkpoint_every": 2},  # long enough to interrupt mid-trial
+        # Tune's state in the storage path, as on a cluster whose head may not come back.
+        output={"storage": f"file://{tmp_path / 'store'}"})
     config_file = tmp_path / "sweep.yaml"
     config_file.write_text(cfg.to_yaml())
     trials_dir = cfg.output.run_dir / "trials"
@@ -171,8 +173,16 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     done_before = {d.name: (d / "summary.json").read_text() for d in finished()}
     assert len(done_before) == 1
 
+    # What a resume reads is in storage, not in the local sweep directory.
+    kept = tmp_path / "store" / "sweep"
+    assert list((kept / "tune").glob("experiment_state*.json")) and not (cfg.output.run_dir / "tune").exists()
+    assert (kept / "config.yaml").read_text() == cfg.to_yaml()
+
     summary = run_sweep(load_config(config_file))
     assert not summary["interrupted"] and summary["counts"]["completed"] == 2
+    assert summary["files"]["tune"] == f"file://{kept}/tune"
+    assert all(t["run_dir"] == f"file://{kept}/trials/{t['trial_id']}" for t in summary["trials"])
+    assert all((kept / "trials" / t["trial_id"] / "summary.json").is_file() for t in summary["trials"])
     # The finished trial was not run again: its run directory is untouched.
     for name, text in done_before.items():
         assert (trials_dir / name / "summary.json").read_text() == text

@@ -22,7 +22,8 @@ import pyarrow.fs as pafs
 from rayalign.config import OutputConfig
 
 
-def _open(uri: str) -> tuple[pafs.FileSystem, str]:
+def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path in it, for APIs that take both rather than a URI."""
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -30,7 +31,7 @@ def is_same_place(local: Path, uri: str) -> bool:
     """True when ``uri`` is the local path itself (the default: no copy needed)."""
     if "://" in uri and not uri.startswith("file://"):
         return False
-    _, path = _open(uri if "://" in uri else str(Path(uri).resolve()))
+    _, path = open_uri(uri if "://" in uri else str(Path(uri).resolve()))
     return Path(path).resolve() == local.resolve()
 
 
@@ -38,9 +39,25 @@ def upload(local: Path, uri: str) -> None:
     """Copy a local file or directory (recursively) to ``uri``, overwriting files of the same name."""
     if is_same_place(local, uri):
         return
-    fs, path = _open(uri)
+    fs, path = open_uri(uri)
     fs.create_dir(path if local.is_dir() else path.rsplit("/", 1)[0], recursive=True)
     pafs.copy_files(str(local.resolve()), path, destination_filesystem=fs)
+
+
+def read_text(uri: str) -> str | None:
+    """A file's text from storage, or None when there is no such file."""
+    fs, path = open_uri(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def remove(uri: str) -> None:
+    """Delete a directory in storage (nothing to do when it does not exist)."""
+    fs, path = open_uri(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 def publish(output: OutputConfig, local_dir: Path) -> str:

@@ -9,11 +9,12 @@ object store, and hands that dataset to every trial: no trial starts a reference
 report each held-out evaluation to Tune (Ray Train's ``TuneReportCallback``); ASHA compares them
 on the held-out objective and stops the weak ones.
 
-Sweep directory (``<output.root>/<output.name>/``)::
+Sweep directory (``<output.root>/<output.name>/``, kept in ``<output.storage>/<output.name>/``)::
 
     config.yaml             the sweep's config (a resumed sweep must match it)
     quarantine.jsonl        records the data stage rejected
-    tune/                   Ray Tune's experiment state: what resuming reads
+    tune/                   Ray Tune's experiment state, written to the storage path directly:
+                            what resuming reads, so a sweep can resume on another cluster
     trials/<trial_id>/      one run directory per trial (config.yaml, metrics.jsonl, summary.json, model/)
     sweep_results.csv       one row per trial: status, parameters, final metrics
     best_config.yaml        the best completed trial's config, as `rayalign train --config` takes it
@@ -44,7 +45,7 @@ from rayalign.pipeline import data_paths, prepare_run_dir, resolve_run_model, sp
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.report import format_table, plot_sweep
 from rayalign.runtime import init_ray
-from rayalign.storage import upload
+from rayalign.storage import open_uri, read_text, remove, upload
 from rayalign.train import planned_steps
 
 TUNE_DIR = "tune"
@@ -128,15 +129,16 @@ def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
     tree["reference"]["cache_root"] = str(Path(cfg.reference.cache_root).expanduser().resolve())
     tree["output"]["root"] = str(trials_root)
     if cfg.output.storage is not None:
-        tree["output"]["storage"] = f"{cfg.output.run_storage}/{trials_root.name}"
+        tree["output"]["storage"] = f"{cfg.output.run_storage}/{TRIALS_DIR}"
     return tree
 
 
-def _check_resumable(cfg: RunConfig, sweep_dir: Path) -> None:
-    saved = sweep_dir / "config.yaml"
-    if saved.is_file() and saved.read_text() != cfg.to_yaml():
+def _check_resumable(cfg: RunConfig) -> None:
+    saved = f"{cfg.output.run_storage}/config.yaml"
+    text = read_text(saved)
+    if text is not None and text != cfg.to_yaml():
         raise ConfigError(
-            f"{sweep_dir} holds an unfinished sweep with a different config ({saved}); "
+            f"{cfg.output.run_storage} holds an unfinished sweep with a different config ({saved}); "
             "rerun with --fresh to discard it, or set another output.name"
         )
 
@@ -148,16 +150,19 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
     sweep = cfg.sweep
     started = time.perf_counter()
     sweep_dir = cfg.output.run_dir
-    tune_dir = sweep_dir / TUNE_DIR
+    tune_dir = f"{cfg.output.run_storage}/{TUNE_DIR}"
     if fresh:
         shutil.rmtree(sweep_dir, ignore_errors=True)
-    resuming = tune.Tuner.can_restore(str(tune_dir))
+        for stale in (TUNE_DIR, TRIALS_DIR):
+            remove(f"{cfg.output.run_storage}/{stale}")
+    resuming = tune.Tuner.can_restore(tune_dir)
     if resuming:
-        _check_resumable(cfg, sweep_dir)
+        _check_resumable(cfg)
         print(f"[rayalign] resuming the sweep in {tune_dir} (finished trials are kept)", flush=True)
     else:
         shutil.rmtree(sweep_dir / TRIALS_DIR, ignore_errors=True)
         prepare_run_dir(cfg)
+        upload(sweep_dir / "config.yaml", f"{cfg.output.run_storage}/config.yaml")  # what a resume checks
 
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray)
@@ -189,7 +194,7 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         {"cpu": sweep.trial_cpus},
     )
     if resuming:
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -204,15 +209,19 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
                 max_concurrent_trials=sweep.max_concurrent_trials if sweep.search == "optuna" else None,
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir)),
+            run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.output.run_storage),
         )
     results = tuner.fit()
 
     # Trial states as saved for resuming: an interrupted sweep leaves trials RUNNING or PENDING.
-    saved_status = {t.trial_id: t.status for t in tune.ExperimentAnalysis(str(tune_dir)).trials}
-    trials = [_trial_row(result, saved_status, sweep, sweep_dir / TRIALS_DIR) for result in results]
+    tune_fs, tune_path = open_uri(tune_dir)
+    saved_status = {t.trial_id: t.status
+                    for t in tune.ExperimentAnalysis(tune_path, storage_filesystem=tune_fs).trials}
+    trials_storage = f"{cfg.output.run_storage}/{TRIALS_DIR}"
+    trials = [_trial_row(result, saved_status, sweep, steps, trials_storage) for result in results]
     trials.sort(key=lambda t: _sort_key(t, sweep))
     unfinished = sum(t["status"] == "unfinished" for t in trials)
+    results_files = _write_results(cfg, sweep_dir, trials)
     summary = {
         "sweep": cfg.output.name,
         "objective": sweep.objective,
@@ -228,28 +237,29 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         "data": data_report.as_dict(),
         "trials": trials,
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "files": _write_results(cfg, sweep_dir, trials),
+        "files": {**results_files, "tune": tune_dir},  # Tune writes its state to storage itself
     }
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
     outputs = [sweep_dir / "sweep_summary.json", sweep_dir / "config.yaml"]
-    outputs += [Path(path) for path in summary["files"].values() if path]
+    outputs += [Path(path) for path in results_files.values() if path]
     for path in outputs:
         upload(path, f"{cfg.output.run_storage}/{path.name}")
     return summary
 
 
-def _trial_row(result, saved_status: dict[str, str], sweep: SweepConfig, trials_root: Path) -> dict[str, Any]:
-    """Status, parameters and final metrics of one trial, from Tune's record of its reports."""
+def _trial_row(result, saved_status: dict[str, str], sweep: SweepConfig, planned: int, trials_storage: str
+               ) -> dict[str, Any]:
+    """Status, parameters and final metrics of one trial, from Tune's record of its reports (not
+    from the trial's run directory, which is on whichever node the trial ran)."""
     history = result.metrics_dataframe
     rows = [] if history is None else history.to_dict("records")
     trial_id = Path(result.path).name
-    run_dir = trials_root / trial_id
     tune_status = saved_status.get(trial_id)
     if tune_status == "ERROR" or result.error is not None:
         status = "error"
     elif tune_status != "TERMINATED":
         status = "unfinished"
-    elif (run_dir / "summary.json").is_file():
+    elif rows and int(rows[-1]["step"]) >= planned:  # the last step is always evaluated and reported
         status = "completed"
     else:  # terminated by the scheduler before its last step
         status = "stopped_early"
@@ -270,7 +280,7 @@ def _trial_row(result, saved_status: dict[str, str], sweep: SweepConfig, trials_
         # Wall-clock span (Unix seconds) from the trial's start to its last report.
         "started": rows[0]["timestamp"] - rows[0]["time_total_s"] if rows else None,
         "ended": rows[-1]["timestamp"] if rows else None,
-        "run_dir": str(run_dir),
+        "run_dir": f"{trials_storage}/{trial_id}",  # where the trial's outputs are kept
         "error": str(result.error).splitlines()[0] if result.error is not None else None,
     }
 
@@ -336,7 +346,6 @@ def _write_results(cfg: RunConfig, sweep_dir: Path, trials: list[dict[str, Any]]
         "csv": str(csv_path),
         "best_config": str(best_path) if best_path else None,
         "plot": str(png),
-        "tune": str(sweep_dir / TUNE_DIR),
     }
 
 
