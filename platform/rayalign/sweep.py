@@ -14,7 +14,7 @@ Sweep directory (``<output.root>/<output.name>/``, kept in ``<output.storage>/<o
     config.yaml             the sweep's config (a resumed sweep must match it)
     quarantine.jsonl        records the data stage rejected
     tune/                   Ray Tune's experiment state, written to the storage path directly:
-                            what resuming reads, so a sweep can resume on another cluster
+                            what resuming reads (not the head node's local disk)
     trials/<trial_id>/      one run directory per trial (config.yaml, metrics.jsonl, summary.json, model/)
     sweep_results.csv       one row per trial: status, parameters, final metrics
     best_config.yaml        the best completed trial's config, as `rayalign train --config` takes it
