@@ -7,6 +7,7 @@ import sys
 
 from rayalign.config import ConfigError, load_config
 from rayalign.data import DataQualityError
+from rayalign.runtime import ClusterResourceError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -66,12 +67,12 @@ def _reference(args: argparse.Namespace) -> int:
 def _refcheck(args: argparse.Namespace) -> int:
     from rayalign.pipeline import data_paths, resolve_run_model
     from rayalign.refcheck import format_report, run_refcheck
-    from rayalign.runtime import init_ray
+    from rayalign.runtime import ResourceDemand, init_ray
     from rayalign.storage import publish
 
     cfg = load_config(args.config, args.overrides)
     model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
     out_dir = cfg.output.run_dir / "refcheck"
     report = run_refcheck(cfg, model_dir, data_paths(cfg, out_dir), args.num_pairs, out_dir)
     _shutdown_ray()
@@ -83,12 +84,12 @@ def _refcheck(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from rayalign.audit import format_audit, run_audit
     from rayalign.pipeline import data_paths, resolve_run_model
-    from rayalign.runtime import init_ray
+    from rayalign.runtime import ResourceDemand, init_ray
     from rayalign.storage import publish
 
     cfg = load_config(args.config, args.overrides)
     model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
     out_dir = cfg.output.run_dir / "audit"
     report = run_audit(cfg, model_dir, data_paths(cfg, out_dir), out_dir)
     _shutdown_ray()
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataQualityError, FileNotFoundError) as err:
+    except (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError) as err:
         print(f"rayalign: error: {err}", file=sys.stderr)
         return 2
 

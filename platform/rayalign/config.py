@@ -56,7 +56,11 @@ class ModelConfig(_Section):
     tiny: TinyModelConfig | None = Field(
         None, description="Build a tiny Llama + byte-level tokenizer instead of loading one."
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Training and reference precision. auto: bfloat16 when scaling.use_gpu, else float32 "
+        "(resolved when the config is validated).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -112,8 +116,10 @@ class DataConfig(_Section):
 class VllmEngineConfig(_Section):
     """Options of vLLM's offline engine (``vllm.LLM``) inside each reference actor."""
 
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="float32 for fidelity with training; bf16 drifts ~1e-2 per token."
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        None,
+        description="None: the model's dtype (model.dtype), so δ_ref is scored in the precision the policy "
+        "trains in. vLLM's auto follows the checkpoint's config instead.",
     )
     max_model_len: int | None = Field(None, ge=8, description="Default: data.max_length + 1.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
@@ -134,7 +140,12 @@ class ReferenceConfig(_Section):
     num_actors: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
+    gpus_per_actor: float | None = Field(
+        None,
+        ge=0,
+        description="None: 1 with scaling.use_gpu, else 0. Fractions share a GPU with the train workers "
+        "(e.g. 0.25 here and scaling.gpus_per_worker: 0.75 on one GPU).",
+    )
     vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig)
     cache: bool = Field(
         False,
@@ -207,7 +218,9 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(
+        1.0, gt=0, description="With use_gpu. A fraction shares one GPU with the reference actors."
+    )
 
 
 class RayConfig(_Section):
@@ -354,6 +367,23 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     sweep: SweepConfig | None = Field(None, description="Only read by `rayalign sweep`.")
+
+    @model_validator(mode="after")
+    def _resolve_gpu_defaults(self) -> "RunConfig":
+        """Settings whose default depends on ``scaling.use_gpu``, made explicit (and so in config.yaml)."""
+        if self.model.dtype == "auto":
+            self.model.dtype = "bfloat16" if self.scaling.use_gpu else "float32"
+        if self.reference.gpus_per_actor is None:
+            self.reference.gpus_per_actor = 1.0 if self.scaling.use_gpu else 0.0
+        if self.reference.vllm.dtype is None:
+            self.reference.vllm.dtype = self.model.dtype
+        if self.scaling.use_gpu and self.scaling.num_workers > 1 and self.scaling.gpus_per_worker < 1:
+            raise ValueError(
+                "scaling.gpus_per_worker < 1 with several workers would put two NCCL ranks on one GPU, "
+                "which NCCL refuses: use whole GPUs per worker (fractions are for one worker sharing a GPU "
+                "with the reference actors)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sweep_needs(self) -> "RunConfig":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -55,25 +55,37 @@ def preference_stats(
 
 
 class IntervalMeter:
-    """Sums per-pair metrics over a logging interval; reduces across workers on demand."""
+    """Sums per-pair metrics over a logging interval, on the device the metrics are computed on.
 
-    def __init__(self) -> None:
-        self.sums = torch.zeros(len(_PER_PAIR_KEYS) + 3, dtype=torch.float64)  # + loss, pairs, tokens
+    ``add`` never copies to the host (no synchronisation per micro-batch on a GPU); ``reduce`` hands
+    the sums to the worker group's all-reduce on that same device, so under NCCL it is a CUDA
+    tensor, under gloo a CPU one (see :class:`rayalign.distributed.Collective`).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        # float64: token counts over a long interval stay exact.
+        self.sums = torch.zeros(len(_PER_PAIR_KEYS) + 3, dtype=torch.float64, device=device)  # + loss, pairs, tokens
 
     def add(self, loss_per_pair: Tensor, stats: dict[str, Tensor], tokens: int) -> None:
-        detached = [stats[k].detach().double().sum() for k in _PER_PAIR_KEYS]
-        extra = [loss_per_pair.detach().double().sum(), float(loss_per_pair.numel()), float(tokens)]
-        self.sums += torch.tensor([*map(float, detached), *extra], dtype=torch.float64)
+        sums = [stats[k].detach().sum() for k in _PER_PAIR_KEYS] + [loss_per_pair.detach().sum()]
+        self.sums[:-2] += torch.stack(sums).to(device=self.sums.device, dtype=self.sums.dtype)
+        self.sums[-2] += loss_per_pair.numel()
+        self.sums[-1] += tokens
 
-    def reduce(self, elapsed_s: float, all_reduce=None) -> dict[str, float]:
-        """Averages over every pair seen by every worker since the last reduce; then resets."""
+    def reduce(self, elapsed_s: float, all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """Averages over every pair seen by every worker since the last reduce; then resets.
+
+        ``all_reduce`` sums a tensor across the worker group and returns the result
+        (:meth:`rayalign.distributed.Collective.all_reduce_sum`); None: this process only.
+        """
         sums = self.sums.clone()
-        if all_reduce is not None:
-            all_reduce(sums)
         self.sums.zero_()
-        pairs, tokens = sums[-2].item(), sums[-1].item()
-        row = {"loss": sums[-3].item() / max(pairs, 1)}
-        row.update({k: sums[i].item() / max(pairs, 1) for i, k in enumerate(_PER_PAIR_KEYS)})
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        values = sums.tolist()
+        pairs, tokens = values[-2], values[-1]
+        row = {"loss": values[-3] / max(pairs, 1)}
+        row.update({k: values[i] / max(pairs, 1) for i, k in enumerate(_PER_PAIR_KEYS)})
         row["pairs/s"] = pairs / max(elapsed_s, 1e-9)
         row["tokens/s"] = tokens / max(elapsed_s, 1e-9)
         return row

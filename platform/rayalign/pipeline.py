@@ -30,7 +30,7 @@ from rayalign.metrics import read_jsonl
 from rayalign.models import resolve_model_dir
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.reference import add_reference_logps
-from rayalign.runtime import init_ray
+from rayalign.runtime import ResourceDemand, init_ray
 from rayalign.storage import upload
 from rayalign.synthetic import generate, write_jsonl
 from rayalign.train import METRICS_FILE, fit, read_checkpoint_file
@@ -168,7 +168,7 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
     model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, ResourceDemand.of_run(cfg))
 
     paths = data_paths(cfg, run_dir)
     pairs, data_report = prepare_pairs(cfg, paths, model_dir, run_dir)
@@ -187,7 +187,7 @@ def run_reference(cfg: RunConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
     model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
     paths = data_paths(cfg, out_dir)
     pairs, data_report = prepare_pairs(cfg, paths, model_dir, out_dir)
     print(f"[rayalign] {data_report.summary_line()}", flush=True)

@@ -1,28 +1,95 @@
-"""Connecting the driver to Ray: the one place that decides local cluster vs. existing one."""
+"""Connecting the driver to Ray: the one place that decides local cluster vs. existing one, and
+checks that the cluster can hold what a run asks for before any stage waits on it."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import ray
 
-from rayalign.config import RayConfig
+from rayalign.config import RayConfig, RunConfig
 
 
-def init_ray(cfg: RayConfig) -> None:
+class ClusterResourceError(RuntimeError):
+    """The run asks for more CPUs or GPUs at once than the cluster has (Ray would wait forever)."""
+
+
+@dataclass(frozen=True)
+class ResourceDemand:
+    """CPUs and GPUs a run holds at its peak, and what holds them (for the error message)."""
+
+    cpus: float
+    gpus: float
+    parts: str
+
+    @classmethod
+    def of_run(cls, cfg: RunConfig, reference: bool = True, train: bool = True, per_trial_cpus: float = 0.0) -> "ResourceDemand":
+        """Peak demand of the reference actors and/or Ray Train workers (+ a Tune trial's own CPUs).
+
+        Streamed into training, the reference actors run while the workers train, so the two add
+        up; with ``reference.cache`` (or ``train=False``) they run one after the other.
+        """
+        ref, s = cfg.reference, cfg.scaling
+        ref_cpus, ref_gpus = ref.num_actors * ref.cpus_per_actor, ref.num_actors * (ref.gpus_per_actor or 0.0)
+        train_cpus = per_trial_cpus + s.num_workers * s.cpus_per_worker
+        train_gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
+        ref_part = f"{ref.num_actors} reference actor(s) × ({ref.cpus_per_actor:g} CPU, {ref.gpus_per_actor or 0:g} GPU)"
+        train_part = f"{s.num_workers} train worker(s) × ({s.cpus_per_worker:g} CPU, {s.gpus_per_worker if s.use_gpu else 0:g} GPU)"
+        if per_trial_cpus:
+            train_part += f" + {per_trial_cpus:g} CPU for the trial"
+        if not train:
+            return cls(ref_cpus, ref_gpus, ref_part)
+        if not reference:
+            return cls(train_cpus, train_gpus, train_part)
+        if ref.cache:
+            return cls(max(ref_cpus, train_cpus), max(ref_gpus, train_gpus), f"{ref_part}, then {train_part}")
+        return cls(ref_cpus + train_cpus, ref_gpus + train_gpus, f"{ref_part} streaming into {train_part}")
+
+
+def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:
     """Join the cluster named by ``cfg.address`` or by ``RAY_ADDRESS`` (set for Ray jobs); else start one here.
 
-    Sizing options (num_cpus, object store) only apply to a cluster started here.
+    Sizing options (num_cpus, object store) only apply to a cluster started here. With ``demand``,
+    a cluster that cannot grow (one started here) must already hold it: otherwise this raises
+    :class:`ClusterResourceError` instead of letting Ray wait forever for resources.
     """
-    if ray.is_initialized():
-        return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            sizing = {}
+            if cfg.num_cpus is not None:
+                sizing["num_cpus"] = cfg.num_cpus
+            if cfg.object_store_memory_mb is not None:
+                sizing["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+            ray.init(**sizing)
+    if demand is not None:
+        check_resources(demand, ray.cluster_resources(), may_grow=bool(address))
+
+
+def check_resources(demand: ResourceDemand, available: dict[str, float], may_grow: bool) -> None:
+    """Compare ``demand`` with the cluster's ``available`` totals (``ray.cluster_resources()``).
+
+    ``may_grow``: an existing cluster whose autoscaler adds nodes only once work is pending, so a
+    shortfall is reported and the run goes on.
+    """
+    short = [
+        f"{need:g} {name}{'s' if need != 1 else ''} but the cluster has {have:g}"
+        for name, key, need in (("CPU", "CPU", demand.cpus), ("GPU", "GPU", demand.gpus))
+        if need > (have := available.get(key, 0.0)) + 1e-9
+    ]
+    if not short:
         return
-    sizing = {}
-    if cfg.num_cpus is not None:
-        sizing["num_cpus"] = cfg.num_cpus
-    if cfg.object_store_memory_mb is not None:
-        sizing["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
-    ray.init(**sizing)
+    message = f"this run asks for {' and '.join(short)} ({demand.parts})"
+    if may_grow:
+        print(f"[rayalign] {message}; waiting for the cluster's autoscaler to add nodes", flush=True)
+        return
+    hint = (
+        " To share one GPU, give fractions: e.g. scaling.gpus_per_worker: 0.75 and reference.gpus_per_actor: 0.25"
+        " (or set reference.cache: true to score the reference before training)."
+        if demand.gpus > available.get("GPU", 0.0) and available.get("GPU", 0.0) > 0
+        else ""
+    )
+    raise ClusterResourceError(message + "." + hint)

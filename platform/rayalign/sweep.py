@@ -44,7 +44,7 @@ from rayalign.data import prepare_pairs, split_heldout
 from rayalign.pipeline import data_paths, prepare_run_dir, resolve_run_model, split_scored, train_stage
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.report import format_table, plot_sweep
-from rayalign.runtime import init_ray
+from rayalign.runtime import ResourceDemand, init_ray
 from rayalign.storage import open_uri, read_text, remove, upload
 from rayalign.train import planned_steps
 
@@ -165,12 +165,12 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         upload(sweep_dir / "config.yaml", f"{cfg.output.run_storage}/config.yaml")  # what a resume checks
 
     model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray)
+    # Whatever reference.cache says, a sweep scores once into the cache and shares the result.
+    scoring_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
+    init_ray(cfg.ray, ResourceDemand.of_run(scoring_cfg, per_trial_cpus=sweep.trial_cpus))
     paths = data_paths(cfg, sweep_dir)
     pairs, data_report = prepare_pairs(cfg, paths, model_dir, sweep_dir)
     print(f"[rayalign] {data_report.summary_line()}", flush=True)
-    # Whatever reference.cache says, a sweep scores once into the cache and shares the result.
-    scoring_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
     scored, cache = scored_pairs_cached(pairs, scoring_cfg, model_dir, paths)
     print(f"[rayalign] reference scored once for all trials: cache {'hit' if cache.hit else 'miss'}, "
           f"{cache.path}", flush=True)

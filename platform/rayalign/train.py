@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 
 from rayalign.alarms import pathology_alarm
 from rayalign.config import LossConfig, RunConfig, TrainConfig
+from rayalign.distributed import Collective
 from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
 from rayalign.losses import nll, preference_loss
 from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats, read_jsonl
@@ -150,14 +151,20 @@ def _restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int) -> l
     return read_jsonl(metrics_path)
 
 
-def _score_batch(engine, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device):
-    """Per-pair loss, the (policy, reference) log-probs it used, and the batch's token count."""
-    pairs = collate_pairs(batch, pad_id).to(device)
-    logps, counts = sequence_logps(engine, pairs)
+def _score_batch(model, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device: torch.device):
+    """Per-pair loss, the (policy, reference) log-probs it used, and the batch's token count.
+
+    Everything stays on ``device`` (no host synchronisation); the loss maths is float32 whatever
+    the model's dtype, and the reference column (float64 from the actors) is cast to it there.
+    """
+    pairs = collate_pairs(batch, pad_id)
+    tokens = int(pairs.attention_mask.sum())  # counted on the host, before the copy to the device
+    pairs = pairs.to(device)
+    logps, counts = sequence_logps(model, pairs)
     policy_chosen, policy_rejected = split_pairs(logps)
     chosen_tokens, rejected_tokens = split_pairs(counts)
-    ref_chosen = torch.as_tensor(batch["ref_chosen_logps"], dtype=logps.dtype, device=device)
-    ref_rejected = torch.as_tensor(batch["ref_rejected_logps"], dtype=logps.dtype, device=device)
+    ref_chosen = torch.as_tensor(batch["ref_chosen_logps"], device=device).to(logps.dtype)
+    ref_rejected = torch.as_tensor(batch["ref_rejected_logps"], device=device).to(logps.dtype)
     scored = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     if loss_cfg.length_normalize:
         # Per-token averages, as in the CPO reference implementation.
@@ -170,28 +177,34 @@ def _score_batch(engine, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: in
     per_pair = preference_loss(loss_cfg, *scored)
     if loss_cfg.nll_weight > 0:
         per_pair = per_pair + loss_cfg.nll_weight * nll(policy_chosen, chosen_tokens)
-    return per_pair, scored, int(pairs.attention_mask.sum())
+    return per_pair, scored, tokens
 
 
-def _evaluate(engine, shard, cfg: RunConfig, pad_id: int, device) -> dict[str, float]:
-    """The training metrics on the held-out split, averaged over every worker's shard."""
-    import torch.distributed as dist
-
-    meter = IntervalMeter()
+def _evaluate(
+    model, batches, loss_cfg: LossConfig, pad_id: int, device: torch.device, collective: Collective
+) -> dict[str, float]:
+    """The training metrics on the held-out ``batches``, averaged over every worker's shard."""
+    meter = IntervalMeter(device)
     start = time.perf_counter()
-    engine.module.eval()
+    model.eval()
     with torch.no_grad():
-        for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
-            per_pair, scored, tokens = _score_batch(engine, batch, cfg.loss, pad_id, device)
-            meter.add(per_pair, preference_stats(*scored, beta=cfg.loss.beta), tokens)
-    engine.module.train()
-    row = meter.reduce(time.perf_counter() - start, all_reduce=dist.all_reduce)
+        for batch in batches:
+            per_pair, scored, tokens = _score_batch(model, batch, loss_cfg, pad_id, device)
+            meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), tokens)
+    model.train()
+    row = meter.reduce(time.perf_counter() - start, all_reduce=collective.all_reduce_sum)
     return {f"eval/{key}": value for key, value in row.items() if not key.endswith("/s")}
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """This worker's peak accelerator memory so far (GiB); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"memory/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import deepspeed
-    import torch.distributed as dist
 
     # The shared-memory comm op would be JIT-compiled with g++ (~60 s); gloo works without it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -222,12 +235,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     elif rank == 0:  # rank 0 may be on another node than the driver, which cleared its own copy
         metrics_path.unlink(missing_ok=True)
     pad_id = load_tokenizer(model_dir).pad_token_id
-    device = engine.device
+    device = torch.device(engine.device)
+    collective = Collective.of_worker_group(device)
 
     shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_cfg["has_eval"] else None
     monitor = cfg.monitor
-    meter = IntervalMeter()
+    meter = IntervalMeter(device)
     interval_start = None  # set at the first batch, so pipeline start-up is not counted as throughput
     step = engine.global_steps
     checkpointed_step, row = step, {"step": step}
@@ -260,9 +274,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0]}
             if resumed_from is not None:
                 row["resumed_from_step"], resumed_from = resumed_from, None
-            row.update(meter.reduce(time.perf_counter() - interval_start, all_reduce=dist.all_reduce))
+            row.update(meter.reduce(time.perf_counter() - interval_start, all_reduce=collective.all_reduce_sum))
             if evaluate:
-                row.update(_evaluate(engine, eval_shard, cfg, pad_id, device))
+                eval_batches = eval_shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy")
+                row.update(_evaluate(engine, eval_batches, cfg.loss, pad_id, device, collective))
+            row.update(_peak_memory(device))
             interval_start = time.perf_counter()
             if rank == 0:
                 history.append(row)

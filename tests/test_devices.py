@@ -1,0 +1,178 @@
+"""The training loop on a device that is not the CPU, without a GPU.
+
+The GPU path once crashed at its first logging step: the metrics were summed on the CPU and
+handed to an NCCL all-reduce, which takes CUDA tensors only, while every CPU test passed. Here
+the loop's helpers run on PyTorch's ``meta`` device (shapes and dtypes, no data) under a
+stand-in for NCCL's all-reduce that, like NCCL, refuses a tensor that is not on the worker's
+own device. A CPU tensor or a host read (``.item()``, ``float()``) anywhere in the hot path
+fails here as it would on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from rayalign.config import LossConfig, config_from_dict
+from rayalign.distributed import Collective, backend_device
+from rayalign.metrics import IntervalMeter, preference_stats
+from rayalign.runtime import ClusterResourceError, ResourceDemand, check_resources
+from rayalign.train import _evaluate, _score_batch, deepspeed_config
+
+META = torch.device("meta")
+
+
+class ReachedCollective(Exception):
+    """The stand-in stops here: a meta tensor holds no values to reduce or read back."""
+
+
+@pytest.fixture
+def nccl_like(monkeypatch):
+    """Pretend the process group is NCCL on the ``meta`` device; record what reaches all_reduce."""
+    seen: list[torch.Tensor] = []
+
+    def all_reduce(tensor, op=None, group=None, async_op=False):
+        seen.append(tensor)
+        if tensor.device != META:
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        raise ReachedCollective
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    return seen
+
+
+def _meta_model(dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64,
+                         # transformers' SDPA mask reads the padding mask on the host to pick a fast path;
+                         # that is its sync, not ours, and a meta tensor has nothing to read.
+                         attn_implementation="eager")
+    with torch.device(META):
+        return LlamaForCausalLM(config).to(dtype)
+
+
+def _batch(num_pairs: int = 3) -> dict[str, np.ndarray]:
+    """A micro-batch as Ray Data hands it to a worker: ragged id lists and float64 reference columns."""
+    ragged = lambda rows: np.array(rows, dtype=object)  # noqa: E731
+    return {
+        "prompt_ids": ragged([[1, 5, 6], [1, 7], [1, 8, 9, 10]][:num_pairs]),
+        "chosen_ids": ragged([[11, 12], [13], [14, 15, 16]][:num_pairs]),
+        "rejected_ids": ragged([[17], [18, 19, 20], [21, 22]][:num_pairs]),
+        "ref_chosen_logps": np.array([-3.0, -2.0, -4.0][:num_pairs], dtype=np.float64),
+        "ref_rejected_logps": np.array([-2.5, -5.0, -3.0][:num_pairs], dtype=np.float64),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_step_metrics_reach_the_all_reduce_on_the_workers_device(nccl_like, dtype):
+    model = _meta_model(dtype)
+    loss_cfg = LossConfig(type="cpo", gamma=1.0, nll_weight=0.1, length_normalize=True)
+    per_pair, scored, tokens = _score_batch(model, _batch(), loss_cfg, pad_id=0, device=META)
+    # Loss maths in float32 on the worker's device, whatever the model's dtype; float64 reference
+    # columns from the actors are cast, not mixed in.
+    assert per_pair.device == META and per_pair.dtype == torch.float32 and per_pair.shape == (3,)
+    assert all(t.device == META and t.dtype == torch.float32 for t in scored)
+    assert tokens == (3 + 2) + (2 + 1) + (4 + 3) + (3 + 1) + (2 + 3) + (4 + 2)  # real tokens, chosen + rejected rows
+
+    meter = IntervalMeter(META)
+    meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), tokens)
+    collective = Collective.of_worker_group(META)
+    with pytest.raises(ReachedCollective):
+        meter.reduce(elapsed_s=1.0, all_reduce=collective.all_reduce_sum)
+    assert [t.device for t in nccl_like] == [META]
+
+
+def test_evaluation_reaches_the_all_reduce_on_the_workers_device(nccl_like):
+    model = _meta_model(torch.bfloat16)
+    collective = Collective.of_worker_group(META)
+    with pytest.raises(ReachedCollective):
+        _evaluate(model, [_batch(3), _batch(2)], LossConfig(), pad_id=0, device=META, collective=collective)
+    assert [t.device for t in nccl_like] == [META]
+    assert model.training  # back in training mode after evaluating
+
+
+def test_a_meter_on_the_cpu_is_refused_by_an_nccl_like_collective(nccl_like):
+    """The stand-in can fail: the pre-fix loop summed metrics on the CPU and called all_reduce directly."""
+    meter = IntervalMeter("cpu")
+    with pytest.raises(RuntimeError, match="device type cpu"):
+        meter.reduce(elapsed_s=1.0, all_reduce=lambda t: dist.all_reduce(t) or t)
+
+
+def test_collectives_follow_the_backend():
+    cuda = torch.device("cuda", 1)
+    assert backend_device("nccl", cuda) == cuda
+    assert backend_device("gloo", cuda) == torch.device("cpu")
+    assert backend_device("gloo", torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="NCCL backend needs a CUDA device"):
+        backend_device("nccl", torch.device("cpu"))
+
+
+def test_meter_reduces_across_a_real_gloo_group(tmp_path):
+    """One-process gloo group: the CPU path sums and averages through the same collective."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        collective = Collective.of_worker_group("cpu")
+        assert collective.device == torch.device("cpu")
+        meter = IntervalMeter("cpu")
+        stats = preference_stats(*(torch.tensor(v) for v in ([-1.0, -2.0], [-2.0, -1.0], [-1.5, -1.5], [-1.5, -1.5])),
+                                 beta=0.5)
+        meter.add(torch.tensor([0.5, 1.5]), stats, tokens=20)
+        row = meter.reduce(elapsed_s=2.0, all_reduce=collective.all_reduce_sum)
+    finally:
+        dist.destroy_process_group()
+    assert row["loss"] == 1.0 and row["pref/absolute_accuracy"] == 0.5 and row["tokens/s"] == 10.0
+
+
+def _cfg(**sections):
+    tree = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
+    tree.update(sections)
+    return config_from_dict(tree)
+
+
+def test_gpu_defaults_bf16_and_the_reference_on_the_gpu():
+    gpu = _cfg(scaling={"use_gpu": True, "num_workers": 1})
+    assert gpu.model.dtype == "bfloat16" and gpu.reference.vllm.dtype == "bfloat16"
+    assert gpu.reference.gpus_per_actor == 1.0
+    assert deepspeed_config(gpu)["bf16"]["enabled"] is True
+    cpu = _cfg()
+    assert cpu.model.dtype == "float32" and cpu.reference.vllm.dtype == "float32"
+    assert cpu.reference.gpus_per_actor == 0.0 and deepspeed_config(cpu)["bf16"]["enabled"] is False
+    explicit = _cfg(model={"tiny": {}, "dtype": "float32"}, scaling={"use_gpu": True, "num_workers": 1},
+                    reference={"vllm": {"dtype": "auto"}})
+    assert explicit.model.dtype == "float32" and explicit.reference.vllm.dtype == "auto"
+    # The resolved values are what config.yaml records, and reading it back gives the same run.
+    assert config_from_dict(gpu.model_dump()).model_dump() == gpu.model_dump()
+
+
+def test_one_gpu_shared_by_the_reference_actor_and_the_train_worker():
+    shared = _cfg(scaling={"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.75},
+                  reference={"gpus_per_actor": 0.25})
+    demand = ResourceDemand.of_run(shared)
+    assert demand.gpus == 1.0
+    check_resources(demand, {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
+
+
+def test_asking_for_more_gpus_than_the_cluster_has_fails_before_training(capsys):
+    streaming = _cfg(scaling={"use_gpu": True, "num_workers": 1})  # 1 worker + 1 reference actor, 1 GPU each
+    with pytest.raises(ClusterResourceError, match=r"asks for 2 GPUs but the cluster has 1 .*gpus_per_worker: 0.75"):
+        check_resources(ResourceDemand.of_run(streaming), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
+    with pytest.raises(ClusterResourceError, match="asks for 1 GPU but the cluster has 0"):
+        check_resources(ResourceDemand.of_run(streaming, reference=False), {"CPU": 2.0}, may_grow=False)
+    # Scored first into the cache, the reference and the training take the GPU one after the other.
+    cached = _cfg(scaling={"use_gpu": True, "num_workers": 1}, reference={"cache": True})
+    check_resources(ResourceDemand.of_run(cached), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
+    # An existing cluster may autoscale once work is pending: say so, do not fail.
+    check_resources(ResourceDemand.of_run(streaming), {"CPU": 2.0}, may_grow=True)
+    assert "waiting for the cluster's autoscaler" in capsys.readouterr().out
+
+
+def test_fractional_gpus_for_several_nccl_workers_are_refused():
+    from rayalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="two NCCL ranks on one GPU"):
+        _cfg(scaling={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5})
