@@ -176,3 +176,30 @@ def test_fractional_gpus_for_several_nccl_workers_are_refused():
 
     with pytest.raises(ConfigError, match="two NCCL ranks on one GPU"):
         _cfg(scaling={"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5})
+
+
+def test_the_one_gpu_example_fits_one_gpu():
+    from rayalign.config import load_config
+
+    from conftest import REPO
+
+    cfg = load_config(REPO / "jobs/configs/hh-dpo-1gpu.yaml")
+    assert cfg.scaling.use_gpu and cfg.model.dtype == "bfloat16"
+    check_resources(ResourceDemand.of_run(cfg), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
+
+
+@pytest.mark.e2e
+def test_cli_refuses_a_gpu_run_on_a_cluster_without_gpus(ray_cluster, tmp_path, capsys):
+    """On the real local cluster (2 CPUs, no GPU): one line, exit 2, before any stage starts."""
+    from rayalign.cli import main
+
+    from conftest import REPO
+
+    code = main(["train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"), "--set", "scaling.use_gpu=true",
+                 "--set", "scaling.num_workers=1", "--set", f"output.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # before it: only the tiny model's build progress
+    assert line.startswith("rayalign: error: this run asks for 2 GPUs but the cluster has 0")
+    assert "scaling.use_gpu: false" in line
+    assert not (tmp_path / "tiny-dpo" / "metrics.jsonl").exists()

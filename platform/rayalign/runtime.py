@@ -86,10 +86,13 @@ def check_resources(demand: ResourceDemand, available: dict[str, float], may_gro
     if may_grow:
         print(f"[rayalign] {message}; waiting for the cluster's autoscaler to add nodes", flush=True)
         return
-    hint = (
-        " To share one GPU, give fractions: e.g. scaling.gpus_per_worker: 0.75 and reference.gpus_per_actor: 0.25"
-        " (or set reference.cache: true to score the reference before training)."
-        if demand.gpus > available.get("GPU", 0.0) and available.get("GPU", 0.0) > 0
-        else ""
-    )
+    gpus = available.get("GPU", 0.0)
+    hint = ""
+    if demand.gpus > gpus:
+        hint = (
+            " To share one GPU, give fractions: e.g. scaling.gpus_per_worker: 0.75 and reference.gpus_per_actor: 0.25"
+            " (or set reference.cache: true to score the reference before training)."
+            if gpus > 0
+            else " Train on CPUs with scaling.use_gpu: false, or join a cluster with GPUs (ray.address)."
+        )
     raise ClusterResourceError(message + "." + hint)
