@@ -72,7 +72,8 @@ def _batch(num_pairs: int = 3) -> dict[str, np.ndarray]:
 def test_training_step_metrics_reach_the_all_reduce_on_the_workers_device(nccl_like, dtype):
     model = _meta_model(dtype)
     loss_cfg = LossConfig(type="cpo", gamma=1.0, nll_weight=0.1, length_normalize=True)
-    per_pair, scored, tokens = _score_batch(model, _batch(), loss_cfg, pad_id=0, device=META)
+    terms, tokens = _score_batch(model, _batch(), loss_cfg, pad_id=0, device=META)
+    per_pair, scored = terms.loss, terms.compared
     # Loss maths in float32 on the worker's device, whatever the model's dtype; float64 reference
     # columns from the actors are cast, not mixed in.
     assert per_pair.device == META and per_pair.dtype == torch.float32 and per_pair.shape == (3,)

@@ -114,3 +114,32 @@ def test_preference_stats_and_meter():
     row = meter.reduce(elapsed_s=2.0)
     assert row["loss"] == 2.0 and row["pref/frac_in_U"] == 0.5 and row["pairs/s"] == 1.0 and row["tokens/s"] == 5.0
     assert meter.reduce(elapsed_s=1.0)["pairs/s"] == 0.0  # reset after reduce
+
+
+def test_objective_length_normalizes_and_adds_the_nll_term():
+    lengths_w, lengths_l = t(2.0, 4.0), t(1.0, 2.0)
+    scores = losses.PairLogps(PC, PR, RC, RR, lengths_w, lengths_l)
+    plain = losses.objective(LossConfig(beta=0.5), scores)
+    assert torch.equal(plain.loss, losses.dpo(PC, PR, RC, RR, beta=0.5))
+    assert all(torch.equal(a, b) for a, b in zip(plain.compared, (PC, PR, RC, RR)))
+
+    cfg = LossConfig(beta=0.5, length_normalize=True, nll_weight=0.3)
+    terms = losses.objective(cfg, scores)
+    # pair 0: per-token s_θ(y_w) = -1/2, s_θ(y_l) = -3/1, s_ref(y_w) = -2/2, s_ref(y_l) = -2/1 → h = 2.5 - 1 = 1.5
+    # pair 1: -5/4, -4/2, -6/4, -2/2 → h = 0.75 - (-0.5) = 1.25; nll = -log π(y_w) / |y_w| on sums
+    expected = [-logsig(0.5 * 1.5) + 0.3 * 0.5, -logsig(0.5 * 1.25) + 0.3 * 1.25]
+    assert terms.loss.tolist() == pytest.approx(expected, abs=1e-12)
+    assert terms.compared[0].tolist() == [-0.5, -1.25] and terms.compared[3].tolist() == [-2.0, -1.0]
+
+
+def test_exact_analysis_uses_the_whole_objective():
+    """The two-response population loss honours nll_weight (a single-token response: length 1)."""
+    from rayalign.pathology import population_loss
+
+    delta = t(-1.0, 0.5)
+    base = population_loss(LossConfig(beta=1.0), delta)
+    with_nll = population_loss(LossConfig(beta=1.0, nll_weight=0.5), delta)
+    # q·(−log σ(δ)) + (1−q)·(−log σ(−δ)), q = 0.7, weighted by λ = 0.5
+    nll = [0.7 * -logsig(d) + 0.3 * -logsig(-d) for d in (-1.0, 0.5)]
+    assert (with_nll - base).tolist() == pytest.approx([0.5 * v for v in nll], abs=1e-12)
+    assert torch.equal(population_loss(LossConfig(beta=1.0, length_normalize=True), delta), base)

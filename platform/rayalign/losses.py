@@ -17,6 +17,8 @@ target so that the learned margin is never negative.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -151,3 +153,42 @@ def preference_loss(
     if cfg.type == "cpo_clip":
         return cpo_clip(*args, beta=cfg.beta)
     raise ValueError(f"unknown loss type {cfg.type!r}")
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Per-pair sequence log-probs (summed over response tokens) and response lengths, each (B,)."""
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+
+
+@dataclass(frozen=True)
+class ObjectiveTerms:
+    """What :func:`objective` returns: the per-pair loss (the caller reduces) and the log-probs
+    (π_θ(y_w), π_θ(y_l), π_ref(y_w), π_ref(y_l)) its preference term compared, which the metrics report."""
+
+    loss: Tensor
+    compared: tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def objective(cfg: LossConfig, logps: PairLogps) -> ObjectiveTerms:
+    """The whole per-pair training objective; training, evaluation and the exact analysis call this.
+
+        ℓ = preference_loss(cfg, s_θ(y_w), s_θ(y_l), s_ref(y_w), s_ref(y_l)) + λ · nll(y_w)
+
+    where s(y) = log π(y|x), or log π(y|x) / |y| with ``cfg.length_normalize`` (per-token averages,
+    as in the CPO reference implementation), and λ = ``cfg.nll_weight``.
+    """
+    compared = (logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected)
+    if cfg.length_normalize:
+        lengths = (logps.chosen_tokens, logps.rejected_tokens, logps.chosen_tokens, logps.rejected_tokens)
+        compared = tuple(value / length.clamp(min=1) for value, length in zip(compared, lengths))
+    loss = preference_loss(cfg, *compared)
+    if cfg.nll_weight > 0:
+        loss = loss + cfg.nll_weight * nll(logps.policy_chosen, logps.chosen_tokens)
+    return ObjectiveTerms(loss, compared)

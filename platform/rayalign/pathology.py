@@ -16,7 +16,7 @@ For DPO, L = −q log σ(βh) − (1−q) log σ(−βh) with h = δ − δ_ref,
 
 With r = 0.1, q = 0.7, β = 1 this gives δ* ≈ −1.350 and π(y_w) ≈ 0.206: DPO
 settles on a policy that prefers y_l although 70% of labels prefer y_w. The
-functions here minimise L numerically through :func:`rayalign.losses.preference_loss`,
+functions here minimise L numerically through :func:`rayalign.losses.objective`,
 so they exercise the platform's own loss code, and compare the variants.
 """
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rayalign.config import LossConfig, RunConfig
-from rayalign.losses import preference_loss
+from rayalign.losses import PairLogps, objective
 
 BOUND = 30.0  # search δ in [−BOUND, BOUND]; σ(±30) is 1 to within 1e-13
 DELTA_TOL = 1e-7  # bracket width for δ, well inside the 1e-6 we promise
@@ -53,8 +53,9 @@ def population_loss(
     log_w, log_l = F.logsigmoid(delta), F.logsigmoid(-delta)
     ref_w = torch.full_like(delta, math.log(ref_prob_chosen))
     ref_l = torch.full_like(delta, math.log1p(-ref_prob_chosen))
-    agree = preference_loss(cfg, log_w, log_l, ref_w, ref_l)
-    flipped = preference_loss(cfg, log_l, log_w, ref_l, ref_w)
+    one_token = torch.ones_like(delta)  # each response is a single outcome
+    agree = objective(cfg, PairLogps(log_w, log_l, ref_w, ref_l, one_token, one_token)).loss
+    flipped = objective(cfg, PairLogps(log_l, log_w, ref_l, ref_w, one_token, one_token)).loss
     return label_prob * agree + (1 - label_prob) * flipped
 
 

@@ -39,7 +39,7 @@ from rayalign.alarms import pathology_alarm
 from rayalign.config import LossConfig, RunConfig, TrainConfig
 from rayalign.distributed import Collective
 from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
-from rayalign.losses import nll, preference_loss
+from rayalign.losses import ObjectiveTerms, PairLogps, objective
 from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats, read_jsonl
 from rayalign.storage import upload
 
@@ -151,8 +151,10 @@ def _restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int) -> l
     return read_jsonl(metrics_path)
 
 
-def _score_batch(model, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device: torch.device):
-    """Per-pair loss, the (policy, reference) log-probs it used, and the batch's token count.
+def _score_batch(
+    model, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device: torch.device
+) -> tuple[ObjectiveTerms, int]:
+    """The objective's terms for one micro-batch, and its count of real (non-padding) tokens.
 
     Everything stays on ``device`` (no host synchronisation); the loss maths is float32 whatever
     the model's dtype, and the reference column (float64 from the actors) is cast to it there.
@@ -163,21 +165,15 @@ def _score_batch(model, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int
     logps, counts = sequence_logps(model, pairs)
     policy_chosen, policy_rejected = split_pairs(logps)
     chosen_tokens, rejected_tokens = split_pairs(counts)
-    ref_chosen = torch.as_tensor(batch["ref_chosen_logps"], device=device).to(logps.dtype)
-    ref_rejected = torch.as_tensor(batch["ref_rejected_logps"], device=device).to(logps.dtype)
-    scored = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    if loss_cfg.length_normalize:
-        # Per-token averages, as in the CPO reference implementation.
-        scored = (
-            policy_chosen / chosen_tokens,
-            policy_rejected / rejected_tokens,
-            ref_chosen / chosen_tokens,
-            ref_rejected / rejected_tokens,
-        )
-    per_pair = preference_loss(loss_cfg, *scored)
-    if loss_cfg.nll_weight > 0:
-        per_pair = per_pair + loss_cfg.nll_weight * nll(policy_chosen, chosen_tokens)
-    return per_pair, scored, tokens
+    terms = objective(loss_cfg, PairLogps(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen=torch.as_tensor(batch["ref_chosen_logps"], device=device).to(logps.dtype),
+        ref_rejected=torch.as_tensor(batch["ref_rejected_logps"], device=device).to(logps.dtype),
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    ))
+    return terms, tokens
 
 
 def _evaluate(
@@ -189,8 +185,8 @@ def _evaluate(
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            per_pair, scored, tokens = _score_batch(model, batch, loss_cfg, pad_id, device)
-            meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), tokens)
+            terms, tokens = _score_batch(model, batch, loss_cfg, pad_id, device)
+            meter.add(terms.loss, preference_stats(*terms.compared, beta=loss_cfg.beta), tokens)
     model.train()
     row = meter.reduce(time.perf_counter() - start, all_reduce=collective.all_reduce_sum)
     return {f"eval/{key}": value for key, value in row.items() if not key.endswith("/s")}
@@ -259,10 +255,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 skip -= 1
                 continue
             interval_start = interval_start or time.perf_counter()
-            per_pair, scored, tokens = _score_batch(engine, batch, cfg.loss, pad_id, device)
-            engine.backward(per_pair.mean())
+            terms, tokens = _score_batch(engine, batch, cfg.loss, pad_id, device)
+            engine.backward(terms.loss.mean())
             engine.step()
-            meter.add(per_pair, preference_stats(*scored, beta=cfg.loss.beta), tokens)
+            meter.add(terms.loss, preference_stats(*terms.compared, beta=cfg.loss.beta), tokens)
 
             if engine.global_steps == step:  # still accumulating gradients
                 continue
