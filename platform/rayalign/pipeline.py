@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ray.data import Dataset
 
 from rayalign.config import RunConfig
-from rayalign.data import prepare_pairs, shuffled, split_heldout
+from rayalign.data import DataReport, prepare_pairs, shuffled, split_heldout
 from rayalign.metrics import read_jsonl
 from rayalign.models import resolve_model_dir
 from rayalign.refcache import describe, scored_pairs_cached
@@ -100,62 +101,100 @@ def summarize(
     }
 
 
-def reference_stage(
-    cfg: RunConfig, pairs: Dataset, model_dir: Path, paths: list[str]
-) -> tuple[Dataset, int | None, Dataset | None, dict[str, Any]]:
-    """Scored training pairs (shuffled), their count, the scored held-out split, and how the
-    reference was obtained.
+@dataclass(frozen=True)
+class PreparedData:
+    """The opening of every workflow: the starting weights, the data files, and the validated,
+    tokenized pairs (in the object store) with their counts and quarantine."""
+
+    model_dir: Path
+    paths: list[str]
+    pairs: Dataset
+    report: DataReport
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """How the reference log-probs were obtained (``summary.json``'s ``reference``)."""
+
+    backend: str
+    cache: dict[str, Any] | None = None  # the cache entry (key, path, hit), when scored through it
+    scored_by_sweep_driver: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScoredPairs:
+    """What the reference stage hands to training."""
+
+    train: Dataset  # reference-scored training pairs, shuffled
+    num_train: int
+    heldout: Dataset | None  # scored held-out pairs, in the object store (every evaluation re-reads them)
+    source: ReferenceSource
+
+
+def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand) -> PreparedData:
+    """Resolve the model, connect to Ray (checking ``demand`` fits), read and tokenize the data."""
+    model_dir = resolve_run_model(cfg)
+    init_ray(cfg.ray, demand)
+    paths = data_paths(cfg, out_dir)
+    pairs, report = prepare_pairs(cfg, paths, model_dir, out_dir)
+    print(f"[rayalign] {report.summary_line()}", flush=True)
+    return PreparedData(model_dir, paths, pairs, report)
+
+
+def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
+    """Reference-score ``data``'s pairs and split off the held-out pairs.
 
     With ``reference.cache`` the reference runs once into Parquet (or is read from an earlier
     run); otherwise the reference actors stream straight into training. The small held-out
     split is scored once and kept in the object store, since every evaluation re-reads it.
     """
     if cfg.reference.cache:
-        scored, info = scored_pairs_cached(pairs, cfg, model_dir, paths)
+        scored, info = scored_pairs_cached(data.pairs, cfg, data.model_dir, data.paths)
         print(f"[rayalign] reference cache {'hit' if info.hit else 'miss'}: {info.path}", flush=True)
-        train, num_train, heldout = split_scored(cfg, scored)
-        return train, num_train, heldout, {"backend": cfg.reference.backend, "cache": describe(info)}
+        return split_scored(cfg, scored, ReferenceSource(cfg.reference.backend, describe(info)), data.report.ok)
 
-    train, heldout = split_heldout(pairs, cfg)
+    train, heldout = split_heldout(data.pairs, cfg)
     if heldout is not None:
-        heldout = add_reference_logps(heldout, cfg, model_dir).materialize()
-    num_train = train.count() if heldout is not None else None
-    train = add_reference_logps(shuffled(train, cfg), cfg, model_dir)
+        heldout = add_reference_logps(heldout, cfg, data.model_dir).materialize()
+    num_train = train.count() if heldout is not None else data.report.ok
+    train = add_reference_logps(shuffled(train, cfg), cfg, data.model_dir)
     if cfg.train.epochs > 1:
         # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
         train = train.materialize()
-    return train, num_train, heldout, {"backend": cfg.reference.backend, "cache": None}
+    return ScoredPairs(train, num_train, heldout, ReferenceSource(cfg.reference.backend))
 
 
-def split_scored(cfg: RunConfig, scored: Dataset) -> tuple[Dataset, int | None, Dataset | None]:
-    """Already-scored pairs -> (shuffled training split, its size, held-out split in the object store)."""
+def split_scored(cfg: RunConfig, scored: Dataset, source: ReferenceSource, num_scored: int) -> ScoredPairs:
+    """Already-scored pairs (``num_scored`` of them) -> shuffled training split and held-out split."""
     train, heldout = split_heldout(scored, cfg)
-    num_train = train.count() if heldout is not None else None
-    return shuffled(train, cfg), num_train, heldout.materialize() if heldout is not None else None
+    if heldout is None:
+        return ScoredPairs(shuffled(train, cfg), num_scored, None, source)
+    return ScoredPairs(shuffled(train, cfg), train.count(), heldout.materialize(), source)
 
 
 def train_stage(
     cfg: RunConfig,
     run_dir: Path,
     model_dir: Path,
-    scored: tuple[Dataset, int, Dataset | None],
+    scored: ScoredPairs,
     data_report: dict[str, Any],
-    reference: dict[str, Any],
     started: float,
     callbacks: list | None = None,
     resume_name: str | None = None,
 ) -> dict[str, Any]:
-    """Fit on ``scored`` = (training pairs, their count, held-out pairs); write and return summary.json."""
-    train, num_train, heldout = scored
-    if heldout is not None:
-        reference["heldout_pairs"] = heldout.count()
-    result = fit(cfg, train, num_train, model_dir, run_dir, heldout, callbacks, resume_name)
+    """Fit on ``scored``; write and return summary.json."""
+    result = fit(cfg, scored.train, scored.num_train, model_dir, run_dir, scored.heldout, callbacks, resume_name)
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
     (run_dir / METRICS_FILE).write_bytes(read_checkpoint_file(result.checkpoint, METRICS_FILE))
     summary = summarize(cfg, run_dir, model_dir, data_report, time.perf_counter() - started)
-    summary["reference"] = reference
+    summary["reference"] = scored.source.as_dict()
+    if scored.heldout is not None:
+        summary["reference"]["heldout_pairs"] = scored.heldout.count()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     for name in ("config.yaml", "quarantine.jsonl", METRICS_FILE, "summary.json"):
         if (run_dir / name).exists():
@@ -167,15 +206,9 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     """Train one policy end to end and write its run directory; returns the summary."""
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
-    model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray, ResourceDemand.of_run(cfg))
-
-    paths = data_paths(cfg, run_dir)
-    pairs, data_report = prepare_pairs(cfg, paths, model_dir, run_dir)
-    print(f"[rayalign] {data_report.summary_line()}", flush=True)
-    train, num_train, heldout, reference = reference_stage(cfg, pairs, model_dir, paths)
-    scored = (train, num_train if num_train is not None else data_report.ok, heldout)
-    return train_stage(cfg, run_dir, model_dir, scored, data_report.as_dict(), reference, started)
+    data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))
+    scored = score_reference(cfg, data)
+    return train_stage(cfg, run_dir, data.model_dir, scored, data.report.as_dict(), started)
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:
@@ -186,17 +219,13 @@ def run_reference(cfg: RunConfig) -> dict[str, Any]:
     out_dir = cfg.output.run_dir / "reference"
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
-    model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
-    paths = data_paths(cfg, out_dir)
-    pairs, data_report = prepare_pairs(cfg, paths, model_dir, out_dir)
-    print(f"[rayalign] {data_report.summary_line()}", flush=True)
-    scored, info = scored_pairs_cached(pairs, cfg, model_dir, paths)
+    data = prepare_data(cfg, out_dir, ResourceDemand.of_run(cfg, train=False))
+    scored, info = scored_pairs_cached(data.pairs, cfg, data.model_dir, data.paths)
     report = {
         "backend": cfg.reference.backend,
         "cache": describe(info),
         "scored_pairs": scored.count(),
-        "data": data_report.as_dict(),
+        "data": data.report.as_dict(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     (out_dir / "reference.json").write_text(json.dumps(report, indent=2))

@@ -40,11 +40,11 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
-from rayalign.data import prepare_pairs, split_heldout
-from rayalign.pipeline import data_paths, prepare_run_dir, resolve_run_model, split_scored, train_stage
+from rayalign.data import split_heldout
+from rayalign.pipeline import ReferenceSource, prepare_data, prepare_run_dir, split_scored, train_stage
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.report import format_table, plot_sweep
-from rayalign.runtime import ResourceDemand, init_ray
+from rayalign.runtime import ResourceDemand
 from rayalign.storage import open_uri, read_text, remove, upload
 from rayalign.train import planned_steps
 
@@ -69,13 +69,13 @@ class HeldoutReportCallback(TuneReportCallback):
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, model_dir: str,
-              scored: Dataset, reference: dict[str, Any], data_report: dict[str, Any]) -> None:
+              scored: Dataset, num_scored: int, source: ReferenceSource, data_report: dict[str, Any]) -> None:
     """One Tune trial: train on the sweep's reference-scored pairs with the trial's settings."""
     started = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output.name": trial_id}, origin=f"sweep trial {trial_id}")
     run_dir = prepare_run_dir(cfg)
-    train_stage(cfg, run_dir, Path(model_dir), split_scored(cfg, scored), data_report, dict(reference), started,
+    train_stage(cfg, run_dir, Path(model_dir), split_scored(cfg, scored, source, num_scored), data_report, started,
                 # The trial's run directory is its own: a fixed Ray Train run name lets a trial that
                 # Tune restores (resumed sweep, errored trial) continue from its last checkpoint.
                 callbacks=[HeldoutReportCallback(objective)], resume_name="train")
@@ -164,21 +164,17 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         prepare_run_dir(cfg)
         upload(sweep_dir / "config.yaml", f"{cfg.output.run_storage}/config.yaml")  # what a resume checks
 
-    model_dir = resolve_run_model(cfg)
     # Whatever reference.cache says, a sweep scores once into the cache and shares the result.
     scoring_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
-    init_ray(cfg.ray, ResourceDemand.of_run(scoring_cfg, per_trial_cpus=sweep.trial_cpus))
-    paths = data_paths(cfg, sweep_dir)
-    pairs, data_report = prepare_pairs(cfg, paths, model_dir, sweep_dir)
-    print(f"[rayalign] {data_report.summary_line()}", flush=True)
-    scored, cache = scored_pairs_cached(pairs, scoring_cfg, model_dir, paths)
+    data = prepare_data(cfg, sweep_dir, ResourceDemand.of_run(scoring_cfg, per_trial_cpus=sweep.trial_cpus))
+    scored, cache = scored_pairs_cached(data.pairs, scoring_cfg, data.model_dir, data.paths)
     print(f"[rayalign] reference scored once for all trials: cache {'hit' if cache.hit else 'miss'}, "
           f"{cache.path}", flush=True)
     # In the object store once for all trials (a Parquet read in each trial would also want a
     # whole CPU for its file listing, which trials on a small machine do not leave free).
     scored = scored.materialize()
     num_train = split_heldout(scored, cfg)[0].count()  # the trials' split; counted, not materialized
-    reference = {"backend": cfg.reference.backend, "cache": describe(cache), "scored_by_sweep_driver": True}
+    source = ReferenceSource(cfg.reference.backend, describe(cache), scored_by_sweep_driver=True)
     steps = planned_steps(cfg.train, cfg.scaling.num_workers, num_train)
 
     trainable = tune.with_resources(
@@ -186,10 +182,11 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
             run_trial,
             base=_absolute_paths(cfg, sweep_dir / TRIALS_DIR),
             objective=sweep.objective,
-            model_dir=str(model_dir),
+            model_dir=str(data.model_dir),
             scored=scored,
-            reference=reference,
-            data_report=data_report.as_dict(),
+            num_scored=data.report.ok,
+            source=source,
+            data_report=data.report.as_dict(),
         ),
         {"cpu": sweep.trial_cpus},
     )
@@ -233,8 +230,8 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         "counts": {status: sum(t["status"] == status for t in trials)
                    for status in ("completed", "stopped_early", "error", "unfinished")},
         "searched": list(sweep.space),
-        "reference": {**reference, "scored_now": not cache.hit},
-        "data": data_report.as_dict(),
+        "reference": {**source.as_dict(), "scored_now": not cache.hit},
+        "data": data.report.as_dict(),
         "trials": trials,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "files": {**results_files, "tune": tune_dir},  # Tune writes its state to storage itself
