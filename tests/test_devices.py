@@ -84,7 +84,7 @@ def test_training_step_metrics_reach_the_all_reduce_on_the_workers_device(nccl_l
     meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), tokens)
     collective = Collective.of_worker_group(META)
     with pytest.raises(ReachedCollective):
-        meter.reduce(elapsed_s=1.0, all_reduce=collective.all_reduce_sum)
+        meter.reduce(started=0.0, all_reduce=collective.all_reduce_sum)
     assert [t.device for t in nccl_like] == [META]
 
 
@@ -101,7 +101,7 @@ def test_a_meter_on_the_cpu_is_refused_by_an_nccl_like_collective(nccl_like):
     """The stand-in can fail: the pre-fix loop summed metrics on the CPU and called all_reduce directly."""
     meter = IntervalMeter("cpu")
     with pytest.raises(RuntimeError, match="device type cpu"):
-        meter.reduce(elapsed_s=1.0, all_reduce=lambda t: dist.all_reduce(t) or t)
+        meter.reduce(started=0.0, all_reduce=lambda t: dist.all_reduce(t) or t)
 
 
 def test_collectives_follow_the_backend():
@@ -123,7 +123,7 @@ def test_meter_reduces_across_a_real_gloo_group(tmp_path):
         stats = preference_stats(*(torch.tensor(v) for v in ([-1.0, -2.0], [-2.0, -1.0], [-1.5, -1.5], [-1.5, -1.5])),
                                  beta=0.5)
         meter.add(torch.tensor([0.5, 1.5]), stats, tokens=20)
-        row = meter.reduce(elapsed_s=2.0, all_reduce=collective.all_reduce_sum)
+        row = meter.reduce(started=0.0, all_reduce=collective.all_reduce_sum, clock=lambda: 2.0)
     finally:
         dist.destroy_process_group()
     assert row["loss"] == 1.0 and row["pref/absolute_accuracy"] == 0.5 and row["tokens/s"] == 10.0

@@ -111,9 +111,9 @@ def test_preference_stats_and_meter():
     assert stats["pref/frac_in_U"].tolist() == [0.0, 1.0]
     meter = IntervalMeter()
     meter.add(t(1.0, 3.0), stats, tokens=10)
-    row = meter.reduce(elapsed_s=2.0)
+    row = meter.reduce(started=0.0, clock=lambda: 2.0)
     assert row["loss"] == 2.0 and row["pref/frac_in_U"] == 0.5 and row["pairs/s"] == 1.0 and row["tokens/s"] == 5.0
-    assert meter.reduce(elapsed_s=1.0)["pairs/s"] == 0.0  # reset after reduce
+    assert meter.reduce(started=0.0, clock=lambda: 1.0)["pairs/s"] == 0.0  # reset after reduce
 
 
 def test_objective_length_normalizes_and_adds_the_nll_term():

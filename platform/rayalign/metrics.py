@@ -10,6 +10,7 @@ Beyond the loss, two metrics make DPO's failure mode visible:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,17 +73,25 @@ class IntervalMeter:
         self.sums[-2] += loss_per_pair.numel()
         self.sums[-1] += tokens
 
-    def reduce(self, elapsed_s: float, all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+    def reduce(
+        self,
+        started: float,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> dict[str, float]:
         """Averages over every pair seen by every worker since the last reduce; then resets.
 
         ``all_reduce`` sums a tensor across the worker group and returns the result
         (:meth:`rayalign.distributed.Collective.all_reduce_sum`); None: this process only.
+        Rates are per second since ``clock()`` read ``started``, taken once the sums are back on
+        the host: on a GPU that read waits for the queued work, so none of it escapes the interval.
         """
         sums = self.sums.clone()
         self.sums.zero_()
         if all_reduce is not None:
             sums = all_reduce(sums)
         values = sums.tolist()
+        elapsed_s = clock() - started
         pairs, tokens = values[-2], values[-1]
         row = {"loss": values[-3] / max(pairs, 1)}
         row.update({k: values[i] / max(pairs, 1) for i, k in enumerate(_PER_PAIR_KEYS)})

@@ -75,6 +75,8 @@ def cache_components(cfg: RunConfig, model_dir: Path, data_paths: list[str]) -> 
             "max_length": cfg.data.max_length,
             "max_prompt_length": cfg.data.max_prompt_length,
             "truncation": cfg.data.truncation,
+            # Only when set, so the keys of caches scored without a limit stay valid.
+            **({"limit": cfg.data.limit} if cfg.data.limit is not None else {}),
         },
         "precision": precision,
     }

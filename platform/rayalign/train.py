@@ -188,7 +188,7 @@ def _evaluate(
             terms, tokens = _score_batch(model, batch, loss_cfg, pad_id, device)
             meter.add(terms.loss, preference_stats(*terms.compared, beta=loss_cfg.beta), tokens)
     model.train()
-    row = meter.reduce(time.perf_counter() - start, all_reduce=collective.all_reduce_sum)
+    row = meter.reduce(start, all_reduce=collective.all_reduce_sum)
     return {f"eval/{key}": value for key, value in row.items() if not key.endswith("/s")}
 
 
@@ -196,7 +196,7 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     """This worker's peak accelerator memory so far (GiB); nothing on the CPU."""
     if device.type != "cuda":
         return {}
-    return {"memory/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -270,7 +270,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0]}
             if resumed_from is not None:
                 row["resumed_from_step"], resumed_from = resumed_from, None
-            row.update(meter.reduce(time.perf_counter() - interval_start, all_reduce=collective.all_reduce_sum))
+            row.update(meter.reduce(interval_start, all_reduce=collective.all_reduce_sum))
             if evaluate:
                 eval_batches = eval_shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy")
                 row.update(_evaluate(engine, eval_batches, cfg.loss, pad_id, device, collective))
