@@ -280,10 +280,12 @@ class Pairs:
         return len(self.prompt_ids)
 
     def columns(self, start: int, stop: int) -> dict[str, list[list[int]]]:
+        from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+
         return {
-            "prompt_ids": self.prompt_ids[start:stop],
-            "chosen_ids": self.chosen_ids[start:stop],
-            "rejected_ids": self.rejected_ids[start:stop],
+            PROMPT_IDS: self.prompt_ids[start:stop],
+            CHOSEN_IDS: self.chosen_ids[start:stop],
+            REJECTED_IDS: self.rejected_ids[start:stop],
         }
 
     def real_tokens(self, start: int = 0, stop: int | None = None) -> int:
@@ -579,7 +581,8 @@ def run_bare(s: Setting) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
+    from rayalign.logprobs import sequence_logps, split_pairs
+    from rayalign.schema import collate_pairs
     from rayalign.models import load_causal_lm, load_tokenizer
 
     device = torch.device(s.device)
@@ -994,7 +997,7 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int) 
     for a in range(0, len(pairs), micro_batch):
         cols = pairs.columns(a, a + micro_batch)
         width = max(len(p) + max(len(c), len(r)) for p, c, r in zip(*cols.values()))
-        padded += 2 * len(cols["prompt_ids"]) * width
+        padded += 2 * len(pairs.prompt_ids[a : a + micro_batch]) * width
     setting = Setting(
         device=args.device, dtype=args.dtype, micro_batch=micro_batch, steps=args.steps, warmup=args.warmup,
         lr=args.lr, beta=args.beta, max_grad_norm=1.0, max_length=args.max_length,

@@ -41,7 +41,8 @@ def main() -> None:
     from rayalign.config import config_from_dict
     from rayalign.data import parse_record, tokenize_pair, RecordError
     from rayalign.models import load_tokenizer, resolve_model_dir
-    from rayalign.reference import SCORERS
+    from rayalign.reference import scorer_for
+    from rayalign.schema import REF_CHOSEN_LOGPS, TOKEN_COLUMNS
     from rayalign.synthetic import arithmetic_pairs
 
     tree = {
@@ -73,20 +74,21 @@ def main() -> None:
     for i in range(0, len(tokenized), args.batch_size):
         chunk = tokenized[i : i + args.batch_size]
         batches.append({k: np.array([t[j] for t in chunk], dtype=object)
-                        for j, k in enumerate(("prompt_ids", "chosen_ids", "rejected_ids"))})
+                        for j, k in enumerate(TOKEN_COLUMNS)})
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r, _ in tokenized)
 
     results = {}
     scored = {}
     for backend in ("transformers", "vllm"):
         start = time.perf_counter()
-        scorer = SCORERS[backend](str(model_dir), cfg.model_dump())
+        scorer_class, scorer_kwargs = scorer_for(cfg, model_dir, backend)
+        scorer = scorer_class(**scorer_kwargs)
         startup = time.perf_counter() - start
         scorer(dict(batches[0]))  # warm-up
         start = time.perf_counter()
         outputs = [scorer(dict(b)) for b in batches]
         elapsed = time.perf_counter() - start
-        scored[backend] = np.concatenate([o["ref_chosen_logps"] for o in outputs])
+        scored[backend] = np.concatenate([o[REF_CHOSEN_LOGPS] for o in outputs])
         results[backend] = {"startup_s": round(startup, 2), "score_s": round(elapsed, 3),
                             "tokens_per_s": round(tokens / elapsed, 1)}
         print(f"{backend:>12}: start-up {startup:6.1f} s, {tokens / elapsed:10.1f} tokens/s", flush=True)

@@ -27,10 +27,16 @@ import numpy as np
 from rayalign.config import RunConfig
 from rayalign.data import prepare_pairs
 from rayalign.reference import add_reference_logps
-
-AUDIT_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps",
-                 "chosen_tokens", "rejected_tokens"]
-
+from rayalign.schema import (
+    CHOSEN_IDS,
+    CHOSEN_TOKENS,
+    PROMPT_IDS,
+    REF_CHOSEN_LOGPS,
+    REF_REJECTED_LOGPS,
+    REJECTED_IDS,
+    REJECTED_TOKENS,
+    SCORED_COLUMNS,
+)
 
 def _digest(ids) -> str:
     return hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
@@ -58,20 +64,20 @@ def _histogram(values: np.ndarray, bins: int = 30) -> dict[str, list[float]]:
 
 
 def audit_scored_pairs(rows: list[dict[str, Any]], margin: float) -> dict[str, Any]:
-    """Pure statistics over reference-scored pairs (``AUDIT_COLUMNS``)."""
+    """Pure statistics over reference-scored pairs (``rayalign.schema.SCORED_COLUMNS``)."""
     n = len(rows)
-    delta = np.array([r["ref_chosen_logps"] - r["ref_rejected_logps"] for r in rows], dtype=np.float64)
-    chosen_len = np.array([int(r["chosen_tokens"]) for r in rows])
-    rejected_len = np.array([int(r["rejected_tokens"]) for r in rows])
+    delta = np.array([r[REF_CHOSEN_LOGPS] - r[REF_REJECTED_LOGPS] for r in rows], dtype=np.float64)
+    chosen_len = np.array([int(r[CHOSEN_TOKENS]) for r in rows])
+    rejected_len = np.array([int(r[REJECTED_TOKENS]) for r in rows])
     per_token = np.array(
-        [r["ref_chosen_logps"] / max(c, 1) - r["ref_rejected_logps"] / max(j, 1)
+        [r[REF_CHOSEN_LOGPS] / max(c, 1) - r[REF_REJECTED_LOGPS] / max(j, 1)
          for r, c, j in zip(rows, chosen_len, rejected_len)]
     )
-    prompt_len = np.array([len(r["prompt_ids"]) for r in rows])
+    prompt_len = np.array([len(r[PROMPT_IDS]) for r in rows])
 
-    exact = Counter(_digest([*r["prompt_ids"], -1, *r["chosen_ids"], -2, *r["rejected_ids"]]) for r in rows)
-    near = Counter(_near_key([*r["prompt_ids"], *r["chosen_ids"]]) for r in rows)
-    identical = sum(list(r["chosen_ids"]) == list(r["rejected_ids"]) for r in rows)
+    exact = Counter(_digest([*r[PROMPT_IDS], -1, *r[CHOSEN_IDS], -2, *r[REJECTED_IDS]]) for r in rows)
+    near = Counter(_near_key([*r[PROMPT_IDS], *r[CHOSEN_IDS]]) for r in rows)
+    identical = sum(list(r[CHOSEN_IDS]) == list(r[REJECTED_IDS]) for r in rows)
     return {
         "pairs": n,
         "reference": {
@@ -138,7 +144,7 @@ def run_audit(cfg: RunConfig, model_dir: Path, paths: list[str], out_dir: Path) 
     """Validate, tokenize and score every pair with the reference; write audit.json and audit.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs, data_report = prepare_pairs(cfg, paths, model_dir, out_dir)
-    scored = add_reference_logps(pairs, cfg, model_dir).select_columns(AUDIT_COLUMNS)
+    scored = add_reference_logps(pairs, cfg, model_dir).select_columns(list(SCORED_COLUMNS))
     # Only compact per-pair ids and scores reach the driver, never model state.
     report = audit_scored_pairs(scored.take_all(), cfg.audit.margin)
     report["data"]["quarantine"] = data_report.as_dict()

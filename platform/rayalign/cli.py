@@ -64,17 +64,25 @@ def _reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refcheck(args: argparse.Namespace) -> int:
-    from rayalign.pipeline import data_paths, resolve_run_model
-    from rayalign.refcheck import format_report, run_refcheck
+def _open_reference_check(args: argparse.Namespace, name: str):
+    """Config, model and Ray for a command that only runs the reference: (cfg, model dir, data paths, out dir)."""
+    from rayalign.models import resolve_run_model
+    from rayalign.pipeline import data_paths
     from rayalign.runtime import ResourceDemand, init_ray
-    from rayalign.storage import publish
 
     cfg = load_config(args.config, args.overrides)
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
-    out_dir = cfg.output.run_dir / "refcheck"
-    report = run_refcheck(cfg, model_dir, data_paths(cfg, out_dir), args.num_pairs, out_dir)
+    out_dir = cfg.output.run_dir / name
+    return cfg, model_dir, data_paths(cfg, out_dir), out_dir
+
+
+def _refcheck(args: argparse.Namespace) -> int:
+    from rayalign.refcheck import format_report, run_refcheck
+    from rayalign.storage import publish
+
+    cfg, model_dir, paths, out_dir = _open_reference_check(args, "refcheck")
+    report = run_refcheck(cfg, model_dir, paths, args.num_pairs, out_dir)
     _shutdown_ray()
     print(format_report(report))
     print(f"details: {publish(cfg.output, out_dir)}/refcheck.json")
@@ -83,15 +91,10 @@ def _refcheck(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from rayalign.audit import format_audit, run_audit
-    from rayalign.pipeline import data_paths, resolve_run_model
-    from rayalign.runtime import ResourceDemand, init_ray
     from rayalign.storage import publish
 
-    cfg = load_config(args.config, args.overrides)
-    model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
-    out_dir = cfg.output.run_dir / "audit"
-    report = run_audit(cfg, model_dir, data_paths(cfg, out_dir), out_dir)
+    cfg, model_dir, paths, out_dir = _open_reference_check(args, "audit")
+    report = run_audit(cfg, model_dir, paths, out_dir)
     _shutdown_ray()
     print(format_audit(report))
     stored = publish(cfg.output, out_dir)
@@ -117,26 +120,28 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
+def _config_arguments(parser: argparse.ArgumentParser, help: str = "YAML config", repeat: bool = False) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE``, the same for every command that reads a config."""
+    parser.add_argument("--config", action="append" if repeat else "store", required=True, metavar="FILE", help=help)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a policy with DPO/CPO on Ray (Data → reference → Train)")
-    train.add_argument(
-        "--config", action="append", required=True, metavar="FILE",
-        help="YAML config; repeat to run several configs one after another (e.g. DPO then CPO)",
-    )
-    train.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
-    )
+    _config_arguments(train, help="YAML config; repeat to run several configs one after another (e.g. DPO then CPO)",
+                      repeat=True)
     train.set_defaults(func=_train)
 
     sweep = sub.add_parser(
         "sweep", help="Ray Tune search over the config's `sweep.space` (reference scored once, shared)"
     )
-    sweep.add_argument("--config", required=True, metavar="FILE", help="YAML config with a `sweep` section")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_arguments(sweep, help="YAML config with a `sweep` section")
     sweep.add_argument(
         "--fresh", action="store_true",
         help="discard an unfinished sweep in the same output directory instead of resuming it",
@@ -146,21 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     reference = sub.add_parser(
         "reference", help="the reference pass alone: score all pairs into the reference cache"
     )
-    reference.add_argument("--config", required=True, metavar="FILE")
-    reference.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_arguments(reference)
     reference.set_defaults(func=_reference)
 
     refcheck = sub.add_parser(
         "refcheck", help="compare vLLM reference log-probs with the training forward pass on a sample"
     )
-    refcheck.add_argument("--config", required=True, metavar="FILE")
-    refcheck.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_arguments(refcheck)
     refcheck.add_argument("--num-pairs", type=int, default=64, help="pairs to score both ways (default 64)")
     refcheck.set_defaults(func=_refcheck)
 
     audit = sub.add_parser("audit", help="audit the reference (δ_ref) and the data before training")
-    audit.add_argument("--config", required=True, metavar="FILE")
-    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_arguments(audit)
     audit.set_defaults(func=_audit)
 
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")

@@ -276,6 +276,7 @@ class OutputConfig(_Section):
         return f"{self.storage_root}/{self.name}"
 
 
+# The held-out metrics a sweep can optimize, and their natural direction (the one list of them).
 OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
     "eval/pref/absolute_accuracy": "max",
     "eval/rewards/accuracies": "max",
@@ -333,9 +334,9 @@ class SweepConfig(_Section):
     trial_cpus: float = Field(
         0.1, gt=0, description="CPUs of each trial's driver; its Train workers request `scaling` on top."
     )
-    objective: Literal[
-        "eval/pref/absolute_accuracy", "eval/rewards/accuracies", "eval/loss", "eval/pref/frac_in_U"
-    ] = Field("eval/pref/absolute_accuracy", description="Held-out metric to optimize.")
+    objective: Literal[tuple(OBJECTIVE_MODES)] = Field(  # type: ignore[valid-type]
+        "eval/pref/absolute_accuracy", description="Held-out metric to optimize."
+    )
     mode: Literal["max", "min"] | None = Field(None, description="Default: the objective's natural direction.")
     early_stopping: Literal["asha", "none"] = "asha"
     asha: AshaConfig = Field(default_factory=AshaConfig)

@@ -40,11 +40,11 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FileBasedDatasource
 
 from rayalign.config import DataConfig, RunConfig
+from rayalign.schema import PAIR_KEY, ROW, SOURCE, TOKEN_COLUMNS
 
 HH_ASSISTANT = "\n\nAssistant:"
 OK = "ok"
-TOKEN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
-_RAW_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()), ("record", pa.string())])
+_RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), ("record", pa.string())])
 _RAW_ROWS_PER_BLOCK = 1024
 
 
@@ -303,8 +303,8 @@ class PairTokenizer:
         ids_type = pa.list_(pa.int32())
         return pa.table(
             {
-                "source": batch.column("source"),
-                "row": batch.column("row"),
+                SOURCE: batch.column(SOURCE),
+                ROW: batch.column(ROW),
                 "status": pa.array(out["status"], pa.string()),
                 "field": pa.array(out["field"], pa.string()),
                 "detail": pa.array(out["detail"], pa.string()),
@@ -369,8 +369,8 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
             f.write(
                 json.dumps(
                     {
-                        "source": row["source"],
-                        "row": int(row["row"]),
+                        SOURCE: row[SOURCE],
+                        ROW: int(row[ROW]),
                         "reason": row["status"],
                         "field": row["field"],
                         "detail": row["detail"],
@@ -420,7 +420,7 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
             f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}"
         )
     usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)
-    return usable.select_columns(["source", "row", *TOKEN_COLUMNS], num_cpus=num_cpus), report
+    return usable.select_columns([*PAIR_KEY, *TOKEN_COLUMNS], num_cpus=num_cpus), report
 
 
 def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:
@@ -442,8 +442,8 @@ def split_heldout(pairs: Dataset, cfg: RunConfig) -> tuple[Dataset, Dataset | No
 
     def keep(heldout: bool):
         def select(batch: pa.Table) -> pa.Table:
-            names = [PurePath(src).name for src in batch.column("source").to_pylist()]
-            keys = zip(names, batch.column("row").to_pylist())
+            names = [PurePath(src).name for src in batch.column(SOURCE).to_pylist()]
+            keys = zip(names, batch.column(ROW).to_pylist())
             is_heldout = [zlib.crc32(f"{cfg.data.seed}:{src}:{row}".encode()) / 2**32 < fraction for src, row in keys]
             return batch.filter(pa.array([h == heldout for h in is_heldout]))
 

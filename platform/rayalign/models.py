@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from rayalign.config import ModelConfig, TinyModelConfig
+from rayalign.config import ModelConfig, RunConfig, TinyModelConfig
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 
@@ -142,6 +142,11 @@ def resolve_model_dir(cfg: ModelConfig, cache_root: Path) -> Path:
         cache_root.mkdir(parents=True, exist_ok=True)
         build_tiny_model(cfg.tiny, out_dir)
     return out_dir
+
+
+def resolve_run_model(cfg: RunConfig) -> Path:
+    """The starting weights' directory; tiny models are built once under <output.root>/_models."""
+    return resolve_model_dir(cfg.model, cache_root=Path(cfg.output.root).expanduser().resolve() / "_models")
 
 
 def load_causal_lm(model_dir: str | Path, dtype: str = "float32"):

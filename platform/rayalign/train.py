@@ -38,8 +38,9 @@ from ray.train.torch import TorchTrainer
 from rayalign.alarms import pathology_alarm
 from rayalign.config import LossConfig, RunConfig, TrainConfig
 from rayalign.distributed import Collective
-from rayalign.logprobs import collate_pairs, sequence_logps, split_pairs
+from rayalign.logprobs import sequence_logps, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
+from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, collate_pairs
 from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats, read_jsonl
 from rayalign.storage import upload
 
@@ -168,8 +169,8 @@ def _score_batch(
     terms = objective(loss_cfg, PairLogps(
         policy_chosen,
         policy_rejected,
-        ref_chosen=torch.as_tensor(batch["ref_chosen_logps"], device=device).to(logps.dtype),
-        ref_rejected=torch.as_tensor(batch["ref_rejected_logps"], device=device).to(logps.dtype),
+        ref_chosen=torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=device).to(logps.dtype),
+        ref_rejected=torch.as_tensor(batch[REF_REJECTED_LOGPS], device=device).to(logps.dtype),
         chosen_tokens=chosen_tokens,
         rejected_tokens=rejected_tokens,
     ))

@@ -1,0 +1,92 @@
+"""The rows that flow between stages, written down once: column names, types, what each stage adds,
+and how a batch of rows becomes model input.
+
+    column                 type             added by     meaning
+    source                 string           data         the file the pair came from
+    row                    int64            data         its line (JSONL) or row (Parquet) in that file
+    prompt_ids             list<int32>      data         prompt token ids (chat template applied)
+    chosen_ids             list<int32>      data         chosen response token ids
+    rejected_ids           list<int32>      data         rejected response token ids
+    ref_chosen_logps       float64          reference    Σ log π_ref(y_w|x) over the response tokens
+    ref_rejected_logps     float64          reference    Σ log π_ref(y_l|x)
+    chosen_tokens          int32            reference    |y_w| in tokens (scored positions)
+    rejected_tokens        int32            reference    |y_l|
+    chosen_token_logps     list<float64>    reference    per-token log π_ref(y_w|x); refcheck only
+    rejected_token_logps   list<float64>    reference    per-token log π_ref(y_l|x); refcheck only
+
+A scored row, for example::
+
+    {"source": "hh.jsonl.gz", "row": 17, "prompt_ids": [1, 87, 5], "chosen_ids": [9, 2],
+     "rejected_ids": [4], "ref_chosen_logps": -7.1, "ref_rejected_logps": -3.2,
+     "chosen_tokens": 2, "rejected_tokens": 1}
+
+(``source``, ``row``) identifies a pair across stages (the held-out split hashes it; refcheck joins on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+SOURCE = "source"
+ROW = "row"
+PROMPT_IDS = "prompt_ids"
+CHOSEN_IDS = "chosen_ids"
+REJECTED_IDS = "rejected_ids"
+REF_CHOSEN_LOGPS = "ref_chosen_logps"
+REF_REJECTED_LOGPS = "ref_rejected_logps"
+CHOSEN_TOKENS = "chosen_tokens"
+REJECTED_TOKENS = "rejected_tokens"
+CHOSEN_TOKEN_LOGPS = "chosen_token_logps"
+REJECTED_TOKEN_LOGPS = "rejected_token_logps"
+
+PAIR_KEY = (SOURCE, ROW)
+TOKEN_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS)
+RESPONSE_COLUMNS = (CHOSEN_IDS, REJECTED_IDS)  # collation order: B chosen rows, then B rejected rows
+REFERENCE_COLUMNS = (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, CHOSEN_TOKENS, REJECTED_TOKENS)
+TOKEN_LOGPS_COLUMNS = (CHOSEN_TOKEN_LOGPS, REJECTED_TOKEN_LOGPS)
+SCORED_COLUMNS = (*TOKEN_COLUMNS, *REFERENCE_COLUMNS)
+
+
+def pair_sequences(batch: Mapping[str, Sequence[Sequence[int]]]) -> tuple[list[list[int]], list[int]]:
+    """B pairs as 2B full sequences (prompt + response ids): chosen rows, then rejected rows; and
+    each sequence's prompt length."""
+    sequences, prompt_lens = [], []
+    for response_column in RESPONSE_COLUMNS:
+        for prompt, response in zip(batch[PROMPT_IDS], batch[response_column]):
+            sequences.append([*map(int, prompt), *map(int, response)])
+            prompt_lens.append(len(prompt))
+    return sequences, prompt_lens
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B right-padded sequences: rows [0, B) chosen, [B, 2B) rejected."""
+
+    input_ids: Tensor  # (2B, T) long
+    attention_mask: Tensor  # (2B, T) long
+    response_mask: Tensor  # (2B, T) bool: True on response tokens
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
+
+
+def collate_pairs(batch: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> PairBatch:
+    """A :class:`PairBatch` from the token columns of B rows."""
+    sequences, prompt_lens = pair_sequences(batch)
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, (seq, prompt_len) in enumerate(zip(sequences, prompt_lens)):
+        input_ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+        response_mask[i, prompt_len : len(seq)] = True
+    return PairBatch(input_ids, attention_mask, response_mask)

@@ -1,0 +1,88 @@
+"""The training loop's helpers, one at a time: planned steps, the LR schedule, collation, the
+held-out split and scoring a batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rayalign.config import LossConfig, TrainConfig
+from rayalign.losses import PairLogps, objective
+from rayalign.schema import collate_pairs
+from rayalign.train import _score_batch, lr_schedule, micro_batches_per_epoch, planned_steps
+
+from conftest import make_config
+
+
+def test_planned_steps_split_the_pairs_across_workers_and_accumulation():
+    train = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, epochs=3)
+    # 50 pairs over 2 workers: 25 each -> 7 micro-batches (the last one short) -> 3 steps per epoch
+    assert micro_batches_per_epoch(train, num_workers=2, num_pairs=50) == 7
+    assert planned_steps(train, num_workers=2, num_pairs=50) == 9
+    assert planned_steps(train.model_copy(update={"max_steps": 5}), num_workers=2, num_pairs=50) == 5
+    with pytest.raises(ValueError, match="7 usable pairs are not enough for one optimizer step"):
+        planned_steps(train, num_workers=2, num_pairs=7)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    warm = TrainConfig(warmup_steps=3, scheduler="linear")
+    factor = lr_schedule(warm, total_steps=13)
+    assert [factor(s) for s in range(3)] == [0.25, 0.5, 0.75]
+    assert factor(3) == 1.0 and factor(8) == pytest.approx(0.5) and factor(13) == 0.0
+    cosine = lr_schedule(TrainConfig(scheduler="cosine"), total_steps=10)
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    assert lr_schedule(TrainConfig(), total_steps=10)(7) == 1.0
+
+
+def test_collation_pads_right_and_masks_only_response_tokens():
+    batch = {"prompt_ids": [[1, 2], [1]], "chosen_ids": [[3], [4, 5, 6]], "rejected_ids": [[7, 8], [9]]}
+    pairs = collate_pairs(batch, pad_id=0)
+    assert pairs.num_pairs == 2
+    assert pairs.input_ids.tolist() == [[1, 2, 3, 0], [1, 4, 5, 6], [1, 2, 7, 8], [1, 9, 0, 0]]
+    assert pairs.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert pairs.response_mask.int().tolist() == [[0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 0, 0]]
+
+
+@pytest.mark.e2e
+def test_heldout_split_is_stable_disjoint_and_keyed_by_file_name(ray_cluster, tmp_path):
+    import ray
+
+    from rayalign.data import split_heldout
+
+    cfg = make_config(tmp_path, data={"eval_fraction": 0.25})
+    rows = lambda folder: [{"source": f"{folder}/pairs.jsonl", "row": i} for i in range(200)]  # noqa: E731
+    keys = lambda ds: sorted(r["row"] for r in ds.take_all())  # noqa: E731
+    train, heldout = split_heldout(ray.data.from_items(rows("/a")), cfg)
+    train_rows, heldout_rows = keys(train), keys(heldout)
+    assert set(train_rows).isdisjoint(heldout_rows) and len(train_rows) + len(heldout_rows) == 200
+    assert 25 <= len(heldout_rows) <= 75
+    # Same file name in another directory (a sweep trial vs. the retrained best config): same split.
+    assert keys(split_heldout(ray.data.from_items(rows("/elsewhere")), cfg)[1]) == heldout_rows
+    assert split_heldout(ray.data.from_items(rows("/a")), make_config(tmp_path))[1] is None
+
+
+def test_scoring_a_batch_applies_the_objective_to_policy_and_reference_log_probs(tiny_model_dir):
+    from rayalign.logprobs import sequence_logps, split_pairs
+    from rayalign.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir).eval()
+    batch = {
+        "prompt_ids": np.array([[1, 40, 41], [1, 42]], dtype=object),
+        "chosen_ids": np.array([[50, 51], [52]], dtype=object),
+        "rejected_ids": np.array([[60], [61, 62, 63]], dtype=object),
+        "ref_chosen_logps": np.array([-9.0, -4.0]),
+        "ref_rejected_logps": np.array([-3.0, -12.0]),
+    }
+    loss_cfg = LossConfig(type="cpo", beta=0.5, gamma=1.0, nll_weight=0.2)
+    with torch.no_grad():
+        terms, tokens = _score_batch(model, batch, loss_cfg, pad_id=0, device=torch.device("cpu"))
+        logps, counts = sequence_logps(model, collate_pairs(batch, pad_id=0))
+    assert tokens == 5 + 3 + 4 + 5
+    (pc, pr), (nc, nr) = split_pairs(logps), split_pairs(counts)
+    assert nc.tolist() == [2, 1] and nr.tolist() == [1, 3]
+    expected = objective(loss_cfg, PairLogps(pc, pr, torch.tensor([-9.0, -4.0]), torch.tensor([-3.0, -12.0]), nc, nr))
+    assert torch.allclose(terms.loss, expected.loss) and all(math.isfinite(v) for v in terms.loss.tolist())
+    assert terms.compared[2].tolist() == [-9.0, -4.0]  # the reference column as given, cast to float32
