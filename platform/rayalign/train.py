@@ -40,8 +40,8 @@ from rayalign.config import LossConfig, RunConfig, TrainConfig
 from rayalign.distributed import Collective
 from rayalign.logprobs import sequence_logps, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
-from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, collate_pairs
 from rayalign.metrics import IntervalMeter, append_jsonl, preference_stats, read_jsonl
+from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, collate_pairs
 from rayalign.storage import upload
 
 DEEPSPEED_TAG = "deepspeed"
