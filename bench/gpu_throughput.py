@@ -17,7 +17,7 @@ Contenders, each trained for the same optimizer steps on the same pairs in the s
   forward of chosen+rejected concatenated, the DPO sigmoid loss against reference log-probs computed
   before the timed loop, AdamW. A ceiling for this model without packing or kernel work.
 
-Data: the HH-RLHF file in ../shared/data, parsed and tokenized once with ``rayalign.data`` (``parse_record``,
+Data: the HH-RLHF file in ../shared/data, parsed and tokenized once with ``rayalign.data.records`` (``parse_record``,
 ``tokenize_pair``); rayalign reads the same records itself (``data.limit``), and TRL and the bare loop are
 given exactly those token ids. The tokenizer is a byte-level BPE trained here on the file's text; the model
 is a randomly initialised Llama (no hub anywhere). Real tokens are the non-padding tokens a contender
@@ -298,7 +298,7 @@ class Pairs:
 
 def select_pairs(records: list[str], count: int, tokenizer, data_cfg) -> Pairs:
     """The first ``count`` usable pairs, tokenized exactly as rayalign's data stage does."""
-    from rayalign.data import RecordError, parse_record, tokenize_pair
+    from rayalign.data.records import RecordError, parse_record, tokenize_pair
 
     pairs = Pairs([], [], [], 0, {}, 0)
     for index, record in enumerate(records):
@@ -472,7 +472,7 @@ class RowWatcher(threading.Thread):
 
 def run_rayalign(s: Setting) -> dict[str, Any]:
     from rayalign.config import config_from_dict
-    from rayalign.metrics import read_jsonl
+    from rayalign.storage import read_jsonl
     from rayalign.pipeline import run_train
 
     cuda = s.device == "cuda"
@@ -1079,7 +1079,7 @@ def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[st
                 "max_prompt_length": args.max_prompt_length,
                 "truncation": prep.data_cfg.truncation,
                 "order": "file order, no shuffle (rayalign: data.shuffle false)",
-                "tokenized_by": "rayalign.data.parse_record + tokenize_pair, once; every contender computes on these ids",
+                "tokenized_by": "rayalign.data.records.parse_record + tokenize_pair, once; every contender computes on these ids",
             },
             "micro_batches": args.micro_batches,
             "steps": args.steps,

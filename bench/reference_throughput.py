@@ -3,7 +3,7 @@
     .venv/bin/python bench/reference_throughput.py [--model-dir DIR] [--pairs 128] [--batch-size 32]
 
 Both scorers are the classes the Ray Data reference actors run
-(rayalign.reference), called in this process on identical batches of
+(rayalign.reference.actors), called in this process on identical batches of
 token ids. Engine start-up is reported separately from steady-state
 throughput (tokens scored per second, prompt + response of both sequences,
 after one warm-up batch). Data: the real HH-RLHF pairs in ../shared/data when
@@ -39,11 +39,11 @@ def main() -> None:
     import numpy as np
 
     from rayalign.config import config_from_dict
-    from rayalign.data import parse_record, tokenize_pair, RecordError
+    from rayalign.data.records import parse_record, tokenize_pair, RecordError
     from rayalign.models import load_tokenizer, resolve_model_dir
-    from rayalign.reference import scorer_for
+    from rayalign.reference.actors import scorer_for
     from rayalign.schema import REF_CHOSEN_LOGPS, TOKEN_COLUMNS
-    from rayalign.synthetic import arithmetic_pairs
+    from rayalign.data.synthetic import arithmetic_pairs
 
     tree = {
         "model": {"path": args.model_dir} if args.model_dir else {"tiny": {}},

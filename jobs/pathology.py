@@ -25,12 +25,14 @@ import json
 import statistics
 from pathlib import Path
 
+from biased_reference import biased_reference  # jobs/biased_reference.py, beside this script
+
 from rayalign.config import load_config
-from rayalign.metrics import read_jsonl
-from rayalign.pathology import biased_reference, format_table, two_response_table
+from rayalign.diagnostics.pathology import format_table, two_response_table
+from rayalign.diagnostics.report import plot_runs
 from rayalign.pipeline import run_train
-from rayalign.report import plot_runs
 from rayalign.runtime import init_ray
+from rayalign.storage import read_jsonl
 
 HERE = Path(__file__).resolve().parent
 LM_CONFIG = HERE / "configs" / "pathology-lm.yaml"

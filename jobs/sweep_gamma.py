@@ -19,10 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from biased_reference import biased_reference  # jobs/biased_reference.py, beside this script
+
 from rayalign.config import load_config
-from rayalign.pathology import biased_reference
 from rayalign.runtime import init_ray
-from rayalign.sweep import format_sweep_table, run_sweep
+from rayalign.tune.sweep import format_sweep_table, run_sweep
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "sweep-gamma.yaml"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rayalign.alarms import pathology_alarm, trend
+from rayalign.diagnostics.alarms import pathology_alarm, trend
 
 
 def rows(loss, abs_acc, frac_u):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rayalign.audit import audit_scored_pairs, format_audit, run_audit
+from rayalign.diagnostics.audit import audit_scored_pairs, format_audit, run_audit
 from rayalign.models import resolve_run_model
 
 from conftest import make_config

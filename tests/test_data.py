@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayalign.data import DataQualityError, Pair, RecordError, parse_record, prepare_pairs, tokenize_pair
+from rayalign.data.records import DataQualityError, Pair, RecordError, parse_record, prepare_pairs, tokenize_pair
 from rayalign.models import load_tokenizer
 
 from conftest import SHARED_DATA, make_config

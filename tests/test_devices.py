@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 from rayalign.config import LossConfig, config_from_dict
 from rayalign.distributed import Collective, backend_device
-from rayalign.metrics import IntervalMeter, preference_stats
+from rayalign.train.metrics import IntervalMeter, preference_stats
 from rayalign.runtime import ClusterResourceError, ResourceDemand, check_resources
-from rayalign.train import _evaluate, _score_batch, deepspeed_config
+from rayalign.train.worker import _evaluate, _score_batch, deepspeed_config
 
 META = torch.device("meta")
 
@@ -139,10 +139,10 @@ def test_gpu_defaults_bf16_and_the_reference_on_the_gpu():
     gpu = _cfg(scaling={"use_gpu": True, "num_workers": 1})
     assert gpu.model.dtype == "bfloat16" and gpu.reference.vllm.dtype == "bfloat16"
     assert gpu.reference.gpus_per_actor == 1.0
-    assert deepspeed_config(gpu)["bf16"]["enabled"] is True
+    assert deepspeed_config(gpu.train, gpu.model.dtype)["bf16"]["enabled"] is True
     cpu = _cfg()
     assert cpu.model.dtype == "float32" and cpu.reference.vllm.dtype == "float32"
-    assert cpu.reference.gpus_per_actor == 0.0 and deepspeed_config(cpu)["bf16"]["enabled"] is False
+    assert cpu.reference.gpus_per_actor == 0.0 and deepspeed_config(cpu.train, cpu.model.dtype)["bf16"]["enabled"] is False
     explicit = _cfg(model={"tiny": {}, "dtype": "float32"}, scaling={"use_gpu": True, "num_workers": 1},
                     reference={"vllm": {"dtype": "auto"}})
     assert explicit.model.dtype == "float32" and explicit.reference.vllm.dtype == "auto"

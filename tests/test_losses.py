@@ -7,7 +7,7 @@ import torch
 
 from rayalign import losses
 from rayalign.config import LossConfig
-from rayalign.metrics import IntervalMeter, preference_stats
+from rayalign.train.metrics import IntervalMeter, preference_stats
 
 
 def t(*values):
@@ -134,7 +134,7 @@ def test_objective_length_normalizes_and_adds_the_nll_term():
 
 def test_exact_analysis_uses_the_whole_objective():
     """The two-response population loss honours nll_weight (a single-token response: length 1)."""
-    from rayalign.pathology import population_loss
+    from rayalign.diagnostics.pathology import population_loss
 
     delta = t(-1.0, 0.5)
     base = population_loss(LossConfig(beta=1.0), delta)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayalign.config import LossConfig
-from rayalign.pathology import (
+from rayalign.diagnostics.pathology import (
     closed_form_dpo,
     format_table,
     population_loss,

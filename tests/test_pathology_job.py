@@ -12,15 +12,17 @@ from conftest import REPO
 pytestmark = pytest.mark.e2e
 
 
-def load_job():
+def load_job(monkeypatch):
+    # `python jobs/pathology.py` puts its own folder on sys.path (for jobs/biased_reference.py).
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
     spec = importlib.util.spec_from_file_location("pathology_job", REPO / "jobs" / "pathology.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_part_a_table():
-    rows, table = load_job().part_a()
+def test_part_a_table(monkeypatch):
+    rows, table = load_job(monkeypatch).part_a()
     dpo = next(r for r in rows if r["loss"] == "dpo")
     assert dpo["delta"] == pytest.approx(-1.350, abs=1e-3) and not dpo["prefers_chosen"]
     assert any(r["loss"] == "cpo" and r["prefers_chosen"] for r in rows)
@@ -28,8 +30,8 @@ def test_part_a_table():
 
 
 @pytest.mark.timeout(900)
-def test_part_b_reduced(ray_cluster, tmp_path):
-    job = load_job()
+def test_part_b_reduced(ray_cluster, tmp_path, monkeypatch):
+    job = load_job(monkeypatch)
     result = job.part_b(seeds=[0], epochs=1, bias_steps=200, overrides=[f"output.root={tmp_path}"])
     dpo, cpo = result["runs"]["dpo"][0], result["runs"]["cpo"][0]
     for loss in ("dpo", "cpo"):

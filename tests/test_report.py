@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from rayalign.report import DPI, FIGSIZE, default_out_path, format_runs_table, plot_runs
+from rayalign.diagnostics.report import DPI, FIGSIZE, default_out_path, format_runs_table, plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = range(2, 42, 2)

@@ -18,7 +18,7 @@ from ray.util.state import list_actors
 from conftest import REPO, make_config
 from rayalign.config import ConfigError, config_from_dict, load_config
 from rayalign.pipeline import run_train
-from rayalign.sweep import _searcher, run_sweep
+from rayalign.tune.sweep import _searcher, run_sweep
 
 pytestmark = pytest.mark.e2e
 

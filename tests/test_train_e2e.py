@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from rayalign.metrics import METRIC_KEYS, read_jsonl
+from rayalign.storage import read_jsonl
+from rayalign.train.metrics import METRIC_KEYS
 from rayalign.pipeline import run_train
 
 from conftest import make_config

@@ -12,7 +12,8 @@ import torch
 from rayalign.config import LossConfig, TrainConfig
 from rayalign.losses import PairLogps, objective
 from rayalign.schema import collate_pairs
-from rayalign.train import _score_batch, lr_schedule, micro_batches_per_epoch, planned_steps
+from rayalign.train.trainer import micro_batches_per_epoch, planned_steps
+from rayalign.train.worker import _score_batch, lr_schedule
 
 from conftest import make_config
 
@@ -50,7 +51,7 @@ def test_collation_pads_right_and_masks_only_response_tokens():
 def test_heldout_split_is_stable_disjoint_and_keyed_by_file_name(ray_cluster, tmp_path):
     import ray
 
-    from rayalign.data import split_heldout
+    from rayalign.data.records import split_heldout
 
     cfg = make_config(tmp_path, data={"eval_fraction": 0.25})
     rows = lambda folder: [{"source": f"{folder}/pairs.jsonl", "row": i} for i in range(200)]  # noqa: E731

@@ -11,12 +11,14 @@ import ray
 from ray.util.state import list_actors
 
 from rayalign.config import ModelConfig, TinyModelConfig
-from rayalign.data import prepare_pairs
-from rayalign.metrics import METRIC_KEYS, read_jsonl
+from rayalign.data.records import prepare_pairs
+from rayalign.storage import read_jsonl
+from rayalign.train.metrics import METRIC_KEYS
 from rayalign.models import resolve_model_dir
-from rayalign.pipeline import data_paths, run_train
-from rayalign.refcache import cache_components, cache_key, scored_pairs_cached
-from rayalign.refcheck import compare, run_refcheck
+from rayalign.data.stage import data_paths
+from rayalign.pipeline import run_train
+from rayalign.reference.cache import cache_components, cache_key, scored_pairs_cached
+from rayalign.reference.check import compare, run_refcheck
 
 from conftest import make_config
 

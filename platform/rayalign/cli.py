@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from rayalign.config import ConfigError, load_config
-from rayalign.data import DataQualityError
+from rayalign.data.records import DataQualityError
 from rayalign.runtime import ClusterResourceError
 
 
@@ -14,7 +14,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rayalign.pipeline import run_train
-    from rayalign.report import format_runs_table
+    from rayalign.diagnostics.report import format_runs_table
 
     # Validate every config before Ray starts, so a typo fails in a second, not after a run.
     configs = [load_config(path, args.overrides) for path in args.config]
@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from rayalign.sweep import format_sweep_table, run_sweep
+    from rayalign.tune.sweep import format_sweep_table, run_sweep
 
     cfg = load_config(args.config, args.overrides)
     summary = run_sweep(cfg, fresh=args.fresh)
@@ -67,7 +67,7 @@ def _reference(args: argparse.Namespace) -> int:
 def _open_reference_check(args: argparse.Namespace, name: str):
     """Config, model and Ray for a command that only runs the reference: (cfg, model dir, data paths, out dir)."""
     from rayalign.models import resolve_run_model
-    from rayalign.pipeline import data_paths
+    from rayalign.data.stage import data_paths
     from rayalign.runtime import ResourceDemand, init_ray
 
     cfg = load_config(args.config, args.overrides)
@@ -78,7 +78,7 @@ def _open_reference_check(args: argparse.Namespace, name: str):
 
 
 def _refcheck(args: argparse.Namespace) -> int:
-    from rayalign.refcheck import format_report, run_refcheck
+    from rayalign.reference.check import format_report, run_refcheck
     from rayalign.storage import publish
 
     cfg, model_dir, paths, out_dir = _open_reference_check(args, "refcheck")
@@ -90,7 +90,7 @@ def _refcheck(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from rayalign.audit import format_audit, run_audit
+    from rayalign.diagnostics.audit import format_audit, run_audit
     from rayalign.storage import publish
 
     cfg, model_dir, paths, out_dir = _open_reference_check(args, "audit")
@@ -105,7 +105,7 @@ def _audit(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rayalign.report import format_runs_table, plot_runs
+    from rayalign.diagnostics.report import format_runs_table, plot_runs
 
     run_dirs = [Path(d) for d in args.run_dirs]
     png = plot_runs(run_dirs, Path(args.out) if args.out else None)

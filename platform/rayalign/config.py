@@ -70,7 +70,7 @@ class ModelConfig(_Section):
 
 
 class SyntheticDataConfig(_Section):
-    """A generated preference task with known ground truth (see rayalign.synthetic)."""
+    """A generated preference task with known ground truth (see rayalign.data.synthetic)."""
 
     task: Literal["arithmetic"] = "arithmetic"
     num_pairs: int = Field(256, ge=1)
@@ -193,7 +193,7 @@ class TrainConfig(_Section):
 
 
 class MonitorConfig(_Section):
-    """Watching for DPO's failure mode during training (see rayalign.alarms)."""
+    """Watching for DPO's failure mode during training (see rayalign.diagnostics.alarms)."""
 
     alarm_window: int = Field(10, ge=2, description="Logged steps the pathology alarm looks back over.")
     alarm_min_change: float = Field(

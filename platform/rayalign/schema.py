@@ -20,6 +20,10 @@ A scored row, for example::
      "rejected_ids": [4], "ref_chosen_logps": -7.1, "ref_rejected_logps": -3.2,
      "chosen_tokens": 2, "rejected_tokens": 1}
 
+Inside the data stage, before the quarantine is split off, rows also carry the raw ``record`` (kept only
+when rejected), its ``status`` (``ok`` or the rejection reason), the ``field`` and ``detail`` of the
+rejection, and whether the pair was ``truncated``; only the columns above leave the stage.
+
 (``source``, ``row``) identifies a pair across stages (the held-out split hashes it; refcheck joins on it).
 """
 
@@ -42,6 +46,13 @@ CHOSEN_TOKENS = "chosen_tokens"
 REJECTED_TOKENS = "rejected_tokens"
 CHOSEN_TOKEN_LOGPS = "chosen_token_logps"
 REJECTED_TOKEN_LOGPS = "rejected_token_logps"
+
+# The data stage's working columns (see above).
+RECORD = "record"
+STATUS = "status"
+FIELD = "field"
+DETAIL = "detail"
+TRUNCATED = "truncated"
 
 PAIR_KEY = (SOURCE, ROW)
 TOKEN_COLUMNS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS)

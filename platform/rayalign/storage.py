@@ -15,11 +15,22 @@ Without ``output.storage`` the run directory is the storage and nothing is copie
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from rayalign.config import OutputConfig
+
+if TYPE_CHECKING:
+    from rayalign.config import RunConfig
+
+# The run directory's files, by name (see rayalign.pipeline for the whole layout).
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+QUARANTINE_FILE = "quarantine.jsonl"
 
 
 def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -66,3 +77,24 @@ def publish(output: OutputConfig, local_dir: Path) -> str:
     dest = f"{output.run_storage}/{local_dir.relative_to(output.run_dir).as_posix()}"
     upload(local_dir, dest)
     return dest
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run directory, drop the files a previous run of the same name left, write the config."""
+    run_dir = cfg.output.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+    return run_dir
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from rayalign.config import RunConfig
-from rayalign.data import prepare_pairs
-from rayalign.reference import add_reference_logps
+from rayalign.data.records import prepare_pairs
+from rayalign.reference.actors import add_reference_logps
 from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, ROW, SOURCE, TOKEN_LOGPS_COLUMNS
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from rayalign.config import RunConfig
-from rayalign.data import prepare_pairs
-from rayalign.reference import add_reference_logps
+from rayalign.data.records import prepare_pairs
+from rayalign.reference.actors import add_reference_logps
 from rayalign.schema import (
     CHOSEN_IDS,
     CHOSEN_TOKENS,

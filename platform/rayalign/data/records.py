@@ -40,11 +40,12 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FileBasedDatasource
 
 from rayalign.config import DataConfig, RunConfig
-from rayalign.schema import PAIR_KEY, ROW, SOURCE, TOKEN_COLUMNS
+from rayalign.schema import DETAIL, FIELD, PAIR_KEY, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
+from rayalign.storage import QUARANTINE_FILE
 
 HH_ASSISTANT = "\n\nAssistant:"
 OK = "ok"
-_RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), ("record", pa.string())])
+_RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), (RECORD, pa.string())])
 _RAW_ROWS_PER_BLOCK = 1024
 
 
@@ -276,40 +277,32 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
 class PairTokenizer:
     """Ray Data callable: raw records -> tokenized pairs, or a reason they were rejected."""
 
-    def __init__(self, tokenizer_dir: str, data_cfg: dict[str, Any]):
+    def __init__(self, tokenizer_dir: str, data_cfg: DataConfig):
         from rayalign.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.cfg = DataConfig.model_validate(data_cfg)
+        self.cfg = data_cfg
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out: dict[str, list] = {k: [] for k in ("status", "field", "detail", "truncated", *TOKEN_COLUMNS)}
-        kept_records = []
-        for record in batch.column("record").to_pylist():
+        out: dict[str, list] = {k: [] for k in (STATUS, FIELD, DETAIL, RECORD, TRUNCATED, *TOKEN_COLUMNS)}
+        for record in batch.column(RECORD).to_pylist():
             try:
-                ids = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
-                status, fld, detail, truncated = OK, None, None, ids[3]
-                kept_records.append(None)  # the raw text is only kept for the quarantine
+                *ids, truncated = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
+                status, fld, detail, kept = OK, None, None, None  # the raw text is only kept for the quarantine
             except RecordError as err:
-                ids = ([], [], [], False)
-                status, fld, detail, truncated = err.reason, err.field, err.detail, False
-                kept_records.append(record)
-            out["status"].append(status)
-            out["field"].append(fld)
-            out["detail"].append(detail)
-            out["truncated"].append(truncated)
-            for name, value in zip(TOKEN_COLUMNS, ids[:3]):
+                ids, truncated = ([], [], []), False
+                status, fld, detail, kept = err.reason, err.field, err.detail, record
+            for name, value in zip((STATUS, FIELD, DETAIL, RECORD, TRUNCATED), (status, fld, detail, kept, truncated)):
+                out[name].append(value)
+            for name, value in zip(TOKEN_COLUMNS, ids):
                 out[name].append(value)
         ids_type = pa.list_(pa.int32())
         return pa.table(
             {
                 SOURCE: batch.column(SOURCE),
                 ROW: batch.column(ROW),
-                "status": pa.array(out["status"], pa.string()),
-                "field": pa.array(out["field"], pa.string()),
-                "detail": pa.array(out["detail"], pa.string()),
-                "record": pa.array(kept_records, pa.string()),
-                "truncated": pa.array(out["truncated"], pa.bool_()),
+                **{name: pa.array(out[name], pa.string()) for name in (STATUS, FIELD, DETAIL, RECORD)},
+                TRUNCATED: pa.array(out[TRUNCATED], pa.bool_()),
                 **{name: pa.array(out[name], ids_type) for name in TOKEN_COLUMNS},
             }
         )
@@ -355,7 +348,7 @@ class DataReport:
 
 def _only(status_is_ok: bool):
     def keep(batch: pa.Table) -> pa.Table:
-        is_ok = pc.equal(batch.column("status"), OK)
+        is_ok = pc.equal(batch.column(STATUS), OK)
         return batch.filter(is_ok if status_is_ok else pc.invert(is_ok))
 
     return keep
@@ -365,16 +358,16 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
     counts: Counter = Counter()
     with path.open("w") as f:
         for row in rejected.iter_rows():
-            counts[row["status"]] += 1
+            counts[row[STATUS]] += 1
             f.write(
                 json.dumps(
                     {
                         SOURCE: row[SOURCE],
                         ROW: int(row[ROW]),
-                        "reason": row["status"],
-                        "field": row["field"],
-                        "detail": row["detail"],
-                        "record": row["record"],
+                        "reason": row[STATUS],
+                        "field": row[FIELD],
+                        "detail": row[DETAIL],
+                        "record": row[RECORD],
                     }
                 )
                 + "\n"
@@ -396,18 +389,18 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
     prepared = (
         records.map_batches(
             PairTokenizer,
-            fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "data_cfg": cfg.data.model_dump()},
+            fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "data_cfg": cfg.data},
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=1),
             num_cpus=num_cpus,
         )
         .materialize()
     )
-    report = DataReport(quarantine_path=str(run_dir / "quarantine.jsonl"))
-    for batch in prepared.select_columns(["status", "truncated"], num_cpus=num_cpus).iter_batches(batch_format="pyarrow"):
+    report = DataReport(quarantine_path=str(run_dir / QUARANTINE_FILE))
+    for batch in prepared.select_columns([STATUS, TRUNCATED], num_cpus=num_cpus).iter_batches(batch_format="pyarrow"):
         report.total += batch.num_rows
-        report.ok += pc.sum(pc.equal(batch.column("status"), OK)).as_py() or 0
-        report.truncated += pc.sum(batch.column("truncated")).as_py() or 0
+        report.ok += pc.sum(pc.equal(batch.column(STATUS), OK)).as_py() or 0
+        report.truncated += pc.sum(batch.column(TRUNCATED)).as_py() or 0
     rejected = prepared.map_batches(_only(status_is_ok=False), batch_format="pyarrow", num_cpus=num_cpus)
     report.quarantined = dict(_write_quarantine(rejected, Path(report.quarantine_path)))
 
@@ -436,7 +429,7 @@ def split_heldout(pairs: Dataset, cfg: RunConfig) -> tuple[Dataset, Dataset | No
     every run and at every stage (tokenized or scored), so splitting never needs a materialization.
     The name, not the path: a sweep and the retraining of its best config write the synthetic task
     to different directories and must still split it the same way."""
-    fraction = cfg.data.eval_fraction
+    seed, fraction = cfg.data.seed, cfg.data.eval_fraction  # what the Ray Data tasks need, not the run
     if fraction == 0:
         return pairs, None
 
@@ -444,7 +437,7 @@ def split_heldout(pairs: Dataset, cfg: RunConfig) -> tuple[Dataset, Dataset | No
         def select(batch: pa.Table) -> pa.Table:
             names = [PurePath(src).name for src in batch.column(SOURCE).to_pylist()]
             keys = zip(names, batch.column(ROW).to_pylist())
-            is_heldout = [zlib.crc32(f"{cfg.data.seed}:{src}:{row}".encode()) / 2**32 < fraction for src, row in keys]
+            is_heldout = [zlib.crc32(f"{seed}:{src}:{row}".encode()) / 2**32 < fraction for src, row in keys]
             return batch.filter(pa.array([h == heldout for h in is_heldout]))
 
         return select

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from rayalign.metrics import read_jsonl
+from rayalign.storage import read_jsonl
 
 # (metric key, panel title, draw the 0.5 chance line), in reading order: the top row is the
 # failure-mode story (loss vs. both accuracies), the bottom row explains it.
@@ -199,7 +199,7 @@ def plot_sweep(trials: list[dict[str, Any]], x_key: str, objective: str, out: Pa
     """Two panels: each trial's final ``objective`` against ``x_key`` (e.g. γ), and the
     objective over training steps per trial (ASHA's early stops show as short curves).
 
-    ``trials`` are rows of ``rayalign.sweep`` (params, status, objective, objective_history)."""
+    ``trials`` are rows of ``rayalign.tune.sweep`` (params, status, objective, objective_history)."""
     fig = Figure(figsize=(13.0, 5.0), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     final_ax, curve_ax = fig.subplots(1, 2)

@@ -24,7 +24,7 @@ import ray
 from ray.data import Dataset
 
 from rayalign.config import RunConfig
-from rayalign.reference import add_reference_logps
+from rayalign.reference.actors import add_reference_logps
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "config.json")
 TOKENIZER_PATTERNS = (

@@ -1,4 +1,4 @@
-"""Training metrics: pure per-pair statistics, an interval accumulator, and the JSONL log.
+"""Training metrics: pure per-pair statistics and an interval accumulator.
 
 Beyond the loss, two metrics make DPO's failure mode visible:
 
@@ -9,10 +9,8 @@ Beyond the loss, two metrics make DPO's failure mode visible:
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -99,13 +97,3 @@ class IntervalMeter:
         row["tokens/s"] = tokens / max(elapsed_s, 1e-9)
         return row
 
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,43 @@
+"""The data stage: the opening every workflow shares (model, Ray, files, validated tokenized pairs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.data import Dataset
+
+from rayalign.config import RunConfig
+from rayalign.data.records import DataReport, prepare_pairs
+from rayalign.data.synthetic import generate, write_jsonl
+from rayalign.models import resolve_run_model
+from rayalign.runtime import ResourceDemand, init_ray
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The starting weights, the data files, and the validated, tokenized pairs (in the object
+    store) with their counts and quarantine."""
+
+    model_dir: Path
+    paths: list[str]
+    pairs: Dataset
+    report: DataReport
+
+
+def data_paths(cfg: RunConfig, out_dir: Path) -> list[str]:
+    """The configured files, or the synthetic task written into ``out_dir``."""
+    if cfg.data.paths:
+        return list(cfg.data.paths)
+    assert cfg.data.synthetic is not None
+    return [str(write_jsonl(generate(cfg.data.synthetic), out_dir / "data" / "synthetic.jsonl"))]
+
+
+def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand) -> PreparedData:
+    """Resolve the model, connect to Ray (checking ``demand`` fits), read and tokenize the data."""
+    model_dir = resolve_run_model(cfg)
+    init_ray(cfg.ray, demand)
+    paths = data_paths(cfg, out_dir)
+    pairs, report = prepare_pairs(cfg, paths, model_dir, out_dir)
+    print(f"[rayalign] {report.summary_line()}", flush=True)
+    return PreparedData(model_dir, paths, pairs, report)

@@ -1,0 +1,74 @@
+"""Checkpoints and the exported model: what survives a worker, its node, or the end of the run.
+
+A checkpoint holds every rank's DeepSpeed shards (weights, optimizer, scheduler, step) plus rank 0's
+``metrics.jsonl`` up to that step, so the history survives the loss of rank 0's node. Restoring puts
+both back; the data position is recomputed from the step (see :mod:`rayalign.train.worker`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train import Checkpoint
+
+from rayalign.storage import METRICS_FILE, read_jsonl, upload
+
+DEEPSPEED_TAG = "deepspeed"
+
+
+def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = None) -> None:
+    """Report to Ray Train (a barrier across workers); with ``engine``, also checkpoint it, together
+    with rank 0's ``metrics_path``."""
+    if engine is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        if metrics_path is not None and metrics_path.exists():
+            shutil.copy(metrics_path, Path(tmp) / METRICS_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    # A checkpoint is restorable only once Ray Train's controller has taken it from the worker's
+    # one-slot report queue (it polls every 2 s). This report waits for that, so a node lost after
+    # training moved on never restores from an older checkpoint. No held-out metrics in it: Tune's
+    # callback ignores it.
+    ray.train.report({"step": metrics["step"]})
+
+
+def restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int) -> list[dict[str, Any]]:
+    """Load the engine (weights, optimizer, scheduler, step) from ``checkpoint``; on rank 0 also put
+    ``metrics.jsonl`` back as it was at that step and return its rows (the alarm's history)."""
+    with checkpoint.as_directory() as ckpt_dir:
+        engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG)
+        saved = Path(ckpt_dir) / METRICS_FILE
+        if rank != 0 or not saved.exists():
+            return []
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(saved, metrics_path)
+    return read_jsonl(metrics_path)
+
+
+def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
+    """One file of a (possibly remote) checkpoint, without downloading the model shards."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as stream:
+        return stream.read()
+
+
+def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zero_stage: int, rank: int) -> None:
+    """Save the policy in Hugging Face format to ``out_dir`` on rank 0's node, then to storage."""
+    import deepspeed
+
+    from rayalign.models import load_tokenizer
+
+    # ZeRO-3 shards parameters across ranks: gather full tensors before saving.
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
+    with gather:
+        if rank == 0:
+            engine.module.save_pretrained(out_dir, safe_serialization=True)
+            load_tokenizer(model_dir).save_pretrained(out_dir)
+            upload(out_dir, storage_uri)

@@ -1,0 +1,86 @@
+"""The training stage: fit on the reference stage's :class:`ScoredPairs`, then write ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rayalign.config import RunConfig
+from rayalign.reference.stage import ScoredPairs
+from rayalign.storage import CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, upload
+from rayalign.train.checkpoint import read_checkpoint_file
+from rayalign.train.trainer import fit
+
+SUMMARY_METRICS = ("rewards/accuracies", "pref/absolute_accuracy", "pref/frac_in_U", "rewards/margins")
+
+
+def summarize(cfg: RunConfig, model_dir: Path, data_report: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """``summary.json``: first and last metrics, alarms, held-out metrics, data counts, where the files are."""
+    run_dir = cfg.output.run_dir
+    rows = read_jsonl(run_dir / METRICS_FILE)
+    if not rows:
+        raise RuntimeError(f"training logged no steps: {run_dir / METRICS_FILE} is empty")
+    # Average a few rows at each end so one noisy micro-batch does not decide "loss fell".
+    k = max(1, min(3, len(rows) // 4))
+    first = {key: sum(r[key] for r in rows[:k]) / k for key in ("loss", *SUMMARY_METRICS)}
+    last = {key: sum(r[key] for r in rows[-k:]) / k for key in ("loss", *SUMMARY_METRICS)}
+    alarms = [{"step": r["step"], "reason": r["alarm"]} for r in rows if "alarm" in r]
+    resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
+    evaluated = [r for r in rows if "eval/loss" in r]
+    storage = cfg.output.run_storage
+    return {
+        "run": cfg.output.name,
+        "loss_type": cfg.loss.type,
+        "steps": rows[-1]["step"],
+        "first": first,
+        "last": last,
+        "loss_decreased": last["loss"] < first["loss"],
+        "pathology_alarm": bool(alarms),
+        "alarms": alarms,
+        "resumed_from_steps": resumed,
+        "heldout": {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else None,
+        "data": data_report,
+        "wall_seconds": round(wall_s, 1),
+        "files": {
+            "run_dir": str(run_dir),
+            "config": str(run_dir / CONFIG_FILE),
+            "metrics": str(run_dir / METRICS_FILE),
+            "quarantine": str(run_dir / QUARANTINE_FILE),
+            "model": f"{storage}/model",
+            "base_model": str(model_dir),
+            "checkpoints": f"{storage}/ray",
+            "storage": storage,
+        },
+    }
+
+
+def train_stage(
+    cfg: RunConfig,
+    model_dir: Path,
+    scored: ScoredPairs,
+    data_report: dict[str, Any],
+    started: float,
+    callbacks: list | None = None,
+    resume_name: str | None = None,
+) -> dict[str, Any]:
+    """Fit on ``scored`` into ``cfg.output.run_dir``; write and return summary.json.
+
+    ``callbacks`` and ``resume_name`` as :func:`rayalign.train.trainer.fit` takes them (a sweep trial).
+    """
+    run_dir = cfg.output.run_dir
+    result = fit(cfg, scored.train, scored.num_train, model_dir, scored.heldout, callbacks, resume_name)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
+    # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
+    (run_dir / METRICS_FILE).write_bytes(read_checkpoint_file(result.checkpoint, METRICS_FILE))
+    summary = summarize(cfg, model_dir, data_report, time.perf_counter() - started)
+    summary["reference"] = scored.source.as_dict()
+    if scored.heldout is not None:
+        summary["reference"]["heldout_pairs"] = scored.heldout.count()
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    for name in (CONFIG_FILE, QUARANTINE_FILE, METRICS_FILE, SUMMARY_FILE):
+        if (run_dir / name).exists():
+            upload(run_dir / name, f"{cfg.output.run_storage}/{name}")
+    return summary

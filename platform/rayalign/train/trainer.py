@@ -1,0 +1,80 @@
+"""Ray Train's TorchTrainer for one run: how many steps, which resources, which datasets."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from pathlib import Path
+
+from ray.data import Dataset
+from ray.train import CheckpointConfig, FailureConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train import ScalingConfig as RayScalingConfig
+from ray.train.torch import TorchTrainer
+
+from rayalign.config import RunConfig, TrainConfig
+from rayalign.train.worker import WorkerPlan, train_loop_per_worker
+
+
+def micro_batches_per_epoch(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
+    """Micro-batches each worker reads per epoch (Ray Train splits the stream equally across workers)."""
+    return math.ceil((num_pairs // num_workers) / train.micro_batch_size)
+
+
+def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
+    """Optimizer steps the run will take."""
+    micro_batches = micro_batches_per_epoch(train, num_workers, num_pairs)
+    steps = train.epochs * (micro_batches // train.gradient_accumulation_steps)
+    if steps == 0:
+        raise ValueError(
+            f"{num_pairs} usable pairs are not enough for one optimizer step with {num_workers} workers × "
+            f"micro_batch_size {train.micro_batch_size} × gradient_accumulation_steps "
+            f"{train.gradient_accumulation_steps}"
+        )
+    return min(steps, train.max_steps) if train.max_steps else steps
+
+
+def fit(
+    cfg: RunConfig,
+    pairs: Dataset,
+    num_pairs: int,
+    model_dir: Path,
+    heldout: Dataset | None = None,
+    callbacks: list | None = None,
+    resume_name: str | None = None,
+):
+    """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result.
+
+    ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a sweep trial.
+    ``resume_name``: Ray Train continues a run of this name under the same storage path from its last
+    checkpoint (a sweep trial that Tune restores); None starts a fresh run.
+    """
+    s = cfg.scaling
+    plan = WorkerPlan(
+        model_dir=str(model_dir),
+        dtype=cfg.model.dtype,
+        loss=cfg.loss,
+        train=cfg.train,
+        monitor=cfg.monitor,
+        run_dir=str(cfg.output.run_dir),
+        model_storage=f"{cfg.output.run_storage}/model",
+        total_steps=planned_steps(cfg.train, s.num_workers, num_pairs),
+        micro_batches_per_epoch=micro_batches_per_epoch(cfg.train, s.num_workers, num_pairs),
+        has_eval=heldout is not None,
+    )
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan},
+        scaling_config=RayScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        datasets={"train": pairs, **({"eval": heldout} if heldout is not None else {})},
+        run_config=RayRunConfig(
+            name=resume_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=f"{cfg.output.run_storage}/ray",
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    return trainer.fit()

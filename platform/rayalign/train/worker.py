@@ -1,0 +1,283 @@
+"""What each Ray Train worker runs: a DeepSpeed engine stepping through its shard of scored pairs.
+
+Each worker reads its shard of the reference-scored stream (``ray.train.get_dataset_shard``),
+computes policy log-probs of chosen and rejected in one forward pass over the concatenated batch,
+applies the configured objective (:func:`rayalign.losses.objective`), and steps a DeepSpeed engine
+(ZeRO 0-3). Rank 0 appends one row per logging step to ``metrics.jsonl``; held-out evaluations and
+checkpoints are reported to Ray Train. At the end the policy is saved in Hugging Face format.
+
+The steps, by name: :meth:`TrainingWorker.setup` (engine, restore, shards),
+:meth:`~TrainingWorker.train` (epochs of micro-batches), :meth:`~TrainingWorker.log_step`
+(metrics, held-out evaluation, alarm), :meth:`~TrainingWorker.save` (checkpoint, export).
+
+Fault tolerance: when a worker or its node is lost, Ray Train restarts the worker group
+(``train.max_failures``) from the last checkpoint: the engine, the step counter and the metrics
+history come back from it, and each worker skips the micro-batches of the current epoch it had
+already trained, so the run ends at the planned step count with each step logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+from rayalign.config import LossConfig, MonitorConfig, TrainConfig
+from rayalign.diagnostics.alarms import pathology_alarm
+from rayalign.distributed import Collective
+from rayalign.logprobs import sequence_logps, split_pairs
+from rayalign.losses import ObjectiveTerms, PairLogps, objective
+from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, collate_pairs
+from rayalign.storage import METRICS_FILE, append_jsonl
+from rayalign.train import checkpoint
+from rayalign.train.metrics import IntervalMeter, preference_stats
+
+# Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a training worker is given: its config sections and the run's fixed numbers."""
+
+    model_dir: str
+    dtype: str  # resolved model.dtype
+    loss: LossConfig
+    train: TrainConfig
+    monitor: MonitorConfig
+    run_dir: str  # local run directory (metrics.jsonl on rank 0's node)
+    model_storage: str  # where rank 0 keeps the exported model
+    total_steps: int
+    micro_batches_per_epoch: int
+    has_eval: bool
+
+
+def deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        # We pass a torch optimizer: naming one here would JIT-build fused_adam (~70 s on CPU).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_schedule(train: TrainConfig, total_steps: int):
+    """Multiplier on the base learning rate: linear warm-up, then constant/linear/cosine decay."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+        if train.scheduler == "linear":
+            return 1.0 - progress
+        if train.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _score_batch(
+    model, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device: torch.device
+) -> tuple[ObjectiveTerms, int]:
+    """The objective's terms for one micro-batch, and its count of real (non-padding) tokens.
+
+    Everything stays on ``device`` (no host synchronisation); the loss maths is float32 whatever
+    the model's dtype, and the reference column (float64 from the actors) is cast to it there.
+    """
+    pairs = collate_pairs(batch, pad_id)
+    tokens = int(pairs.attention_mask.sum())  # counted on the host, before the copy to the device
+    pairs = pairs.to(device)
+    logps, counts = sequence_logps(model, pairs)
+    policy_chosen, policy_rejected = split_pairs(logps)
+    chosen_tokens, rejected_tokens = split_pairs(counts)
+    terms = objective(loss_cfg, PairLogps(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen=torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=device).to(logps.dtype),
+        ref_rejected=torch.as_tensor(batch[REF_REJECTED_LOGPS], device=device).to(logps.dtype),
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    ))
+    return terms, tokens
+
+
+def _evaluate(
+    model, batches, loss_cfg: LossConfig, pad_id: int, device: torch.device, collective: Collective
+) -> dict[str, float]:
+    """The training metrics on the held-out ``batches``, averaged over every worker's shard."""
+    meter = IntervalMeter(device)
+    start = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            terms, tokens = _score_batch(model, batch, loss_cfg, pad_id, device)
+            meter.add(terms.loss, preference_stats(*terms.compared, beta=loss_cfg.beta), tokens)
+    model.train()
+    row = meter.reduce(start, all_reduce=collective.all_reduce_sum)
+    return {f"eval/{key}": value for key, value in row.items() if not key.endswith("/s")}
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """This worker's peak accelerator memory so far (GiB); nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+def _log_line(row: dict[str, Any], total_steps: int) -> str:
+    return (
+        f"step {row['step']}/{total_steps} loss={row['loss']:.4f} reward_acc={row['rewards/accuracies']:.3f} "
+        f"abs_acc={row['pref/absolute_accuracy']:.3f} frac_in_U={row['pref/frac_in_U']:.3f} "
+        f"pairs/s={row['pairs/s']:.1f}"
+    )
+
+
+class TrainingWorker:
+    """One rank's training: built by :meth:`setup`, then :meth:`train`, then :meth:`save`."""
+
+    def __init__(self, plan: WorkerPlan, engine, pad_id: int, history: list[dict[str, Any]], resumed: bool):
+        self.plan = plan
+        self.engine = engine
+        self.pad_id = pad_id
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = torch.device(engine.device)
+        self.collective = Collective.of_worker_group(self.device)
+        self.metrics_path = Path(plan.run_dir) / METRICS_FILE
+        self.history = history  # rank 0's logged rows, for the pathology alarm
+        self.meter = IntervalMeter(self.device)
+        self.interval_start: float | None = None  # set at the first batch: start-up is not throughput
+        self.resumed_from = engine.global_steps if resumed else None
+        self.checkpointed_step = engine.global_steps
+        self.last_row: dict[str, Any] = {"step": engine.global_steps}
+        self.shard = ray.train.get_dataset_shard("train")
+        self.eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+
+    @classmethod
+    def setup(cls, plan: WorkerPlan) -> TrainingWorker:
+        """Model, optimizer, schedule and DeepSpeed engine; restored from Ray Train's checkpoint if any."""
+        import deepspeed
+
+        # The shared-memory comm op would be JIT-compiled with g++ (~60 s); gloo works without it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        from rayalign.models import load_causal_lm, load_tokenizer
+
+        rank = ray.train.get_context().get_world_rank()
+        torch.manual_seed(plan.train.seed + rank)
+        model = load_causal_lm(plan.model_dir, plan.dtype)
+        t = plan.train
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas,
+                                      weight_decay=t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, plan.total_steps))
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, plan.dtype)
+        )
+        metrics_path = Path(plan.run_dir) / METRICS_FILE
+        saved = ray.train.get_checkpoint()
+        history = []
+        if saved is not None:
+            history = checkpoint.restore(engine, saved, metrics_path, rank)
+        elif rank == 0:  # rank 0 may be on another node than the driver, which cleared its own copy
+            metrics_path.unlink(missing_ok=True)
+        return cls(plan, engine, load_tokenizer(plan.model_dir).pad_token_id, history, resumed=saved is not None)
+
+    def train(self) -> None:
+        """Epochs of micro-batches until the planned step count; after a restore, resume mid-epoch."""
+        plan, engine = self.plan, self.engine
+        # Where the data stands after a restore: whole epochs done, then micro-batches of this epoch done.
+        start_epoch, skip = divmod(engine.global_steps * plan.train.gradient_accumulation_steps,
+                                   plan.micro_batches_per_epoch)
+        if self.resumed_from is not None:
+            logger.info("resumed from the checkpoint at step %d: epoch %d, skipping %d micro-batches",
+                        self.resumed_from, start_epoch, skip)
+        for epoch in range(start_epoch, plan.train.epochs):
+            if engine.global_steps >= plan.total_steps:
+                return
+            for batch in self.shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy"):
+                if skip:  # already trained before the restore
+                    skip -= 1
+                    continue
+                step_before = engine.global_steps
+                self._train_micro_batch(batch)
+                if engine.global_steps == step_before:  # still accumulating gradients
+                    continue
+                self.log_step(epoch)
+                if engine.global_steps >= plan.total_steps:
+                    return
+
+    def _train_micro_batch(self, batch: dict[str, Any]) -> None:
+        self.interval_start = self.interval_start or time.perf_counter()
+        terms, tokens = _score_batch(self.engine, batch, self.plan.loss, self.pad_id, self.device)
+        self.engine.backward(terms.loss.mean())
+        self.engine.step()
+        self.meter.add(terms.loss, preference_stats(*terms.compared, beta=self.plan.loss.beta), tokens)
+
+    def log_step(self, epoch: int) -> None:
+        """After an optimizer step: log (every ``train.log_every``), evaluate, checkpoint, as due."""
+        plan, step = self.plan, self.engine.global_steps
+        done = step >= plan.total_steps
+        every_eval, every_ckpt = plan.monitor.eval_every, plan.train.checkpoint_every
+        evaluate = self.eval_shard is not None and (done or bool(every_eval and step % every_eval == 0))
+        if step % plan.train.log_every and not (done or evaluate):
+            return
+        row = {"step": step, "epoch": epoch, "lr": self.engine.get_lr()[0]}
+        if self.resumed_from is not None:
+            row["resumed_from_step"], self.resumed_from = self.resumed_from, None
+        row.update(self.meter.reduce(self.interval_start, all_reduce=self.collective.all_reduce_sum))
+        if evaluate:
+            batches = self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy")
+            row.update(_evaluate(self.engine, batches, plan.loss, self.pad_id, self.device, self.collective))
+        row.update(_peak_memory(self.device))
+        self.interval_start = time.perf_counter()
+        if self.rank == 0:
+            self._record(row)
+        self.last_row = row
+        # Only what a consumer needs goes to Ray Train (checkpoints; held-out metrics for Tune):
+        # a worker blocks in report() until the controller, polling every 2 s, took the last one,
+        # so reporting every logged step would cap training at one step per 2 s.
+        if done or (every_ckpt and step % every_ckpt == 0):
+            self.save_checkpoint()
+        elif evaluate:
+            checkpoint.report(row)
+
+    def _record(self, row: dict[str, Any]) -> None:
+        """Rank 0: the alarm, the metrics file, the log line."""
+        monitor = self.plan.monitor
+        self.history.append(row)
+        alarm = pathology_alarm(self.history, monitor.alarm_window, monitor.alarm_min_change)
+        if alarm:
+            row["alarm"] = alarm
+            if "alarm" not in (self.history[-2] if len(self.history) > 1 else {}):
+                logger.warning("PATHOLOGY ALARM at step %d: %s", row["step"], alarm)
+        append_jsonl(self.metrics_path, row)
+        logger.info(_log_line(row, self.plan.total_steps))
+
+    def save_checkpoint(self) -> None:
+        checkpoint.report(self.last_row, self.engine, self.metrics_path)
+        self.checkpointed_step = self.last_row["step"]
+
+    def save(self) -> None:
+        """The final checkpoint (if the stream ended before the planned step count) and the HF export."""
+        if self.checkpointed_step != self.engine.global_steps:
+            self.save_checkpoint()
+        plan = self.plan
+        checkpoint.export_hf_model(self.engine, plan.model_dir, Path(plan.run_dir) / "model", plan.model_storage,
+                                   plan.train.zero_stage, self.rank)
+
+
+def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:
+    """Ray Train's entry point on every worker (``train_loop_config={"plan": WorkerPlan}``)."""
+    worker = TrainingWorker.setup(config["plan"])
+    worker.train()
+    worker.save()

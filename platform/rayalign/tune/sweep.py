@@ -1,0 +1,269 @@
+"""Sweep stage: Ray Tune searches the constraint strength; every trial is a full training run.
+
+    data stage ─▶ reference, once, into the reference cache ─▶ Ray Tune ─▶ trial: Ray Train + DeepSpeed
+                                                                          on the cached scores
+
+The reference log-probs depend on the model and the data, not on γ, α, τ, β or the learning
+rate, so the sweep scores them once (``rayalign.reference.cache``), keeps the scored set in the
+object store, and hands that dataset to every trial: no trial starts a reference engine. Trials
+report each held-out evaluation to Tune (Ray Train's ``TuneReportCallback``); ASHA compares them
+on the held-out objective and stops the weak ones.
+
+Sweep directory (``<output.root>/<output.name>/``, kept in ``<output.storage>/<output.name>/``)::
+
+    config.yaml             the sweep's config (a resumed sweep must match it)
+    quarantine.jsonl        records the data stage rejected
+    tune/                   Ray Tune's experiment state, written to the storage path directly:
+                            what resuming reads (not the head node's local disk)
+    trials/<trial_id>/      one run directory per trial (config.yaml, metrics.jsonl, summary.json, model/)
+    sweep_results.csv       one row per trial: status, parameters, final metrics
+    best_config.yaml        the best completed trial's config, as `rayalign train --config` takes it
+    objective_vs_<key>.png  the objective against γ (or the first searched key)
+    sweep_summary.json      all of the above in one file
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.tune
+from ray import tune
+from ray.data import Dataset
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
+from rayalign.data.records import split_heldout
+from rayalign.data.stage import PreparedData, prepare_data
+from rayalign.reference.cache import describe
+from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
+from rayalign.runtime import ResourceDemand
+from rayalign.storage import CONFIG_FILE, prepare_run_dir, read_text, remove, upload
+from rayalign.train.stage import train_stage
+from rayalign.train.trainer import planned_steps
+from rayalign.tune.results import collect_trials, format_sweep_table, write_results
+
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+SUMMARY_FILE = "sweep_summary.json"
+__all__ = ["run_sweep", "format_sweep_table"]
+
+
+class HeldoutReportCallback(TuneReportCallback):
+    """Forwards to Tune only the reports that carry held-out metrics (every ``monitor.eval_every``
+    steps and the last step): Tune requires the objective in every result it receives, and the
+    per-step training metrics are in the trial's metrics.jsonl anyway."""
+
+    def __init__(self, objective: str):
+        super().__init__()
+        self.objective = objective
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if self.objective in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, model_dir: str,
+              scored: Dataset, num_scored: int, source: ReferenceSource, data_report: dict[str, Any]) -> None:
+    """One Tune trial: train on the sweep's reference-scored pairs with the trial's settings."""
+    started = time.perf_counter()
+    trial_id = tune.get_context().get_trial_id()
+    cfg = with_values(base, {**params, "output.name": trial_id}, origin=f"sweep trial {trial_id}")
+    prepare_run_dir(cfg)
+    train_stage(cfg, Path(model_dir), split_scored(cfg, scored, source, num_scored), data_report, started,
+                # The trial's run directory is its own: a fixed Ray Train run name lets a trial that
+                # Tune restores (resumed sweep, errored trial) continue from its last checkpoint.
+                callbacks=[HeldoutReportCallback(objective)], resume_name="train")
+
+
+def trial_dirname(trial) -> str:
+    """Tune's folder for a trial is named by its id, like the trial's run directory."""
+    return trial.trial_id
+
+
+def _tune_domain(dim: SearchDimension, search: str):
+    if dim.uniform is not None:
+        return tune.uniform(*dim.uniform)
+    if dim.loguniform is not None:
+        return tune.loguniform(*dim.loguniform)
+    return tune.grid_search(dim.values) if search == "grid" else tune.choice(dim.values)
+
+
+def _searcher(sweep: SweepConfig):
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=sweep.seed)  # metric, mode and concurrency come from TuneConfig
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)
+
+
+def _scheduler(sweep: SweepConfig, steps: int):
+    if sweep.early_stopping == "none":
+        return None
+    if sweep.asha.grace_period >= steps:
+        raise ConfigError(
+            f"sweep.asha.grace_period ({sweep.asha.grace_period}) must be below the {steps} steps each trial plans"
+        )
+    # Rungs end before the last step, so a trial that survives them finishes and exports its
+    # model instead of being stopped at its final report.
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=steps - 1,
+        grace_period=sweep.asha.grace_period,
+        reduction_factor=sweep.asha.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
+    """The trials' base config: Tune runs each trial in its own working directory."""
+    tree = cfg.model_dump(mode="json", exclude={"sweep"})
+    if cfg.model.path and not cfg.model.path.startswith("package:"):
+        tree["model"]["path"] = str(Path(cfg.model.path).expanduser().resolve())
+    tree["data"]["paths"] = [str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
+    tree["reference"]["cache_root"] = str(Path(cfg.reference.cache_root).expanduser().resolve())
+    tree["output"]["root"] = str(trials_root)
+    if cfg.output.storage is not None:
+        tree["output"]["storage"] = f"{cfg.output.run_storage}/{TRIALS_DIR}"
+    return tree
+
+
+def _check_resumable(cfg: RunConfig) -> None:
+    saved = f"{cfg.output.run_storage}/{CONFIG_FILE}"
+    text = read_text(saved)
+    if text is not None and text != cfg.to_yaml():
+        raise ConfigError(
+            f"{cfg.output.run_storage} holds an unfinished sweep with a different config ({saved}); "
+            "rerun with --fresh to discard it, or set another output.name"
+        )
+
+
+@dataclass(frozen=True)
+class SharedScores:
+    """The reference scores every trial trains on, scored once by the sweep's driver."""
+
+    data: PreparedData
+    scored: Dataset  # every usable pair, scored, in the object store
+    num_train: int  # the trials' training split
+    source: ReferenceSource
+    scored_now: bool  # False: read from the reference cache
+
+
+def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep in ``cfg.sweep``; writes the sweep directory, returns its summary."""
+    if cfg.sweep is None:
+        raise ConfigError("this config has no `sweep` section (see jobs/configs/sweep-gamma.yaml)")
+    started = time.perf_counter()
+    resuming = _open_sweep_dir(cfg, fresh)
+    shared = _score_once(cfg)
+    steps = planned_steps(cfg.train, cfg.scaling.num_workers, shared.num_train)
+    tuner = _tuner(cfg, shared, steps, resuming)
+    tune_dir = f"{cfg.output.run_storage}/{TUNE_DIR}"
+    trials = collect_trials(tuner.fit(), tune_dir, cfg.sweep, steps, f"{cfg.output.run_storage}/{TRIALS_DIR}")
+    return _write_summary(cfg, shared, trials, steps, time.perf_counter() - started)
+
+
+def _open_sweep_dir(cfg: RunConfig, fresh: bool) -> bool:
+    """Prepare the sweep directory; True when an unfinished sweep with the same config is resumed."""
+    sweep_dir, tune_dir = cfg.output.run_dir, f"{cfg.output.run_storage}/{TUNE_DIR}"
+    if fresh:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        for stale in (TUNE_DIR, TRIALS_DIR):
+            remove(f"{cfg.output.run_storage}/{stale}")
+    if tune.Tuner.can_restore(tune_dir):
+        _check_resumable(cfg)
+        print(f"[rayalign] resuming the sweep in {tune_dir} (finished trials are kept)", flush=True)
+        return True
+    shutil.rmtree(sweep_dir / TRIALS_DIR, ignore_errors=True)
+    prepare_run_dir(cfg)
+    upload(sweep_dir / CONFIG_FILE, f"{cfg.output.run_storage}/{CONFIG_FILE}")  # what a resume checks
+    return False
+
+
+def _score_once(cfg: RunConfig) -> SharedScores:
+    """Whatever reference.cache says, a sweep scores once into the cache and shares the result."""
+    scoring_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
+    data = prepare_data(cfg, cfg.output.run_dir, ResourceDemand.of_run(scoring_cfg, per_trial_cpus=cfg.sweep.trial_cpus))
+    scored, cache = score_into_cache(cfg, data)
+    print(f"[rayalign] reference scored once for all trials: cache {'hit' if cache.hit else 'miss'}, "
+          f"{cache.path}", flush=True)
+    # In the object store once for all trials (a Parquet read in each trial would also want a
+    # whole CPU for its file listing, which trials on a small machine do not leave free).
+    scored = scored.materialize()
+    num_train = split_heldout(scored, cfg)[0].count()  # the trials' split; counted, not materialized
+    source = ReferenceSource(cfg.reference.backend, describe(cache), scored_by_sweep_driver=True)
+    return SharedScores(data, scored, num_train, source, scored_now=not cache.hit)
+
+
+def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool) -> tune.Tuner:
+    """Tune's tuner over ``run_trial``, each trial with the shared scores; restored when resuming."""
+    sweep, sweep_dir = cfg.sweep, cfg.output.run_dir
+    tune_dir = f"{cfg.output.run_storage}/{TUNE_DIR}"
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=_absolute_paths(cfg, sweep_dir / TRIALS_DIR),
+            objective=sweep.objective,
+            model_dir=str(shared.data.model_dir),
+            scored=shared.scored,
+            num_scored=shared.data.report.ok,
+            source=shared.source,
+            data_report=shared.data.report.as_dict(),
+        ),
+        {"cpu": sweep.trial_cpus},
+    )
+    if resuming:
+        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={key: _tune_domain(dim, sweep.search) for key, dim in sweep.space.items()},
+        tune_config=tune.TuneConfig(
+            metric=sweep.objective,
+            mode=sweep.objective_mode,
+            search_alg=_searcher(sweep),
+            scheduler=_scheduler(sweep, steps),
+            num_samples=sweep.num_samples,
+            # Searchers (optuna) take the limit from here; the variant generator has its own.
+            max_concurrent_trials=sweep.max_concurrent_trials if sweep.search == "optuna" else None,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.output.run_storage),
+    )
+
+
+def _write_summary(cfg: RunConfig, shared: SharedScores, trials: list[dict[str, Any]], steps: int, wall_s: float
+                   ) -> dict[str, Any]:
+    """Results table, best config, plot and ``sweep_summary.json``, locally and in storage."""
+    sweep, sweep_dir = cfg.sweep, cfg.output.run_dir
+    unfinished = sum(t["status"] == "unfinished" for t in trials)
+    results_files = write_results(cfg, sweep_dir, trials)
+    summary = {
+        "sweep": cfg.output.name,
+        "objective": sweep.objective,
+        "mode": sweep.objective_mode,
+        "search": sweep.search,
+        "early_stopping": sweep.early_stopping,
+        "planned_steps": steps,
+        "interrupted": unfinished > 0,
+        "counts": {status: sum(t["status"] == status for t in trials)
+                   for status in ("completed", "stopped_early", "error", "unfinished")},
+        "searched": list(sweep.space),
+        "reference": {**shared.source.as_dict(), "scored_now": shared.scored_now},
+        "data": shared.data.report.as_dict(),
+        "trials": trials,
+        "wall_seconds": round(wall_s, 1),
+        # Tune writes its state to storage itself.
+        "files": {**results_files, "tune": f"{cfg.output.run_storage}/{TUNE_DIR}"},
+    }
+    (sweep_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    outputs = [sweep_dir / SUMMARY_FILE, sweep_dir / CONFIG_FILE]
+    outputs += [Path(path) for path in results_files.values() if path]
+    for path in outputs:
+        upload(path, f"{cfg.output.run_storage}/{path.name}")
+    return summary
