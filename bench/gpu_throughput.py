@@ -13,7 +13,7 @@ Contenders, each trained for the same optimizer steps on the same pairs in the s
 * ``trl_precomputed_ref`` / ``trl``: TRL's ``DPOTrainer`` with and without ``precompute_ref_log_probs``
   (without it, a reference model is kept and run every step). TRL is only installed for this benchmark
   (``make install-bench``); without it these are recorded as skipped.
-* ``bare``: a plain loop over the same padded batches (``rayalign.logprobs.collate_pairs``): one policy
+* ``bare``: a plain loop over the same padded batches (``rayalign.packing``, padded layout): one policy
   forward of chosen+rejected concatenated, the DPO sigmoid loss against reference log-probs computed
   before the timed loop, AdamW. A ceiling for this model without packing or kernel work.
 
@@ -581,13 +581,20 @@ def run_bare(s: Setting) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from rayalign.logprobs import sequence_logps, split_pairs
-    from rayalign.schema import collate_pairs
+    from rayalign.logprobs import split_pairs
     from rayalign.models import load_causal_lm, load_tokenizer
+    from rayalign.packing import pack_pairs
+
+    def sequence_logps(model, pairs):
+        """What a plain loop does: full float32 logits of every position, then the response tokens."""
+        logits = model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, use_cache=False).logits
+        logps = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+        per_token = logps[pairs.predictor, pairs.target]
+        return torch.zeros(pairs.counts.shape[0], device=logits.device).index_add(0, pairs.sequence, per_token), None
 
     device = torch.device(s.device)
     pad_id = load_tokenizer(s.model_dir).pad_token_id
-    batches = [collate_pairs(s.pairs.columns(a, b), pad_id) for a, b in s.step_slices()]
+    batches = [pack_pairs(s.pairs.columns(a, b), "padded", pad_id) for a, b in s.step_slices()]
     fresh_memory(s.device)
     started = time.perf_counter()
     model = load_causal_lm(s.model_dir, s.dtype).to(device)
@@ -604,7 +611,7 @@ def run_bare(s: Setting) -> dict[str, Any]:
     sync(s.device)
     start = time.perf_counter()
     for batch, (ref_chosen, ref_rejected) in zip(batches, refs):
-        step_tokens.append(int(batch.attention_mask.sum()))
+        step_tokens.append(batch.real_tokens)
         batch = batch.to(device)
         logps, _ = sequence_logps(model, batch)
         chosen, rejected = split_pairs(logps)
@@ -1102,7 +1109,7 @@ def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[st
                 "variants": {"trl_precomputed_ref": "precompute_ref_log_probs=True (no reference model in memory)",
                              "trl": "precompute_ref_log_probs=False (reference model forward every step)"},
             },
-            "bare": "rayalign.logprobs.collate_pairs batches; reference log-probs scored before the timed loop; "
+            "bare": "rayalign.packing padded batches, full float32 logits; reference log-probs scored before the timed loop; "
             "policy forward of chosen+rejected concatenated; -logsigmoid(beta*margin); clip 1.0; fused AdamW",
             "real_tokens": "non-padding tokens computed on: prompt+chosen plus prompt+rejected per pair",
             "mfu": "6 x non-embedding parameters x real tokens/s / measured peak FLOP/s",

@@ -16,7 +16,8 @@ from rayalign.data.records import Pair, tokenize_pair
 from rayalign.data.synthetic import generate
 from rayalign.logprobs import sequence_logps, split_pairs
 from rayalign.models import load_causal_lm, load_tokenizer, resolve_run_model
-from rayalign.schema import TOKEN_COLUMNS, collate_pairs
+from rayalign.packing import pack_pairs
+from rayalign.schema import TOKEN_COLUMNS
 
 
 def bias_toward_rejected(
@@ -38,7 +39,7 @@ def bias_toward_rejected(
     for _ in range(steps):
         idx = torch.randint(len(tokenized), (32,), generator=generator).tolist()
         batch = {k: [tokenized[i][j] for i in idx] for j, k in enumerate(TOKEN_COLUMNS)}
-        logps, counts = sequence_logps(model, collate_pairs(batch, tokenizer.pad_token_id))
+        logps, counts = sequence_logps(model, pack_pairs(batch, "shared_prompt", tokenizer.pad_token_id))
         _, rejected = split_pairs(logps / counts)
         loss = -rejected.mean()
         optimizer.zero_grad()

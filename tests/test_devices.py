@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rayalign.config import LossConfig, config_from_dict
+from rayalign.config import LossConfig, TrainConfig, config_from_dict
 from rayalign.distributed import Collective, backend_device
+from rayalign.logprobs import PolicyLogps
 from rayalign.train.metrics import IntervalMeter, preference_stats
 from rayalign.runtime import ClusterResourceError, ResourceDemand, check_resources
 from rayalign.train.worker import _evaluate, _score_batch, deepspeed_config
@@ -72,13 +73,13 @@ def _batch(num_pairs: int = 3) -> dict[str, np.ndarray]:
 def test_training_step_metrics_reach_the_all_reduce_on_the_workers_device(nccl_like, dtype):
     model = _meta_model(dtype)
     loss_cfg = LossConfig(type="cpo", gamma=1.0, nll_weight=0.1, length_normalize=True)
-    terms, tokens = _score_batch(model, _batch(), loss_cfg, pad_id=0, device=META)
+    terms, tokens = _score_batch(PolicyLogps(model), _batch(), loss_cfg, TrainConfig(), pad_id=0, device=META)
     per_pair, scored = terms.loss, terms.compared
     # Loss maths in float32 on the worker's device, whatever the model's dtype; float64 reference
     # columns from the actors are cast, not mixed in.
     assert per_pair.device == META and per_pair.dtype == torch.float32 and per_pair.shape == (3,)
     assert all(t.device == META and t.dtype == torch.float32 for t in scored)
-    assert tokens == (3 + 2) + (2 + 1) + (4 + 3) + (3 + 1) + (2 + 3) + (4 + 2)  # real tokens, chosen + rejected rows
+    assert tokens == (3 + 2 + 1) + (2 + 1 + 3) + (4 + 3 + 2)  # real tokens: each pair [prompt | chosen | rejected]
 
     meter = IntervalMeter(META)
     meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), tokens)
@@ -92,7 +93,8 @@ def test_evaluation_reaches_the_all_reduce_on_the_workers_device(nccl_like):
     model = _meta_model(torch.bfloat16)
     collective = Collective.of_worker_group(META)
     with pytest.raises(ReachedCollective):
-        _evaluate(model, [_batch(3), _batch(2)], LossConfig(), pad_id=0, device=META, collective=collective)
+        _evaluate(PolicyLogps(model), [_batch(3), _batch(2)], LossConfig(), TrainConfig(), pad_id=0, device=META,
+                  collective=collective)
     assert [t.device for t in nccl_like] == [META]
     assert model.training  # back in training mode after evaluating
 

@@ -42,6 +42,11 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
 
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert summary["data"]["ok"] == 64 and summary["steps"] == 4
+    # The pre-flight line's numbers: the default shared-prompt layout computes fewer positions than padding.
+    preflight = summary["preflight"]
+    assert preflight["layout"] == "shared_prompt" and preflight["attention"] == "sdpa"
+    assert preflight["computed_tokens_per_pair"]["shared_prompt"] < preflight["computed_tokens_per_pair"]["padded"]
+    assert preflight["padding_share"]["padded"] > preflight["padding_share"]["shared_prompt"]
 
     from transformers import AutoModelForCausalLM
 
@@ -51,6 +56,28 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
     changed = any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
     assert changed, "training did not change the saved weights"
 
+
+@pytest.mark.timeout(600)
+def test_zero3_shared_prompt_with_activation_checkpointing(ray_cluster, tmp_path):
+    """ZeRO-3 (parameters sharded; the chunked head gathers them again when it recomputes) with the
+    decoder's activations recomputed too: at step 1 the policy is the reference, so DPO's loss is log 2
+    when the actors and the workers score the same tokens (an off-by-one or a wrong mask moves it)."""
+    cfg = make_config(
+        tmp_path,
+        data={"synthetic": {"num_pairs": 48}},
+        train={"micro_batch_size": 8, "zero_stage": 3, "log_every": 1, "learning_rate": 3e-3,
+               "gradient_checkpointing": True, "packing": {"row_tokens": 64, "logps_chunk_tokens": 16}},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+    )
+    summary = run_train(cfg)
+    rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(cfg.output.run_dir / "model")  # gathered from the shards
+    base = AutoModelForCausalLM.from_pretrained(summary["files"]["base_model"])
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
 
 
 @pytest.mark.timeout(600)

@@ -61,6 +61,10 @@ class ModelConfig(_Section):
         description="Training and reference precision. auto: bfloat16 when scaling.use_gpu, else float32 "
         "(resolved when the config is validated).",
     )
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="transformers attention; both take the per-row masks of packed layouts (train.layout).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -170,6 +174,27 @@ class LossConfig(_Section):
     )
 
 
+class PackingConfig(_Section):
+    """How a micro-batch becomes model input (rayalign.packing), for training and the transformers reference."""
+
+    layout: Literal["shared_prompt", "packed", "padded"] = Field(
+        "shared_prompt",
+        description="shared_prompt: each pair is one segment [prompt | chosen | rejected], the prompt computed "
+        "once for both responses; packed: the sequences packed into rows without padding; padded: each "
+        "sequence padded to the longest, as other trainers do.",
+    )
+    row_tokens: int | None = Field(
+        None, ge=16,
+        description="Width of a packed row in tokens; None: the longest segment of the micro-batch (the least "
+        "attention work, since each row costs the square of its width). Wider rows: fewer, larger kernels.",
+    )
+    logps_chunk_tokens: int = Field(
+        1024, ge=1,
+        description="Response tokens per pass through the output head: peak memory holds this many tokens' "
+        "float32 logits, not the whole batch's.",
+    )
+
+
 class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -190,6 +215,10 @@ class TrainConfig(_Section):
         "is lost (-1: without limit). Steps since that checkpoint are trained again.",
     )
     seed: int = 0
+    packing: PackingConfig = Field(default_factory=PackingConfig)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the decoder's activations in the backward pass (less memory, ~30% slower)."
+    )
 
 
 class MonitorConfig(_Section):

@@ -149,12 +149,13 @@ def resolve_run_model(cfg: RunConfig) -> Path:
     return resolve_model_dir(cfg.model, cache_root=Path(cfg.output.root).expanduser().resolve() / "_models")
 
 
-def load_causal_lm(model_dir: str | Path, dtype: str = "float32"):
+def load_causal_lm(model_dir: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """The model in ``dtype``; the attention takes the (R, 1, L, L) masks of packed rows (sdpa or eager)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attn_implementation
     )
 
 

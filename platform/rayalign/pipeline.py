@@ -32,7 +32,7 @@ from rayalign.reference.cache import describe
 from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.runtime import ResourceDemand
 from rayalign.storage import prepare_run_dir
-from rayalign.train.stage import train_stage
+from rayalign.train.stage import preflight, train_stage
 
 
 def run_train(cfg: RunConfig) -> dict[str, Any]:
@@ -40,8 +40,9 @@ def run_train(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
     data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))
+    cost = preflight(cfg, data)
     scored = score_reference(cfg, data)
-    return train_stage(cfg, data.model_dir, scored, data.report.as_dict(), started)
+    return train_stage(cfg, data.model_dir, scored, data.report.as_dict(), started, cost.as_dict())
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The rows that flow between stages, written down once: column names, types, what each stage adds,
-and how a batch of rows becomes model input.
+"""The rows that flow between stages, written down once: column names, types, what each stage adds.
+How a batch of rows becomes model input is :mod:`rayalign.packing`.
 
     column                 type             added by     meaning
     source                 string           data         the file the pair came from
@@ -29,11 +29,8 @@ rejection, and whether the pair was ``truncated``; only the columns above leave 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import torch
-from torch import Tensor
 
 SOURCE = "source"
 ROW = "row"
@@ -71,33 +68,3 @@ def pair_sequences(batch: Mapping[str, Sequence[Sequence[int]]]) -> tuple[list[l
             sequences.append([*map(int, prompt), *map(int, response)])
             prompt_lens.append(len(prompt))
     return sequences, prompt_lens
-
-
-@dataclass
-class PairBatch:
-    """B pairs as 2B right-padded sequences: rows [0, B) chosen, [B, 2B) rejected."""
-
-    input_ids: Tensor  # (2B, T) long
-    attention_mask: Tensor  # (2B, T) long
-    response_mask: Tensor  # (2B, T) bool: True on response tokens
-
-    @property
-    def num_pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
-
-    def to(self, device: torch.device | str) -> "PairBatch":
-        return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.response_mask)))
-
-
-def collate_pairs(batch: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> PairBatch:
-    """A :class:`PairBatch` from the token columns of B rows."""
-    sequences, prompt_lens = pair_sequences(batch)
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for i, (seq, prompt_len) in enumerate(zip(sequences, prompt_lens)):
-        input_ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        attention_mask[i, : len(seq)] = 1
-        response_mask[i, prompt_len : len(seq)] = True
-    return PairBatch(input_ids, attention_mask, response_mask)

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
-from rayalign.config import RunConfig, VllmEngineConfig
+from rayalign.config import PackingConfig, RunConfig, VllmEngineConfig
+from rayalign.packing import pack_pairs, response_start
 from rayalign.schema import (
     CHOSEN_TOKEN_LOGPS,
     CHOSEN_TOKENS,
@@ -31,14 +32,8 @@ from rayalign.schema import (
     REF_REJECTED_LOGPS,
     REJECTED_TOKEN_LOGPS,
     REJECTED_TOKENS,
-    collate_pairs,
     pair_sequences,
 )
-
-def response_start(prompt_len: int) -> int:
-    """First scored position: token 0 has no prediction, so an empty prompt starts at 1."""
-    return max(prompt_len, 1)
-
 
 def _attach(batch: dict[str, np.ndarray], token_logps: list[np.ndarray], per_token: bool) -> dict[str, np.ndarray]:
     """Add reference columns; ``token_logps`` holds B chosen then B rejected response arrays."""
@@ -55,32 +50,32 @@ def _attach(batch: dict[str, np.ndarray], token_logps: list[np.ndarray], per_tok
 
 
 class TransformersReferenceScorer:
-    """Scores pairs with a Hugging Face causal LM, no gradients, in eval mode."""
+    """Scores pairs with a Hugging Face causal LM, no gradients, in eval mode: the training forward
+    pass (same layout, same chunked head, :mod:`rayalign.logprobs`) without its backward."""
 
-    def __init__(self, model_dir: str, dtype: str, on_gpu: bool, per_token: bool = False):
+    def __init__(self, model_dir: str, dtype: str, on_gpu: bool, packing: PackingConfig, attn_implementation: str,
+                 per_token: bool = False):
         import torch
 
         from rayalign.models import load_causal_lm, load_tokenizer
 
         self.per_token = per_token
+        self.packing = packing
         self.device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_dir, dtype).to(self.device).eval()
+        self.model = load_causal_lm(model_dir, dtype, attn_implementation).to(self.device).eval()
         self.pad_id = load_tokenizer(model_dir).pad_token_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from rayalign.logprobs import token_logps
+        from rayalign.logprobs import response_token_logps
 
-        pairs = collate_pairs(batch, self.pad_id).to(self.device)
+        p = self.packing
+        pairs = pack_pairs(batch, p.layout, self.pad_id, p.row_tokens)
         with torch.inference_mode():
-            logits = self.model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, use_cache=False).logits
-            per_position = token_logps(logits, pairs.input_ids).double().cpu().numpy()
-        _, prompt_lens = pair_sequences(batch)
-        lengths = pairs.attention_mask.sum(-1).tolist()
-        # per_position[i, t - 1] is log p(token t); keep the response positions only.
-        responses = [per_position[i, response_start(p) - 1 : n - 1] for i, (p, n) in enumerate(zip(prompt_lens, lengths))]
-        return _attach(batch, responses, self.per_token)
+            per_token = response_token_logps(self.model, pairs.to(self.device), p.logps_chunk_tokens)
+        per_token = per_token.double().cpu().numpy()
+        return _attach(batch, np.split(per_token, np.cumsum(pairs.counts.numpy())[:-1]), self.per_token)
 
 
 class VllmReferenceScorer:
@@ -132,7 +127,9 @@ def scorer_for(
         return VllmReferenceScorer, {"model_dir": str(model_dir), "engine": engine, "max_model_len": max_model_len,
                                      "per_token": per_token}
     return TransformersReferenceScorer, {"model_dir": str(model_dir), "dtype": cfg.model.dtype,
-                                         "on_gpu": bool(cfg.reference.gpus_per_actor), "per_token": per_token}
+                                         "on_gpu": bool(cfg.reference.gpus_per_actor), "packing": cfg.train.packing,
+                                         "attn_implementation": cfg.model.attn_implementation,
+                                         "per_token": per_token}
 
 
 def _actor_runtime_env(cfg: RunConfig, backend: str) -> dict[str, Any] | None:

@@ -59,7 +59,9 @@ def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
 
 
 def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zero_stage: int, rank: int) -> None:
-    """Save the policy in Hugging Face format to ``out_dir`` on rank 0's node, then to storage."""
+    """Save the policy in Hugging Face format to ``out_dir`` on rank 0's node, then to storage.
+
+    ``engine.module`` is a :class:`rayalign.logprobs.PolicyLogps`; its ``model`` is what is saved."""
     import deepspeed
 
     from rayalign.models import load_tokenizer
@@ -69,6 +71,6 @@ def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zer
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
     with gather:
         if rank == 0:
-            engine.module.save_pretrained(out_dir, safe_serialization=True)
+            engine.module.model.save_pretrained(out_dir, safe_serialization=True)
             load_tokenizer(model_dir).save_pretrained(out_dir)
             upload(out_dir, storage_uri)

@@ -8,12 +8,32 @@ from pathlib import Path
 from typing import Any
 
 from rayalign.config import RunConfig
+from rayalign.data.stage import PreparedData
+from rayalign.models import load_tokenizer
+from rayalign.packing import LayoutCost, layout_cost
 from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, upload
 from rayalign.train.checkpoint import read_checkpoint_file
 from rayalign.train.trainer import fit
 
 SUMMARY_METRICS = ("rewards/accuracies", "pref/absolute_accuracy", "pref/frac_in_U", "rewards/margins")
+PREFLIGHT_SAMPLE_PAIRS = 256
+
+
+def preflight(cfg: RunConfig, data: PreparedData) -> LayoutCost:
+    """What training will pay for, measured on the first pairs before it starts; printed, and kept in summary.json."""
+    t, packing = cfg.train, cfg.train.packing
+    cost = layout_cost(
+        data.pairs.take(PREFLIGHT_SAMPLE_PAIRS),
+        packing.layout,
+        cfg.model.attn_implementation,
+        t.micro_batch_size,
+        t.micro_batch_size * t.gradient_accumulation_steps * cfg.scaling.num_workers,
+        load_tokenizer(data.model_dir).pad_token_id,
+        packing.row_tokens,
+    )
+    print(f"[rayalign] {cost.line()}", flush=True)
+    return cost
 
 
 def summarize(cfg: RunConfig, model_dir: Path, data_report: dict[str, Any], wall_s: float) -> dict[str, Any]:
@@ -62,10 +82,12 @@ def train_stage(
     scored: ScoredPairs,
     data_report: dict[str, Any],
     started: float,
+    preflight: dict[str, Any] | None = None,
     callbacks: list | None = None,
     resume_name: str | None = None,
 ) -> dict[str, Any]:
-    """Fit on ``scored`` into ``cfg.output.run_dir``; write and return summary.json.
+    """Fit on ``scored`` into ``cfg.output.run_dir``; write and return summary.json (with ``preflight``,
+    a :class:`LayoutCost` as a dict).
 
     ``callbacks`` and ``resume_name`` as :func:`rayalign.train.trainer.fit` takes them (a sweep trial).
     """
@@ -76,6 +98,7 @@ def train_stage(
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
     (run_dir / METRICS_FILE).write_bytes(read_checkpoint_file(result.checkpoint, METRICS_FILE))
     summary = summarize(cfg, model_dir, data_report, time.perf_counter() - started)
+    summary["preflight"] = preflight
     summary["reference"] = scored.source.as_dict()
     if scored.heldout is not None:
         summary["reference"]["heldout_pairs"] = scored.heldout.count()

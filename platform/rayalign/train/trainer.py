@@ -54,6 +54,7 @@ def fit(
     plan = WorkerPlan(
         model_dir=str(model_dir),
         dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
         loss=cfg.loss,
         train=cfg.train,
         monitor=cfg.monitor,

@@ -1,7 +1,8 @@
 """What each Ray Train worker runs: a DeepSpeed engine stepping through its shard of scored pairs.
 
 Each worker reads its shard of the reference-scored stream (``ray.train.get_dataset_shard``),
-computes policy log-probs of chosen and rejected in one forward pass over the concatenated batch,
+computes policy log-probs of chosen and rejected in one forward pass (laid out as ``train.packing``,
+:mod:`rayalign.packing`),
 applies the configured objective (:func:`rayalign.losses.objective`), and steps a DeepSpeed engine
 (ZeRO 0-3). Rank 0 appends one row per logging step to ``metrics.jsonl``; held-out evaluations and
 checkpoints are reported to Ray Train. At the end the policy is saved in Hugging Face format.
@@ -31,9 +32,10 @@ import torch
 from rayalign.config import LossConfig, MonitorConfig, TrainConfig
 from rayalign.diagnostics.alarms import pathology_alarm
 from rayalign.distributed import Collective
-from rayalign.logprobs import sequence_logps, split_pairs
+from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
-from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, collate_pairs
+from rayalign.packing import pack_pairs
+from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.storage import METRICS_FILE, append_jsonl
 from rayalign.train import checkpoint
 from rayalign.train.metrics import IntervalMeter, preference_stats
@@ -48,6 +50,7 @@ class WorkerPlan:
 
     model_dir: str
     dtype: str  # resolved model.dtype
+    attn_implementation: str
     loss: LossConfig
     train: TrainConfig
     monitor: MonitorConfig
@@ -89,17 +92,18 @@ def lr_schedule(train: TrainConfig, total_steps: int):
 
 
 def _score_batch(
-    model, batch: dict[str, Any], loss_cfg: LossConfig, pad_id: int, device: torch.device
+    policy: PolicyLogps, batch: dict[str, Any], loss_cfg: LossConfig, train: TrainConfig, pad_id: int,
+    device: torch.device,
 ) -> tuple[ObjectiveTerms, int]:
-    """The objective's terms for one micro-batch, and its count of real (non-padding) tokens.
+    """The objective's terms for one micro-batch (laid out as ``train.packing``), and the real tokens
+    its forward pass computes (padding not counted; a shared prompt counted once).
 
-    Everything stays on ``device`` (no host synchronisation); the loss maths is float32 whatever
-    the model's dtype, and the reference column (float64 from the actors) is cast to it there.
+    ``policy`` is a :class:`PolicyLogps`, or the DeepSpeed engine around one. Everything stays on
+    ``device`` (no host synchronisation); the loss maths is float32 whatever the model's dtype, and the
+    reference column (float64 from the actors) is cast to it there.
     """
-    pairs = collate_pairs(batch, pad_id)
-    tokens = int(pairs.attention_mask.sum())  # counted on the host, before the copy to the device
-    pairs = pairs.to(device)
-    logps, counts = sequence_logps(model, pairs)
+    pairs = pack_pairs(batch, train.packing.layout, pad_id, train.packing.row_tokens)
+    logps, counts = policy(pairs.to(device))
     policy_chosen, policy_rejected = split_pairs(logps)
     chosen_tokens, rejected_tokens = split_pairs(counts)
     terms = objective(loss_cfg, PairLogps(
@@ -110,21 +114,22 @@ def _score_batch(
         chosen_tokens=chosen_tokens,
         rejected_tokens=rejected_tokens,
     ))
-    return terms, tokens
+    return terms, pairs.real_tokens
 
 
 def _evaluate(
-    model, batches, loss_cfg: LossConfig, pad_id: int, device: torch.device, collective: Collective
+    policy: PolicyLogps, batches, loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
+    collective: Collective,
 ) -> dict[str, float]:
     """The training metrics on the held-out ``batches``, averaged over every worker's shard."""
     meter = IntervalMeter(device)
     start = time.perf_counter()
-    model.eval()
+    policy.eval()
     with torch.no_grad():
         for batch in batches:
-            terms, tokens = _score_batch(model, batch, loss_cfg, pad_id, device)
+            terms, tokens = _score_batch(policy, batch, loss_cfg, train, pad_id, device)
             meter.add(terms.loss, preference_stats(*terms.compared, beta=loss_cfg.beta), tokens)
-    model.train()
+    policy.train()
     row = meter.reduce(start, all_reduce=collective.all_reduce_sum)
     return {f"eval/{key}": value for key, value in row.items() if not key.endswith("/s")}
 
@@ -175,13 +180,17 @@ class TrainingWorker:
 
         rank = ray.train.get_context().get_world_rank()
         torch.manual_seed(plan.train.seed + rank)
-        model = load_causal_lm(plan.model_dir, plan.dtype)
         t = plan.train
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=t.adam_betas,
+        model = load_causal_lm(plan.model_dir, plan.dtype, plan.attn_implementation)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy = PolicyLogps(model, t.packing.logps_chunk_tokens)
+        deepspeed.utils.set_z3_leaf_modules(policy, [ResponseHead])  # see ResponseHead: one gather per pass
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, betas=t.adam_betas,
                                       weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, plan.total_steps))
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, plan.dtype)
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, plan.dtype)
         )
         metrics_path = Path(plan.run_dir) / METRICS_FILE
         saved = ray.train.get_checkpoint()
@@ -218,7 +227,7 @@ class TrainingWorker:
 
     def _train_micro_batch(self, batch: dict[str, Any]) -> None:
         self.interval_start = self.interval_start or time.perf_counter()
-        terms, tokens = _score_batch(self.engine, batch, self.plan.loss, self.pad_id, self.device)
+        terms, tokens = _score_batch(self.engine, batch, self.plan.loss, self.plan.train, self.pad_id, self.device)
         self.engine.backward(terms.loss.mean())
         self.engine.step()
         self.meter.add(terms.loss, preference_stats(*terms.compared, beta=self.plan.loss.beta), tokens)
@@ -237,7 +246,8 @@ class TrainingWorker:
         row.update(self.meter.reduce(self.interval_start, all_reduce=self.collective.all_reduce_sum))
         if evaluate:
             batches = self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy")
-            row.update(_evaluate(self.engine, batches, plan.loss, self.pad_id, self.device, self.collective))
+            row.update(_evaluate(self.engine, batches, plan.loss, plan.train, self.pad_id, self.device,
+                                 self.collective))
         row.update(_peak_memory(self.device))
         self.interval_start = time.perf_counter()
         if self.rank == 0:

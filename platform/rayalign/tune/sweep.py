@@ -45,7 +45,7 @@ from rayalign.reference.cache import describe
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.runtime import ResourceDemand
 from rayalign.storage import CONFIG_FILE, prepare_run_dir, read_text, remove, upload
-from rayalign.train.stage import train_stage
+from rayalign.train.stage import preflight, train_stage
 from rayalign.train.trainer import planned_steps
 from rayalign.tune.results import collect_trials, format_sweep_table, write_results
 
@@ -70,13 +70,14 @@ class HeldoutReportCallback(TuneReportCallback):
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, model_dir: str,
-              scored: Dataset, num_scored: int, source: ReferenceSource, data_report: dict[str, Any]) -> None:
+              scored: Dataset, num_scored: int, source: ReferenceSource, data_report: dict[str, Any],
+              cost: dict[str, Any]) -> None:
     """One Tune trial: train on the sweep's reference-scored pairs with the trial's settings."""
     started = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output.name": trial_id}, origin=f"sweep trial {trial_id}")
     prepare_run_dir(cfg)
-    train_stage(cfg, Path(model_dir), split_scored(cfg, scored, source, num_scored), data_report, started,
+    train_stage(cfg, Path(model_dir), split_scored(cfg, scored, source, num_scored), data_report, started, cost,
                 # The trial's run directory is its own: a fixed Ray Train run name lets a trial that
                 # Tune restores (resumed sweep, errored trial) continue from its last checkpoint.
                 callbacks=[HeldoutReportCallback(objective)], resume_name="train")
@@ -149,6 +150,7 @@ class SharedScores:
     """The reference scores every trial trains on, scored once by the sweep's driver."""
 
     data: PreparedData
+    cost: dict[str, Any]  # the pre-flight LayoutCost, the same for every trial unless the trials search it
     scored: Dataset  # every usable pair, scored, in the object store
     num_train: int  # the trials' training split
     source: ReferenceSource
@@ -190,6 +192,7 @@ def _score_once(cfg: RunConfig) -> SharedScores:
     """Whatever reference.cache says, a sweep scores once into the cache and shares the result."""
     scoring_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
     data = prepare_data(cfg, cfg.output.run_dir, ResourceDemand.of_run(scoring_cfg, per_trial_cpus=cfg.sweep.trial_cpus))
+    cost = preflight(cfg, data).as_dict()
     scored, cache = score_into_cache(cfg, data)
     print(f"[rayalign] reference scored once for all trials: cache {'hit' if cache.hit else 'miss'}, "
           f"{cache.path}", flush=True)
@@ -198,7 +201,7 @@ def _score_once(cfg: RunConfig) -> SharedScores:
     scored = scored.materialize()
     num_train = split_heldout(scored, cfg)[0].count()  # the trials' split; counted, not materialized
     source = ReferenceSource(cfg.reference.backend, describe(cache), scored_by_sweep_driver=True)
-    return SharedScores(data, scored, num_train, source, scored_now=not cache.hit)
+    return SharedScores(data, cost, scored, num_train, source, scored_now=not cache.hit)
 
 
 def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool) -> tune.Tuner:
@@ -215,6 +218,7 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool) -> 
             num_scored=shared.data.report.ok,
             source=shared.source,
             data_report=shared.data.report.as_dict(),
+            cost=shared.cost,
         ),
         {"cpu": sweep.trial_cpus},
     )

@@ -1,0 +1,260 @@
+"""What each layout pays: padded vs packed vs shared-prompt, same model, data and settings, one run.
+
+    python bench/packing.py                        # CPU: a SmolLM2-135M-shaped model, HH-RLHF at max_length 512
+    python bench/packing.py --quick                # CI-sized: the tiny model, a few steps
+    python bench/packing.py --device cuda          # on a GPU (bf16)
+
+Each layout (``rayalign.packing``) trains the same fresh model for the same optimizer steps on the same
+pairs in the same order with the same code as a rayalign worker's step (``PolicyLogps``: chunked output
+head over response tokens only; ``rayalign.losses.objective``, DPO; AdamW; gradient clipping), in a
+process of its own so its peak memory is its own: ``torch.cuda.max_memory_allocated`` on a GPU, the
+process's peak resident set on a CPU (model load included). Packing the batch is inside the timed step,
+as in training. The reference log-probs are scored once beforehand (padded layout) and shared.
+
+Exactness, in the same run: before training, each layout scores the first batches without gradients;
+``max_abs_logp_diff`` is the largest difference of a sequence's summed log-prob from the padded
+layout's, and ``max_abs_loss_diff`` the largest difference of a training step's loss (the curves).
+
+Pairs/s counts pairs; ``pair_tokens/s`` counts each pair's tokens as a padded trainer sees them without
+padding (prompt twice, plus both responses: the same number for every layout); ``computed_tokens/s``
+counts the positions the layout actually computes, padding included. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers of bench/gpu_throughput.py
+from gpu_throughput import (  # noqa: E402
+    HH,
+    TINY,
+    ModelSpec,
+    Pairs,
+    build_model_dir,
+    device_info,
+    parameter_counts,
+    read_records,
+    select_pairs,
+    versions,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUTS = ("padded", "packed", "shared_prompt")
+# SmolLM2-135M's shape (30 layers, 576 wide, 9 heads over 3 KV heads, MLP 1536), random weights; the
+# vocabulary is the BPE trained here on the HH text (SmolLM2's own is 49,152).
+SMALL = ModelSpec(layers=30, hidden=576, heads=9, kv_heads=3, mlp=1536, vocab=32_000, tokenizer_records=None)
+
+
+@dataclass(frozen=True)
+class Job:
+    layout: str
+    device: str
+    dtype: str
+    model_dir: str
+    batches: list[dict[str, list[list[int]]]]
+    references: list[tuple[list[float], list[float]]]
+    check_batches: int
+    lr: float
+    beta: float
+    row_tokens: int | None
+    chunk_tokens: int
+    warmup: int
+
+
+def _peak_memory_gib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_layout(job: Job) -> dict[str, Any]:
+    """One layout, in its own process: score the check batches, then train and time every step."""
+    import torch
+
+    from rayalign.config import LossConfig
+    from rayalign.logprobs import PolicyLogps, split_pairs
+    from rayalign.losses import PairLogps, objective
+    from rayalign.models import load_causal_lm, load_tokenizer
+    from rayalign.packing import pack_pairs
+
+    torch.manual_seed(0)
+    device = torch.device(job.device)
+    pad_id = load_tokenizer(job.model_dir).pad_token_id
+    policy = PolicyLogps(load_causal_lm(job.model_dir, job.dtype).to(device), job.chunk_tokens)
+    loss_cfg = LossConfig(type="dpo", beta=job.beta)
+
+    policy.eval()
+    with torch.no_grad():
+        checked = [policy(pack_pairs(b, job.layout, pad_id, job.row_tokens).to(device))[0].double().cpu().tolist()
+                   for b in job.batches[: job.check_batches]]
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=job.lr, weight_decay=0.0)
+    losses, ends, computed, real = [], [], [], []
+    _sync(job.device)
+    start = time.perf_counter()
+    for batch, (ref_chosen, ref_rejected) in zip(job.batches, job.references):
+        pairs = pack_pairs(batch, job.layout, pad_id, job.row_tokens)
+        computed.append(pairs.computed_tokens)
+        real.append(pairs.real_tokens)
+        logps, counts = policy(pairs.to(device))
+        (chosen, rejected), (n_chosen, n_rejected) = split_pairs(logps), split_pairs(counts)
+        refs = (torch.tensor(ref_chosen, device=device), torch.tensor(ref_rejected, device=device))
+        loss = objective(loss_cfg, PairLogps(chosen, rejected, *refs, n_chosen, n_rejected)).loss.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))  # also the step's synchronisation point
+        ends.append(time.perf_counter())
+    timed = slice(job.warmup, None)
+    elapsed = ends[-1] - (ends[job.warmup - 1] if job.warmup else start)
+    pairs_timed = sum(len(b["prompt_ids"]) for b in job.batches[timed])
+    pair_tokens = sum(2 * len(p) + len(c) + len(r) for b in job.batches[timed]
+                      for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]))
+    return {
+        "layout": job.layout,
+        "pairs_per_s": pairs_timed / elapsed,
+        "pair_tokens_per_s": pair_tokens / elapsed,
+        "computed_tokens_per_s": sum(computed[timed]) / elapsed,
+        "padding_share": 1 - sum(real) / sum(computed),
+        "computed_tokens_per_pair": sum(computed) / sum(len(b["prompt_ids"]) for b in job.batches),
+        "peak_memory_gib": _peak_memory_gib(job.device),
+        "step_s": [round(b - a, 4) for a, b in zip([start, *ends[:-1]], ends)],
+        "losses": losses,
+        "checked_logps": checked,
+    }
+
+
+def _in_own_process(job: Job) -> dict[str, Any]:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(train_layout, (job,))
+
+
+def reference_logps(model_dir: Path, dtype: str, device: str, batches, row_tokens: int, chunk_tokens: int):
+    """Σ log π_ref per sequence of every batch (padded layout, no gradients): the same for every layout."""
+    import torch
+
+    from rayalign.logprobs import sequence_logps, split_pairs
+    from rayalign.models import load_causal_lm, load_tokenizer
+    from rayalign.packing import pack_pairs
+
+    pad_id = load_tokenizer(model_dir).pad_token_id
+    model = load_causal_lm(model_dir, dtype).to(device).eval()
+    out = []
+    with torch.no_grad():
+        for b in batches:
+            chosen, rejected = split_pairs(sequence_logps(model, pack_pairs(b, "padded", pad_id, row_tokens).to(device),
+                                                          chunk_tokens)[0])
+            out.append((chosen.cpu().tolist(), rejected.cpu().tolist()))
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, max_length 256, 5 steps")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--micro-batch", type=int, default=None, help="pairs per step (default 8; GPU 64)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per layout (default 12)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
+    parser.add_argument("--max-length", type=int, default=None, help="data.max_length (default 512)")
+    parser.add_argument("--row-tokens", type=int, default=None, help="train.packing.row_tokens (default: None)")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="train.packing.logps_chunk_tokens")
+    parser.add_argument("--data", default=str(HH))
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-packing"))
+    parser.add_argument("--out", default=None, help="JSON result (default bench/results/packing-<device>[-quick].json)")
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.micro_batch = args.micro_batch or (4 if args.quick else 64 if args.device == "cuda" else 8)
+    args.steps = args.steps or (5 if args.quick else 12)
+    args.warmup = min(args.warmup, 1 if args.quick else args.warmup)
+    args.max_length = args.max_length or (256 if args.quick else 512)
+    suffix = f"{args.device}{'-quick' if args.quick else ''}"
+    args.out = Path(args.out or REPO / "bench" / "results" / f"packing-{suffix}.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = Path(args.data)
+    if not data.is_file():
+        raise SystemExit(f"data file not found: {data} (see ../shared/data/README.md)")
+    from rayalign.config import DataConfig
+    from rayalign.models import load_tokenizer
+
+    spec = TINY if args.quick else SMALL
+    started = time.perf_counter()
+    model_dir = build_model_dir(spec, args.dtype, data, max(1024, 2 * args.max_length), Path(args.work_dir) / "models")
+    data_cfg = DataConfig(paths=[str(data)], format="hh", max_length=args.max_length,
+                          max_prompt_length=args.max_length // 2)
+    pairs: Pairs = select_pairs(read_records(data), args.micro_batch * args.steps, load_tokenizer(model_dir), data_cfg)
+    batches = [pairs.columns(i * args.micro_batch, (i + 1) * args.micro_batch) for i in range(args.steps)]
+    print(f"[bench] {model_dir.name}: {parameter_counts(model_dir)['total'] / 1e6:.1f} M parameters; "
+          f"{len(pairs)} HH pairs, {args.steps} steps × {args.micro_batch} pairs, {args.device} {args.dtype}",
+          flush=True)
+    references = reference_logps(model_dir, args.dtype, args.device, batches, args.row_tokens, args.chunk_tokens)
+    results = {}
+    for layout in LAYOUTS:
+        job = Job(layout, args.device, args.dtype, str(model_dir), batches, references, min(2, args.steps), 1e-5,
+                  0.1, args.row_tokens, args.chunk_tokens, args.warmup)
+        results[layout] = _in_own_process(job)
+        r = results[layout]
+        print(f"[bench] {layout:>13}: {r['pairs_per_s']:7.2f} pairs/s  {r['pair_tokens_per_s']:8.0f} pair tokens/s  "
+              f"{r['computed_tokens_per_pair']:6.0f} computed tokens/pair  padding {r['padding_share']:.0%}  "
+              f"peak {r['peak_memory_gib']:.2f} GiB", flush=True)
+
+    padded = results["padded"]
+    logp_diff = max(abs(a - b) for layout in LAYOUTS for batch_a, batch_b in
+                    zip(results[layout]["checked_logps"], padded["checked_logps"]) for a, b in zip(batch_a, batch_b))
+    loss_diff = max(abs(a - b) for layout in LAYOUTS for a, b in zip(results[layout]["losses"], padded["losses"]))
+    summary = {
+        "padded_pairs_per_s": round(padded["pairs_per_s"], 3),
+        "packed_pairs_per_s": round(results["packed"]["pairs_per_s"], 3),
+        "shared_prompt_pairs_per_s": round(results["shared_prompt"]["pairs_per_s"], 3),
+        "shared_prompt_vs_padded": round(results["shared_prompt"]["pairs_per_s"] / padded["pairs_per_s"], 2),
+        "packed_vs_padded": round(results["packed"]["pairs_per_s"] / padded["pairs_per_s"], 2),
+        "padding_share": {k: round(v["padding_share"], 4) for k, v in results.items()},
+        "peak_memory_gib": {k: round(v["peak_memory_gib"], 3) for k, v in results.items()},
+        "max_abs_logp_diff": logp_diff,
+        "max_abs_loss_diff": loss_diff,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    report = {
+        "summary": summary,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": {"dir": model_dir.name, **parameter_counts(model_dir)},
+        "data": {"file": data.name, "pairs": len(pairs), "records_read": pairs.records_read,
+                 "quarantined": pairs.quarantined, "truncated": pairs.truncated},
+        "layouts": {k: {key: v for key, v in r.items() if key != "checked_logps"} for k, r in results.items()},
+        "machine": device_info(args.device),
+        "versions": versions(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[bench] wrote {args.out}", flush=True)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

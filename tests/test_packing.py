@@ -1,0 +1,156 @@
+"""The three layouts of a batch of pairs give the same response log-probs as each sequence scored alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rayalign.logprobs import PolicyLogps, response_token_logps, sequence_logps, split_pairs
+from rayalign.models import load_causal_lm
+from rayalign.packing import LAYOUTS, pack_pairs, response_start
+
+PAD = 0
+
+
+def _random_pairs(num_pairs: int, seed: int, empty_prompt: bool = False) -> dict[str, list[list[int]]]:
+    rng = random.Random(seed)
+    tokens = lambda n: [rng.randrange(3, 120) for _ in range(n)]  # noqa: E731
+    prompts = [tokens(rng.randrange(1, 24)) for _ in range(num_pairs)]
+    if empty_prompt:
+        prompts[0] = []
+    return {
+        "prompt_ids": prompts,
+        "chosen_ids": [tokens(rng.randrange(1, 16)) for _ in range(num_pairs)],
+        "rejected_ids": [tokens(rng.randrange(1, 16)) for _ in range(num_pairs)],
+    }
+
+
+def _alone(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """The definition: one sequence, no batch, the full logits, log-softmax at each response position."""
+    ids = torch.tensor([prompt + response])
+    logps = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    start = response_start(len(prompt))
+    return torch.stack([logps[t - 1, ids[0, t]] for t in range(start, ids.shape[1])])
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir).eval()
+
+
+def test_layouts_put_each_token_where_its_sequence_expects_it():
+    batch = {"prompt_ids": [[5, 6]], "chosen_ids": [[7, 8]], "rejected_ids": [[9]]}
+    shared = pack_pairs(batch, "shared_prompt", PAD)
+    assert shared.input_ids.tolist() == [[5, 6, 7, 8, 9]]
+    assert shared.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # the rejected response continues the prompt
+    mask = shared.attention_mask[0, 0].int().tolist()
+    assert mask[4] == [1, 1, 0, 0, 1]  # rejected sees the prompt and itself, not the chosen response
+    assert mask[3] == [1, 1, 1, 1, 0]
+    # chosen 7 <- 6, 8 <- 7; rejected 9 <- 6 (the prompt's last token, not the chosen 8)
+    assert shared.predictor.tolist() == [1, 2, 1] and shared.target.tolist() == [7, 8, 9]
+    assert shared.counts.tolist() == [2, 1] and shared.real_tokens == 5 == shared.computed_tokens
+
+    packed = pack_pairs(batch, "packed", PAD, row_tokens=16)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 5, 6, 9]] and packed.real_tokens == 7
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    padded = pack_pairs(batch, "padded", PAD)
+    assert padded.input_ids.tolist() == [[5, 6, 7, 8], [5, 6, 9, PAD]]
+    assert padded.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]] and padded.computed_tokens == 8
+
+
+def test_packed_rows_respect_the_row_budget_and_drop_nothing():
+    batch = _random_pairs(12, seed=3)
+    for layout in ("packed", "shared_prompt"):
+        pairs = pack_pairs(batch, layout, PAD, row_tokens=64)
+        lengths = (pairs.input_ids != PAD).sum(-1)
+        assert pairs.input_ids.shape[1] <= 64 and pairs.input_ids.shape[0] > 1
+        assert int(lengths.sum()) == pairs.real_tokens
+        assert pairs.counts.tolist() == pack_pairs(batch, "padded", PAD).counts.tolist()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_equals_each_sequence_scored_alone_in_float32(model, layout):
+    batch = _random_pairs(6, seed=1, empty_prompt=True)
+    with torch.no_grad():
+        per_token = response_token_logps(model, pack_pairs(batch, layout, PAD, row_tokens=48), chunk_tokens=7)
+        sums, counts = sequence_logps(model, pack_pairs(batch, layout, PAD, row_tokens=48), chunk_tokens=7)
+        expected = [_alone(model, batch["prompt_ids"][i], batch[column][i])
+                    for column in ("chosen_ids", "rejected_ids") for i in range(6)]
+    assert counts.tolist() == [len(e) for e in expected]
+    assert torch.allclose(per_token, torch.cat(expected), atol=1e-5, rtol=0)
+    assert torch.allclose(sums, torch.stack([e.sum() for e in expected]), atol=1e-5, rtol=0)
+
+
+def test_layouts_agree_in_bfloat16(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir, "bfloat16").eval()
+    batch = _random_pairs(6, seed=2)
+    with torch.no_grad():
+        sums = {layout: sequence_logps(model, pack_pairs(batch, layout, PAD))[0] for layout in LAYOUTS}
+    for layout in ("packed", "shared_prompt"):
+        # bf16 keeps 8 bits of mantissa: the layouts differ only in the order of the attention sums.
+        assert torch.allclose(sums[layout], sums["padded"], rtol=2e-2, atol=0.1), layout
+
+
+def test_gradients_of_the_shared_prompt_layout_equal_the_padded_ones(tiny_model_dir):
+    """Chunked, recomputed head and shared prompt: the same loss gradient as the padded batch."""
+    batch = _random_pairs(4, seed=5)
+    grads = {}
+    for layout in ("padded", "shared_prompt"):
+        policy = PolicyLogps(load_causal_lm(tiny_model_dir), chunk_tokens=5)
+        chosen, rejected = split_pairs(policy(pack_pairs(batch, layout, PAD))[0])
+        (chosen - rejected).sum().backward()
+        grads[layout] = torch.cat([p.grad.flatten() for p in policy.parameters()])
+    assert torch.allclose(grads["shared_prompt"], grads["padded"], atol=1e-5, rtol=1e-4)
+
+
+def test_eager_attention_takes_the_same_mask(tiny_model_dir):
+    batch = _random_pairs(4, seed=7)
+    sdpa = load_causal_lm(tiny_model_dir).eval()
+    eager = load_causal_lm(tiny_model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        a = sequence_logps(sdpa, pack_pairs(batch, "shared_prompt", PAD))[0]
+        b = sequence_logps(eager, pack_pairs(batch, "shared_prompt", PAD))[0]
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_short_training_run_follows_the_same_loss_curve_in_every_layout(tiny_model_dir):
+    """Fixed seed, same batches: four AdamW steps of the DPO objective; the layouts' losses agree to float noise."""
+    from rayalign.config import LossConfig
+    from rayalign.losses import PairLogps, objective
+
+    batches = [_random_pairs(4, seed=10)] * 4  # the same batch: the loss must fall
+    reference = load_causal_lm(tiny_model_dir).eval()
+    with torch.no_grad():
+        refs = [split_pairs(sequence_logps(reference, pack_pairs(b, "padded", PAD))[0]) for b in batches]
+    curves = {}
+    for layout in LAYOUTS:
+        torch.manual_seed(0)
+        policy = PolicyLogps(load_causal_lm(tiny_model_dir), chunk_tokens=16)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        curves[layout] = []
+        for batch, (ref_chosen, ref_rejected) in zip(batches, refs):
+            logps, counts = policy(pack_pairs(batch, layout, PAD, row_tokens=40))
+            terms = objective(LossConfig(beta=0.5), PairLogps(*split_pairs(logps), ref_chosen, ref_rejected,
+                                                              *split_pairs(counts)))
+            terms.loss.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            curves[layout].append(terms.loss.mean().item())
+    assert curves["padded"][-1] < curves["padded"][0]  # it trains
+    for layout in ("packed", "shared_prompt"):
+        assert curves[layout] == pytest.approx(curves["padded"], abs=1e-5), layout
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    batch = _random_pairs(3, seed=11)
+    grads = []
+    for recompute in (False, True):
+        model = load_causal_lm(tiny_model_dir)
+        if recompute:  # what train.gradient_checkpointing turns on in the worker
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy = PolicyLogps(model.train(), chunk_tokens=4)
+        policy(pack_pairs(batch, "shared_prompt", PAD))[0].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
