@@ -57,3 +57,24 @@ def test_missing_sections_and_bad_yaml(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override,key", [("loss.beta=.inf", "loss.beta"), ("train.learning_rate=.inf", "train.learning_rate"),
+                                          ("loss.gamma=.nan", "loss.gamma"), ("train.max_grad_norm=.inf", "train.max_grad_norm")])
+def test_non_finite_numbers_are_refused(override, key):
+    with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number"):
+        config_from_dict(BASE, [override])
+
+
+@pytest.mark.parametrize("name", ["..", ".", "..."])
+def test_a_run_name_cannot_leave_the_output_root(name):
+    with pytest.raises(ConfigError, match="output.name: .*must be a folder inside output.root"):
+        config_from_dict(BASE, [f"output.name={name!r}"])
+    assert config_from_dict(BASE, ["output.name=v1.2"]).output.run_dir.name == "v1.2"
+
+
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model: {tiny: {}}\ndata: {synthetic: {}}\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 45"):
+        load_config(bad)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rayalign.config import LossConfig, TrainConfig
+from rayalign.data.records import DataQualityError
 from rayalign.losses import PairLogps, objective
 from rayalign.train.trainer import micro_batches_per_epoch, planned_steps
 from rayalign.train.worker import _score_batch, lr_schedule
@@ -23,7 +24,7 @@ def test_planned_steps_split_the_pairs_across_workers_and_accumulation():
     assert micro_batches_per_epoch(train, num_workers=2, num_pairs=50) == 7
     assert planned_steps(train, num_workers=2, num_pairs=50) == 9
     assert planned_steps(train.model_copy(update={"max_steps": 5}), num_workers=2, num_pairs=50) == 5
-    with pytest.raises(ValueError, match="7 usable pairs are not enough for one optimizer step"):
+    with pytest.raises(DataQualityError, match="7 usable pairs are not enough for one optimizer step"):
         planned_steps(train, num_workers=2, num_pairs=7)
 
 

@@ -8,6 +8,7 @@ import sys
 from rayalign.config import ConfigError, load_config
 from rayalign.data.records import DataQualityError
 from rayalign.runtime import ClusterResourceError
+from rayalign.train.worker import TrainingDiverged
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -102,6 +103,49 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
+    import json
+
+    from rayalign.data.records import prepare_pairs
+    from rayalign.data.stage import data_paths
+    from rayalign.models import resolve_run_model
+    from rayalign.runtime import init_ray
+    from rayalign.train.trainer import planned_steps
+
+    cfg = load_config(args.config, args.overrides)
+    model_dir = resolve_run_model(cfg)  # its tokenizer
+    init_ray(cfg.ray)
+    out_dir = cfg.output.run_dir / "validate"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problem = None
+    try:
+        _, report = prepare_pairs(cfg, data_paths(cfg, out_dir), model_dir, out_dir)
+        steps = planned_steps(cfg.train, cfg.scaling.num_workers, report.ok)
+    except DataQualityError as err:
+        if err.report is None or not args.json:
+            raise
+        problem, report, steps = str(err), err.report, 0
+    _shutdown_ray()
+    print(f"[rayalign] {report.summary_line()}")
+    if problem:
+        print(f"rayalign: error: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "records": report.total,
+            "usable": report.ok,
+            "truncated": report.truncated,
+            "quarantined": report.num_quarantined,
+            "quarantined_by_reason": dict(sorted(report.quarantined.items())),
+            "quarantine_path": report.quarantine_path,
+            "files": report.files,
+            "skipped_files": report.skipped_files,
+            "optimizer_steps": steps,
+            "ok": problem is None,
+        }))
+    return 2 if problem else 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -165,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(audit)
     audit.set_defaults(func=_audit)
 
+    validate = sub.add_parser(
+        "validate", help="the data stage alone: counts, truncation and quarantine, no reference or training"
+    )
+    _config_arguments(validate)
+    validate.add_argument("--json", action="store_true", help="end with one JSON line of the counts")
+    validate.set_defaults(func=_validate)
+
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", metavar="PNG", help="output file (default: in the (first) run directory)")
@@ -179,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError) as err:
         print(f"rayalign: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"rayalign: run failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are valid YAML floats, and no setting here means them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(_Section):
@@ -269,6 +270,14 @@ class OutputConfig(_Section):
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     root: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _inside_root(cls, name: str) -> str:
+        # "." and ".." would put the run directory at or above output.root (and clear files there).
+        if set(name) == {"."}:
+            raise ValueError(f"{name!r} is not a run name: the run directory must be a folder inside output.root")
+        return name
     storage: str | None = Field(
         None,
         description="A directory or a URI Ray Train's storage accepts (s3://bucket/runs, gs://..., "
@@ -505,7 +514,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):

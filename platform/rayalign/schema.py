@@ -21,7 +21,7 @@ A scored row, for example::
      "chosen_tokens": 2, "rejected_tokens": 1}
 
 Inside the data stage, before the quarantine is split off, rows also carry the raw ``record`` (kept only
-when rejected), its ``status`` (``ok`` or the rejection reason), the ``field`` and ``detail`` of the
+when rejected), a ``read_error`` when it could not be read as text, its ``status`` (``ok`` or the rejection reason), the ``field`` and ``detail`` of the
 rejection, and whether the pair was ``truncated``; only the columns above leave the stage.
 
 (``source``, ``row``) identifies a pair across stages (the held-out split hashes it; refcheck joins on it).
@@ -46,6 +46,7 @@ REJECTED_TOKEN_LOGPS = "rejected_token_logps"
 
 # The data stage's working columns (see above).
 RECORD = "record"
+READ_ERROR = "read_error"  # "reason: detail" when the record could not even be read as text, else null
 STATUS = "status"
 FIELD = "field"
 DETAIL = "detail"

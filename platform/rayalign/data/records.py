@@ -24,6 +24,7 @@ when the quarantined fraction exceeds ``data.max_quarantine_fraction``.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import zlib
@@ -40,17 +41,35 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FileBasedDatasource
 
 from rayalign.config import DataConfig, RunConfig
-from rayalign.schema import DETAIL, FIELD, PAIR_KEY, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
+from rayalign.schema import (
+    DETAIL,
+    FIELD,
+    PAIR_KEY,
+    READ_ERROR,
+    RECORD,
+    ROW,
+    SOURCE,
+    STATUS,
+    TOKEN_COLUMNS,
+    TRUNCATED,
+)
 from rayalign.storage import QUARANTINE_FILE
 
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
 OK = "ok"
-_RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), (RECORD, pa.string())])
+_RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), (RECORD, pa.string()), (READ_ERROR, pa.string())])
+UTF8_BOM = b"\xef\xbb\xbf"
 _RAW_ROWS_PER_BLOCK = 1024
 
 
 class DataQualityError(RuntimeError):
-    """Too much of the input was quarantined to trust the run."""
+    """The input cannot make a trustworthy run: unreadable, too much quarantined, or too few usable pairs.
+    ``report``: the data stage's counts when it got that far (``rayalign validate`` prints them)."""
+
+    def __init__(self, message: str, report: DataReport | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 class RecordError(ValueError):
@@ -64,41 +83,111 @@ class RecordError(ValueError):
 # ---------------------------------------------------------------- reading
 
 
-class PreferenceFileDatasource(FileBasedDatasource):
-    """Streams raw records with their file and 1-based line (JSONL) or 0-based row (Parquet).
+class ReadDamage(Exception):
+    """A file stops being readable part-way (a truncated or corrupt ``.gz``)."""
 
-    Parsing happens later, per record, so that one bad line is quarantined
-    instead of failing the whole read.
+
+def _byte_lines(stream) -> Iterator[bytes]:
+    """The lines of a binary stream (without the newline); raises ReadDamage where the stream breaks."""
+    pending = b""
+    while True:
+        try:
+            chunk = stream.read(1 << 16)
+        except (OSError, EOFError, zlib.error) as exc:  # gzip: BadGzipFile is an OSError; truncation an EOFError
+            raise ReadDamage(str(exc) or type(exc).__name__) from None
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
+
+
+class PreferenceFileDatasource(FileBasedDatasource):
+    """Streams raw records with their file and 1-based line (JSONL), 0-based row (Parquet) or 0-based
+    item (a JSON array in a ``.json`` file).
+
+    Parsing happens later, per record, so that one bad line is quarantined instead of failing the whole
+    read. What cannot even be read as text is quarantined the same way, through ``read_error``: a line
+    that is not UTF-8 (``bad_utf8``), the rest of a damaged ``.gz`` (``damaged_file``, after the lines
+    read before the damage), an unparsable ``.json`` array (``bad_json``). A UTF-8 byte-order mark at
+    the start of a file is skipped, as Windows tools write one.
     """
 
     _FILE_EXTENSIONS = ["jsonl", "json", "gz", "parquet"]
 
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        # Decompressed in _read_stream (gzip module), not by Arrow: Arrow fails a truncated stream
+        # without handing back what it decompressed before the damage.
+        open_args["compression"] = None
+        return filesystem.open_input_stream(path, buffer_size=self._resolve_buffer_size(open_args), **open_args)
+
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         if path.endswith(".parquet"):
             yield from self._read_parquet(f, path)
+            return
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
+        if path.removesuffix(".gz").endswith(".json"):
+            yield from self._read_json(stream, path)
         else:
-            yield from self._read_jsonl(f, path)
+            yield from self._read_jsonl(stream, path)
 
     @staticmethod
-    def _table(path: str, rows: list[int], records: list[str]) -> pa.Table:
+    def _table(path: str, rows: list[int], records: list[str], errors: list[str | None]) -> pa.Table:
         return pa.Table.from_arrays(
-            [pa.array([path] * len(rows)), pa.array(rows, pa.int64()), pa.array(records)],
+            [pa.array([path] * len(rows)), pa.array(rows, pa.int64()), pa.array(records, pa.string()),
+             pa.array(errors, pa.string())],
             schema=_RAW_SCHEMA,
         )
 
-    def _read_jsonl(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        rows, records = [], []
-        text = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n")
-        for line_no, line in enumerate(text, start=1):
-            if not line.strip():
-                continue
-            rows.append(line_no)
-            records.append(line.rstrip("\n"))
-            if len(rows) == _RAW_ROWS_PER_BLOCK:
-                yield self._table(path, rows, records)
-                rows, records = [], []
+    def _read_jsonl(self, stream, path: str) -> Iterator[pa.Table]:
+        rows, records, errors = [], [], []
+        line_no = 0
+        try:
+            for line_no, line in enumerate(_byte_lines(stream), start=1):
+                if line_no == 1 and line.startswith(UTF8_BOM):
+                    line = line[len(UTF8_BOM):]
+                if not line.strip():
+                    continue
+                record, error = _decode(line)
+                rows.append(line_no)
+                records.append(record)
+                errors.append(error)
+                if len(rows) == _RAW_ROWS_PER_BLOCK:
+                    yield self._table(path, rows, records, errors)
+                    rows, records, errors = [], [], []
+        except ReadDamage as exc:
+            rows.append(line_no + 1)
+            records.append("")
+            errors.append(f"damaged_file: the file cannot be read past line {line_no} ({exc}); "
+                          f"the {line_no} lines before were read")
         if rows:
-            yield self._table(path, rows, records)
+            yield self._table(path, rows, records, errors)
+
+    def _read_json(self, stream, path: str) -> Iterator[pa.Table]:
+        """A ``.json`` file: a JSON array of records (as dataset loaders write it), else JSON Lines."""
+        try:
+            data = stream.read()
+        except (OSError, EOFError, zlib.error) as exc:
+            yield self._table(path, [0], [""], [f"damaged_file: the file cannot be read ({exc})"])
+            return
+        data = data.removeprefix(UTF8_BOM)
+        if not data.lstrip().startswith(b"["):
+            yield from self._read_jsonl(io.BytesIO(data), path)
+            return
+        text, error = _decode(data)
+        if error is None:
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as exc:
+                error = f"bad_json: the JSON array is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        if error is not None:
+            yield self._table(path, [0], [text[:10_000]], [error])
+            return
+        for start in range(0, len(items), _RAW_ROWS_PER_BLOCK):
+            block = items[start:start + _RAW_ROWS_PER_BLOCK]
+            yield self._table(path, list(range(start, start + len(block))), [json.dumps(r) for r in block],
+                              [None] * len(block))
 
     def _read_parquet(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         # Parquet needs random access; the input is a stream, so buffer the file.
@@ -106,17 +195,71 @@ class PreferenceFileDatasource(FileBasedDatasource):
         row = 0
         for batch in parquet.iter_batches(batch_size=_RAW_ROWS_PER_BLOCK):
             records = [json.dumps(r, default=str) for r in batch.to_pylist()]
-            yield self._table(path, list(range(row, row + len(records))), records)
+            yield self._table(path, list(range(row, row + len(records))), records, [None] * len(records))
             row += len(records)
 
 
-def read_preference_files(paths: list[str], num_cpus: float) -> Dataset:
-    """A Ray Dataset of ``{source, row, record}``, one row per input record."""
-    missing = [p for p in paths if "://" not in p and not Path(p).exists()]
+def _decode(raw: bytes) -> tuple[str, str | None]:
+    """UTF-8 text, or the text with bad bytes escaped and a ``bad_utf8`` read error."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return raw.decode("utf-8", "backslashreplace"), f"bad_utf8: invalid UTF-8 at byte {exc.start} of the record"
+
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The files a run reads (directories expanded) and what was left out of those directories."""
+
+    files: list[str]
+    skipped: list[str]
+
+
+def input_files(paths: list[str], fmt: str = "auto") -> InputFiles:
+    """Expand directories to their supported files (sorted); check each named file exists and each
+    Parquet file has the columns the format needs. Raises DataQualityError with one line otherwise."""
+    files, skipped = [], []
+    for p in paths:
+        if "://" in p:  # remote: Ray lists it
+            files.append(p)
+            continue
+        path = Path(p).expanduser()
+        if not path.exists():
+            raise DataQualityError(f"data.paths: not found: {p}")
+        if path.is_dir():
+            found = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
+            kept = [q for q in found if q.name.endswith(SUPPORTED_SUFFIXES)]
+            skipped += [str(q) for q in found if q not in kept]
+            if not kept:
+                raise DataQualityError(
+                    f"data.paths: {p} is a directory with no {', '.join(SUPPORTED_SUFFIXES)} files"
+                    + (f" ({len(found)} other files skipped)" if found else " (it is empty)")
+                )
+            files += [str(q.resolve()) for q in kept]
+        else:
+            files.append(str(path.resolve()))
+    for f in files:
+        if f.endswith(".parquet") and "://" not in f:
+            _check_parquet_columns(f, fmt)
+    return InputFiles(files, skipped)
+
+
+def _check_parquet_columns(path: str, fmt: str) -> None:
+    columns = set(pq.read_schema(path).names)
+    needed = ["chosen", "rejected"] + (["prompt"] if fmt == "pairs" else [])
+    missing = [c for c in needed if c not in columns]
     if missing:
-        raise FileNotFoundError(f"data.paths: not found: {', '.join(missing)}")
-    resolved = [p if "://" in p else str(Path(p).resolve()) for p in paths]
-    return ray.data.read_datasource(PreferenceFileDatasource(resolved), num_cpus=num_cpus)
+        raise DataQualityError(
+            f"{path}: no {' or '.join(repr(c) for c in missing)} column (the file has: {', '.join(sorted(columns))})"
+        )
+
+
+def read_preference_files(files: list[str], num_cpus: float) -> Dataset:
+    """A Ray Dataset of ``{source, row, record, read_error}``, one row per input record."""
+    return ray.data.read_datasource(PreferenceFileDatasource(files), num_cpus=num_cpus)
 
 
 # ---------------------------------------------------------------- parsing one record
@@ -210,8 +353,8 @@ def detect_format(obj: dict) -> str:
         return "conversational"
     if "prompt" in obj:
         return "pairs"
-    if isinstance(obj.get("chosen"), str) and HH_ASSISTANT in obj["chosen"]:
-        return "hh"
+    if isinstance(obj.get("chosen"), str) and (HH_ASSISTANT in obj["chosen"] or HH_HUMAN in obj["chosen"]):
+        return "hh"  # a transcript, even one without an Assistant turn (reported as such)
     return "pairs"  # reports the missing prompt field
 
 
@@ -285,8 +428,11 @@ class PairTokenizer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {k: [] for k in (STATUS, FIELD, DETAIL, RECORD, TRUNCATED, *TOKEN_COLUMNS)}
-        for record in batch.column(RECORD).to_pylist():
+        for record, read_error in zip(batch.column(RECORD).to_pylist(), batch.column(READ_ERROR).to_pylist()):
             try:
+                if read_error is not None:
+                    reason, _, detail = read_error.partition(": ")
+                    raise RecordError(reason, detail)
                 *ids, truncated = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
                 status, fld, detail, kept = OK, None, None, None  # the raw text is only kept for the quarantine
             except RecordError as err:
@@ -318,6 +464,8 @@ class DataReport:
     truncated: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
     quarantine_path: str = ""
+    files: list[str] = field(default_factory=list)  # what was read (directories expanded)
+    skipped_files: list[str] = field(default_factory=list)  # in those directories, not a supported format
 
     @property
     def num_quarantined(self) -> int:
@@ -336,13 +484,17 @@ class DataReport:
             "quarantined_by_reason": dict(sorted(self.quarantined.items())),
             "quarantined_fraction": round(self.quarantined_fraction, 6),
             "quarantine_path": self.quarantine_path,
+            "files": len(self.files),
+            "skipped_files": self.skipped_files,
         }
 
     def summary_line(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
+        skipped = f"; {len(self.skipped_files)} files skipped (not .jsonl/.json/.gz/.parquet): " + ", ".join(
+            self.skipped_files[:3]) + (", ..." if len(self.skipped_files) > 3 else "") if self.skipped_files else ""
         return (
             f"data: {self.total} records, {self.ok} usable, {self.truncated} truncated, "
-            f"{self.num_quarantined} quarantined ({reasons}) -> {self.quarantine_path}"
+            f"{self.num_quarantined} quarantined ({reasons}) -> {self.quarantine_path}{skipped}"
         )
 
 
@@ -383,7 +535,8 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
     Raises DataQualityError when too much was quarantined.
     """
     num_cpus = cfg.ray.data_cpus_per_task
-    records = read_preference_files(paths, num_cpus)
+    inputs = input_files(paths, cfg.data.format)
+    records = read_preference_files(inputs.files, num_cpus)
     if cfg.data.limit is not None:
         records = records.limit(cfg.data.limit)
     prepared = (
@@ -396,7 +549,8 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
         )
         .materialize()
     )
-    report = DataReport(quarantine_path=str(run_dir / QUARANTINE_FILE))
+    report = DataReport(quarantine_path=str(run_dir / QUARANTINE_FILE), files=inputs.files,
+                        skipped_files=inputs.skipped)
     for batch in prepared.select_columns([STATUS, TRUNCATED], num_cpus=num_cpus).iter_batches(batch_format="pyarrow"):
         report.total += batch.num_rows
         report.ok += pc.sum(pc.equal(batch.column(STATUS), OK)).as_py() or 0
@@ -405,12 +559,17 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
     report.quarantined = dict(_write_quarantine(rejected, Path(report.quarantine_path)))
 
     if report.total == 0:
-        raise DataQualityError(f"no records found in {', '.join(paths)}")
+        raise DataQualityError(f"no records found in {', '.join(paths)}", report)
     if report.quarantined_fraction > cfg.data.max_quarantine_fraction:
         raise DataQualityError(
             f"{report.num_quarantined} of {report.total} records ({report.quarantined_fraction:.1%}) were "
             f"quarantined, above data.max_quarantine_fraction={cfg.data.max_quarantine_fraction:.1%}. "
-            f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}"
+            f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}", report
+        )
+    if report.ok == 0:
+        raise DataQualityError(
+            f"none of the {report.total} records is usable (reasons: {report.as_dict()['quarantined_by_reason']}); "
+            f"see {report.quarantine_path}", report
         )
     usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)
     return usable.select_columns([*PAIR_KEY, *TOKEN_COLUMNS], num_cpus=num_cpus), report

@@ -20,7 +20,7 @@ class PreparedData:
     store) with their counts and quarantine."""
 
     model_dir: Path
-    paths: list[str]
+    paths: list[str]  # the files read (directories expanded)
     pairs: Dataset
     report: DataReport
 
@@ -37,7 +37,6 @@ def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand) -> Prepa
     """Resolve the model, connect to Ray (checking ``demand`` fits), read and tokenize the data."""
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray, demand)
-    paths = data_paths(cfg, out_dir)
-    pairs, report = prepare_pairs(cfg, paths, model_dir, out_dir)
+    pairs, report = prepare_pairs(cfg, data_paths(cfg, out_dir), model_dir, out_dir)
     print(f"[rayalign] {report.summary_line()}", flush=True)
-    return PreparedData(model_dir, paths, pairs, report)
+    return PreparedData(model_dir, report.files, pairs, report)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
+
+from ray.train import TrainingFailedError
 
 from rayalign.config import RunConfig
 from rayalign.data.stage import PreparedData
@@ -14,15 +17,21 @@ from rayalign.packing import LayoutCost, layout_cost
 from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, upload
 from rayalign.train.checkpoint import read_checkpoint_file
-from rayalign.train.trainer import fit
+from rayalign.train.trainer import fit, planned_steps
+from rayalign.train.worker import TrainingDiverged
 
 SUMMARY_METRICS = ("rewards/accuracies", "pref/absolute_accuracy", "pref/frac_in_U", "rewards/margins")
 PREFLIGHT_SAMPLE_PAIRS = 256
 
 
 def preflight(cfg: RunConfig, data: PreparedData) -> LayoutCost:
-    """What training will pay for, measured on the first pairs before it starts; printed, and kept in summary.json."""
+    """What training will pay for, measured on the first pairs before it starts; printed, and kept in summary.json.
+
+    Raises DataQualityError (one line) first when the usable pairs cannot make one optimizer step, before
+    the reference or any worker starts.
+    """
     t, packing = cfg.train, cfg.train.packing
+    planned_steps(t, cfg.scaling.num_workers, data.report.ok)
     cost = layout_cost(
         data.pairs.take(PREFLIGHT_SAMPLE_PAIRS),
         packing.layout,
@@ -92,7 +101,14 @@ def train_stage(
     ``callbacks`` and ``resume_name`` as :func:`rayalign.train.trainer.fit` takes them (a sweep trial).
     """
     run_dir = cfg.output.run_dir
-    result = fit(cfg, scored.train, scored.num_train, model_dir, scored.heldout, callbacks, resume_name)
+    try:
+        result = fit(cfg, scored.train, scored.num_train, model_dir, scored.heldout, callbacks, resume_name)
+    except TrainingFailedError as err:
+        # The worker's own message, not Ray's traceback of it.
+        diverged = re.search(rf"{TrainingDiverged.__name__}: (.*)", str(err))
+        if diverged:
+            raise TrainingDiverged(diverged.group(1)) from None
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.

@@ -14,6 +14,7 @@ from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayalign.config import RunConfig, TrainConfig
+from rayalign.data.records import DataQualityError
 from rayalign.train.worker import WorkerPlan, train_loop_per_worker
 
 
@@ -27,7 +28,7 @@ def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
     micro_batches = micro_batches_per_epoch(train, num_workers, num_pairs)
     steps = train.epochs * (micro_batches // train.gradient_accumulation_steps)
     if steps == 0:
-        raise ValueError(
+        raise DataQualityError(
             f"{num_pairs} usable pairs are not enough for one optimizer step with {num_workers} workers × "
             f"micro_batch_size {train.micro_batch_size} × gradient_accumulation_steps "
             f"{train.gradient_accumulation_steps}"

@@ -44,6 +44,19 @@ from rayalign.train.metrics import IntervalMeter, preference_stats
 logger = logging.getLogger(__name__)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number; the run stops before it checkpoints or saves anything more."""
+
+
+def check_finite(row: dict[str, Any]) -> None:
+    """Raise TrainingDiverged when a logged step's loss is nan or infinite (every rank sees the same, reduced)."""
+    if not math.isfinite(row["loss"]):
+        raise TrainingDiverged(
+            f"step {row['step']}: the loss is {row['loss']}; training diverged and was stopped, no model was "
+            "saved (lower train.learning_rate or loss.beta, or raise train.warmup_steps)"
+        )
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """Everything a training worker is given: its config sections and the run's fixed numbers."""
@@ -244,6 +257,7 @@ class TrainingWorker:
         if self.resumed_from is not None:
             row["resumed_from_step"], self.resumed_from = self.resumed_from, None
         row.update(self.meter.reduce(self.interval_start, all_reduce=self.collective.all_reduce_sum))
+        check_finite(row)
         if evaluate:
             batches = self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy")
             row.update(_evaluate(self.engine, batches, plan.loss, plan.train, self.pad_id, self.device,
