@@ -206,3 +206,20 @@ def test_cli_refuses_a_gpu_run_on_a_cluster_without_gpus(ray_cluster, tmp_path, 
     assert line.startswith("rayalign: error: this run asks for 2 GPUs but the cluster has 0")
     assert "scaling.use_gpu: false" in line
     assert not (tmp_path / "tiny-dpo" / "metrics.jsonl").exists()
+
+
+def test_the_local_clusters_token_file_is_private(tmp_path, monkeypatch):
+    from rayalign.runtime import secure_local_token
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    token = tmp_path / "ray" / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert secure_local_token() == token  # created: 32 random bytes as hex, readable by the owner only
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    first = token.read_text()
+    token.chmod(0o644)  # what Ray 2.60 leaves when it writes the file itself
+    assert secure_local_token() == token and token.stat().st_mode & 0o777 == 0o600
+    assert token.read_text() == first  # tightened, not replaced
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
+    assert secure_local_token() is None

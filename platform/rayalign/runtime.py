@@ -4,7 +4,9 @@ checks that the cluster can hold what a run asks for before any stage waits on i
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
@@ -64,9 +66,26 @@ def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:
                 sizing["num_cpus"] = cfg.num_cpus
             if cfg.object_store_memory_mb is not None:
                 sizing["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+            secure_local_token()
             ray.init(**sizing)
     if demand is not None:
         check_resources(demand, ray.cluster_resources(), may_grow=bool(address))
+
+
+def secure_local_token() -> Path | None:
+    """Ray's token file for a cluster started here, created (32 random bytes, hex) or tightened to mode 600
+    before Ray reads it: Ray 2.60 itself writes it world-readable. None when Ray takes the token from
+    ``RAY_AUTH_TOKEN`` or token auth is off (``RAY_AUTH_MODE=disabled``)."""
+    if os.environ.get("RAY_AUTH_MODE") == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as token:
+            token.write(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
 
 
 def check_resources(demand: ResourceDemand, available: dict[str, float], may_grow: bool) -> None:
