@@ -535,7 +535,11 @@ def run_rayalign(s: Setting) -> dict[str, Any]:
     # its elapsed time is pairs / pairs/s, its tokens tokens/s × elapsed.
     step_pairs = [s.micro_batch * cfg.scaling.num_workers] * len(rows)
     elapsed = [p / r["pairs/s"] for p, r in zip(step_pairs, rows)]
-    step_tokens = [round(r["tokens/s"] * e) for r, e in zip(rows, elapsed)]  # whole tokens, up to float error
+    # Real tokens as every contender counts them: prompt+chosen plus prompt+rejected of the step's pairs (the
+    # same pairs, in file order). rayalign's own tokens/s counts what it computes: with its default
+    # shared-prompt layout each prompt once, so fewer tokens for the same work; kept beside, as computed.
+    step_tokens = [s.pairs.real_tokens(a, b) for a, b in s.step_slices()][: len(rows)]
+    computed_tokens = [round(r["tokens/s"] * e) for r, e in zip(rows, elapsed)]  # whole tokens, up to float error
     ends, t = [], 0.0
     for e in elapsed:
         t += e
@@ -552,6 +556,8 @@ def run_rayalign(s: Setting) -> dict[str, Any]:
     result["from_metrics_jsonl"] = {
         key: from_metrics[key] for key in ("pairs_per_s", "real_tokens_per_s", "measured_s")
     }
+    result["computed_tokens_per_pair"] = sum(computed_tokens) / sum(step_pairs)  # what the layout computed
+    result["layout"] = summary.get("preflight", {}).get("layout")
     peaks = [r["memory/peak_allocated_gib"] for r in rows if "memory/peak_allocated_gib" in r]
     result.update(
         peak_memory_gib=max(peaks) if peaks else None,
