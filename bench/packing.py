@@ -67,6 +67,7 @@ class Job:
     row_tokens: int | None
     chunk_tokens: int
     warmup: int
+    lora_rank: int | None = None  # train LoRA adapters of this rank instead of every weight
 
 
 def _peak_memory_gib(device: str) -> float:
@@ -91,13 +92,17 @@ def train_layout(job: Job) -> dict[str, Any]:
     from rayalign.config import LossConfig
     from rayalign.logprobs import PolicyLogps, split_pairs
     from rayalign.losses import PairLogps, objective
-    from rayalign.models import load_causal_lm, load_tokenizer
+    from rayalign.config import LoraConfig
+    from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
     from rayalign.packing import pack_pairs
 
     torch.manual_seed(0)
     device = torch.device(job.device)
     pad_id = load_tokenizer(job.model_dir).pad_token_id
-    policy = PolicyLogps(load_causal_lm(job.model_dir, job.dtype).to(device), job.chunk_tokens)
+    model = load_causal_lm(job.model_dir, job.dtype)
+    if job.lora_rank:
+        model = with_adapters(model, LoraConfig(rank=job.lora_rank, alpha=2 * job.lora_rank))
+    policy = PolicyLogps(model.to(device), job.chunk_tokens)
     loss_cfg = LossConfig(type="dpo", beta=job.beta)
 
     policy.eval()
@@ -105,7 +110,8 @@ def train_layout(job: Job) -> dict[str, Any]:
         checked = [policy(pack_pairs(b, job.layout, pad_id, job.row_tokens).to(device))[0].double().cpu().tolist()
                    for b in job.batches[: job.check_batches]]
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=job.lr, weight_decay=0.0)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=job.lr, weight_decay=0.0)
     losses, ends, computed, real = [], [], [], []
     _sync(job.device)
     start = time.perf_counter()
@@ -118,7 +124,7 @@ def train_layout(job: Job) -> dict[str, Any]:
         refs = (torch.tensor(ref_chosen, device=device), torch.tensor(ref_rejected, device=device))
         loss = objective(loss_cfg, PairLogps(chosen, rejected, *refs, n_chosen, n_rejected)).loss.mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))  # also the step's synchronisation point
@@ -128,8 +134,13 @@ def train_layout(job: Job) -> dict[str, Any]:
     pairs_timed = sum(len(b["prompt_ids"]) for b in job.batches[timed])
     pair_tokens = sum(2 * len(p) + len(c) + len(r) for b in job.batches[timed]
                       for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]))
+    optimizer_state = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                          for t in state.values() if torch.is_tensor(t))
     return {
         "layout": job.layout,
+        "lora_rank": job.lora_rank,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "optimizer_state_gib": optimizer_state / 2**30,
         "pairs_per_s": pairs_timed / elapsed,
         "pair_tokens_per_s": pair_tokens / elapsed,
         "computed_tokens_per_s": sum(computed[timed]) / elapsed,
@@ -238,13 +249,21 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": args.dtype,
     }
+    results = {k: {key: v for key, v in r.items() if key != "checked_logps"} for k, r in results.items()}
+    return write_report(args, summary, model_dir, pairs, {"layouts": results}, started)
+
+
+def write_report(args: argparse.Namespace, summary: dict[str, Any], model_dir: Path, pairs: Pairs,
+                 results: dict[str, Any], started: float) -> int:
+    """The JSON result file (summary, settings, model, data, ``results``, machine, versions), then the
+    summary as the last stdout line."""
     report = {
         "summary": summary,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": {"dir": model_dir.name, **parameter_counts(model_dir)},
-        "data": {"file": data.name, "pairs": len(pairs), "records_read": pairs.records_read,
+        "data": {"file": Path(args.data).name, "pairs": len(pairs), "records_read": pairs.records_read,
                  "quarantined": pairs.quarantined, "truncated": pairs.truncated},
-        "layouts": {k: {key: v for key, v in r.items() if key != "checked_logps"} for k, r in results.items()},
+        **results,
         "machine": device_info(args.device),
         "versions": versions(),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -254,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] wrote {args.out}", flush=True)
     print(json.dumps(summary), flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ BASE = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
 
 
 def test_shipped_job_configs_load():
-    for name in ("tiny-dpo", "tiny-cpo"):
+    for name in ("tiny-dpo", "tiny-cpo", "tiny-lora"):
         cfg = load_config(REPO / "jobs" / "configs" / f"{name}.yaml")
         assert cfg.output.name == name
     assert load_config(REPO / "jobs/configs/tiny-cpo.yaml").loss.type == "cpo"

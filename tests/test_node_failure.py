@@ -62,7 +62,9 @@ def _kill_a_trainer_node(cluster, metrics_path, killed: dict) -> None:
         time.sleep(0.1)
 
 
-def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, lora):
+    """Full fine-tuning, and LoRA (whose checkpoints hold the adapters only, the base loaded again)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -79,9 +81,10 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path):
         cluster.wait_for_nodes()
         cfg = make_config(
             tmp_path,
+            model={"tiny": {}, "lora": {"rank": 4} if lora else None},
             data={"synthetic": {"num_pairs": NUM_PAIRS}},
             train={"micro_batch_size": MICRO_BATCH, "epochs": EPOCHS, "log_every": 1,
-                   "checkpoint_every": CHECKPOINT_EVERY, "max_failures": 2},
+                   "checkpoint_every": CHECKPOINT_EVERY, "max_failures": 2, "learning_rate": 1e-2 if lora else 1e-4},
             # One CPU per trainer: the head (1 CPU) holds at most one, so one is on a worker node.
             scaling={"num_workers": 2, "cpus_per_worker": 1},
             ray={"address": cluster.address},
@@ -117,4 +120,11 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path):
     assert resumed % CHECKPOINT_EVERY == 0 and resumed >= CHECKPOINT_EVERY
     assert (killed["at_step"] - 1) // CHECKPOINT_EVERY * CHECKPOINT_EVERY <= resumed, killed
     assert 0 <= killed["last_step_before_restore"] - resumed <= CHECKPOINT_EVERY, killed
-    assert (cfg.output.run_dir / "model" / "model.safetensors").exists()
+    if not lora:
+        assert (cfg.output.run_dir / "model" / "model.safetensors").exists()
+        return
+    assert (cfg.output.run_dir / "model" / "adapter" / "adapter_model.safetensors").exists()
+    # The adapters came back from the checkpoint: freshly initialised ones would make the policy the
+    # reference again, and the resumed step's loss exactly log 2.
+    (after,) = [row for row in rows if row.get("resumed_from_step") is not None]
+    assert abs(after["loss"] - 0.693147) > 1e-3, after

@@ -50,6 +50,22 @@ class TinyModelConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """Low-rank adapters (PEFT's LoRA) instead of full fine-tuning: only the adapters train."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt; all-linear: every linear layer but the output head."
+    )
+    export_merged: bool = Field(
+        False,
+        description="Also save the base weights with the adapters merged in (Hugging Face format) as model/, "
+        "loadable by transformers and vLLM; the adapter alone is always saved as model/adapter/.",
+    )
+
+
 class ModelConfig(_Section):
     """The policy's starting weights, which are also the frozen reference."""
 
@@ -64,13 +80,19 @@ class ModelConfig(_Section):
     )
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa",
-        description="transformers attention; both take the per-row masks of packed layouts (train.layout).",
+        description="transformers attention; both take the per-row masks of packed layouts (train.packing.layout).",
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight (absent: full).")
+    quantize: Literal["4bit"] | None = Field(
+        None, description="QLoRA: the frozen base in 4 bits (bitsandbytes, CUDA only); needs model.lora."
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         if (self.path is None) == (self.tiny is None):
             raise ValueError("set exactly one of model.path or model.tiny")
+        if self.quantize and self.lora is None:
+            raise ValueError("model.quantize (QLoRA) trains adapters on a quantized base: set model.lora too")
         return self
 
 
@@ -421,6 +443,16 @@ class RunConfig(_Section):
                 "scaling.gpus_per_worker < 1 with several workers would put two NCCL ranks on one GPU, "
                 "which NCCL refuses: use whole GPUs per worker (fractions are for one worker sharing a GPU "
                 "with the reference actors)"
+            )
+        if self.model.quantize and not self.scaling.use_gpu:
+            raise ValueError(
+                "model.quantize: 4-bit QLoRA runs on CUDA GPUs only (bitsandbytes): set scaling.use_gpu: true, "
+                "or drop model.quantize to train LoRA adapters on an unquantized base"
+            )
+        if self.model.quantize:
+            raise ValueError(
+                "model.quantize: 4-bit QLoRA is not built yet (it needs a GPU to build and test against); "
+                "train LoRA adapters on an unquantized base (model.lora without model.quantize)"
             )
         return self
 

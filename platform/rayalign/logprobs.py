@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from rayalign.models import causal_lm
 from rayalign.packing import PackedPairs
 
 
@@ -66,6 +67,7 @@ def response_token_logps(
 
     ``head``: the model's output head as a :class:`ResponseHead` (built here when not given).
     """
+    model = causal_lm(model)  # under PEFT: the adapted model itself, so its decoder is what runs
     _check_plain_head(model)
     mask = pairs.attention_mask
     if mask.dim() == 4 and model.config._attn_implementation == "eager":
@@ -109,7 +111,7 @@ class PolicyLogps(nn.Module):
     def __init__(self, model: nn.Module, chunk_tokens: int = 1024):
         super().__init__()
         self.model = model
-        self.head = ResponseHead(model.get_output_embeddings(), chunk_tokens)
+        self.head = ResponseHead(causal_lm(model).get_output_embeddings(), chunk_tokens)
 
     def forward(self, pairs: PackedPairs) -> tuple[Tensor, Tensor]:
         return sequence_logps(self.model, pairs, head=self.head)

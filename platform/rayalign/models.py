@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from rayalign.config import ModelConfig, RunConfig, TinyModelConfig
+from rayalign.config import LoraConfig, ModelConfig, RunConfig, TinyModelConfig
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 
@@ -157,6 +157,25 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32", attn_implement
     return AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attn_implementation
     )
+
+
+def with_adapters(model, lora: LoraConfig):
+    """``model`` wrapped by PEFT with LoRA adapters: the base weights frozen, only the adapters trainable."""
+    import peft
+
+    adapters = peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=peft.TaskType.CAUSAL_LM,
+    )
+    return peft.get_peft_model(model, adapters)
+
+
+def causal_lm(model):
+    """The Hugging Face causal LM inside ``model`` (itself, or the one a PEFT wrapper adapts in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_tokenizer(model_dir: str | Path):

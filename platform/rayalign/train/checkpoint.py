@@ -21,14 +21,16 @@ from rayalign.storage import METRICS_FILE, read_jsonl, upload
 DEEPSPEED_TAG = "deepspeed"
 
 
-def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = None) -> None:
+def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = None, adapters_only: bool = False
+           ) -> None:
     """Report to Ray Train (a barrier across workers); with ``engine``, also checkpoint it, together
-    with rank 0's ``metrics_path``."""
+    with rank 0's ``metrics_path``. ``adapters_only``: leave the frozen base weights out (LoRA: they are
+    the starting weights, loaded again on restore)."""
     if engine is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, exclude_frozen_parameters=adapters_only)
         if metrics_path is not None and metrics_path.exists():
             shutil.copy(metrics_path, Path(tmp) / METRICS_FILE)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
@@ -39,11 +41,12 @@ def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = Non
     ray.train.report({"step": metrics["step"]})
 
 
-def restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int) -> list[dict[str, Any]]:
+def restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int, adapters_only: bool = False
+            ) -> list[dict[str, Any]]:
     """Load the engine (weights, optimizer, scheduler, step) from ``checkpoint``; on rank 0 also put
     ``metrics.jsonl`` back as it was at that step and return its rows (the alarm's history)."""
     with checkpoint.as_directory() as ckpt_dir:
-        engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG)
+        engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG, load_module_strict=not adapters_only)
         saved = Path(ckpt_dir) / METRICS_FILE
         if rank != 0 or not saved.exists():
             return []
@@ -58,10 +61,13 @@ def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
         return stream.read()
 
 
-def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zero_stage: int, rank: int) -> None:
+def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zero_stage: int, rank: int,
+                    merge_adapters: bool = False) -> None:
     """Save the policy in Hugging Face format to ``out_dir`` on rank 0's node, then to storage.
 
-    ``engine.module`` is a :class:`rayalign.logprobs.PolicyLogps`; its ``model`` is what is saved."""
+    ``engine.module`` is a :class:`rayalign.logprobs.PolicyLogps`; its ``model`` is what is saved. With LoRA
+    (a PEFT model) that is the adapter, in PEFT's format, under ``out_dir/adapter``; ``merge_adapters`` also
+    saves the base with the adapters merged in as ``out_dir`` itself."""
     import deepspeed
 
     from rayalign.models import load_tokenizer
@@ -71,6 +77,14 @@ def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zer
     gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
     with gather:
         if rank == 0:
-            engine.module.model.save_pretrained(out_dir, safe_serialization=True)
-            load_tokenizer(model_dir).save_pretrained(out_dir)
+            model = engine.module.model
+            if hasattr(model, "peft_config"):
+                model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+                load_tokenizer(model_dir).save_pretrained(out_dir / "adapter")
+                if merge_adapters:  # the last use of the engine: merging in place is fine
+                    model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+                    load_tokenizer(model_dir).save_pretrained(out_dir)
+            else:
+                model.save_pretrained(out_dir, safe_serialization=True)
+                load_tokenizer(model_dir).save_pretrained(out_dir)
             upload(out_dir, storage_uri)

@@ -56,6 +56,7 @@ def fit(
         model_dir=str(model_dir),
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
+        lora=cfg.model.lora,
         loss=cfg.loss,
         train=cfg.train,
         monitor=cfg.monitor,

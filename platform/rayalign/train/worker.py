@@ -29,7 +29,7 @@ from typing import Any
 import ray.train
 import torch
 
-from rayalign.config import LossConfig, MonitorConfig, TrainConfig
+from rayalign.config import LoraConfig, LossConfig, MonitorConfig, TrainConfig
 from rayalign.diagnostics.alarms import pathology_alarm
 from rayalign.distributed import Collective
 from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
@@ -64,6 +64,7 @@ class WorkerPlan:
     model_dir: str
     dtype: str  # resolved model.dtype
     attn_implementation: str
+    lora: LoraConfig | None  # None: full fine-tuning
     loss: LossConfig
     train: TrainConfig
     monitor: MonitorConfig
@@ -189,7 +190,7 @@ class TrainingWorker:
 
         # The shared-memory comm op would be JIT-compiled with g++ (~60 s); gloo works without it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        from rayalign.models import load_causal_lm, load_tokenizer
+        from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
 
         rank = ray.train.get_context().get_world_rank()
         torch.manual_seed(plan.train.seed + rank)
@@ -197,10 +198,13 @@ class TrainingWorker:
         model = load_causal_lm(plan.model_dir, plan.dtype, plan.attn_implementation)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if plan.lora is not None:
+            model = with_adapters(model, plan.lora)
         policy = PolicyLogps(model, t.packing.logps_chunk_tokens)
         deepspeed.utils.set_z3_leaf_modules(policy, [ResponseHead])  # see ResponseHead: one gather per pass
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, betas=t.adam_betas,
-                                      weight_decay=t.weight_decay)
+        # With LoRA only the adapters are trainable: the optimizer holds (and DeepSpeed shards) just them.
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, plan.total_steps))
         engine, _, _, _ = deepspeed.initialize(
             model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, plan.dtype)
@@ -209,7 +213,7 @@ class TrainingWorker:
         saved = ray.train.get_checkpoint()
         history = []
         if saved is not None:
-            history = checkpoint.restore(engine, saved, metrics_path, rank)
+            history = checkpoint.restore(engine, saved, metrics_path, rank, adapters_only=plan.lora is not None)
         elif rank == 0:  # rank 0 may be on another node than the driver, which cleared its own copy
             metrics_path.unlink(missing_ok=True)
         return cls(plan, engine, load_tokenizer(plan.model_dir).pad_token_id, history, resumed=saved is not None)
@@ -288,7 +292,7 @@ class TrainingWorker:
         logger.info(_log_line(row, self.plan.total_steps))
 
     def save_checkpoint(self) -> None:
-        checkpoint.report(self.last_row, self.engine, self.metrics_path)
+        checkpoint.report(self.last_row, self.engine, self.metrics_path, adapters_only=self.plan.lora is not None)
         self.checkpointed_step = self.last_row["step"]
 
     def save(self) -> None:
@@ -297,7 +301,8 @@ class TrainingWorker:
             self.save_checkpoint()
         plan = self.plan
         checkpoint.export_hf_model(self.engine, plan.model_dir, Path(plan.run_dir) / "model", plan.model_storage,
-                                   plan.train.zero_stage, self.rank)
+                                   plan.train.zero_stage, self.rank,
+                                   merge_adapters=plan.lora is not None and plan.lora.export_merged)
 
 
 def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:

@@ -1,0 +1,73 @@
+"""Full fine-tuning vs LoRA, same model, data and settings, one run: trainable parameters, optimizer state,
+peak memory, pairs/s.
+
+    python bench/lora.py                  # CPU: the SmolLM2-135M-shaped model of bench/packing.py, HH-RLHF
+    python bench/lora.py --quick          # CI-sized: the tiny model
+    python bench/lora.py --device cuda    # on a GPU (bf16)
+
+Both variants run the training step of ``bench/packing.py`` (shared-prompt layout, chunked head, DPO, AdamW)
+in a process of their own; LoRA adapts every linear layer but the head (rank ``--rank``, alpha 2 × rank).
+Writes ``bench/results/lora-<device>[-quick].json``; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_throughput import TINY, build_model_dir, read_records, select_pairs  # noqa: E402
+from packing import REPO, SMALL, Job, _in_own_process, parse_args, reference_logps, write_report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = 16
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--rank" in argv:
+        i = argv.index("--rank")
+        rank, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
+    args = parse_args(argv)
+    suffix = f"{args.device}{'-quick' if args.quick else ''}"
+    if args.out.name.startswith("packing-"):
+        args.out = REPO / "bench" / "results" / f"lora-{suffix}.json"
+    from rayalign.config import DataConfig
+    from rayalign.models import load_tokenizer
+
+    data = Path(args.data)
+    spec = TINY if args.quick else SMALL
+    started = time.perf_counter()
+    model_dir = build_model_dir(spec, args.dtype, data, max(1024, 2 * args.max_length), Path(args.work_dir) / "models")
+    data_cfg = DataConfig(paths=[str(data)], format="hh", max_length=args.max_length,
+                          max_prompt_length=args.max_length // 2)
+    pairs = select_pairs(read_records(data), args.micro_batch * args.steps, load_tokenizer(model_dir), data_cfg)
+    batches = [pairs.columns(i * args.micro_batch, (i + 1) * args.micro_batch) for i in range(args.steps)]
+    references = reference_logps(model_dir, args.dtype, args.device, batches, args.row_tokens, args.chunk_tokens)
+    results = {}
+    for name, lora_rank in (("full", None), ("lora", rank)):
+        job = Job("shared_prompt", args.device, args.dtype, str(model_dir), batches, references, 0,
+                  1e-4 if lora_rank is None else 1e-3, 0.1, args.row_tokens, args.chunk_tokens, args.warmup, lora_rank)
+        r = _in_own_process(job)
+        results[name] = {k: v for k, v in r.items() if k != "checked_logps"}
+        print(f"[bench] {name:>4}: {r['trainable_parameters'] / 1e6:8.3f} M trainable, optimizer state "
+              f"{r['optimizer_state_gib']:.3f} GiB, peak {r['peak_memory_gib']:.2f} GiB, {r['pairs_per_s']:.3f} pairs/s",
+              flush=True)
+    full, lora = results["full"], results["lora"]
+    summary = {
+        "full_trainable_parameters": full["trainable_parameters"],
+        "lora_trainable_parameters": lora["trainable_parameters"],
+        "full_optimizer_state_gib": round(full["optimizer_state_gib"], 4),
+        "lora_optimizer_state_gib": round(lora["optimizer_state_gib"], 4),
+        "full_peak_memory_gib": round(full["peak_memory_gib"], 3),
+        "lora_peak_memory_gib": round(lora["peak_memory_gib"], 3),
+        "full_pairs_per_s": round(full["pairs_per_s"], 3),
+        "lora_pairs_per_s": round(lora["pairs_per_s"], 3),
+        "lora_rank": rank,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    return write_report(args, summary, model_dir, pairs, {"variants": results}, started)
+
+if __name__ == "__main__":
+    sys.exit(main())

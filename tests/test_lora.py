@@ -1,0 +1,89 @@
+"""LoRA adapters (PEFT): only the adapters train; the base weights, the reference and the export stay right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayalign.config import ConfigError, LoraConfig, config_from_dict
+from rayalign.logprobs import PolicyLogps, sequence_logps
+from rayalign.models import load_causal_lm, with_adapters
+from rayalign.packing import pack_pairs
+
+BATCH = {"prompt_ids": [[1, 5, 6, 7], [1, 8]], "chosen_ids": [[9, 10], [11, 12, 13]], "rejected_ids": [[14], [15, 16]]}
+
+
+def test_adapters_start_as_the_base_model_and_only_they_get_gradients(tiny_model_dir):
+    base = load_causal_lm(tiny_model_dir).eval()
+    policy = PolicyLogps(with_adapters(load_causal_lm(tiny_model_dir), LoraConfig(rank=4)))
+    with torch.no_grad():
+        expected = sequence_logps(base, pack_pairs(BATCH, "shared_prompt", 0))[0]
+    logps, _ = policy(pack_pairs(BATCH, "shared_prompt", 0))
+    assert torch.allclose(logps, expected, atol=1e-6)  # LoRA's B starts at zero: the policy is the base
+    logps.sum().backward()
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.grad is None for n, p in policy.named_parameters() if n not in trainable)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.named_parameters() if n in trainable)
+
+
+def test_qlora_is_refused_without_a_gpu_and_without_adapters():
+    base = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
+    with pytest.raises(ConfigError, match="4-bit QLoRA runs on CUDA GPUs only"):
+        config_from_dict(base, ["model.lora={rank: 8}", "model.quantize=4bit"])
+    with pytest.raises(ConfigError, match="set model.lora too"):
+        config_from_dict(base, ["model.quantize=4bit", "scaling.use_gpu=true", "scaling.num_workers=1"])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_path, zero_stage):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_config
+    from rayalign.pipeline import run_train
+    from rayalign.storage import read_jsonl
+
+    cfg = make_config(
+        tmp_path,
+        data={"synthetic": {"num_pairs": 96}},
+        model={"tiny": {}, "lora": {"rank": 8, "alpha": 16, "export_merged": True}},
+        train={"micro_batch_size": 8, "zero_stage": zero_stage, "log_every": 1, "learning_rate": 5e-3, "epochs": 2},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+    )
+    summary = run_train(cfg)
+    rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # the adapters start as a no-op
+    assert summary["last"]["loss"] < summary["first"]["loss"]
+
+    model_dir = cfg.output.run_dir / "model"
+    base = AutoModelForCausalLM.from_pretrained(summary["files"]["base_model"])
+    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    adapted = {n for n, _ in base.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                   "up_proj", "down_proj"))}
+    base_state, merged_state = base.state_dict(), merged.state_dict()
+    for name, tensor in base_state.items():
+        if name.rsplit(".", 1)[0] in adapted:
+            continue
+        assert torch.equal(tensor, merged_state[name]), name  # embeddings, norms, head: bit-identical
+    assert any(not torch.equal(base_state[f"{m}.weight"], merged_state[f"{m}.weight"]) for m in adapted)
+    # The adapter alone, on the base weights, is the same model as the merged export.
+    with_adapter = PeftModel.from_pretrained(base, model_dir / "adapter").merge_and_unload()
+    for name, tensor in with_adapter.state_dict().items():
+        assert torch.allclose(tensor, merged_state[name], atol=1e-6), name
+    assert (model_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_sweep_can_search_adapter_settings():
+    from rayalign.config import with_values
+
+    base = {"model": {"tiny": {}, "lora": {"rank": 8}}, "data": {"synthetic": {}, "eval_fraction": 0.2},
+            "sweep": {"space": {"model.lora.rank": {"values": [4, 16]}, "model.lora.alpha": {"values": [8, 32]},
+                                "train.learning_rate": {"values": [1e-4, 1e-3]}}, "early_stopping": "none"}}
+    cfg = config_from_dict(base)
+    trial = with_values(cfg.model_dump(exclude={"sweep"}), {"model.lora.rank": 4, "model.lora.alpha": 8.0})
+    assert trial.model.lora.rank == 4 and trial.model.lora.alpha == 8.0
+    with pytest.raises(ConfigError, match=r"sweep.space.model.lora.rank = 0 is not a valid setting"):
+        config_from_dict({**base, "sweep": {**base["sweep"], "space": {"model.lora.rank": {"values": [0]}}}})
