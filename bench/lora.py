@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_throughput import TINY, build_model_dir, read_records, select_pairs  # noqa: E402
-from packing import REPO, SMALL, Job, _in_own_process, parse_args, reference_logps, write_report  # noqa: E402
+from packing import REPO, Job, _in_own_process, parse_args, prepare_inputs, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,18 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     suffix = f"{args.device}{'-quick' if args.quick else ''}"
     if args.out.name.startswith("packing-"):
         args.out = REPO / "bench" / "results" / f"lora-{suffix}.json"
-    from rayalign.config import DataConfig
-    from rayalign.models import load_tokenizer
-
-    data = Path(args.data)
-    spec = TINY if args.quick else SMALL
     started = time.perf_counter()
-    model_dir = build_model_dir(spec, args.dtype, data, max(1024, 2 * args.max_length), Path(args.work_dir) / "models")
-    data_cfg = DataConfig(paths=[str(data)], format="hh", max_length=args.max_length,
-                          max_prompt_length=args.max_length // 2)
-    pairs = select_pairs(read_records(data), args.micro_batch * args.steps, load_tokenizer(model_dir), data_cfg)
-    batches = [pairs.columns(i * args.micro_batch, (i + 1) * args.micro_batch) for i in range(args.steps)]
-    references = reference_logps(model_dir, args.dtype, args.device, batches, args.row_tokens, args.chunk_tokens)
+    inputs = prepare_inputs(args)
+    model_dir, pairs, batches, references = inputs.model_dir, inputs.pairs, inputs.batches, inputs.references
     results = {}
     for name, lora_rank in (("full", None), ("lora", rank)):
         job = Job("shared_prompt", args.device, args.dtype, str(model_dir), batches, references, 0,

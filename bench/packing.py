@@ -203,8 +203,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclass(frozen=True)
+class Inputs:
+    """What every variant of a bench trains on: the model, the pairs, their batches and reference log-probs."""
+
+    model_dir: Path
+    pairs: Pairs
+    batches: list[dict[str, list[list[int]]]]
+    references: list[tuple[list[float], list[float]]]
+
+
+def prepare_inputs(args: argparse.Namespace) -> Inputs:
+    """The model (built once, reused), the first HH pairs in micro-batches, and their reference log-probs."""
     data = Path(args.data)
     if not data.is_file():
         raise SystemExit(f"data file not found: {data} (see ../shared/data/README.md)")
@@ -212,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.models import load_tokenizer
 
     spec = TINY if args.quick else SMALL
-    started = time.perf_counter()
     model_dir = build_model_dir(spec, args.dtype, data, max(1024, 2 * args.max_length), Path(args.work_dir) / "models")
     data_cfg = DataConfig(paths=[str(data)], format="hh", max_length=args.max_length,
                           max_prompt_length=args.max_length // 2)
@@ -222,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(pairs)} HH pairs, {args.steps} steps × {args.micro_batch} pairs, {args.device} {args.dtype}",
           flush=True)
     references = reference_logps(model_dir, args.dtype, args.device, batches, args.row_tokens, args.chunk_tokens)
+    return Inputs(model_dir, pairs, batches, references)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    inputs = prepare_inputs(args)
+    model_dir, pairs, batches, references = inputs.model_dir, inputs.pairs, inputs.batches, inputs.references
     results = {}
     for layout in LAYOUTS:
         job = Job(layout, args.device, args.dtype, str(model_dir), batches, references, min(2, args.steps), 1e-5,

@@ -107,29 +107,23 @@ def _validate(args: argparse.Namespace) -> int:
     """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
     import json
 
-    from rayalign.data.records import prepare_pairs
-    from rayalign.data.stage import data_paths
-    from rayalign.models import resolve_run_model
-    from rayalign.runtime import init_ray
+    from rayalign.data.stage import prepare_data
     from rayalign.train.trainer import planned_steps
 
     cfg = load_config(args.config, args.overrides)
-    model_dir = resolve_run_model(cfg)  # its tokenizer
-    init_ray(cfg.ray)
     out_dir = cfg.output.run_dir / "validate"
     out_dir.mkdir(parents=True, exist_ok=True)
     problem = None
     try:
-        _, report = prepare_pairs(cfg, data_paths(cfg, out_dir), model_dir, out_dir)
+        report = prepare_data(cfg, out_dir, demand=None).report  # prints the counts line
         steps = planned_steps(cfg.train, cfg.scaling.num_workers, report.ok)
     except DataQualityError as err:
         if err.report is None or not args.json:
             raise
         problem, report, steps = str(err), err.report, 0
-    _shutdown_ray()
-    print(f"[rayalign] {report.summary_line()}")
-    if problem:
+        print(f"[rayalign] {report.summary_line()}")
         print(f"rayalign: error: {problem}", file=sys.stderr)
+    _shutdown_ray()
     if args.json:
         print(json.dumps({
             "records": report.total,

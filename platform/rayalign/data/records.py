@@ -87,13 +87,17 @@ class ReadDamage(Exception):
     """A file stops being readable part-way (a truncated or corrupt ``.gz``)."""
 
 
+# What a damaged stream raises: gzip's BadGzipFile is an OSError, a truncation an EOFError.
+_STREAM_ERRORS = (OSError, EOFError, zlib.error)
+
+
 def _byte_lines(stream) -> Iterator[bytes]:
     """The lines of a binary stream (without the newline); raises ReadDamage where the stream breaks."""
     pending = b""
     while True:
         try:
             chunk = stream.read(1 << 16)
-        except (OSError, EOFError, zlib.error) as exc:  # gzip: BadGzipFile is an OSError; truncation an EOFError
+        except _STREAM_ERRORS as exc:
             raise ReadDamage(str(exc) or type(exc).__name__) from None
         if not chunk:
             break
@@ -168,7 +172,7 @@ class PreferenceFileDatasource(FileBasedDatasource):
         """A ``.json`` file: a JSON array of records (as dataset loaders write it), else JSON Lines."""
         try:
             data = stream.read()
-        except (OSError, EOFError, zlib.error) as exc:
+        except _STREAM_ERRORS as exc:
             yield self._table(path, [0], [""], [f"damaged_file: the file cannot be read ({exc})"])
             return
         data = data.removeprefix(UTF8_BOM)

@@ -33,8 +33,8 @@ def data_paths(cfg: RunConfig, out_dir: Path) -> list[str]:
     return [str(write_jsonl(generate(cfg.data.synthetic), out_dir / "data" / "synthetic.jsonl"))]
 
 
-def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand) -> PreparedData:
-    """Resolve the model, connect to Ray (checking ``demand`` fits), read and tokenize the data."""
+def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -> PreparedData:
+    """Resolve the model, connect to Ray (checking ``demand`` fits, when given), read and tokenize the data."""
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray, demand)
     pairs, report = prepare_pairs(cfg, data_paths(cfg, out_dir), model_dir, out_dir)
