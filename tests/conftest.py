@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Imported before any test can call the CLI in-process: the CLI keeps a cluster it starts on
+# 127.0.0.1 only when Ray is not imported yet, and that choice would then carry over to later tests.
+import ray  # noqa: F401
+
 from rayalign.config import ModelConfig, TinyModelConfig, config_from_dict
 from rayalign.models import resolve_model_dir
 
@@ -48,7 +52,6 @@ def make_config(tmp_path: Path, **sections):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cluster`` run first: they start their own Ray clusters and stop them with
-    `ray stop`, which must not meet the session cluster (and `ray.init()` in this process would
-    join a `ray start` cluster instead of starting one)."""
+    """Tests marked ``cluster`` run first: they start their own Ray clusters (and stop only those),
+    and `ray.init()` in this process would join a running `ray start` cluster instead of starting one."""
     items.sort(key=lambda item: item.get_closest_marker("cluster") is None)

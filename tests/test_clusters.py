@@ -1,17 +1,24 @@
 """The cluster definitions under clusters/: parsed and checked, never launched.
 
-Fast and offline: no Ray cluster is started. The local scripts are checked with `bash -n`
-and run against a stub `ray` executable (RAY_BIN) that only records how it was called.
+Fast and offline: no Ray cluster is started, except by the one test marked `cluster`
+(clusters/local/stop.sh stops only its own cluster: two real heads on this machine). The
+local scripts are checked with `bash -n` and run against a stub `ray` executable (RAY_BIN)
+that only records how it was called.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import secrets
 import shlex
+import shutil
+import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -485,8 +492,11 @@ STUB_RAY = """#!/usr/bin/env bash
   echo "RAY_AUTH_MODE=${RAY_AUTH_MODE:-}"
   echo "RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}"
   echo "RAY_FAKE_CLUSTER=${RAY_FAKE_CLUSTER:-}"
+  echo "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-}"
+  echo "SID=$(ps -o sid= -p $$ | tr -d ' ')"
   echo "END"
 } >> "$RAY_STUB_LOG"
+exit "${RAY_STUB_RC:-0}"
 """
 
 
@@ -507,6 +517,8 @@ def stub_env(tmp_path):
         "RAY_BIN": str(stub),
         "RAY_STUB_LOG": str(log),
         "LC_ALL": "C",
+        # Ray's default temp dir, where start.sh keeps its state file, is $TMPDIR/ray.
+        "TMPDIR": str(tmp_path),
     }
     return env, log, home
 
@@ -594,13 +606,229 @@ def test_local_start_rejects_bad_cpu_count_without_starting(stub_env):
     assert calls(log) == []
 
 
-def test_local_stop_calls_ray_stop(stub_env):
+def test_local_start_runs_ray_in_a_session_of_its_own_and_records_it(stub_env, tmp_path):
+    env, log, _ = stub_env
+    res = run_script(START_SH, env, "--port", "6401")
+    assert res.returncode == 0, res.stderr
+    (call,) = calls(log)
+    # Every port on 127.0.0.1: Ray binds its gRPC servers to all interfaces without this.
+    assert call["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert "--node-ip-address 127.0.0.1" in call["args"]
+    # `ray start` ran as the leader of a new session, whose id start.sh recorded for stop.sh.
+    sid = call["SID"]
+    assert sid.isdigit() and int(sid) != os.getsid(0)
+    state = tmp_path / "ray" / "rayalign-head-6401.sid"
+    assert state.read_text(encoding="utf-8").strip() == sid
+    assert "clusters/local/stop.sh --port 6401" in res.stdout
+
+    temp_dir = tmp_path / "rt"
+    res = run_script(START_SH, env, "--temp-dir", str(temp_dir))
+    assert res.returncode == 0, res.stderr
+    assert (temp_dir / "rayalign-head-6379.sid").read_text(encoding="utf-8").strip() == calls(log)[-1]["SID"]
+    assert f"clusters/local/stop.sh --temp-dir {temp_dir}" in res.stdout
+
+
+def test_local_start_failure_keeps_the_running_clusters_record(stub_env, tmp_path):
+    """A second start.sh on a busy port fails in `ray start`: the first cluster stays stoppable."""
+    env, log, _ = stub_env
+    state = tmp_path / "ray" / "rayalign-head-6379.sid"
+    state.parent.mkdir()
+    state.write_text("4242\n")
+    res = run_script(START_SH, {**env, "RAY_STUB_RC": "3"})
+    assert res.returncode == 3, res.stderr
+    assert len(calls(log)) == 1
+    assert state.read_text(encoding="utf-8") == "4242\n"
+    assert sorted(p.name for p in state.parent.iterdir()) == [state.name], "temporary state file left behind"
+
+
+def test_local_stop_never_runs_ray_stop():
+    """`ray stop` stops every Ray cluster of the user on the machine, not only start.sh's."""
+    code = "\n".join(line for line in STOP_SH.read_text(encoding="utf-8").splitlines()
+                     if not line.lstrip().startswith("#"))
+    assert not re.search(r"\bray\s+stop\b|RAY_BIN|find-ray\.sh", code)
+    assert not re.search(r"\b(pkill|killall)\b", code)
+
+
+def test_local_stop_without_a_running_head_touches_nothing(stub_env, tmp_path):
     env, log, _ = stub_env
     res = run_script(STOP_SH, env)
     assert res.returncode == 0, res.stderr
-    res = run_script(STOP_SH, env, "--force")
+    assert "no rayalign head on port 6379 (started by start.sh) is running" in res.stdout
+    # A stale state file naming a live session that is no Ray cluster (this test's own):
+    # nothing in it is signalled, and the stale file goes.
+    state = tmp_path / "ray" / "rayalign-head-6390.sid"
+    state.parent.mkdir()
+    state.write_text(f"{os.getsid(0)}\n")
+    res = run_script(STOP_SH, env, "--port", "6390", "--force")
     assert res.returncode == 0, res.stderr
-    assert [c["args"] for c in calls(log)] == ["stop", "stop --force"]
+    assert "no rayalign head on port 6390" in res.stdout
+    assert not state.exists()
+    assert calls(log) == [], "stop.sh ran `ray`"
+    res = run_script(STOP_SH, env, "--port", "x")
+    assert res.returncode == 2
+
+
+# ------------------------------------------------------------------ local scripts, for real
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_processes(sid: int) -> list:
+    """The live (non-zombie) processes of session `sid`."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (OSError, psutil.Error):
+            pass
+    return out
+
+
+def _gone(procs: list) -> bool:
+    import psutil
+
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def _kill_session(sid: int) -> None:
+    for proc in _session_processes(sid):
+        try:
+            proc.kill()
+        except Exception:
+            pass
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+@pytest.mark.cluster
+def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_path):
+    """start.sh's head binds every port to 127.0.0.1; stop.sh stops it, its job entrypoints
+    included, and leaves another Ray cluster of the same user on this machine running."""
+    import psutil
+    import tempfile
+
+    repo_ray = REPO / ".venv" / "bin" / "ray"
+    ray_bin = str(repo_ray) if repo_ray.exists() else "ray"
+    token_file = tmp_path / "secrets" / "auth_token"
+    env = {**os.environ, "RAY_BIN": ray_bin, "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAYALIGN_RAY_PORT", "RAYALIGN_TEMP_DIR"):
+        env.pop(name, None)
+    # Ray's socket paths must stay short: temp dirs of their own, directly under /tmp.
+    ours_dir = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    other_dir = Path(tempfile.mkdtemp(prefix="ro", dir="/tmp"))
+    port, dashboard_port, other_port = _free_port(), _free_port(), _free_port()
+    ours_sid = other_sid = None
+    # The other cluster: a plain `ray start` head in a session of its own, as another tool
+    # or user session would start one (token auth, loopback only, like ours).
+    other_env = {**env, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    try:
+        started = subprocess.run(
+            ["bash", str(START_SH), "--num-cpus", "1", "--port", str(port),
+             "--dashboard-port", str(dashboard_port), "--temp-dir", str(ours_dir)],
+            env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        ours_sid = int((ours_dir / f"rayalign-head-{port}.sid").read_text(encoding="utf-8"))
+
+        for attempt in (1, 2):  # Ray gives a raylet 30 s to register: a busy 2-core machine may miss it
+            other = subprocess.Popen(
+                [ray_bin, "start", "--head", "--port", str(other_port), "--temp-dir", str(other_dir),
+                 "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats",
+                 "--node-ip-address", "127.0.0.1", "--ray-client-server-port", str(_free_port())],
+                env=other_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True)
+            other_sid = other.pid
+            out, _ = other.communicate(timeout=120)
+            if other.returncode == 0 or attempt == 2 or "timed out during startup" not in out:
+                break
+            _kill_session(other_sid)
+        assert other.returncode == 0, out[-3000:]
+        other_gcs = [p for p in _session_processes(other_sid) if p.name() == "gcs_server"]
+        assert len(other_gcs) == 1
+
+        # A job whose entrypoint runs in a session of its own, under the job supervisor.
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        marker = f"{3600 + secrets.randbelow(10**6) / 10**6:.6f}"
+        auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard_port}", headers=auth)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                job_id = client.submit_job(entrypoint=f"sleep {marker}")
+                break
+            except RuntimeError as e:  # until the head's dashboard agent has registered
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        while not (entrypoint := [p for p in psutil.process_iter(["cmdline"])
+                                  if p.info["cmdline"] == ["sleep", marker]]):
+            status = client.get_job_status(job_id)
+            assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(job_id)
+            assert time.monotonic() < deadline, f"job entrypoint not running after 60 s ({status})"
+            time.sleep(0.5)
+        assert os.getsid(entrypoint[0].pid) != ours_sid
+
+        ours = _session_processes(ours_sid)
+        listening, names = {}, set()
+        for proc in ours + entrypoint:
+            try:
+                name, conns = proc.name(), proc.net_connections(kind="inet")
+            except psutil.NoSuchProcess:  # a worker that just exited
+                continue
+            names.add(name)
+            for conn in conns:
+                if conn.status == psutil.CONN_LISTEN:
+                    listening[(conn.laddr.ip, conn.laddr.port)] = name
+        assert {"gcs_server", "raylet"} <= names, names
+        assert {port, dashboard_port} <= {p for _, p in listening}, listening
+        public = {addr: name for addr, name in listening.items() if not _is_loopback(addr[0])}
+        assert not public, f"listening beyond loopback: {public}"
+
+        stopped = subprocess.run(
+            ["bash", str(STOP_SH), "--port", str(port), "--temp-dir", str(ours_dir)],
+            env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert "ray stop" not in stopped.stdout
+        assert _gone(ours + entrypoint), [p for p in ours + entrypoint if p.is_running()]
+        assert _session_processes(ours_sid) == []
+        assert not (ours_dir / f"rayalign-head-{port}.sid").exists()
+
+        # The other cluster lives on and answers.
+        assert other_gcs[0].is_running() and other_gcs[0].status() != psutil.STATUS_ZOMBIE
+        status = subprocess.run([ray_bin, "status", "--address", f"127.0.0.1:{other_port}"],
+                                env=other_env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
+        again = subprocess.run(["bash", str(STOP_SH), "--port", str(port), "--temp-dir", str(ours_dir)],
+                               env=env, capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert again.returncode == 0 and "no rayalign head on port" in again.stdout
+    finally:
+        # Never `ray stop`: kill each cluster by its own session (a no-op when stopped).
+        for sid in (ours_sid, other_sid):
+            if sid is not None:
+                _kill_session(sid)
+        for proc in psutil.process_iter(["cmdline"]):
+            if "marker" in locals() and proc.info["cmdline"] == ["sleep", marker]:
+                proc.kill()
+        for path in (ours_dir, other_dir):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_readme_covers_every_definition():

@@ -61,7 +61,7 @@ def head(tmp_path_factory):
     # Ray's socket paths must stay short: a temp dir of its own, directly under /tmp.
     temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     token_file = base / "secrets" / "auth_token"
-    dashboard_port = _free_port()
+    dashboard_port, gcs_port = _free_port(), _free_port()
     env = {
         **os.environ,
         "RAY_BIN": str(REPO / ".venv" / "bin" / "ray") if (REPO / ".venv" / "bin" / "ray").exists() else "",
@@ -74,7 +74,7 @@ def head(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     start = [
         "bash", str(REPO / "clusters/local/start.sh"), "--autoscaling",
-        "--port", str(_free_port()), "--dashboard-port", str(dashboard_port), "--temp-dir", str(temp_dir),
+        "--port", str(gcs_port), "--dashboard-port", str(dashboard_port), "--temp-dir", str(temp_dir),
     ]
     log = base / "start.log"
     with log.open("w") as out:
@@ -85,7 +85,9 @@ def head(tmp_path_factory):
     try:
         yield Head(f"http://127.0.0.1:{dashboard_port}", token_file)
     finally:
-        subprocess.run(["bash", str(REPO / "clusters/local/stop.sh"), "--force"], env=env,
+        # stop.sh stops only the cluster start.sh started on this port, in this temp dir.
+        subprocess.run(["bash", str(REPO / "clusters/local/stop.sh"), "--force", "--port", str(gcs_port),
+                        "--temp-dir", str(temp_dir)], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
 

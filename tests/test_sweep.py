@@ -16,6 +16,7 @@ import yaml
 from ray.util.state import list_actors
 
 from conftest import REPO, make_config
+from tracker_readers import mlflow_runs, wandb_offline_runs
 from rayalign.config import ConfigError, config_from_dict, load_config
 from rayalign.pipeline import run_train
 from rayalign.tune.sweep import _searcher, run_sweep
@@ -86,7 +87,7 @@ def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path
         # tie; CPO's loss grows with γ, so the held-out loss makes ASHA's decisions certain.
         "objective": "eval/loss",
         "asha": {"grace_period": 2, "reduction_factor": 2},
-    })
+    }, output={"trackers": ["mlflow", "tensorboard", "wandb"], "tracking": {"wandb_mode": "offline"}})
     before = reference_actor_starts()
     summary = run_sweep(cfg)
 
@@ -107,6 +108,28 @@ def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["trial_id"] for r in rows} == {t["trial_id"] for t in trials}
     assert os.path.getsize(summary["files"]["plot"]) > 10_000
+
+    # Each trial is a tracker run of its own, grouped under the sweep, with its γ as a parameter.
+    root = cfg.output.run_dir.parent
+    gammas = {t["trial_id"]: t["params"]["loss.gamma"] for t in trials}
+    mlflow = {r.info.run_name: r for r in mlflow_runs(f"sqlite:///{root / 'mlflow.db'}", "rayalign")}
+    assert set(mlflow) == {"sweep", *gammas}
+    parent = mlflow["sweep"].info.run_id
+    assert {"summary.json", "sweep_results.csv"} <= {a.path for a in __import__("mlflow").MlflowClient(
+        f"sqlite:///{root / 'mlflow.db'}").list_artifacts(parent)}
+    for trial_id, gamma in gammas.items():
+        assert mlflow[trial_id].data.tags["mlflow.parentRunId"] == parent
+        assert float(mlflow[trial_id].data.params["loss.gamma"]) == gamma
+    # A trial ASHA stops is ended by Tune mid-run; one that completes has its whole history.
+    for trial in (t for t in trials if t["status"] == "completed"):
+        assert mlflow[trial["trial_id"]].data.metrics["eval/loss"] == pytest.approx(trial["objective"])
+        assert mlflow[trial["trial_id"]].info.status == "FINISHED"
+    wandb = {r["name"]: r for r in wandb_offline_runs(root) if r["name"]}
+    assert {r["group"] for r in wandb.values()} == {"sweep"}
+    for trial in (t for t in trials if t["status"] == "completed"):
+        run = wandb[trial["trial_id"]]
+        assert run["config"]["loss.gamma"] == trial["params"]["loss.gamma"] and run["exit_code"] == 0
+    assert {d.name for d in (root / "tensorboard" / "sweep").iterdir()} == set(gammas)
 
     # The best trial's config is a complete run config that `rayalign train` accepts as is.
     best_path = summary["files"]["best_config"]

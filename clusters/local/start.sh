@@ -25,9 +25,16 @@
 #     default path). If the file does not exist this script creates it: 32 random bytes as
 #     hex, mode 600. The token is never printed; `ray get-auth-token` shows it if you
 #     need it (e.g. to log in to the dashboard in a browser).
-#   * The dashboard and job server listen on 127.0.0.1 only.
+#   * Every port of the head listens on 127.0.0.1 only: the dashboard and job server, and
+#     Ray's GCS, raylet, agent and Ray Client gRPC ports (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+#     see below). Nothing of this cluster is reachable from another machine.
 #
-# Stop the cluster with clusters/local/stop.sh.
+# `ray start` runs in a session of its own (setsid, util-linux); every process of the cluster
+# keeps that session id, which is recorded in the state file
+#   <temp dir>/rayalign-head-<GCS port>.sid
+# (temp dir: --temp-dir, else Ray's default ${RAY_TMPDIR:-${TMPDIR:-/tmp}}/ray).
+# Stop the cluster with clusters/local/stop.sh (same --port and --temp-dir): it stops the
+# processes of that session only, never another Ray cluster on this machine.
 set -euo pipefail
 
 usage() {
@@ -89,6 +96,11 @@ fi
 # environment's bin/ first on PATH so that job entrypoints (`rayalign ...`) resolve too.
 source "$(dirname "${BASH_SOURCE[0]}")/find-ray.sh"
 export PATH="$(dirname "$RAY_BIN"):$PATH"
+# setsid (util-linux) runs `ray start` in a session of its own (see below).
+if ! command -v setsid >/dev/null 2>&1; then
+    echo "start.sh: 'setsid' (util-linux) is needed to start Ray in a session of its own; install util-linux" >&2
+    exit 1
+fi
 
 if [[ -n "$autoscaling_config" ]]; then
     # The provider must know this head's GCS port; the head's CPUs are the head node type's.
@@ -146,6 +158,10 @@ ray_args=(
     --node-ip-address 127.0.0.1
     --dashboard-host 127.0.0.1
     --dashboard-port "$dashboard_port"
+    # The dashboard agent's HTTP port (job submission goes through it) on a free port, not
+    # Ray's fixed 52365: with another Ray cluster on this machine holding 52365, this head's
+    # job server would answer "No available agent to submit job".
+    --dashboard-agent-listen-port 0
     --num-cpus "$num_cpus"
     --disable-usage-stats
 )
@@ -159,15 +175,46 @@ if [[ -n "$autoscaling_config" ]]; then
     ray_args+=(--autoscaling-config "$resolved_config")
 fi
 
-"$RAY_BIN" "${ray_args[@]}"
+# Ray replaces --node-ip-address 127.0.0.1 by this machine's address and binds its gRPC
+# servers (GCS, raylet, agents, Ray Client) to every interface, unless it believes it runs a
+# single-machine cluster: with this variable at 0 it keeps every port on 127.0.0.1. (It also
+# refuses `ray start --address` joins, which a single-machine head does not need; the
+# autoscaler's fake worker nodes are started in-process, not with `ray start`.) The cluster's
+# own processes, job entrypoints included, inherit it; a client outside the cluster that
+# connects to the GCS (`ray status --address 127.0.0.1:P`, `ray.init(address=...)`) needs it
+# exported too, or Ray turns 127.0.0.1 into this machine's address, where nothing listens.
+# Job submission over HTTP (RAY_ADDRESS=http://127.0.0.1:<dashboard port>) does not.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+
+# Run `ray start` in a new session: the cluster's processes (and the Ray workers they spawn)
+# keep its id, so stop.sh can find exactly this cluster. The new session's leader is the bash
+# below (its pid is the session id), which records it and becomes `ray start`; setsid --wait
+# returns ray start's exit code. The state file is replaced only when ray start succeeded, so
+# a failed second start on the same port does not lose the running cluster's record.
+state_dir="${temp_dir:-${RAY_TMPDIR:-${TMPDIR:-/tmp}}/ray}"
+state_file="$state_dir/rayalign-head-$gcs_port.sid"
+mkdir -p "$state_dir"
+sid_file="$(mktemp "$state_dir/.rayalign-head-$gcs_port.XXXXXX")"
+trap 'rm -f "$sid_file"' EXIT
+rc=0
+setsid --wait bash -c 'echo "$$" >"$1"; shift; exec "$@"' _ "$sid_file" "$RAY_BIN" "${ray_args[@]}" || rc=$?
+if [[ $rc -ne 0 ]]; then
+    echo "start.sh: ray start failed (exit $rc)" >&2
+    exit "$rc"
+fi
+mv -f "$sid_file" "$state_file"
+trap - EXIT
 
 dashboard_url="http://127.0.0.1:$dashboard_port"
+stop_cmd="clusters/local/stop.sh"
+[[ "$gcs_port" == 6379 ]] || stop_cmd+=" --port $gcs_port"
+[[ -z "$temp_dir" ]] || stop_cmd+=" --temp-dir $temp_dir"
 cat <<EOF
 
 rayalign local Ray head is up (token authentication on; token from $token_source).
   Autoscaling:            ${autoscaling_config:-off}
   Dashboard / job server: $dashboard_url   (log in with the output of 'ray get-auth-token')
-  GCS address:            127.0.0.1:$gcs_port
+  GCS address:            127.0.0.1:$gcs_port   (GCS clients, e.g. 'ray status', need RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 too)
   RAY_ADDRESS for jobs:   $dashboard_url
 
 Submit a job from the repository root:
@@ -175,5 +222,5 @@ Submit a job from the repository root:
     ray job submit --runtime-env jobs/runtime-env.yaml -- \\
       python -m rayalign train --config jobs/configs/tiny-dpo.yaml --set output.storage=\$PWD/runs
 
-Stop it with: clusters/local/stop.sh
+Stop it with: $stop_cmd
 EOF

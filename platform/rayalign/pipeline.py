@@ -23,10 +23,12 @@ With ``output.storage`` set, the same layout is kept at ``<storage>/<name>/`` (s
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 from rayalign.config import RunConfig
+from rayalign.console import Console
 from rayalign.data.stage import prepare_data
 from rayalign.reference.cache import describe
 from rayalign.reference.stage import score_into_cache, score_reference
@@ -34,15 +36,24 @@ from rayalign.runtime import ResourceDemand
 from rayalign.storage import prepare_run_dir
 from rayalign.train.stage import preflight, train_stage
 
+log = logging.getLogger(__name__)
 
-def run_train(cfg: RunConfig) -> dict[str, Any]:
-    """Train one policy end to end and write its run directory; returns the summary."""
+
+def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
+    """Train one policy end to end and write its run directory; returns the summary.
+    ``console``: where training's progress shows (None: nowhere but the logs and trackers)."""
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
+    log.info("data: reading and tokenizing")
     data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))
     cost = preflight(cfg, data)
+    ref = cfg.reference
+    log.info("reference: %s, %d actor(s)%s", ref.backend, ref.num_actors,
+             ", through the cache" if ref.cache else ", streamed into training")
     scored = score_reference(cfg, data)
-    return train_stage(cfg, data.model_dir, scored, data.report.as_dict(), started, cost.as_dict())
+    s = cfg.scaling
+    log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")
+    return train_stage(cfg, data.model_dir, scored, data.report.as_dict(), started, cost.as_dict(), console=console)
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:

@@ -1,20 +1,28 @@
 """Connecting the driver to Ray: the one place that decides local cluster vs. existing one, and
-checks that the cluster can hold what a run asks for before any stage waits on it."""
+checks that the cluster can hold what a run asks for before any stage waits on it.
+
+Ray is imported inside the functions: :func:`bind_local_cluster_to_loopback` must run before
+anything imports Ray.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-
 from rayalign.config import RayConfig, RunConfig
+from rayalign.errors import ClusterResourceError
 
+log = logging.getLogger(__name__)
 
-class ClusterResourceError(RuntimeError):
-    """The run asks for more CPUs or GPUs at once than the cluster has (Ray would wait forever)."""
+# Ray reads this once, when it is imported: "0" makes Ray treat this machine as a single-node
+# cluster, so the node address is 127.0.0.1 and every port (GCS, raylet, agents, workers) listens
+# on loopback only. Without it Ray swaps 127.0.0.1 for the machine's address and listens everywhere.
+RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,25 @@ class ResourceDemand:
         return cls(ref_cpus + train_cpus, ref_gpus + train_gpus, f"{ref_part} streaming into {train_part}")
 
 
+def cluster_address(cfg: RayConfig) -> str | None:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (set for Ray jobs); None starts one here."""
+    return cfg.address or os.environ.get("RAY_ADDRESS")
+
+
+def bind_local_cluster_to_loopback(cfg: RayConfig) -> bool:
+    """Before Ray is imported: a cluster this process will start listens on 127.0.0.1 only.
+
+    Nothing changes when the run joins an existing cluster (its nodes must reach this driver) or
+    with ``ray.loopback_only: false``. Returns whether the local cluster will be loopback-only.
+    """
+    if cluster_address(cfg) or not cfg.loopback_only:
+        return False
+    if "ray" in sys.modules and os.environ.get(RAY_SINGLE_NODE_ENV) != "0":
+        return False  # too late for this process; init_ray says so when it starts the cluster
+    os.environ[RAY_SINGLE_NODE_ENV] = "0"
+    return True
+
+
 def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:
     """Join the cluster named by ``cfg.address`` or by ``RAY_ADDRESS`` (set for Ray jobs); else start one here.
 
@@ -56,7 +83,9 @@ def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:
     a cluster that cannot grow (one started here) must already hold it: otherwise this raises
     :class:`ClusterResourceError` instead of letting Ray wait forever for resources.
     """
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    import ray
+
+    address = cluster_address(cfg)
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
@@ -68,6 +97,9 @@ def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:
                 sizing["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
             secure_local_token()
             ray.init(**sizing)
+            if cfg.loopback_only and ray.util.get_node_ip_address() != "127.0.0.1":
+                log.warning("Ray was imported before rayalign could keep the local cluster on 127.0.0.1; "
+                            "its ports listen on every interface")
     if demand is not None:
         check_resources(demand, ray.cluster_resources(), may_grow=bool(address))
 
@@ -103,7 +135,7 @@ def check_resources(demand: ResourceDemand, available: dict[str, float], may_gro
         return
     message = f"this run asks for {' and '.join(short)} ({demand.parts})"
     if may_grow:
-        print(f"[rayalign] {message}; waiting for the cluster's autoscaler to add nodes", flush=True)
+        log.warning("%s; waiting for the cluster's autoscaler to add nodes", message)
         return
     gpus = available.get("GPU", 0.0)
     hint = ""

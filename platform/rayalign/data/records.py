@@ -41,6 +41,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FileBasedDatasource
 
 from rayalign.config import DataConfig, RunConfig
+from rayalign.errors import DataQualityError
 from rayalign.schema import (
     DETAIL,
     FIELD,
@@ -61,15 +62,6 @@ OK = "ok"
 _RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), (RECORD, pa.string()), (READ_ERROR, pa.string())])
 UTF8_BOM = b"\xef\xbb\xbf"
 _RAW_ROWS_PER_BLOCK = 1024
-
-
-class DataQualityError(RuntimeError):
-    """The input cannot make a trustworthy run: unreadable, too much quarantined, or too few usable pairs.
-    ``report``: the data stage's counts when it got that far (``rayalign validate`` prints them)."""
-
-    def __init__(self, message: str, report: DataReport | None = None):
-        super().__init__(message)
-        self.report = report
 
 
 class RecordError(ValueError):

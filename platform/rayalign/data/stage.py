@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from rayalign.data.records import DataReport, prepare_pairs
 from rayalign.data.synthetic import generate, write_jsonl
 from rayalign.models import resolve_run_model
 from rayalign.runtime import ResourceDemand, init_ray
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,5 +41,5 @@ def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray, demand)
     pairs, report = prepare_pairs(cfg, data_paths(cfg, out_dir), model_dir, out_dir)
-    print(f"[rayalign] {report.summary_line()}", flush=True)
+    log.info(report.summary_line())
     return PreparedData(model_dir, report.files, pairs, report)

@@ -7,6 +7,7 @@ stream straight into training. Either way training gets :class:`ScoredPairs`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from rayalign.data.records import shuffled, split_heldout
 from rayalign.data.stage import PreparedData
 from rayalign.reference.actors import add_reference_logps
 from rayalign.reference.cache import CacheInfo, describe, scored_pairs_cached
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
     """
     if cfg.reference.cache:
         scored, info = score_into_cache(cfg, data)
-        print(f"[rayalign] reference cache {'hit' if info.hit else 'miss'}: {info.path}", flush=True)
+        log.info("reference cache %s: %s", "hit" if info.hit else "miss", info.path)
         return split_scored(cfg, scored, ReferenceSource(cfg.reference.backend, describe(info)), data.report.ok)
 
     train, heldout = split_heldout(data.pairs, cfg)

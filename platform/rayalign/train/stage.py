@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from ray.train import TrainingFailedError
 
 from rayalign.config import RunConfig
+from rayalign.console import Console, TrainingProgress
 from rayalign.data.stage import PreparedData
+from rayalign.errors import TrainingDiverged
 from rayalign.models import load_tokenizer
 from rayalign.packing import LayoutCost, layout_cost
 from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, upload
 from rayalign.train.checkpoint import read_checkpoint_file
+from rayalign.diagnostics.report import plot_runs
+from rayalign.tracking import SweepMembership, open_trackers
+from rayalign.train.progress import relayed_progress
 from rayalign.train.trainer import fit, planned_steps
-from rayalign.train.worker import TrainingDiverged
+
+log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("rewards/accuracies", "pref/absolute_accuracy", "pref/frac_in_U", "rewards/margins")
 PREFLIGHT_SAMPLE_PAIRS = 256
@@ -41,7 +49,7 @@ def preflight(cfg: RunConfig, data: PreparedData) -> LayoutCost:
         load_tokenizer(data.model_dir).pad_token_id,
         packing.row_tokens,
     )
-    print(f"[rayalign] {cost.line()}", flush=True)
+    log.info(cost.line())
     return cost
 
 
@@ -94,21 +102,37 @@ def train_stage(
     preflight: dict[str, Any] | None = None,
     callbacks: list | None = None,
     resume_name: str | None = None,
+    console: Console | None = None,
+    sweep: SweepMembership | None = None,
 ) -> dict[str, Any]:
     """Fit on ``scored`` into ``cfg.output.run_dir``; write and return summary.json (with ``preflight``,
-    a :class:`LayoutCost` as a dict).
+    a :class:`LayoutCost` as a dict) and the run's plot; the trackers get all of it.
 
     ``callbacks`` and ``resume_name`` as :func:`rayalign.train.trainer.fit` takes them (a sweep trial).
+    ``console``: where the progress shows (None: no progress, as in a sweep's trials). ``sweep``: the
+    sweep a trial's tracker runs belong to.
     """
     run_dir = cfg.output.run_dir
+    trackers = open_trackers(cfg, sweep)
+    progress = TrainingProgress(console, planned_steps(cfg.train, cfg.scaling.num_workers, scored.num_train),
+                                cfg.output.name)
+    consumers = ([progress.show] if console is not None else []) + ([trackers.log_step] if trackers.runs else [])
     try:
-        result = fit(cfg, scored.train, scored.num_train, model_dir, scored.heldout, callbacks, resume_name)
+        with relayed_progress(consumers) if consumers else nullcontext() as board:
+            result = fit(cfg, scored.train, scored.num_train, model_dir, scored.heldout, callbacks, resume_name,
+                         progress=board)
     except TrainingFailedError as err:
+        trackers.finish(failed=True)
         # The worker's own message, not Ray's traceback of it.
         diverged = re.search(rf"{TrainingDiverged.__name__}: (.*)", str(err))
         if diverged:
             raise TrainingDiverged(diverged.group(1)) from None
         raise
+    except BaseException:
+        trackers.finish(failed=True)
+        raise
+    finally:
+        progress.close()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
@@ -119,7 +143,9 @@ def train_stage(
     if scored.heldout is not None:
         summary["reference"]["heldout_pairs"] = scored.heldout.count()
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    for name in (CONFIG_FILE, QUARANTINE_FILE, METRICS_FILE, SUMMARY_FILE):
-        if (run_dir / name).exists():
-            upload(run_dir / name, f"{cfg.output.run_storage}/{name}")
+    plot = plot_runs([run_dir])
+    for path in (run_dir / CONFIG_FILE, run_dir / QUARANTINE_FILE, run_dir / METRICS_FILE, run_dir / SUMMARY_FILE, plot):
+        if path.exists():
+            upload(path, f"{cfg.output.run_storage}/{path.name}")
+    trackers.finish(summary, [plot, run_dir / METRICS_FILE])
     return summary

@@ -14,7 +14,7 @@ from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayalign.config import RunConfig, TrainConfig
-from rayalign.data.records import DataQualityError
+from rayalign.errors import DataQualityError
 from rayalign.train.worker import WorkerPlan, train_loop_per_worker
 
 
@@ -44,12 +44,14 @@ def fit(
     heldout: Dataset | None = None,
     callbacks: list | None = None,
     resume_name: str | None = None,
+    progress=None,
 ):
     """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result.
 
     ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a sweep trial.
     ``resume_name``: Ray Train continues a run of this name under the same storage path from its last
     checkpoint (a sweep trial that Tune restores); None starts a fresh run.
+    ``progress``: a ProgressBoard's handle that rank 0 posts its logged rows to.
     """
     s = cfg.scaling
     plan = WorkerPlan(
@@ -65,6 +67,7 @@ def fit(
         total_steps=planned_steps(cfg.train, s.num_workers, num_pairs),
         micro_batches_per_epoch=micro_batches_per_epoch(cfg.train, s.num_workers, num_pairs),
         has_eval=heldout is not None,
+        progress=progress,
     )
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(

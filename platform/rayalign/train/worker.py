@@ -30,8 +30,10 @@ import ray.train
 import torch
 
 from rayalign.config import LoraConfig, LossConfig, MonitorConfig, TrainConfig
+from rayalign.console import step_line
 from rayalign.diagnostics.alarms import pathology_alarm
 from rayalign.distributed import Collective
+from rayalign.errors import TrainingDiverged
 from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
 from rayalign.packing import pack_pairs
@@ -42,10 +44,6 @@ from rayalign.train.metrics import IntervalMeter, preference_stats
 
 # Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being a finite number; the run stops before it checkpoints or saves anything more."""
 
 
 def check_finite(row: dict[str, Any]) -> None:
@@ -73,6 +71,7 @@ class WorkerPlan:
     total_steps: int
     micro_batches_per_epoch: int
     has_eval: bool
+    progress: Any = None  # a ProgressBoard's handle: rank 0 posts each logged row (train/progress.py)
 
 
 def deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any]:
@@ -153,14 +152,6 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     if device.type != "cuda":
         return {}
     return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-
-
-def _log_line(row: dict[str, Any], total_steps: int) -> str:
-    return (
-        f"step {row['step']}/{total_steps} loss={row['loss']:.4f} reward_acc={row['rewards/accuracies']:.3f} "
-        f"abs_acc={row['pref/absolute_accuracy']:.3f} frac_in_U={row['pref/frac_in_U']:.3f} "
-        f"pairs/s={row['pairs/s']:.1f}"
-    )
 
 
 class TrainingWorker:
@@ -289,7 +280,9 @@ class TrainingWorker:
             if "alarm" not in (self.history[-2] if len(self.history) > 1 else {}):
                 logger.warning("PATHOLOGY ALARM at step %d: %s", row["step"], alarm)
         append_jsonl(self.metrics_path, row)
-        logger.info(_log_line(row, self.plan.total_steps))
+        if self.plan.progress is not None:
+            self.plan.progress.post.remote(row)  # not awaited: the next step does not wait on the driver
+        logger.info(step_line(row, self.plan.total_steps))
 
     def save_checkpoint(self) -> None:
         checkpoint.report(self.last_row, self.engine, self.metrics_path, adapters_only=self.plan.lora is not None)

@@ -25,6 +25,7 @@ Sweep directory (``<output.root>/<output.name>/``, kept in ``<output.storage>/<o
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -45,9 +46,12 @@ from rayalign.reference.cache import describe
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.runtime import ResourceDemand
 from rayalign.storage import CONFIG_FILE, prepare_run_dir, read_text, remove, upload
+from rayalign.tracking import SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent
 from rayalign.train.stage import preflight, train_stage
 from rayalign.train.trainer import planned_steps
 from rayalign.tune.results import collect_trials, format_sweep_table, write_results
+
+log = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -69,9 +73,25 @@ class HeldoutReportCallback(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
+class TrialLines(tune.Callback):
+    """One console line per finished trial: what it searched and the objective it reached."""
+
+    def __init__(self, objective: str):
+        self.objective = objective
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        value = (trial.last_result or {}).get(self.objective)
+        searched = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        log.info("trial %s (%s): %s = %s", trial.trial_id, searched, self.objective,
+                 "n/a" if value is None else f"{value:.4f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        log.warning("trial %s failed; see its error in the log", trial.trial_id)
+
+
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, model_dir: str,
               scored: Dataset, num_scored: int, source: ReferenceSource, data_report: dict[str, Any],
-              cost: dict[str, Any]) -> None:
+              cost: dict[str, Any], sweep: SweepMembership) -> None:
     """One Tune trial: train on the sweep's reference-scored pairs with the trial's settings."""
     started = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
@@ -80,7 +100,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, m
     train_stage(cfg, Path(model_dir), split_scored(cfg, scored, source, num_scored), data_report, started, cost,
                 # The trial's run directory is its own: a fixed Ray Train run name lets a trial that
                 # Tune restores (resumed sweep, errored trial) continue from its last checkpoint.
-                callbacks=[HeldoutReportCallback(objective)], resume_name="train")
+                callbacks=[HeldoutReportCallback(objective)], resume_name="train",
+                sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent))
 
 
 def trial_dirname(trial) -> str:
@@ -125,11 +146,17 @@ def _scheduler(sweep: SweepConfig, steps: int):
 def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
     """The trials' base config: Tune runs each trial in its own working directory."""
     tree = cfg.model_dump(mode="json", exclude={"sweep"})
-    if cfg.model.path and not cfg.model.path.startswith("package:"):
+    if cfg.model.path and not cfg.model.path.startswith("package:") and cfg.model.hub_repo_id() is None:
         tree["model"]["path"] = str(Path(cfg.model.path).expanduser().resolve())
     tree["data"]["paths"] = [str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
     tree["reference"]["cache_root"] = str(Path(cfg.reference.cache_root).expanduser().resolve())
     tree["output"]["root"] = str(trials_root)
+    # The trials' tracker runs go where the sweep's own run does, not under the trials' root.
+    tracking = tree["output"]["tracking"]
+    tracking["mlflow_tracking_uri"] = cfg.output.tracking.mlflow_tracking_uri or default_mlflow_uri(cfg)
+    root = Path(cfg.output.root).expanduser().resolve()
+    tracking["tensorboard_dir"] = str(Path(cfg.output.tracking.tensorboard_dir or root / "tensorboard").expanduser().resolve())
+    tracking["wandb_dir"] = str(Path(cfg.output.tracking.wandb_dir or root).expanduser().resolve())
     if cfg.output.storage is not None:
         tree["output"]["storage"] = f"{cfg.output.run_storage}/{TRIALS_DIR}"
     return tree
@@ -165,10 +192,24 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
     resuming = _open_sweep_dir(cfg, fresh)
     shared = _score_once(cfg)
     steps = planned_steps(cfg.train, cfg.scaling.num_workers, shared.num_train)
-    tuner = _tuner(cfg, shared, steps, resuming)
+    membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
+    tuner = _tuner(cfg, shared, steps, resuming, membership)
     tune_dir = f"{cfg.output.run_storage}/{TUNE_DIR}"
+    log.info("%d trial(s) of %d steps each; one line per finished trial", _num_trials(cfg.sweep), steps)
     trials = collect_trials(tuner.fit(), tune_dir, cfg.sweep, steps, f"{cfg.output.run_storage}/{TRIALS_DIR}")
-    return _write_summary(cfg, shared, trials, steps, time.perf_counter() - started)
+    summary = _write_summary(cfg, shared, trials, steps, time.perf_counter() - started)
+    files = [Path(path) for key, path in summary["files"].items() if key != "tune" and path]
+    finish_sweep_parent(cfg, membership.mlflow_parent, summary, files)
+    return summary
+
+
+def _num_trials(sweep: SweepConfig) -> int:
+    """Trials the sweep plans: every grid point once per sample."""
+    grid = 1
+    if sweep.search == "grid":
+        for dim in sweep.space.values():
+            grid *= len(dim.values) if dim.values is not None else 1
+    return grid * sweep.num_samples
 
 
 def _open_sweep_dir(cfg: RunConfig, fresh: bool) -> bool:
@@ -180,7 +221,7 @@ def _open_sweep_dir(cfg: RunConfig, fresh: bool) -> bool:
             remove(f"{cfg.output.run_storage}/{stale}")
     if tune.Tuner.can_restore(tune_dir):
         _check_resumable(cfg)
-        print(f"[rayalign] resuming the sweep in {tune_dir} (finished trials are kept)", flush=True)
+        log.info("resuming the sweep in %s (finished trials are kept)", tune_dir)
         return True
     shutil.rmtree(sweep_dir / TRIALS_DIR, ignore_errors=True)
     prepare_run_dir(cfg)
@@ -194,8 +235,7 @@ def _score_once(cfg: RunConfig) -> SharedScores:
     data = prepare_data(cfg, cfg.output.run_dir, ResourceDemand.of_run(scoring_cfg, per_trial_cpus=cfg.sweep.trial_cpus))
     cost = preflight(cfg, data).as_dict()
     scored, cache = score_into_cache(cfg, data)
-    print(f"[rayalign] reference scored once for all trials: cache {'hit' if cache.hit else 'miss'}, "
-          f"{cache.path}", flush=True)
+    log.info("reference scored once for all trials: cache %s, %s", "hit" if cache.hit else "miss", cache.path)
     # In the object store once for all trials (a Parquet read in each trial would also want a
     # whole CPU for its file listing, which trials on a small machine do not leave free).
     scored = scored.materialize()
@@ -204,7 +244,8 @@ def _score_once(cfg: RunConfig) -> SharedScores:
     return SharedScores(data, cost, scored, num_train, source, scored_now=not cache.hit)
 
 
-def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool) -> tune.Tuner:
+def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, membership: SweepMembership
+           ) -> tune.Tuner:
     """Tune's tuner over ``run_trial``, each trial with the shared scores; restored when resuming."""
     sweep, sweep_dir = cfg.sweep, cfg.output.run_dir
     tune_dir = f"{cfg.output.run_storage}/{TUNE_DIR}"
@@ -219,6 +260,7 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool) -> 
             source=shared.source,
             data_report=shared.data.report.as_dict(),
             cost=shared.cost,
+            sweep=membership,
         ),
         {"cpu": sweep.trial_cpus},
     )
@@ -237,7 +279,8 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool) -> 
             max_concurrent_trials=sweep.max_concurrent_trials if sweep.search == "optuna" else None,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.output.run_storage),
+        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.output.run_storage,
+                                      callbacks=[TrialLines(sweep.objective)]),
     )
 
 
