@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     inputs = prepare_inputs(args)
     model_dir, pairs, batches, references = inputs.model_dir, inputs.pairs, inputs.batches, inputs.references
     results = {}
-    for name, lora_rank in (("full", None), ("lora", rank)):
+    # lora_adapters_off: reference.backend adapters_off, the reference scored in the step (one more
+    # forward, no backward) instead of read from the actors' column.
+    for name, lora_rank, in_step in (("full", None, False), ("lora", rank, False), ("lora_adapters_off", rank, True)):
         job = Job("shared_prompt", args.device, args.dtype, str(model_dir), batches, references, 0,
-                  1e-4 if lora_rank is None else 1e-3, 0.1, args.row_tokens, args.chunk_tokens, args.warmup, lora_rank)
+                  1e-4 if lora_rank is None else 1e-3, 0.1, args.row_tokens, args.chunk_tokens, args.warmup, lora_rank,
+                  in_step)
         r = _in_own_process(job)
         results[name] = {k: v for k, v in r.items() if k != "checked_logps"}
-        print(f"[bench] {name:>4}: {r['trainable_parameters'] / 1e6:8.3f} M trainable, optimizer state "
+        print(f"[bench] {name:>17}: {r['trainable_parameters'] / 1e6:8.3f} M trainable, optimizer state "
               f"{r['optimizer_state_gib']:.3f} GiB, peak {r['peak_memory_gib']:.2f} GiB, {r['pairs_per_s']:.3f} pairs/s",
               flush=True)
     full, lora = results["full"], results["lora"]
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         "lora_peak_memory_gib": round(lora["peak_memory_gib"], 3),
         "full_pairs_per_s": round(full["pairs_per_s"], 3),
         "lora_pairs_per_s": round(lora["pairs_per_s"], 3),
+        "lora_adapters_off_pairs_per_s": round(results["lora_adapters_off"]["pairs_per_s"], 3),
+        "lora_adapters_off_peak_memory_gib": round(results["lora_adapters_off"]["peak_memory_gib"], 3),
         "lora_rank": rank,
         "device": args.device,
         "dtype": args.dtype,

@@ -68,6 +68,7 @@ class Job:
     chunk_tokens: int
     warmup: int
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of every weight
+    reference_in_step: bool = False  # with LoRA: score the reference each step with the adapters off
 
 
 def _peak_memory_gib(device: str) -> float:
@@ -95,6 +96,7 @@ def train_layout(job: Job) -> dict[str, Any]:
     from rayalign.config import LoraConfig
     from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
     from rayalign.packing import pack_pairs
+    from rayalign.train.worker import adapters_off_logps
 
     torch.manual_seed(0)
     device = torch.device(job.device)
@@ -119,9 +121,13 @@ def train_layout(job: Job) -> dict[str, Any]:
         pairs = pack_pairs(batch, job.layout, pad_id, job.row_tokens)
         computed.append(pairs.computed_tokens)
         real.append(pairs.real_tokens)
-        logps, counts = policy(pairs.to(device))
+        pairs = pairs.to(device)
+        if job.reference_in_step:  # what reference.backend: adapters_off does in the training worker
+            refs = split_pairs(adapters_off_logps(policy, pairs))
+        else:
+            refs = (torch.tensor(ref_chosen, device=device), torch.tensor(ref_rejected, device=device))
+        logps, counts = policy(pairs)
         (chosen, rejected), (n_chosen, n_rejected) = split_pairs(logps), split_pairs(counts)
-        refs = (torch.tensor(ref_chosen, device=device), torch.tensor(ref_rejected, device=device))
         loss = objective(loss_cfg, PairLogps(chosen, rejected, *refs, n_chosen, n_rejected)).loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -139,6 +145,7 @@ def train_layout(job: Job) -> dict[str, Any]:
     return {
         "layout": job.layout,
         "lora_rank": job.lora_rank,
+        "reference_in_step": job.reference_in_step,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "optimizer_state_gib": optimizer_state / 2**30,
         "pairs_per_s": pairs_timed / elapsed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,45 @@ def test_adapters_start_as_the_base_model_and_only_they_get_gradients(tiny_model
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.named_parameters() if n in trainable)
 
 
+def test_adapters_off_reference_equals_the_actor_reference(tiny_model_dir):
+    """The in-worker reference (reference.backend: adapters_off) is the actors' reference, in float32,
+    however far the adapters have moved the policy."""
+    from rayalign.config import PackingConfig
+    from rayalign.reference.actors import TransformersReferenceScorer
+    from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+    from rayalign.train.worker import adapters_off_logps
+
+    policy = PolicyLogps(with_adapters(load_causal_lm(tiny_model_dir), LoraConfig(rank=4, dropout=0.1)))
+    with torch.no_grad():  # adapters as training leaves them: B is no longer zero
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    packing = PackingConfig()
+    pairs = pack_pairs(BATCH, packing.layout, 0, packing.row_tokens)
+    in_worker = adapters_off_logps(policy, pairs)
+    assert policy.training  # its mode is given back
+
+    scorer = TransformersReferenceScorer(str(tiny_model_dir), "float32", False, packing, "sdpa")
+    scored = scorer({key: np.array(rows, dtype=object) for key, rows in BATCH.items()})
+    by_actor = torch.from_numpy(np.concatenate([scored[REF_CHOSEN_LOGPS], scored[REF_REJECTED_LOGPS]]))
+    assert torch.allclose(in_worker.double(), by_actor, rtol=0, atol=1e-5), (in_worker, by_actor)
+    with torch.no_grad():
+        adapted, _ = policy.eval()(pairs)
+    assert not torch.allclose(adapted, in_worker, atol=1e-2)  # with the adapters on, it is another model
+
+
+def test_the_in_worker_reference_needs_adapters_and_no_cache():
+    base = {"model": {"tiny": {}}, "data": {"synthetic": {}}, "reference": {"backend": "adapters_off"}}
+    with pytest.raises(ConfigError, match="adapters_off disables LoRA adapters.*set model.lora"):
+        config_from_dict(base)
+    with pytest.raises(ConfigError, match="nothing to cache"):
+        config_from_dict(base, ["model.lora={rank: 8}", "reference.cache=true"])
+    from rayalign.runtime import ResourceDemand
+
+    cfg = config_from_dict(base, ["model.lora={rank: 8}"])
+    assert ResourceDemand.of_run(cfg).cpus == cfg.scaling.num_workers * cfg.scaling.cpus_per_worker  # no actors
+
+
 def test_qlora_is_refused_without_a_gpu_and_without_adapters():
     base = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
     with pytest.raises(ConfigError, match="4-bit QLoRA runs on CUDA GPUs only"):
@@ -37,8 +77,8 @@ def test_qlora_is_refused_without_a_gpu_and_without_adapters():
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, reference", [(2, "transformers"), (3, "adapters_off")])
+def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_path, zero_stage, reference):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -52,10 +92,14 @@ def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_p
         model={"tiny": {}, "lora": {"rank": 8, "alpha": 16, "export_merged": True}},
         train={"micro_batch_size": 8, "zero_stage": zero_stage, "log_every": 1, "learning_rate": 5e-3, "epochs": 2},
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+        # ZeRO-3's workers score the reference themselves (adapters off, base weights gathered): no actors.
+        reference={"backend": reference},
     )
     summary = run_train(cfg)
     rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
-    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-4)  # the adapters start as a no-op
+    # The adapters start as a no-op: policy = reference at step 1, whichever scored the reference.
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert summary["reference"]["backend"] == reference
     assert summary["last"]["loss"] < summary["first"]["loss"]
 
     model_dir = cfg.output.run_dir / "model"

@@ -194,9 +194,14 @@ class VllmEngineConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    """The frozen reference scorer: a pool of Ray Data actors."""
+    """The frozen reference scorer: a pool of Ray Data actors, or (with LoRA) the training workers themselves."""
 
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm", "adapters_off"] = Field(
+        "transformers",
+        description="transformers / vllm: a pool of scorer actors on the base weights. adapters_off (with "
+        "model.lora): each training worker scores the reference itself with its adapters disabled, the same "
+        "base weights with no second copy of the model and no actor pool (one more forward per step, no backward).",
+    )
     num_actors: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     cpus_per_actor: float = Field(0.5, gt=0)
@@ -213,6 +218,11 @@ class ReferenceConfig(_Section):
     )
     cache_root: str = "runs/_refcache"
     refcheck_tolerance: float = Field(1e-4, gt=0, description="Max |Δ log-prob| per token for refcheck.")
+
+    @property
+    def in_worker(self) -> bool:
+        """The training workers score the reference (adapters off); no actors for training."""
+        return self.backend == "adapters_off"
 
 
 class LossConfig(_Section):
@@ -508,6 +518,12 @@ class RunConfig(_Section):
                 "which NCCL refuses: use whole GPUs per worker (fractions are for one worker sharing a GPU "
                 "with the reference actors)"
             )
+        if self.reference.in_worker and self.model.lora is None:
+            raise ValueError("reference.backend: adapters_off disables LoRA adapters to score the reference: "
+                             "set model.lora, or use reference.backend: transformers or vllm")
+        if self.reference.in_worker and self.reference.cache:
+            raise ValueError("reference.backend: adapters_off scores the reference in the training step: "
+                             "there is nothing to cache, set reference.cache: false")
         if self.model.quantize and not self.scaling.use_gpu:
             raise ValueError(
                 "model.quantize: 4-bit QLoRA runs on CUDA GPUs only (bitsandbytes): set scaling.use_gpu: true, "

@@ -48,8 +48,11 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))
     cost = preflight(cfg, data)
     ref = cfg.reference
-    log.info("reference: %s, %d actor(s)%s", ref.backend, ref.num_actors,
-             ", through the cache" if ref.cache else ", streamed into training")
+    if ref.in_worker:
+        log.info("reference: in the training workers, LoRA adapters off (no actors)")
+    else:
+        log.info("reference: %s, %d actor(s)%s", ref.backend, ref.num_actors,
+                 ", through the cache" if ref.cache else ", streamed into training")
     scored = score_reference(cfg, data)
     s = cfg.scaling
     log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")

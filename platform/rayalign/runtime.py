@@ -41,6 +41,8 @@ class ResourceDemand:
         up; with ``reference.cache`` (or ``train=False``) they run one after the other.
         """
         ref, s = cfg.reference, cfg.scaling
+        if train and ref.in_worker:
+            reference = False  # the training workers score it themselves
         ref_cpus, ref_gpus = ref.num_actors * ref.cpus_per_actor, ref.num_actors * (ref.gpus_per_actor or 0.0)
         train_cpus = per_trial_cpus + s.num_workers * s.cpus_per_worker
         train_gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0

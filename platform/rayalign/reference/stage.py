@@ -36,7 +36,7 @@ class ReferenceSource:
 
 @dataclass(frozen=True)
 class ScoredPairs:
-    """What the reference stage hands to training."""
+    """What the reference stage hands to training (with ``reference.in_worker``, the pairs unscored)."""
 
     train: Dataset  # reference-scored training pairs, shuffled
     num_train: int
@@ -56,6 +56,11 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
     The small held-out split is scored once and kept in the object store, since every evaluation
     re-reads it.
     """
+    if cfg.reference.in_worker:  # the training workers add it, each step, with the adapters off
+        train, heldout = split_heldout(data.pairs, cfg)
+        num_train = train.count() if heldout is not None else data.report.ok
+        return ScoredPairs(shuffled(train, cfg), num_train, heldout.materialize() if heldout is not None else None,
+                           ReferenceSource(cfg.reference.backend))
     if cfg.reference.cache:
         scored, info = score_into_cache(cfg, data)
         log.info("reference cache %s: %s", "hit" if info.hit else "miss", info.path)

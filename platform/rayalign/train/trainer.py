@@ -67,6 +67,7 @@ def fit(
         total_steps=planned_steps(cfg.train, s.num_workers, num_pairs),
         micro_batches_per_epoch=micro_batches_per_epoch(cfg.train, s.num_workers, num_pairs),
         has_eval=heldout is not None,
+        reference_in_worker=cfg.reference.in_worker,
         progress=progress,
     )
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}

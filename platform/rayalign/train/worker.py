@@ -28,6 +28,7 @@ from typing import Any
 
 import ray.train
 import torch
+from torch import Tensor
 
 from rayalign.config import LoraConfig, LossConfig, MonitorConfig, TrainConfig
 from rayalign.console import step_line
@@ -36,7 +37,7 @@ from rayalign.distributed import Collective
 from rayalign.errors import TrainingDiverged
 from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
-from rayalign.packing import pack_pairs
+from rayalign.packing import PackedPairs, pack_pairs
 from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.storage import METRICS_FILE, append_jsonl
 from rayalign.train import checkpoint
@@ -71,6 +72,7 @@ class WorkerPlan:
     total_steps: int
     micro_batches_per_epoch: int
     has_eval: bool
+    reference_in_worker: bool = False  # reference.backend adapters_off: scored here, adapters disabled
     progress: Any = None  # a ProgressBoard's handle: rank 0 posts each logged row (train/progress.py)
 
 
@@ -104,26 +106,47 @@ def lr_schedule(train: TrainConfig, total_steps: int):
     return factor
 
 
+def adapters_off_logps(policy, pairs: PackedPairs) -> Tensor:
+    """The reference's response log-probs from the policy itself: its LoRA adapters disabled (the
+    frozen base weights), in eval mode, without gradients. ``policy``: a :class:`PolicyLogps` around
+    a PEFT model, or the DeepSpeed engine around one (ZeRO-3 gathers the base weights as for training)."""
+    module = getattr(policy, "module", policy)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), module.model.disable_adapter():
+            logps, _ = policy(pairs)
+    finally:
+        module.train(was_training)
+    return logps
+
+
 def _score_batch(
     policy: PolicyLogps, batch: dict[str, Any], loss_cfg: LossConfig, train: TrainConfig, pad_id: int,
-    device: torch.device,
+    device: torch.device, reference_in_worker: bool = False,
 ) -> tuple[ObjectiveTerms, int]:
     """The objective's terms for one micro-batch (laid out as ``train.packing``), and the real tokens
     its forward pass computes (padding not counted; a shared prompt counted once).
 
     ``policy`` is a :class:`PolicyLogps`, or the DeepSpeed engine around one. Everything stays on
     ``device`` (no host synchronisation); the loss maths is float32 whatever the model's dtype, and the
-    reference column (float64 from the actors) is cast to it there.
+    reference column (float64 from the actors) is cast to it there. ``reference_in_worker``: the batch
+    has no reference column; the policy scores it with its adapters off (:func:`adapters_off_logps`).
     """
-    pairs = pack_pairs(batch, train.packing.layout, pad_id, train.packing.row_tokens)
-    logps, counts = policy(pairs.to(device))
+    pairs = pack_pairs(batch, train.packing.layout, pad_id, train.packing.row_tokens).to(device)
+    if reference_in_worker:
+        ref_chosen, ref_rejected = split_pairs(adapters_off_logps(policy, pairs))
+    logps, counts = policy(pairs)
+    if not reference_in_worker:
+        ref_chosen = torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=device).to(logps.dtype)
+        ref_rejected = torch.as_tensor(batch[REF_REJECTED_LOGPS], device=device).to(logps.dtype)
     policy_chosen, policy_rejected = split_pairs(logps)
     chosen_tokens, rejected_tokens = split_pairs(counts)
     terms = objective(loss_cfg, PairLogps(
         policy_chosen,
         policy_rejected,
-        ref_chosen=torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=device).to(logps.dtype),
-        ref_rejected=torch.as_tensor(batch[REF_REJECTED_LOGPS], device=device).to(logps.dtype),
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
         chosen_tokens=chosen_tokens,
         rejected_tokens=rejected_tokens,
     ))
@@ -132,7 +155,7 @@ def _score_batch(
 
 def _evaluate(
     policy: PolicyLogps, batches, loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
-    collective: Collective,
+    collective: Collective, reference_in_worker: bool = False,
 ) -> dict[str, float]:
     """The training metrics on the held-out ``batches``, averaged over every worker's shard."""
     meter = IntervalMeter(device)
@@ -140,7 +163,7 @@ def _evaluate(
     policy.eval()
     with torch.no_grad():
         for batch in batches:
-            terms, tokens = _score_batch(policy, batch, loss_cfg, train, pad_id, device)
+            terms, tokens = _score_batch(policy, batch, loss_cfg, train, pad_id, device, reference_in_worker)
             meter.add(terms.loss, preference_stats(*terms.compared, beta=loss_cfg.beta), tokens)
     policy.train()
     row = meter.reduce(start, all_reduce=collective.all_reduce_sum)
@@ -235,7 +258,8 @@ class TrainingWorker:
 
     def _train_micro_batch(self, batch: dict[str, Any]) -> None:
         self.interval_start = self.interval_start or time.perf_counter()
-        terms, tokens = _score_batch(self.engine, batch, self.plan.loss, self.plan.train, self.pad_id, self.device)
+        terms, tokens = _score_batch(self.engine, batch, self.plan.loss, self.plan.train, self.pad_id, self.device,
+                                     self.plan.reference_in_worker)
         self.engine.backward(terms.loss.mean())
         self.engine.step()
         self.meter.add(terms.loss, preference_stats(*terms.compared, beta=self.plan.loss.beta), tokens)
@@ -256,7 +280,7 @@ class TrainingWorker:
         if evaluate:
             batches = self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy")
             row.update(_evaluate(self.engine, batches, plan.loss, plan.train, self.pad_id, self.device,
-                                 self.collective))
+                                 self.collective, plan.reference_in_worker))
         row.update(_peak_memory(self.device))
         self.interval_start = time.perf_counter()
         if self.rank == 0:

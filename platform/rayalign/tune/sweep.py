@@ -230,10 +230,16 @@ def _open_sweep_dir(cfg: RunConfig, fresh: bool) -> bool:
 
 
 def _score_once(cfg: RunConfig) -> SharedScores:
-    """Whatever reference.cache says, a sweep scores once into the cache and shares the result."""
+    """Whatever reference.cache says, a sweep scores once into the cache and shares the result; with
+    ``reference.in_worker`` the trials' workers score it, and the shared pairs are the tokenized ones."""
     scoring_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
-    data = prepare_data(cfg, cfg.output.run_dir, ResourceDemand.of_run(scoring_cfg, per_trial_cpus=cfg.sweep.trial_cpus))
+    demand = ResourceDemand.of_run(cfg if cfg.reference.in_worker else scoring_cfg, per_trial_cpus=cfg.sweep.trial_cpus)
+    data = prepare_data(cfg, cfg.output.run_dir, demand)
     cost = preflight(cfg, data).as_dict()
+    if cfg.reference.in_worker:
+        pairs = data.pairs.materialize()
+        num_train = split_heldout(pairs, cfg)[0].count()
+        return SharedScores(data, cost, pairs, num_train, ReferenceSource(cfg.reference.backend), scored_now=False)
     scored, cache = score_into_cache(cfg, data)
     log.info("reference scored once for all trials: cache %s, %s", "hit" if cache.hit else "miss", cache.path)
     # In the object store once for all trials (a Parquet read in each trial would also want a
