@@ -46,7 +46,9 @@ class PackedPairs:
 
     input_ids: Tensor  # (R, L) long
     position_ids: Tensor  # (R, L) long
-    attention_mask: Tensor  # (R, L) long (padded layout) or (R, 1, L, L) bool (packed layouts)
+    segment_ids: Tensor  # (R, L) long: the segment of each position (padding: a negative id of its own)
+    part_ids: Tensor  # (R, L) long: prompt, chosen or rejected
+    layout: Layout
     predictor: Tensor  # (N,) long: flat index (row * L + column) of the hidden state that predicts each token
     target: Tensor  # (N,) long: the token
     sequence: Tensor  # (N,) long: 0..B-1 chosen, B..2B-1 rejected
@@ -61,6 +63,22 @@ class PackedPairs:
     def computed_tokens(self) -> int:
         """Positions the forward pass computes, padding included."""
         return self.input_ids.numel()
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(R, L) long for the padded layout, else (R, 1, L, L) bool: a position attends to the earlier
+        positions of its own segment, and a rejected response never to its pair's chosen one.
+
+        Built from the (R, L) ids where they are, so after :meth:`to` the L×L mask is made on the device
+        rather than copied to it every micro-batch.
+        """
+        if self.layout == "padded":
+            return (self.segment_ids >= 0).long()
+        segment, part, width = self.segment_ids, self.part_ids, self.segment_ids.shape[1]
+        same_segment = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
+        rejected_sees_chosen = (part[:, :, None] == _REJECTED) & (part[:, None, :] == _CHOSEN)
+        return (same_segment & causal & ~rejected_sees_chosen).unsqueeze(1)
 
     def to(self, device: torch.device | str) -> PackedPairs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -164,14 +182,8 @@ def pack_pairs(
     counts = torch.bincount(sequence, minlength=len(batch[PROMPT_IDS]) * 2)
     real_tokens = sum(len(s.ids) for s in segments)
 
-    if layout == "padded":
-        attention_mask = (segment_of >= 0).long()
-    else:
-        same_segment = segment_of[:, :, None] == segment_of[:, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        rejected_sees_chosen = (part_of[:, :, None] == _REJECTED) & (part_of[:, None, :] == _CHOSEN)
-        attention_mask = (same_segment & causal & ~rejected_sees_chosen).unsqueeze(1)
-    return PackedPairs(input_ids, position_ids, attention_mask, predictor, target, sequence, counts, real_tokens)
+    return PackedPairs(input_ids, position_ids, segment_of, part_of, layout, predictor, target, sequence, counts,
+                       real_tokens)
 
 
 @dataclass(frozen=True)
