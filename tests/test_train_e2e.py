@@ -58,15 +58,18 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_zero3_shared_prompt_with_activation_checkpointing(ray_cluster, tmp_path):
+def test_zero3_shared_prompt_with_activation_checkpointing_and_a_token_budget(ray_cluster, tmp_path):
     """ZeRO-3 (parameters sharded; the chunked head gathers them again when it recomputes) with the
     decoder's activations recomputed too: at step 1 the policy is the reference, so DPO's loss is log 2
-    when the actors and the workers score the same tokens (an off-by-one or a wrong mask moves it)."""
+    when the actors and the workers score the same tokens (an off-by-one or a wrong mask moves it).
+    Each step's 8 pairs per worker go in passes of at most 50 tokens (2 or 3 pairs of about 17), which
+    the two workers must run as many of, or ZeRO-3's parameter gathers wait forever."""
     cfg = make_config(
         tmp_path,
         data={"synthetic": {"num_pairs": 48}},
-        train={"micro_batch_size": 8, "zero_stage": 3, "log_every": 1, "learning_rate": 3e-3,
-               "gradient_checkpointing": True, "packing": {"row_tokens": 64, "logps_chunk_tokens": 16}},
+        train={"micro_batch_size": 4, "gradient_accumulation_steps": 2, "tokens_per_batch": 50, "zero_stage": 3,
+               "log_every": 1, "learning_rate": 3e-3, "gradient_checkpointing": True,
+               "packing": {"row_tokens": 64, "logps_chunk_tokens": 16}},
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
     )
     summary = run_train(cfg)

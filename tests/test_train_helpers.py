@@ -12,7 +12,7 @@ import torch
 from rayalign.config import LossConfig, TrainConfig
 from rayalign.data.records import DataQualityError
 from rayalign.losses import PairLogps, objective
-from rayalign.train.trainer import micro_batches_per_epoch, planned_steps
+from rayalign.train.trainer import planned_steps, steps_per_epoch
 from rayalign.train.worker import _score_batch, lr_schedule
 
 from conftest import make_config
@@ -21,7 +21,7 @@ from conftest import make_config
 def test_planned_steps_split_the_pairs_across_workers_and_accumulation():
     train = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, epochs=3)
     # 50 pairs over 2 workers: 25 each -> 7 micro-batches (the last one short) -> 3 steps per epoch
-    assert micro_batches_per_epoch(train, num_workers=2, num_pairs=50) == 7
+    assert steps_per_epoch(train, num_workers=2, num_pairs=50) == 3
     assert planned_steps(train, num_workers=2, num_pairs=50) == 9
     assert planned_steps(train.model_copy(update={"max_steps": 5}), num_workers=2, num_pairs=50) == 5
     with pytest.raises(DataQualityError, match="7 usable pairs are not enough for one optimizer step"):

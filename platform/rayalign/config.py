@@ -264,8 +264,17 @@ class PackingConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(8, ge=1, description="Pairs per worker per forward pass.")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Pairs per worker per forward pass; with tokens_per_batch, an optimizer step still "
+        "takes micro_batch_size × gradient_accumulation_steps pairs per worker.",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1)
+    tokens_per_batch: int | None = Field(
+        None, ge=16,
+        description="Fill each forward pass with pairs up to this many computed tokens (in the packing layout) "
+        "instead of micro_batch_size pairs: short pairs go many to a pass, long ones few, so memory stays flat. "
+        "The step's pairs and its loss (their mean) do not change; a pair longer than the budget goes alone.",
+    )
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -285,6 +294,15 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the decoder's activations in the backward pass (less memory, ~30% slower)."
     )
+
+    @model_validator(mode="after")
+    def _budget_needs_packing(self) -> "TrainConfig":
+        if self.tokens_per_batch is not None and self.packing.layout == "padded":
+            raise ValueError(
+                "train.tokens_per_batch needs train.packing.layout shared_prompt or packed: padded rows cost "
+                "what their longest neighbour costs"
+            )
+        return self
 
 
 class MonitorConfig(_Section):

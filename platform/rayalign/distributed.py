@@ -48,3 +48,11 @@ class Collective:
         on_group_device = tensor.to(self.device)
         dist.all_reduce(on_group_device, op=dist.ReduceOp.SUM)
         return on_group_device
+
+    def all_reduce_max(self, count: int) -> int:
+        """The largest of every worker's ``count``."""
+        import torch.distributed as dist
+
+        largest = torch.tensor([count], dtype=torch.long, device=self.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return int(largest.item())

@@ -18,15 +18,17 @@ from rayalign.errors import DataQualityError
 from rayalign.train.worker import WorkerPlan, train_loop_per_worker
 
 
-def micro_batches_per_epoch(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
-    """Micro-batches each worker reads per epoch (Ray Train splits the stream equally across workers)."""
-    return math.ceil((num_pairs // num_workers) / train.micro_batch_size)
+def steps_per_epoch(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
+    """Optimizer steps per epoch. Ray Train splits the stream equally across workers; each worker's share
+    counts as micro-batches of ``micro_batch_size`` pairs (the last one may be short), and a step takes
+    ``gradient_accumulation_steps`` of them. Pairs left over at the end of an epoch are not trained."""
+    micro_batches = math.ceil((num_pairs // num_workers) / train.micro_batch_size)
+    return micro_batches // train.gradient_accumulation_steps
 
 
 def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
     """Optimizer steps the run will take."""
-    micro_batches = micro_batches_per_epoch(train, num_workers, num_pairs)
-    steps = train.epochs * (micro_batches // train.gradient_accumulation_steps)
+    steps = train.epochs * steps_per_epoch(train, num_workers, num_pairs)
     if steps == 0:
         raise DataQualityError(
             f"{num_pairs} usable pairs are not enough for one optimizer step with {num_workers} workers × "
@@ -65,7 +67,7 @@ def fit(
         run_dir=str(cfg.output.run_dir),
         model_storage=f"{cfg.output.run_storage}/model",
         total_steps=planned_steps(cfg.train, s.num_workers, num_pairs),
-        micro_batches_per_epoch=micro_batches_per_epoch(cfg.train, s.num_workers, num_pairs),
+        steps_per_epoch=steps_per_epoch(cfg.train, s.num_workers, num_pairs),
         has_eval=heldout is not None,
         reference_in_worker=cfg.reference.in_worker,
         progress=progress,

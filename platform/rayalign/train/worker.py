@@ -1,20 +1,21 @@
 """What each Ray Train worker runs: a DeepSpeed engine stepping through its shard of scored pairs.
 
-Each worker reads its shard of the reference-scored stream (``ray.train.get_dataset_shard``),
-computes policy log-probs of chosen and rejected in one forward pass (laid out as ``train.packing``,
-:mod:`rayalign.packing`),
-applies the configured objective (:func:`rayalign.losses.objective`), and steps a DeepSpeed engine
-(ZeRO 0-3). Rank 0 appends one row per logging step to ``metrics.jsonl``; held-out evaluations and
-checkpoints are reported to Ray Train. At the end the policy is saved in Hugging Face format.
+Each worker reads its shard of the reference-scored stream (``ray.train.get_dataset_shard``) one
+optimizer step's pairs at a time, splits them into micro-batches of a fixed size or a token budget
+(:mod:`rayalign.train.batching`), computes policy log-probs of chosen and rejected in one forward pass
+per micro-batch (laid out as ``train.packing``, :mod:`rayalign.packing`), applies the configured
+objective (:func:`rayalign.losses.objective`), and steps a DeepSpeed engine (ZeRO 0-3). Rank 0 appends
+one row per logging step to ``metrics.jsonl``; held-out evaluations and checkpoints are reported to
+Ray Train. At the end the policy is saved in Hugging Face format.
 
 The steps, by name: :meth:`TrainingWorker.setup` (engine, restore, shards),
-:meth:`~TrainingWorker.train` (epochs of micro-batches), :meth:`~TrainingWorker.log_step`
+:meth:`~TrainingWorker.train` (epochs of optimizer steps), :meth:`~TrainingWorker.log_step`
 (metrics, held-out evaluation, alarm), :meth:`~TrainingWorker.save` (checkpoint, export).
 
 Fault tolerance: when a worker or its node is lost, Ray Train restarts the worker group
 (``train.max_failures``) from the last checkpoint: the engine, the step counter and the metrics
-history come back from it, and each worker skips the micro-batches of the current epoch it had
-already trained, so the run ends at the planned step count with each step logged once.
+history come back from it, and each worker skips the steps of the current epoch it had already
+trained, so the run ends at the planned step count with each step logged once.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from rayalign.errors import TrainingDiverged
 from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
 from rayalign.packing import PackedPairs, pack_pairs
-from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.storage import METRICS_FILE, append_jsonl
 from rayalign.train import checkpoint
+from rayalign.train.batching import micro_batch_groups, pair_tokens, pairs_per_step, take
 from rayalign.train.metrics import IntervalMeter, preference_stats
 
 # Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
@@ -70,7 +72,7 @@ class WorkerPlan:
     run_dir: str  # local run directory (metrics.jsonl on rank 0's node)
     model_storage: str  # where rank 0 keeps the exported model
     total_steps: int
-    micro_batches_per_epoch: int
+    steps_per_epoch: int
     has_eval: bool
     reference_in_worker: bool = False  # reference.backend adapters_off: scored here, adapters disabled
     progress: Any = None  # a ProgressBoard's handle: rank 0 posts each logged row (train/progress.py)
@@ -153,6 +155,32 @@ def _score_batch(
     return terms, pairs.real_tokens
 
 
+def optimizer_step(
+    engine, batch: dict[str, Any], loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
+    agree_count, reference_in_worker: bool = False,
+) -> list[tuple[ObjectiveTerms, int]]:
+    """Forward and backward over the micro-batches of one step's ``batch`` (:mod:`rayalign.train.batching`),
+    then one DeepSpeed optimizer step; returns each micro-batch's terms and real tokens.
+
+    The step's loss is the mean over its pairs whatever the micro-batches hold: each backward takes its
+    pairs' summed loss over the step's pair count (DeepSpeed averages the workers', which hold as many
+    pairs each). The accumulation boundary is set by hand because the micro-batch count varies by step.
+    ``agree_count``: the largest of every worker's micro-batch count (an all-reduce max).
+    """
+    num_pairs = len(batch[PROMPT_IDS])
+    tokens = pair_tokens(batch, train.packing.layout) if train.tokens_per_batch else [0] * num_pairs
+    groups = micro_batch_groups(tokens, train.micro_batch_size, train.tokens_per_batch, agree_count)
+    done = []
+    for index, group in enumerate(groups):
+        engine.set_gradient_accumulation_boundary(index == len(groups) - 1)
+        terms, real_tokens = _score_batch(engine, take(batch, group), loss_cfg, train, pad_id, device,
+                                          reference_in_worker)
+        engine.backward(terms.loss.sum() / num_pairs, scale_wrt_gas=False)
+        done.append((terms, real_tokens))
+    engine.step()
+    return done
+
+
 def _evaluate(
     policy: PolicyLogps, batches, loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
     collective: Collective, reference_in_worker: bool = False,
@@ -233,36 +261,33 @@ class TrainingWorker:
         return cls(plan, engine, load_tokenizer(plan.model_dir).pad_token_id, history, resumed=saved is not None)
 
     def train(self) -> None:
-        """Epochs of micro-batches until the planned step count; after a restore, resume mid-epoch."""
+        """Epochs of optimizer steps until the planned step count; after a restore, resume mid-epoch."""
         plan, engine = self.plan, self.engine
-        # Where the data stands after a restore: whole epochs done, then micro-batches of this epoch done.
-        start_epoch, skip = divmod(engine.global_steps * plan.train.gradient_accumulation_steps,
-                                   plan.micro_batches_per_epoch)
+        # Where the data stands after a restore: whole epochs done, then steps of this epoch done.
+        start_epoch, skip = divmod(engine.global_steps, plan.steps_per_epoch)
         if self.resumed_from is not None:
-            logger.info("resumed from the checkpoint at step %d: epoch %d, skipping %d micro-batches",
+            logger.info("resumed from the checkpoint at step %d: epoch %d, skipping %d steps",
                         self.resumed_from, start_epoch, skip)
         for epoch in range(start_epoch, plan.train.epochs):
             if engine.global_steps >= plan.total_steps:
                 return
-            for batch in self.shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy"):
-                if skip:  # already trained before the restore
-                    skip -= 1
-                    continue
-                step_before = engine.global_steps
-                self._train_micro_batch(batch)
-                if engine.global_steps == step_before:  # still accumulating gradients
-                    continue
-                self.log_step(epoch)
-                if engine.global_steps >= plan.total_steps:
-                    return
+            step_batches = self.shard.iter_batches(batch_size=pairs_per_step(plan.train), batch_format="numpy")
+            # Read to the end of the epoch's stream even past the last step: the leftover pairs are not trained.
+            for index, batch in enumerate(step_batches):
+                if skip <= index < plan.steps_per_epoch:
+                    self.train_step(batch)
+                    self.log_step(epoch)
+                    if engine.global_steps >= plan.total_steps:
+                        return
+            skip = 0
 
-    def _train_micro_batch(self, batch: dict[str, Any]) -> None:
+    def train_step(self, batch: dict[str, Any]) -> None:
+        """One optimizer step on this worker's ``batch`` of pairs (:func:`optimizer_step`), metered."""
         self.interval_start = self.interval_start or time.perf_counter()
-        terms, tokens = _score_batch(self.engine, batch, self.plan.loss, self.plan.train, self.pad_id, self.device,
-                                     self.plan.reference_in_worker)
-        self.engine.backward(terms.loss.mean())
-        self.engine.step()
-        self.meter.add(terms.loss, preference_stats(*terms.compared, beta=self.plan.loss.beta), tokens)
+        for terms, tokens in optimizer_step(self.engine, batch, self.plan.loss, self.plan.train, self.pad_id,
+                                            self.device, self.collective.all_reduce_max,
+                                            self.plan.reference_in_worker):
+            self.meter.add(terms.loss, preference_stats(*terms.compared, beta=self.plan.loss.beta), tokens)
 
     def log_step(self, epoch: int) -> None:
         """After an optimizer step: log (every ``train.log_every``), evaluate, checkpoint, as due."""

@@ -1,0 +1,91 @@
+"""How a worker's pairs become optimizer steps, and a step's pairs become micro-batches.
+
+An optimizer step takes ``micro_batch_size × gradient_accumulation_steps`` pairs on every worker, and
+its loss is the mean over all of them (every worker holds as many pairs: Ray Train splits the stream
+equally). How those pairs are split into forward passes is the only thing the token budget changes:
+
+    fixed pairs    (``train.tokens_per_batch`` unset) ``gradient_accumulation_steps`` micro-batches of
+                   ``micro_batch_size`` consecutive pairs
+    token budget   as few micro-batches as hold at most ``tokens_per_batch`` computed tokens each, in
+                   the layout in use (a pair longer than the budget goes alone), so a micro-batch of
+                   short pairs holds many and one of long pairs few, and memory stays flat
+
+Under a token budget every worker must still run the same number of micro-batches: ZeRO-2 reduces
+gradients, and ZeRO-3 gathers parameters, in every forward and backward, so a worker with one micro-batch
+more would wait for the others forever. The workers agree on the largest count (one all-reduce of a
+number per step), and a worker that needs fewer splits its fullest micro-batches further.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from rayalign.config import TrainConfig
+from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+
+
+def pair_tokens(batch: Mapping[str, Sequence[Sequence[int]]], layout: str) -> list[int]:
+    """Positions each pair of ``batch`` computes in ``layout`` (padding aside): shared_prompt computes the
+    prompt once, packed once per response. Padded rows depend on their neighbours: no budget applies."""
+    if layout not in ("shared_prompt", "packed"):
+        raise ValueError(f"a token budget needs a packed layout, not {layout!r}")
+    prompt_copies = 1 if layout == "shared_prompt" else 2
+    return [prompt_copies * len(p) + len(c) + len(r)
+            for p, c, r in zip(batch[PROMPT_IDS], batch[CHOSEN_IDS], batch[REJECTED_IDS])]
+
+
+def _first_fit_decreasing(tokens: Sequence[int], budget: int) -> list[list[int]]:
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):
+        fit = next((g for g, free in enumerate(room) if free >= tokens[i]), None)
+        if fit is None:
+            groups.append([])
+            room.append(budget)
+            fit = len(groups) - 1
+        groups[fit].append(i)
+        room[fit] -= tokens[i]
+    return groups
+
+
+def _split_fullest(groups: list[list[int]], tokens: Sequence[int], count: int) -> list[list[int]]:
+    """Split the micro-batches holding the most tokens in two until there are ``count`` of them."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        fullest = max((g for g in groups if len(g) > 1), key=lambda g: sum(tokens[i] for i in g), default=None)
+        if fullest is None:
+            raise ValueError(f"cannot make {count} micro-batches of {len(tokens)} pairs")
+        groups.remove(fullest)
+        groups += [fullest[0::2], fullest[1::2]]  # sorted by size already: the halves come out even
+    return groups
+
+
+def micro_batch_groups(
+    tokens: Sequence[int], micro_batch_size: int, tokens_per_batch: int | None,
+    agree: Callable[[int], int] = lambda count: count,
+) -> list[list[int]]:
+    """The micro-batches of one optimizer step's pairs, as indices into them (each in the pairs' order).
+
+    ``tokens``: each pair's computed tokens (:func:`pair_tokens`; only read with a budget).
+    ``agree``: every worker's largest micro-batch count, given this one's (an all-reduce max); only
+    called with a budget, since fixed micro-batches already agree.
+    """
+    if tokens_per_batch is None:
+        return [list(range(i, min(i + micro_batch_size, len(tokens)))) for i in range(0, len(tokens), micro_batch_size)]
+    groups = _first_fit_decreasing(tokens, tokens_per_batch)
+    groups = _split_fullest(groups, tokens, agree(len(groups)))
+    return [sorted(g) for g in groups]
+
+
+def take(batch: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
+    """The rows ``indices`` of a columnar batch (numpy arrays or lists)."""
+    picked = np.asarray(indices, dtype=np.int64)
+    return {key: (column[picked] if isinstance(column, np.ndarray) else [column[i] for i in indices])
+            for key, column in batch.items()}
+
+
+def pairs_per_step(train: TrainConfig) -> int:
+    """Pairs one worker trains per optimizer step."""
+    return train.micro_batch_size * train.gradient_accumulation_steps
