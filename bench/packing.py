@@ -3,6 +3,12 @@
     python bench/packing.py                        # CPU: a SmolLM2-135M-shaped model, HH-RLHF at max_length 512
     python bench/packing.py --quick                # CI-sized: the tiny model, a few steps
     python bench/packing.py --device cuda          # on a GPU (bf16)
+    python bench/packing.py --tokens-per-batch 4096   # the token-budget contender's budget
+
+Contenders: ``padded``, ``packed`` and ``shared_prompt`` take each step's pairs in one pass;
+``shared_prompt_budget`` takes the same pairs in passes of at most ``--tokens-per-batch`` tokens
+(``train.tokens_per_batch``, :mod:`rayalign.train.batching`), accumulating the gradient: the same step,
+in less memory per pass, with similar-sized pairs sharing rows (less padding).
 
 Each layout (``rayalign.packing``) trains the same fresh model for the same optimizer steps on the same
 pairs in the same order with the same code as a rayalign worker's step (``PolicyLogps``: chunked output
@@ -48,6 +54,7 @@ from gpu_throughput import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = ("padded", "packed", "shared_prompt")
+BUDGETED = "shared_prompt_budget"  # the shared-prompt layout in passes of --tokens-per-batch
 # SmolLM2-135M's shape (30 layers, 576 wide, 9 heads over 3 KV heads, MLP 1536), random weights; the
 # vocabulary is the BPE trained here on the HH text (SmolLM2's own is 49,152).
 SMALL = ModelSpec(layers=30, hidden=576, heads=9, kv_heads=3, mlp=1536, vocab=32_000, tokenizer_records=None)
@@ -69,6 +76,7 @@ class Job:
     warmup: int
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of every weight
     reference_in_step: bool = False  # with LoRA: score the reference each step with the adapters off
+    tokens_per_batch: int | None = None  # split each step's pairs into passes of at most this many tokens
 
 
 def _peak_memory_gib(device: str) -> float:
@@ -96,6 +104,7 @@ def train_layout(job: Job) -> dict[str, Any]:
     from rayalign.config import LoraConfig
     from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
     from rayalign.packing import pack_pairs
+    from rayalign.train.batching import micro_batch_groups, pair_tokens, take
     from rayalign.train.worker import adapters_off_logps
 
     torch.manual_seed(0)
@@ -117,19 +126,28 @@ def train_layout(job: Job) -> dict[str, Any]:
     losses, ends, computed, real = [], [], [], []
     _sync(job.device)
     start = time.perf_counter()
+    passes = []
     for batch, (ref_chosen, ref_rejected) in zip(job.batches, job.references):
-        pairs = pack_pairs(batch, job.layout, pad_id, job.row_tokens)
-        computed.append(pairs.computed_tokens)
-        real.append(pairs.real_tokens)
-        pairs = pairs.to(device)
-        if job.reference_in_step:  # what reference.backend: adapters_off does in the training worker
-            refs = split_pairs(adapters_off_logps(policy, pairs))
-        else:
-            refs = (torch.tensor(ref_chosen, device=device), torch.tensor(ref_rejected, device=device))
-        logps, counts = policy(pairs)
-        (chosen, rejected), (n_chosen, n_rejected) = split_pairs(logps), split_pairs(counts)
-        loss = objective(loss_cfg, PairLogps(chosen, rejected, *refs, n_chosen, n_rejected)).loss.mean()
-        loss.backward()
+        num_pairs = len(batch["prompt_ids"])
+        groups = (micro_batch_groups(pair_tokens(batch, job.layout), num_pairs, job.tokens_per_batch)
+                  if job.tokens_per_batch else [list(range(num_pairs))])
+        passes.append(len(groups))
+        loss = torch.zeros((), device=device)
+        for group in groups:  # one pass per group, the gradient accumulated: the step's loss is the pair mean
+            pairs = pack_pairs(take(batch, group), job.layout, pad_id, job.row_tokens)
+            computed.append(pairs.computed_tokens)
+            real.append(pairs.real_tokens)
+            pairs = pairs.to(device)
+            if job.reference_in_step:  # what reference.backend: adapters_off does in the training worker
+                refs = split_pairs(adapters_off_logps(policy, pairs))
+            else:
+                refs = (torch.tensor([ref_chosen[i] for i in group], device=device),
+                        torch.tensor([ref_rejected[i] for i in group], device=device))
+            logps, counts = policy(pairs)
+            (chosen, rejected), (n_chosen, n_rejected) = split_pairs(logps), split_pairs(counts)
+            part = objective(loss_cfg, PairLogps(chosen, rejected, *refs, n_chosen, n_rejected)).loss.sum() / num_pairs
+            part.backward()
+            loss += part.detach()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,13 +162,15 @@ def train_layout(job: Job) -> dict[str, Any]:
                           for t in state.values() if torch.is_tensor(t))
     return {
         "layout": job.layout,
+        "tokens_per_batch": job.tokens_per_batch,
+        "passes_per_step": sum(passes) / len(passes),
         "lora_rank": job.lora_rank,
         "reference_in_step": job.reference_in_step,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "optimizer_state_gib": optimizer_state / 2**30,
         "pairs_per_s": pairs_timed / elapsed,
         "pair_tokens_per_s": pair_tokens / elapsed,
-        "computed_tokens_per_s": sum(computed[timed]) / elapsed,
+        "computed_tokens_per_s": sum(computed[sum(passes[: job.warmup]):]) / elapsed,
         "padding_share": 1 - sum(real) / sum(computed),
         "computed_tokens_per_pair": sum(computed) / sum(len(b["prompt_ids"]) for b in job.batches),
         "peak_memory_gib": _peak_memory_gib(job.device),
@@ -196,6 +216,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=None, help="data.max_length (default 512)")
     parser.add_argument("--row-tokens", type=int, default=None, help="train.packing.row_tokens (default: None)")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="train.packing.logps_chunk_tokens")
+    parser.add_argument("--tokens-per-batch", type=int, default=None,
+                        help="train.tokens_per_batch of the shared_prompt_budget contender (default: a quarter of "
+                        "the shared-prompt step's tokens, so a step takes about four passes)")
     parser.add_argument("--data", default=str(HH))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-packing"))
     parser.add_argument("--out", default=None, help="JSON result (default bench/results/packing-<device>[-quick].json)")
@@ -242,30 +265,38 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rayalign.train.batching import pair_tokens
+
     args = parse_args(argv)
     started = time.perf_counter()
     inputs = prepare_inputs(args)
     model_dir, pairs, batches, references = inputs.model_dir, inputs.pairs, inputs.batches, inputs.references
+    budget = args.tokens_per_batch or max(64, sum(sum(pair_tokens(b, "shared_prompt")) for b in batches)
+                                            // (4 * len(batches)))
+    contenders = {layout: (layout, None) for layout in LAYOUTS} | {BUDGETED: ("shared_prompt", budget)}
     results = {}
-    for layout in LAYOUTS:
+    for name, (layout, tokens_per_batch) in contenders.items():
         job = Job(layout, args.device, args.dtype, str(model_dir), batches, references, min(2, args.steps), 1e-5,
-                  0.1, args.row_tokens, args.chunk_tokens, args.warmup)
-        results[layout] = _in_own_process(job)
-        r = results[layout]
-        print(f"[bench] {layout:>13}: {r['pairs_per_s']:7.2f} pairs/s  {r['pair_tokens_per_s']:8.0f} pair tokens/s  "
+                  0.1, args.row_tokens, args.chunk_tokens, args.warmup, tokens_per_batch=tokens_per_batch)
+        results[name] = _in_own_process(job)
+        r = results[name]
+        print(f"[bench] {name:>20}: {r['pairs_per_s']:7.2f} pairs/s  {r['pair_tokens_per_s']:8.0f} pair tokens/s  "
               f"{r['computed_tokens_per_pair']:6.0f} computed tokens/pair  padding {r['padding_share']:.0%}  "
-              f"peak {r['peak_memory_gib']:.2f} GiB", flush=True)
+              f"{r['passes_per_step']:.1f} passes/step  peak {r['peak_memory_gib']:.2f} GiB", flush=True)
 
     padded = results["padded"]
     logp_diff = max(abs(a - b) for layout in LAYOUTS for batch_a, batch_b in
                     zip(results[layout]["checked_logps"], padded["checked_logps"]) for a, b in zip(batch_a, batch_b))
-    loss_diff = max(abs(a - b) for layout in LAYOUTS for a, b in zip(results[layout]["losses"], padded["losses"]))
+    loss_diff = max(abs(a - b) for r in results.values() for a, b in zip(r["losses"], padded["losses"]))
     summary = {
         "padded_pairs_per_s": round(padded["pairs_per_s"], 3),
         "packed_pairs_per_s": round(results["packed"]["pairs_per_s"], 3),
         "shared_prompt_pairs_per_s": round(results["shared_prompt"]["pairs_per_s"], 3),
+        "shared_prompt_budget_pairs_per_s": round(results[BUDGETED]["pairs_per_s"], 3),
         "shared_prompt_vs_padded": round(results["shared_prompt"]["pairs_per_s"] / padded["pairs_per_s"], 2),
         "packed_vs_padded": round(results["packed"]["pairs_per_s"] / padded["pairs_per_s"], 2),
+        "tokens_per_batch": budget,
+        "passes_per_step": {k: round(v["passes_per_step"], 2) for k, v in results.items()},
         "padding_share": {k: round(v["padding_share"], 4) for k, v in results.items()},
         "peak_memory_gib": {k: round(v["peak_memory_gib"], 3) for k, v in results.items()},
         "max_abs_logp_diff": logp_diff,

@@ -136,3 +136,21 @@ def test_a_token_budget_takes_the_same_optimizer_steps_as_fixed_micro_batches(ti
     for name in ("1x6", "budget"):
         assert losses[name] == pytest.approx(losses["3x2"], abs=1e-5), name
         assert torch.allclose(weights[name], weights["3x2"], atol=1e-5), name
+
+
+def test_the_preflight_lays_the_sample_out_as_the_workers_will():
+    from rayalign.train.batching import layout_cost
+
+    batch = _pairs(16, seed=4)
+    rows = [{k: batch[k][i].tolist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(16)]
+    fixed = layout_cost(rows, TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2), "sdpa", 2, PAD)
+    assert fixed.passes_per_step == 2 and fixed.tokens_per_batch is None and "4 pairs per pass" in fixed.line()
+    assert fixed.computed_tokens_per_pair["shared_prompt"] < fixed.computed_tokens_per_pair["padded"]
+    budget = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, tokens_per_batch=100)
+    cost = layout_cost(rows, budget, "sdpa", 2, PAD)
+    first, second = ({k: [r[k] for r in rows[i:i + 8]] for k in rows[0]} for i in (0, 8))
+    expected = sum(len(micro_batch_groups(pair_tokens(s, "shared_prompt"), 4, 100)) for s in (first, second)) / 2
+    assert cost.passes_per_step == expected > 2 and "passes of ≤100 tokens per step" in cost.line()
+    real = sum(pair_tokens(first, "shared_prompt") + pair_tokens(second, "shared_prompt")) / 16
+    assert cost.computed_tokens_per_pair["shared_prompt"] * (1 - cost.padding_share["shared_prompt"]) == pytest.approx(real)
+    assert cost.tokens_per_step == pytest.approx(cost.computed_tokens_per_pair["shared_prompt"] * 8 * 2)

@@ -20,7 +20,7 @@ Attention: padded rows take the usual (2B, L) padding mask; packed rows take a (
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Literal, Mapping, Sequence
 
 import torch
@@ -184,47 +184,3 @@ def pack_pairs(
 
     return PackedPairs(input_ids, position_ids, segment_of, part_of, layout, predictor, target, sequence, counts,
                        real_tokens)
-
-
-@dataclass(frozen=True)
-class LayoutCost:
-    """What a micro-batch costs in each layout, measured on a sample of the data: the pre-flight line."""
-
-    layout: str  # the one in use
-    attention: str
-    sample_pairs: int
-    micro_batch_size: int
-    computed_tokens_per_pair: dict[str, float]  # per layout, padding included
-    padding_share: dict[str, float]  # per layout: padding / computed positions
-    tokens_per_step: float  # computed positions per optimizer step, all workers, in the layout in use
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def line(self) -> str:
-        per_pair = self.computed_tokens_per_pair
-        return (
-            f"layout {self.layout} ({self.attention} attention): {per_pair[self.layout]:.0f} tokens computed per "
-            f"pair, {self.padding_share[self.layout]:.0%} of them padding; padded would compute "
-            f"{per_pair['padded']:.0f} ({self.padding_share['padded']:.0%} padding); "
-            f"{self.tokens_per_step:.0f} tokens per optimizer step (sample of {self.sample_pairs} pairs)"
-        )
-
-
-def layout_cost(
-    rows: Sequence[Mapping[str, Sequence[int]]], layout: str, attention: str, micro_batch_size: int,
-    pairs_per_step: int, pad_id: int, row_tokens: int | None,
-) -> LayoutCost:
-    """Lay ``rows`` (token columns of consecutive pairs) out in micro-batches, in every layout, and count."""
-    batches = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    computed, padding = {}, {}
-    for name in LAYOUTS:
-        total = real = 0
-        for chunk in batches:
-            packed = pack_pairs({k: [r[k] for r in chunk] for k in (PROMPT_IDS, *RESPONSE_COLUMNS)}, name, pad_id,
-                                row_tokens)
-            total, real = total + packed.computed_tokens, real + packed.real_tokens
-        computed[name] = total / max(len(rows), 1)
-        padding[name] = 1 - real / total if total else 0.0
-    return LayoutCost(layout, attention, len(rows), micro_batch_size, computed, padding,
-                      computed[layout] * pairs_per_step)

@@ -18,12 +18,14 @@ number per step), and a worker that needs fewer splits its fullest micro-batches
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from rayalign.config import TrainConfig
-from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS
+from rayalign.packing import LAYOUTS, pack_pairs
+from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, TOKEN_COLUMNS
 
 
 def pair_tokens(batch: Mapping[str, Sequence[Sequence[int]]], layout: str) -> list[int]:
@@ -89,3 +91,56 @@ def take(batch: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
 def pairs_per_step(train: TrainConfig) -> int:
     """Pairs one worker trains per optimizer step."""
     return train.micro_batch_size * train.gradient_accumulation_steps
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    """What training will pay for, measured on a sample of the data before it starts: the pre-flight line."""
+
+    layout: str  # the one in use
+    attention: str
+    sample_pairs: int
+    micro_batch_size: int
+    tokens_per_batch: int | None
+    passes_per_step: float  # forward passes (micro-batches) per optimizer step per worker, in the layout in use
+    computed_tokens_per_pair: dict[str, float]  # per layout, padding included
+    padding_share: dict[str, float]  # per layout: padding / computed positions
+    tokens_per_step: float  # computed positions per optimizer step, all workers, in the layout in use
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        per_pair = self.computed_tokens_per_pair
+        passes = (f"{self.passes_per_step:.1f} passes of ≤{self.tokens_per_batch} tokens per step"
+                  if self.tokens_per_batch else f"{self.micro_batch_size} pairs per pass")
+        return (
+            f"layout {self.layout} ({self.attention} attention, {passes}): {per_pair[self.layout]:.0f} tokens "
+            f"computed per pair, {self.padding_share[self.layout]:.0%} of them padding; padded would compute "
+            f"{per_pair['padded']:.0f} ({self.padding_share['padded']:.0%} padding); "
+            f"{self.tokens_per_step:.0f} tokens per optimizer step (sample of {self.sample_pairs} pairs)"
+        )
+
+
+def layout_cost(
+    rows: Sequence[Mapping[str, Sequence[int]]], train: TrainConfig, attention: str, num_workers: int, pad_id: int,
+) -> LayoutCost:
+    """Lay ``rows`` (token columns of consecutive pairs) out as a worker would, a step's pairs at a time in
+    micro-batches (:func:`micro_batch_groups`), in every layout (padded ones in micro_batch_size pairs), and count."""
+    per_step = pairs_per_step(train)
+    steps = [{k: [r[k] for r in rows[i:i + per_step]] for k in TOKEN_COLUMNS} for i in range(0, len(rows), per_step)]
+    computed, padding, passes = {}, {}, {}
+    for layout in LAYOUTS:
+        budget = None if layout == "padded" else train.tokens_per_batch
+        total = real = micro_batches = 0
+        for step in steps:
+            tokens = pair_tokens(step, layout) if budget else [0] * len(step[PROMPT_IDS])
+            for group in micro_batch_groups(tokens, train.micro_batch_size, budget):
+                packed = pack_pairs(take(step, group), layout, pad_id, train.packing.row_tokens)
+                total, real, micro_batches = total + packed.computed_tokens, real + packed.real_tokens, micro_batches + 1
+        computed[layout] = total / max(len(rows), 1)
+        padding[layout] = 1 - real / total if total else 0.0
+        passes[layout] = micro_batches / max(len(steps), 1)
+    in_use = train.packing.layout
+    return LayoutCost(in_use, attention, len(rows), train.micro_batch_size, train.tokens_per_batch, passes[in_use],
+                      computed, padding, computed[in_use] * per_step * num_workers)

@@ -17,12 +17,12 @@ from rayalign.console import Console, TrainingProgress
 from rayalign.data.stage import PreparedData
 from rayalign.errors import TrainingDiverged
 from rayalign.models import load_tokenizer
-from rayalign.packing import LayoutCost, layout_cost
 from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, upload
 from rayalign.train.checkpoint import read_checkpoint_file
 from rayalign.diagnostics.report import plot_runs
 from rayalign.tracking import SweepMembership, open_trackers
+from rayalign.train.batching import LayoutCost, layout_cost
 from rayalign.train.progress import relayed_progress
 from rayalign.train.trainer import fit, planned_steps
 
@@ -38,17 +38,9 @@ def preflight(cfg: RunConfig, data: PreparedData) -> LayoutCost:
     Raises DataQualityError (one line) first when the usable pairs cannot make one optimizer step, before
     the reference or any worker starts.
     """
-    t, packing = cfg.train, cfg.train.packing
-    planned_steps(t, cfg.scaling.num_workers, data.report.ok)
-    cost = layout_cost(
-        data.pairs.take(PREFLIGHT_SAMPLE_PAIRS),
-        packing.layout,
-        cfg.model.attn_implementation,
-        t.micro_batch_size,
-        t.micro_batch_size * t.gradient_accumulation_steps * cfg.scaling.num_workers,
-        load_tokenizer(data.model_dir).pad_token_id,
-        packing.row_tokens,
-    )
+    planned_steps(cfg.train, cfg.scaling.num_workers, data.report.ok)
+    cost = layout_cost(data.pairs.take(PREFLIGHT_SAMPLE_PAIRS), cfg.train, cfg.model.attn_implementation,
+                       cfg.scaling.num_workers, load_tokenizer(data.model_dir).pad_token_id)
     log.info(cost.line())
     return cost
 
