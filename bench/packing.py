@@ -4,6 +4,7 @@
     python bench/packing.py --quick                # CI-sized: the tiny model, a few steps
     python bench/packing.py --device cuda          # on a GPU (bf16)
     python bench/packing.py --tokens-per-batch 4096   # the token-budget contender's budget
+    python bench/packing.py --device cuda --attention flex_attention   # block masks, one row per pass
 
 Contenders: ``padded``, ``packed`` and ``shared_prompt`` take each step's pairs in one pass;
 ``shared_prompt_budget`` takes the same pairs in passes of at most ``--tokens-per-batch`` tokens
@@ -77,6 +78,7 @@ class Job:
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of every weight
     reference_in_step: bool = False  # with LoRA: score the reference each step with the adapters off
     tokens_per_batch: int | None = None  # split each step's pairs into passes of at most this many tokens
+    attention: str = "sdpa"  # model.attn_implementation
 
 
 def _peak_memory_gib(device: str) -> float:
@@ -103,14 +105,15 @@ def train_layout(job: Job) -> dict[str, Any]:
     from rayalign.losses import PairLogps, objective
     from rayalign.config import LoraConfig
     from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
-    from rayalign.packing import pack_pairs
+    from rayalign.packing import pack_pairs, row_width
     from rayalign.train.batching import micro_batch_groups, pair_tokens, take
     from rayalign.train.worker import adapters_off_logps
 
     torch.manual_seed(0)
     device = torch.device(job.device)
     pad_id = load_tokenizer(job.model_dir).pad_token_id
-    model = load_causal_lm(job.model_dir, job.dtype)
+    model = load_causal_lm(job.model_dir, job.dtype, job.attention)
+    row_tokens = row_width(job.row_tokens, job.attention)
     if job.lora_rank:
         model = with_adapters(model, LoraConfig(rank=job.lora_rank, alpha=2 * job.lora_rank))
     policy = PolicyLogps(model.to(device), job.chunk_tokens)
@@ -118,7 +121,7 @@ def train_layout(job: Job) -> dict[str, Any]:
 
     policy.eval()
     with torch.no_grad():
-        checked = [policy(pack_pairs(b, job.layout, pad_id, job.row_tokens).to(device))[0].double().cpu().tolist()
+        checked = [policy(pack_pairs(b, job.layout, pad_id, row_tokens).to(device))[0].double().cpu().tolist()
                    for b in job.batches[: job.check_batches]]
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -134,7 +137,7 @@ def train_layout(job: Job) -> dict[str, Any]:
         passes.append(len(groups))
         loss = torch.zeros((), device=device)
         for group in groups:  # one pass per group, the gradient accumulated: the step's loss is the pair mean
-            pairs = pack_pairs(take(batch, group), job.layout, pad_id, job.row_tokens)
+            pairs = pack_pairs(take(batch, group), job.layout, pad_id, row_tokens)
             computed.append(pairs.computed_tokens)
             real.append(pairs.real_tokens)
             pairs = pairs.to(device)
@@ -216,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=None, help="data.max_length (default 512)")
     parser.add_argument("--row-tokens", type=int, default=None, help="train.packing.row_tokens (default: None)")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="train.packing.logps_chunk_tokens")
+    parser.add_argument("--attention", choices=("sdpa", "eager", "flex_attention"), default="sdpa",
+                        help="model.attn_implementation of every contender (flex_attention: GPU only)")
     parser.add_argument("--tokens-per-batch", type=int, default=None,
                         help="train.tokens_per_batch of the shared_prompt_budget contender (default: a quarter of "
                         "the shared-prompt step's tokens, so a step takes about four passes)")
@@ -224,6 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON result (default bench/results/packing-<device>[-quick].json)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.attention == "flex_attention" and args.device == "cpu":
+        parser.error("--attention flex_attention needs --device cuda: torch has no flex-attention backward on CPU")
     args.micro_batch = args.micro_batch or (4 if args.quick else 64 if args.device == "cuda" else 8)
     args.steps = args.steps or (5 if args.quick else 12)
     args.warmup = min(args.warmup, 1 if args.quick else args.warmup)
@@ -277,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, (layout, tokens_per_batch) in contenders.items():
         job = Job(layout, args.device, args.dtype, str(model_dir), batches, references, min(2, args.steps), 1e-5,
-                  0.1, args.row_tokens, args.chunk_tokens, args.warmup, tokens_per_batch=tokens_per_batch)
+                  0.1, args.row_tokens, args.chunk_tokens, args.warmup, tokens_per_batch=tokens_per_batch,
+                  attention=args.attention if layout != "padded" else "sdpa")
         results[name] = _in_own_process(job)
         r = results[name]
         print(f"[bench] {name:>20}: {r['pairs_per_s']:7.2f} pairs/s  {r['pair_tokens_per_s']:8.0f} pair tokens/s  "
@@ -302,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_logp_diff": logp_diff,
         "max_abs_loss_diff": loss_diff,
         "device": args.device,
+        "attention": args.attention,
         "dtype": args.dtype,
     }
     results = {k: {key: v for key, v in r.items() if key != "checked_logps"} for k, r in results.items()}

@@ -33,6 +33,7 @@ def test_overrides_are_typed():
         (["loss.type=contrastive"], "loss.type: Input should be 'dpo', 'ipo', 'hinge', 'cpo' or 'cpo_clip'"),
         (["model.tiny.hidden_size=48"], "head size"),
         (["data.max_prompt_length=1000"], "max_prompt_length must be smaller"),
+        (["model.attn_implementation=flex_attention"], "flex_attention trains on GPUs only"),
         (["train.tokens_per_batch=2048", "train.packing.layout=padded"],
          "train.tokens_per_batch needs train.packing.layout shared_prompt or packed"),
     ],

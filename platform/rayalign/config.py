@@ -87,9 +87,11 @@ class ModelConfig(_Section):
         description="Training and reference precision. auto: bfloat16 when scaling.use_gpu, else float32 "
         "(resolved when the config is validated).",
     )
-    attn_implementation: Literal["sdpa", "eager"] = Field(
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = Field(
         "sdpa",
-        description="transformers attention; both take the per-row masks of packed layouts (train.packing.layout).",
+        description="transformers attention. sdpa and eager take a dense mask per packed row (train.packing); "
+        "flex_attention (GPU training only: torch has no CPU backward for it) takes a block mask, so a "
+        "micro-batch packs into one row without padding and attention skips the blocks a sequence cannot see.",
     )
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every weight (absent: full).")
     quantize: Literal["4bit"] | None = Field(
@@ -252,7 +254,8 @@ class PackingConfig(_Section):
     row_tokens: int | None = Field(
         None, ge=16,
         description="Width of a packed row in tokens; None: the longest segment of the micro-batch (the least "
-        "attention work, since each row costs the square of its width). Wider rows: fewer, larger kernels.",
+        "attention work under a dense mask, since each row costs the square of its width), or with "
+        "model.attn_implementation flex_attention one row for the whole micro-batch (no padding at all).",
     )
     logps_chunk_tokens: int = Field(
         1024, ge=1,
@@ -542,6 +545,11 @@ class RunConfig(_Section):
         if self.reference.in_worker and self.reference.cache:
             raise ValueError("reference.backend: adapters_off scores the reference in the training step: "
                              "there is nothing to cache, set reference.cache: false")
+        if self.model.attn_implementation == "flex_attention" and not self.scaling.use_gpu:
+            raise ValueError(
+                "model.attn_implementation: flex_attention trains on GPUs only (torch has no flex-attention "
+                "backward on CPU): set scaling.use_gpu: true, or use sdpa"
+            )
         if self.model.quantize and not self.scaling.use_gpu:
             raise ValueError(
                 "model.quantize: 4-bit QLoRA runs on CUDA GPUs only (bitsandbytes): set scaling.use_gpu: true, "

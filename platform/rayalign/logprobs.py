@@ -69,11 +69,7 @@ def response_token_logps(
     """
     model = causal_lm(model)  # under PEFT: the adapted model itself, so its decoder is what runs
     _check_plain_head(model)
-    mask = pairs.attention_mask
-    if mask.dim() == 4 and model.config._attn_implementation == "eager":
-        # Eager attention adds the mask to its scores: a boolean "may attend" becomes 0 / -inf-like.
-        dtype = model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    mask = pairs.attention_mask_for(model.config._attn_implementation, model.get_input_embeddings().weight.dtype)
     hidden = model.base_model(
         input_ids=pairs.input_ids,
         attention_mask=mask,

@@ -14,12 +14,15 @@ log-prob code (:mod:`rayalign.logprobs`) is the same for all three, and gives th
 padded layout up to float rounding. The first token of a sequence has no prediction: with an empty
 prompt, scoring starts at the response's second token (as :func:`response_start` says).
 
-Attention: padded rows take the usual (2B, L) padding mask; packed rows take a (R, 1, L, L) boolean mask
-(True: may attend), which transformers' SDPA and eager attention accept as given.
+Attention (:meth:`PackedPairs.attention_mask_for`): padded rows take the usual (2B, L) padding mask; packed
+rows take a (R, 1, L, L) mask (may attend: True for SDPA, 0 for eager, which adds it to its scores), or for
+flex attention a block mask of the same rule, under which a whole micro-batch is one row without padding
+(:func:`row_width`) and the kernel skips the blocks a sequence does not see.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, fields
 from typing import Literal, Mapping, Sequence
 
@@ -32,6 +35,14 @@ Layout = Literal["padded", "packed", "shared_prompt"]
 LAYOUTS: tuple[str, ...] = ("shared_prompt", "packed", "padded")
 
 _PROMPT, _CHOSEN, _REJECTED = 0, 1, 2  # which part of a segment a position holds
+
+
+def row_width(row_tokens: int | None, attention: str) -> int | None:
+    """The packed row width to use: ``row_tokens`` when set; else the longest segment (None) under a dense
+    mask, whose cost grows with the square of the row, or one row per micro-batch under flex attention."""
+    if row_tokens is None and attention == "flex_attention":
+        return sys.maxsize
+    return row_tokens
 
 
 def response_start(prompt_len: int) -> int:
@@ -79,6 +90,30 @@ class PackedPairs:
         causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
         rejected_sees_chosen = (part[:, :, None] == _REJECTED) & (part[:, None, :] == _CHOSEN)
         return (same_segment & causal & ~rejected_sees_chosen).unsqueeze(1)
+
+    def attention_mask_for(self, implementation: str, dtype: torch.dtype):
+        """:attr:`attention_mask` in the form ``implementation`` (transformers' name) takes: as is for
+        SDPA; additive (0 or the dtype's lowest) for eager; a flex-attention ``BlockMask`` of the same rule."""
+        if self.layout == "padded":
+            return self.attention_mask
+        if implementation == "flex_attention":
+            return self._block_mask()
+        mask = self.attention_mask
+        if implementation == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+
+    def _block_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        segment, part = self.segment_ids, self.part_ids
+
+        def may_attend(row, head, query, key):
+            rejected_sees_chosen = (part[row, query] == _REJECTED) & (part[row, key] == _CHOSEN)
+            return (segment[row, query] == segment[row, key]) & (key <= query) & ~rejected_sees_chosen
+
+        rows, width = segment.shape
+        return create_block_mask(may_attend, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=segment.device)
 
     def to(self, device: torch.device | str) -> PackedPairs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -24,7 +24,7 @@ import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
 from rayalign.config import PackingConfig, RunConfig, VllmEngineConfig
-from rayalign.packing import pack_pairs, response_start
+from rayalign.packing import pack_pairs, response_start, row_width
 from rayalign.schema import (
     CHOSEN_TOKEN_LOGPS,
     CHOSEN_TOKENS,
@@ -61,6 +61,7 @@ class TransformersReferenceScorer:
 
         self.per_token = per_token
         self.packing = packing
+        self.attention = attn_implementation
         self.device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(model_dir, dtype, attn_implementation).to(self.device).eval()
         self.pad_id = load_tokenizer(model_dir).pad_token_id
@@ -71,7 +72,7 @@ class TransformersReferenceScorer:
         from rayalign.logprobs import response_token_logps
 
         p = self.packing
-        pairs = pack_pairs(batch, p.layout, self.pad_id, p.row_tokens)
+        pairs = pack_pairs(batch, p.layout, self.pad_id, row_width(p.row_tokens, self.attention))
         with torch.inference_mode():
             per_token = response_token_logps(self.model, pairs.to(self.device), p.logps_chunk_tokens)
         per_token = per_token.double().cpu().numpy()

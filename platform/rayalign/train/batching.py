@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from rayalign.config import TrainConfig
-from rayalign.packing import LAYOUTS, pack_pairs
+from rayalign.packing import LAYOUTS, pack_pairs, row_width
 from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, TOKEN_COLUMNS
 
 
@@ -136,7 +136,7 @@ def layout_cost(
         for step in steps:
             tokens = pair_tokens(step, layout) if budget else [0] * len(step[PROMPT_IDS])
             for group in micro_batch_groups(tokens, train.micro_batch_size, budget):
-                packed = pack_pairs(take(step, group), layout, pad_id, train.packing.row_tokens)
+                packed = pack_pairs(take(step, group), layout, pad_id, row_width(train.packing.row_tokens, attention))
                 total, real, micro_batches = total + packed.computed_tokens, real + packed.real_tokens, micro_batches + 1
         computed[layout] = total / max(len(rows), 1)
         padding[layout] = 1 - real / total if total else 0.0

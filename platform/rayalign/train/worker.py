@@ -38,7 +38,7 @@ from rayalign.distributed import Collective
 from rayalign.errors import TrainingDiverged
 from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
-from rayalign.packing import PackedPairs, pack_pairs
+from rayalign.packing import PackedPairs, pack_pairs, row_width
 from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.storage import METRICS_FILE, append_jsonl
 from rayalign.train import checkpoint
@@ -125,7 +125,7 @@ def adapters_off_logps(policy, pairs: PackedPairs) -> Tensor:
 
 def _score_batch(
     policy: PolicyLogps, batch: dict[str, Any], loss_cfg: LossConfig, train: TrainConfig, pad_id: int,
-    device: torch.device, reference_in_worker: bool = False,
+    device: torch.device, reference_in_worker: bool = False, attention: str = "sdpa",
 ) -> tuple[ObjectiveTerms, int]:
     """The objective's terms for one micro-batch (laid out as ``train.packing``), and the real tokens
     its forward pass computes (padding not counted; a shared prompt counted once).
@@ -134,8 +134,9 @@ def _score_batch(
     ``device`` (no host synchronisation); the loss maths is float32 whatever the model's dtype, and the
     reference column (float64 from the actors) is cast to it there. ``reference_in_worker``: the batch
     has no reference column; the policy scores it with its adapters off (:func:`adapters_off_logps`).
+    ``attention``: the model's attention implementation, which decides the packed rows' width (:func:`row_width`).
     """
-    pairs = pack_pairs(batch, train.packing.layout, pad_id, train.packing.row_tokens).to(device)
+    pairs = pack_pairs(batch, train.packing.layout, pad_id, row_width(train.packing.row_tokens, attention)).to(device)
     if reference_in_worker:
         ref_chosen, ref_rejected = split_pairs(adapters_off_logps(policy, pairs))
     logps, counts = policy(pairs)
@@ -157,7 +158,7 @@ def _score_batch(
 
 def optimizer_step(
     engine, batch: dict[str, Any], loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
-    agree_count, reference_in_worker: bool = False,
+    agree_count, reference_in_worker: bool = False, attention: str = "sdpa",
 ) -> list[tuple[ObjectiveTerms, int]]:
     """Forward and backward over the micro-batches of one step's ``batch`` (:mod:`rayalign.train.batching`),
     then one DeepSpeed optimizer step; returns each micro-batch's terms and real tokens.
@@ -174,7 +175,7 @@ def optimizer_step(
     for index, group in enumerate(groups):
         engine.set_gradient_accumulation_boundary(index == len(groups) - 1)
         terms, real_tokens = _score_batch(engine, take(batch, group), loss_cfg, train, pad_id, device,
-                                          reference_in_worker)
+                                          reference_in_worker, attention)
         engine.backward(terms.loss.sum() / num_pairs, scale_wrt_gas=False)
         done.append((terms, real_tokens))
     engine.step()
@@ -183,7 +184,7 @@ def optimizer_step(
 
 def _evaluate(
     policy: PolicyLogps, batches, loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
-    collective: Collective, reference_in_worker: bool = False,
+    collective: Collective, reference_in_worker: bool = False, attention: str = "sdpa",
 ) -> dict[str, float]:
     """The training metrics on the held-out ``batches``, averaged over every worker's shard."""
     meter = IntervalMeter(device)
@@ -191,7 +192,7 @@ def _evaluate(
     policy.eval()
     with torch.no_grad():
         for batch in batches:
-            terms, tokens = _score_batch(policy, batch, loss_cfg, train, pad_id, device, reference_in_worker)
+            terms, tokens = _score_batch(policy, batch, loss_cfg, train, pad_id, device, reference_in_worker, attention)
             meter.add(terms.loss, preference_stats(*terms.compared, beta=loss_cfg.beta), tokens)
     policy.train()
     row = meter.reduce(start, all_reduce=collective.all_reduce_sum)
@@ -286,7 +287,7 @@ class TrainingWorker:
         self.interval_start = self.interval_start or time.perf_counter()
         for terms, tokens in optimizer_step(self.engine, batch, self.plan.loss, self.plan.train, self.pad_id,
                                             self.device, self.collective.all_reduce_max,
-                                            self.plan.reference_in_worker):
+                                            self.plan.reference_in_worker, self.plan.attn_implementation):
             self.meter.add(terms.loss, preference_stats(*terms.compared, beta=self.plan.loss.beta), tokens)
 
     def log_step(self, epoch: int) -> None:
@@ -305,7 +306,7 @@ class TrainingWorker:
         if evaluate:
             batches = self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy")
             row.update(_evaluate(self.engine, batches, plan.loss, plan.train, self.pad_id, self.device,
-                                 self.collective, plan.reference_in_worker))
+                                 self.collective, plan.reference_in_worker, plan.attn_implementation))
         row.update(_peak_memory(self.device))
         self.interval_start = time.perf_counter()
         if self.rank == 0:
