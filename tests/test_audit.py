@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from rayalign.diagnostics.audit import audit_scored_pairs, format_audit, run_audit
 from rayalign.models import resolve_run_model
 

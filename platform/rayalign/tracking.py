@@ -49,6 +49,16 @@ def default_mlflow_uri(cfg: RunConfig) -> str:
     return f"sqlite:///{Path(cfg.output.root).expanduser().resolve() / 'mlflow.db'}"
 
 
+def tensorboard_root(cfg: RunConfig) -> Path:
+    """Where TensorBoard runs go: ``output.tracking.tensorboard_dir``, or ``<output.root>/tensorboard``."""
+    return Path(cfg.output.tracking.tensorboard_dir or Path(cfg.output.root) / "tensorboard").expanduser().resolve()
+
+
+def wandb_root(cfg: RunConfig) -> Path:
+    """Where W&B keeps its files: ``output.tracking.wandb_dir``, or ``output.root``."""
+    return Path(cfg.output.tracking.wandb_dir or cfg.output.root).expanduser().resolve()
+
+
 class MlflowRun:
     """One MLflow run, through ``MlflowClient`` (no global active run: trials may share a process)."""
 
@@ -112,8 +122,7 @@ class TensorBoardRun:
     def __init__(self, cfg: RunConfig, name: str, group: str | None, hparams: dict[str, Any]):
         from torch.utils.tensorboard import SummaryWriter
 
-        tracking = cfg.output.tracking
-        root = Path(tracking.tensorboard_dir or Path(cfg.output.root) / "tensorboard").expanduser().resolve()
+        root = tensorboard_root(cfg)
         self.logdir = root / group / name if group else root / name
         self.writer = SummaryWriter(str(self.logdir))
         self.writer.add_text("config", "```\n" + cfg.to_yaml() + "\n```")
@@ -152,7 +161,7 @@ class WandbRun:
         import wandb
 
         tracking = cfg.output.tracking
-        wandb_dir = Path(tracking.wandb_dir or cfg.output.root).expanduser().resolve()
+        wandb_dir = wandb_root(cfg)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=tracking.experiment,

@@ -7,8 +7,8 @@ equally). How those pairs are split into forward passes is the only thing the to
     fixed pairs    (``train.tokens_per_batch`` unset) ``gradient_accumulation_steps`` micro-batches of
                    ``micro_batch_size`` consecutive pairs
     token budget   as few micro-batches as hold at most ``tokens_per_batch`` computed tokens each, in
-                   the layout in use (a pair longer than the budget goes alone), so a micro-batch of
-                   short pairs holds many and one of long pairs few, and memory stays flat
+                   the layout in use (a pair longer than the budget goes alone), of about equal size:
+                   as many pairs as fit, so memory stays flat whatever the lengths
 
 Under a token budget every worker must still run the same number of micro-batches: ZeRO-2 reduces
 gradients, and ZeRO-3 gathers parameters, in every forward and backward, so a worker with one micro-batch
@@ -18,6 +18,7 @@ number per step), and a worker that needs fewer splits its fullest micro-batches
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,18 +39,17 @@ def pair_tokens(batch: Mapping[str, Sequence[Sequence[int]]], layout: str) -> li
             for p, c, r in zip(batch[PROMPT_IDS], batch[CHOSEN_IDS], batch[REJECTED_IDS])]
 
 
-def _first_fit_decreasing(tokens: Sequence[int], budget: int) -> list[list[int]]:
-    groups: list[list[int]] = []
-    room: list[int] = []
+def _balanced(tokens: Sequence[int], count: int) -> list[list[int]]:
+    """Longest pair first, each into the micro-batch holding the fewest tokens so far (LPT scheduling):
+    micro-batches of about equal size, each a mix of long and short pairs, which pack into rows of the
+    longest one's width with little padding (sorted runs of similar lengths would not share rows)."""
+    groups: list[list[int]] = [[] for _ in range(count)]
+    loads = [0] * count
     for i in sorted(range(len(tokens)), key=lambda i: -tokens[i]):
-        fit = next((g for g, free in enumerate(room) if free >= tokens[i]), None)
-        if fit is None:
-            groups.append([])
-            room.append(budget)
-            fit = len(groups) - 1
-        groups[fit].append(i)
-        room[fit] -= tokens[i]
-    return groups
+        emptiest = min(range(count), key=loads.__getitem__)
+        groups[emptiest].append(i)
+        loads[emptiest] += tokens[i]
+    return [g for g in groups if g]
 
 
 def _split_fullest(groups: list[list[int]], tokens: Sequence[int], count: int) -> list[list[int]]:
@@ -76,7 +76,12 @@ def micro_batch_groups(
     """
     if tokens_per_batch is None:
         return [list(range(i, min(i + micro_batch_size, len(tokens)))) for i in range(0, len(tokens), micro_batch_size)]
-    groups = _first_fit_decreasing(tokens, tokens_per_batch)
+    count = min(len(tokens), max(1, math.ceil(sum(tokens) / tokens_per_batch)))
+    while True:  # ends by count = len(tokens) at the latest: one pair per micro-batch
+        groups = _balanced(tokens, count)
+        if all(len(g) == 1 or sum(tokens[i] for i in g) <= tokens_per_batch for g in groups):
+            break
+        count += 1
     groups = _split_fullest(groups, tokens, agree(len(groups)))
     return [sorted(g) for g in groups]
 

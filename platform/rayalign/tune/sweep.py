@@ -46,7 +46,9 @@ from rayalign.reference.cache import describe
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.runtime import ResourceDemand
 from rayalign.storage import CONFIG_FILE, prepare_run_dir, read_text, remove, upload
-from rayalign.tracking import SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent
+from rayalign.tracking import (
+    SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent, tensorboard_root, wandb_root,
+)
 from rayalign.train.stage import preflight, train_stage
 from rayalign.train.trainer import planned_steps
 from rayalign.tune.results import collect_trials, format_sweep_table, write_results
@@ -154,9 +156,8 @@ def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
     # The trials' tracker runs go where the sweep's own run does, not under the trials' root.
     tracking = tree["output"]["tracking"]
     tracking["mlflow_tracking_uri"] = cfg.output.tracking.mlflow_tracking_uri or default_mlflow_uri(cfg)
-    root = Path(cfg.output.root).expanduser().resolve()
-    tracking["tensorboard_dir"] = str(Path(cfg.output.tracking.tensorboard_dir or root / "tensorboard").expanduser().resolve())
-    tracking["wandb_dir"] = str(Path(cfg.output.tracking.wandb_dir or root).expanduser().resolve())
+    tracking["tensorboard_dir"] = str(tensorboard_root(cfg))
+    tracking["wandb_dir"] = str(wandb_root(cfg))
     if cfg.output.storage is not None:
         tree["output"]["storage"] = f"{cfg.output.run_storage}/{TRIALS_DIR}"
     return tree
