@@ -113,7 +113,9 @@ class PackedPairs:
             return (segment[row, query] == segment[row, key]) & (key <= query) & ~rejected_sees_chosen
 
         rows, width = segment.shape
-        return create_block_mask(may_attend, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=segment.device)
+        # Compiled, the rule is evaluated block by block: the dense L×L mask is never formed (as transformers does).
+        return create_block_mask(may_attend, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=segment.device,
+                                 _compile=True)
 
     def to(self, device: torch.device | str) -> PackedPairs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
