@@ -423,6 +423,7 @@ class Setting:
     pairs: Pairs
     work: Path
     trl_gradient_checkpointing: bool
+    rayalign_overrides: tuple[str, ...] = ()  # KEY=VALUE settings of rayalign's config, as --set takes them
 
     def step_slices(self) -> list[tuple[int, int]]:
         return [(i * self.micro_batch, (i + 1) * self.micro_batch) for i in range(self.steps)]
@@ -517,7 +518,7 @@ def run_rayalign(s: Setting) -> dict[str, Any]:
         },
         "output": {"root": str(s.work / "runs"), "name": f"rayalign-mb{s.micro_batch}"},
     }
-    cfg = config_from_dict(tree, origin="bench/gpu_throughput.py")
+    cfg = config_from_dict(tree, list(s.rayalign_overrides), origin="bench/gpu_throughput.py")
     (cfg.output.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # rows of an earlier bench run
     watcher = RowWatcher(cfg.output.run_dir / "metrics.jsonl", poll_s=0.002 if cuda else 0.01)
     started = time.perf_counter()
@@ -863,6 +864,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--trl-gradient-checkpointing", action="store_true",
         help="TRL's own default; off here because rayalign and the bare loop keep all activations",
     )
+    parser.add_argument(
+        "--rayalign-set", action="append", default=[], metavar="KEY=VALUE",
+        help="a setting of rayalign's config, as `rayalign train --set` takes it (repeatable), e.g. "
+        "model.attn_implementation=flex_attention or train.tokens_per_batch=16384",
+    )
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     tiny = args.tiny
@@ -1016,6 +1022,7 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int) 
         lr=args.lr, beta=args.beta, max_grad_norm=1.0, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, model_dir=prep.model_dir, data=prep.data, pairs=pairs,
         work=prep.work, trl_gradient_checkpointing=args.trl_gradient_checkpointing,
+        rayalign_overrides=tuple(args.rayalign_set),
     )
     say(f"micro-batch {micro_batch}: {len(pairs)} pairs from the first {pairs.records_read} records "
         f"({sum(pairs.quarantined.values())} quarantined), {pairs.real_tokens() / len(pairs):.1f} real tokens/pair, "
@@ -1085,6 +1092,7 @@ def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[st
                 "(<pad>, <bos>, <eos>; BOS prepended to prompts, EOS ends responses)",
             },
             "dtype": args.dtype,
+            "rayalign_overrides": args.rayalign_set,
             "data": {
                 "path": str(prep.data),
                 "format": "hh",

@@ -33,7 +33,9 @@ def _trl_installed() -> bool:
 def test_cpu_tiny_run_measures_every_contender_on_the_same_data(ray_cluster, tmp_path, capsys):
     bench = _bench_module()
     out = tmp_path / "gpu.json"
-    rc = bench.main(["--device", "cpu", "--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    # rayalign in passes of at most 256 tokens (several per step): the same steps, so the same numbers to check.
+    rc = bench.main(["--device", "cpu", "--tiny", "--out", str(out), "--work-dir", str(tmp_path / "work"),
+                     "--rayalign-set", "train.tokens_per_batch=256"])
     assert rc == 0, capsys.readouterr().out
     report = json.loads(out.read_text())
 
@@ -42,6 +44,7 @@ def test_cpu_tiny_run_measures_every_contender_on_the_same_data(ray_cluster, tmp
         assert package in report["versions"]
     settings = report["settings"]
     assert settings["dtype"] == "float32" and settings["tiny"] is True
+    assert settings["rayalign_overrides"] == ["train.tokens_per_batch=256"]
     assert settings["data"]["max_length"] == 128 and settings["data"]["max_prompt_length"] == 64
     assert settings["micro_batches"] == [8] and settings["steps"] > settings["warmup_steps"] > 0
     assert settings["model"]["parameters"]["non_embedding"] > 0
