@@ -86,9 +86,13 @@ def test_every_layout_equals_each_sequence_scored_alone_in_float32(model, layout
 def test_layouts_agree_in_bfloat16(tiny_model_dir):
     model = load_causal_lm(tiny_model_dir, "bfloat16").eval()
     batch = _random_pairs(6, seed=2)
+    flex = load_causal_lm(tiny_model_dir, "bfloat16", attn_implementation="flex_attention").eval()
+    one_row = row_width(None, "flex_attention")
     with torch.no_grad():
         sums = {layout: sequence_logps(model, pack_pairs(batch, layout, PAD))[0] for layout in LAYOUTS}
-    for layout in ("packed", "shared_prompt"):
+        sums |= {f"flex {layout}": sequence_logps(flex, pack_pairs(batch, layout, PAD, one_row))[0]
+                 for layout in ("packed", "shared_prompt")}
+    for layout in ("packed", "shared_prompt", "flex packed", "flex shared_prompt"):
         # bf16 keeps 8 bits of mantissa: the layouts differ only in the order of the attention sums.
         assert torch.allclose(sums[layout], sums["padded"], rtol=2e-2, atol=0.1), layout
 
