@@ -109,32 +109,47 @@ def _engine(model_dir, train: TrainConfig):
     return engine
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_a_token_budget_takes_the_same_optimizer_steps_as_fixed_micro_batches(tiny_model_dir, process_group,
                                                                               zero_stage):
     """Same pairs per step (6), split 3 × 2, 1 × 6, or by a 120-token budget (several passes, a different
     count each step): the losses and the trained weights agree to float noise."""
+    import deepspeed
+
     steps = [_pairs(6, seed=s) for s in range(3)]
+    for batch in steps:  # one long pair per step: under the budget, passes hold unequal numbers of pairs
+        batch["prompt_ids"][0] = np.arange(3, 75)
     splits = {
         "3x2": TrainConfig(micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=zero_stage),
         "1x6": TrainConfig(micro_batch_size=6, zero_stage=zero_stage),
         "budget": TrainConfig(micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=zero_stage,
                               tokens_per_batch=120),
     }
-    losses, weights, passes = {}, {}, {}
+
+    def gathered(engine) -> torch.Tensor:
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):  # ZeRO-3 holds only shards
+            return torch.cat([p.detach().flatten().float().clone() for p in params])
+
+    losses, weights, passes, pass_sizes = {}, {}, {}, []
     for name, train in splits.items():
         engine = _engine(tiny_model_dir, train)
+        initial = gathered(engine)
         losses[name], passes[name] = [], []
         for batch in steps:
             done = optimizer_step(engine, batch, LossConfig(beta=0.5), train, PAD, torch.device("cpu"),
                                   agree_count=lambda count: count)
             losses[name].append(float(sum(t.loss.sum() for t, _ in done)) / 6)
             passes[name].append(len(done))
+            if name == "budget":
+                pass_sizes.append([terms.loss.numel() for terms, _ in done])
         assert engine.global_steps == 3
-        weights[name] = torch.cat([p.detach().flatten().float() for p in engine.module.parameters()])
+        weights[name] = gathered(engine)
+        assert weights[name].numel() > 0 and not torch.allclose(weights[name], initial), name  # it trained
     assert passes["3x2"] == [3, 3, 3] and passes["1x6"] == [1, 1, 1]
     assert all(count >= 2 for count in passes["budget"])
-    assert losses["3x2"][-1] != losses["3x2"][0]  # it trained
+    # Passes of unequal pair counts: a per-pass mean instead of the step's would weigh pairs unequally.
+    assert any(len(set(sizes)) > 1 for sizes in pass_sizes), pass_sizes
     for name in ("1x6", "budget"):
         assert losses[name] == pytest.approx(losses["3x2"], abs=1e-5), name
         assert torch.allclose(weights[name], weights["3x2"], atol=1e-5), name
