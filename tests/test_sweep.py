@@ -120,10 +120,14 @@ def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path
     for trial_id, gamma in gammas.items():
         assert mlflow[trial_id].data.tags["mlflow.parentRunId"] == parent
         assert float(mlflow[trial_id].data.params["loss.gamma"]) == gamma
-    # A trial ASHA stops is ended by Tune mid-run; one that completes has its whole history.
+    # A trial that completes has its whole history; one ASHA stops is ended by Tune mid-run, and the
+    # sweep closes its run as stopped.
     for trial in (t for t in trials if t["status"] == "completed"):
         assert mlflow[trial["trial_id"]].data.metrics["eval/loss"] == pytest.approx(trial["objective"])
         assert mlflow[trial["trial_id"]].info.status == "FINISHED"
+    for trial in stopped:
+        run = mlflow[trial["trial_id"]]
+        assert run.info.status == "KILLED" and run.data.tags["rayalign.trial_status"] == "stopped_early"
     wandb = {r["name"]: r for r in wandb_offline_runs(root) if r["name"]}
     assert {r["group"] for r in wandb.values()} == {"sweep"}
     for trial in (t for t in trials if t["status"] == "completed"):
