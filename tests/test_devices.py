@@ -224,3 +224,14 @@ def test_the_local_clusters_token_file_is_private(tmp_path, monkeypatch):
     assert token.read_text() == first  # tightened, not replaced
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
     assert secure_local_token() is None
+
+
+def test_a_token_budget_agrees_its_pass_count_on_the_workers_device(nccl_like):
+    """Under train.tokens_per_batch the workers agree on a step's pass count, an all-reduce of one number
+    before the first forward: under NCCL that number must be a tensor on the worker's own device."""
+    from rayalign.train.batching import micro_batch_groups, pair_tokens
+
+    agree = Collective.of_worker_group(META).all_reduce_max
+    with pytest.raises(ReachedCollective):
+        micro_batch_groups(pair_tokens(_batch(), "shared_prompt"), 3, tokens_per_batch=16, agree=agree)
+    assert [(t.device, t.dtype) for t in nccl_like] == [(META, torch.int64)]
