@@ -105,3 +105,31 @@ def test_sweep_trials_are_runs_grouped_under_the_sweep(tmp_path):
         logdir = root / "tensorboard" / "gamma-sweep" / trial
         assert "_hparams_/session_start_info" in tensorboard_tags(logdir)["hparams"]
         assert tensorboard_scalars(logdir)["hparam/eval/loss"] == pytest.approx({0: 0.6 + gamma})
+
+
+def test_the_sweep_closes_the_runs_of_trials_tune_ended_mid_run(tmp_path):
+    """A trial ASHA stops either dies before it can close its run (left RUNNING) or sees the stop as an
+    error (FAILED); the sweep marks both KILLED. An errored trial left open becomes FAILED; a completed
+    trial and a trial that closed itself as failed keep their status."""
+    sweep_cfg = make_config(tmp_path, data={"synthetic": {}, "eval_fraction": 0.25}, monitor={"eval_every": 1},
+                            output={"root": str(tmp_path / "runs"), "name": "gamma-sweep", "trackers": ["mlflow"]},
+                            sweep={"space": {"loss.gamma": {"values": [0.0, 2.0]}}})
+    parent = open_sweep_parent(sweep_cfg)
+    ends = {"killed": None, "stopped_saw_error": True, "errored_open": None, "errored_closed": True, "done": False}
+    for trial, failed in ends.items():
+        trial_cfg = sweep_cfg.model_copy(update={"output": sweep_cfg.output.model_copy(update={"name": trial})})
+        trackers = open_trackers(trial_cfg, SweepMembership("gamma-sweep", {"loss.gamma": 0.0}, parent))
+        if failed is not None:
+            trackers.finish(failed=failed)
+    statuses = {"killed": "stopped_early", "stopped_saw_error": "stopped_early", "errored_open": "error",
+                "errored_closed": "error", "done": "completed"}
+    summary = {"interrupted": False, "trials": [{"trial_id": t, "status": s} for t, s in statuses.items()]}
+    finish_sweep_parent(sweep_cfg, parent, summary, [])
+
+    runs = {r.info.run_name: r for r in mlflow_runs(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", "rayalign")}
+    assert {name: r.info.status for name, r in runs.items()} == {
+        "gamma-sweep": "FINISHED", "killed": "KILLED", "stopped_saw_error": "KILLED", "errored_open": "FAILED",
+        "errored_closed": "FAILED", "done": "FINISHED"}
+    assert {name: r.data.tags.get("rayalign.trial_status") for name, r in runs.items()} == {
+        "gamma-sweep": None, "killed": "stopped_early", "stopped_saw_error": "stopped_early",
+        "errored_open": "error", "errored_closed": None, "done": None}

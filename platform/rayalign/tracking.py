@@ -257,16 +257,20 @@ def open_sweep_parent(cfg: RunConfig) -> str | None:
 
 
 def finish_sweep_parent(cfg: RunConfig, run_id: str | None, summary: dict[str, Any], files: list[Path]) -> None:
-    """The sweep's results (CSV, plot, summary) on its MLflow run; then the trials' runs that Tune ended
-    mid-run (ASHA's early stops, errors), which could not close themselves, are closed with their status."""
+    """The sweep's results (CSV, plot, summary) on its MLflow run; then the runs of trials that Tune ended
+    mid-run get their status: an early stop (ASHA) is ``KILLED``, whether its process was killed before it
+    could close its run or saw the stop as an error (``FAILED``); an errored trial left open is ``FAILED``."""
     if run_id is None:
         return
     parent = MlflowRun(cfg, run_id)
+    ended_as = {"stopped_early": "KILLED", "error": "FAILED"}
     status_of = {trial["trial_id"]: trial["status"] for trial in summary.get("trials", [])}
     experiment = parent.client.get_run(run_id).info.experiment_id
     for child in parent.client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{run_id}'"):
         status = status_of.get(child.info.run_name)
-        if child.info.status == "RUNNING" and status in ("stopped_early", "error"):
+        if status not in ended_as or child.info.status == ended_as[status]:
+            continue
+        if status == "stopped_early" or child.info.status == "RUNNING":
             parent.client.set_tag(child.info.run_id, "rayalign.trial_status", status)
-            parent.client.set_terminated(child.info.run_id, "KILLED" if status == "stopped_early" else "FAILED")
+            parent.client.set_terminated(child.info.run_id, ended_as[status])
     parent.finish(summary, files, failed=bool(summary.get("interrupted")))
