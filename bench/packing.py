@@ -106,7 +106,7 @@ def train_layout(job: Job) -> dict[str, Any]:
     from rayalign.config import LoraConfig
     from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
     from rayalign.packing import pack_pairs, row_width
-    from rayalign.train.batching import micro_batch_groups, pair_tokens, take
+    from rayalign.train.batching import step_micro_batches, take
     from rayalign.train.worker import adapters_off_logps
 
     torch.manual_seed(0)
@@ -132,8 +132,7 @@ def train_layout(job: Job) -> dict[str, Any]:
     passes = []
     for batch, (ref_chosen, ref_rejected) in zip(job.batches, job.references):
         num_pairs = len(batch["prompt_ids"])
-        groups = (micro_batch_groups(pair_tokens(batch, job.layout), num_pairs, job.tokens_per_batch)
-                  if job.tokens_per_batch else [list(range(num_pairs))])
+        groups = step_micro_batches(batch, job.layout, num_pairs, job.tokens_per_batch)
         passes.append(len(groups))
         loss = torch.zeros((), device=device)
         for group in groups:  # one pass per group, the gradient accumulated: the step's loss is the pair mean

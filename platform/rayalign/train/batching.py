@@ -86,6 +86,15 @@ def micro_batch_groups(
     return [sorted(g) for g in groups]
 
 
+def step_micro_batches(
+    batch: Mapping[str, Sequence[Sequence[int]]], layout: str, micro_batch_size: int, tokens_per_batch: int | None,
+    agree: Callable[[int], int] = lambda count: count,
+) -> list[list[int]]:
+    """:func:`micro_batch_groups` of one step's ``batch``, its pairs' tokens in ``layout`` counted under a budget."""
+    tokens = pair_tokens(batch, layout) if tokens_per_batch else [0] * len(batch[PROMPT_IDS])
+    return micro_batch_groups(tokens, micro_batch_size, tokens_per_batch, agree)
+
+
 def take(batch: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
     """The rows ``indices`` of a columnar batch (numpy arrays or lists)."""
     picked = np.asarray(indices, dtype=np.int64)
@@ -139,8 +148,7 @@ def layout_cost(
         budget = None if layout == "padded" else train.tokens_per_batch
         total = real = micro_batches = 0
         for step in steps:
-            tokens = pair_tokens(step, layout) if budget else [0] * len(step[PROMPT_IDS])
-            for group in micro_batch_groups(tokens, train.micro_batch_size, budget):
+            for group in step_micro_batches(step, layout, train.micro_batch_size, budget):
                 packed = pack_pairs(take(step, group), layout, pad_id, row_width(train.packing.row_tokens, attention))
                 total, real, micro_batches = total + packed.computed_tokens, real + packed.real_tokens, micro_batches + 1
         computed[layout] = total / max(len(rows), 1)

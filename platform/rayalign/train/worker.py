@@ -42,7 +42,7 @@ from rayalign.packing import PackedPairs, pack_pairs, row_width
 from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.storage import METRICS_FILE, append_jsonl
 from rayalign.train import checkpoint
-from rayalign.train.batching import micro_batch_groups, pair_tokens, pairs_per_step, take
+from rayalign.train.batching import pairs_per_step, step_micro_batches, take
 from rayalign.train.metrics import IntervalMeter, preference_stats
 
 # Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
@@ -169,8 +169,8 @@ def optimizer_step(
     ``agree_count``: the largest of every worker's micro-batch count (an all-reduce max).
     """
     num_pairs = len(batch[PROMPT_IDS])
-    tokens = pair_tokens(batch, train.packing.layout) if train.tokens_per_batch else [0] * num_pairs
-    groups = micro_batch_groups(tokens, train.micro_batch_size, train.tokens_per_batch, agree_count)
+    groups = step_micro_batches(batch, train.packing.layout, train.micro_batch_size, train.tokens_per_batch,
+                                agree_count)
     done = []
     for index, group in enumerate(groups):
         engine.set_gradient_accumulation_boundary(index == len(groups) - 1)
