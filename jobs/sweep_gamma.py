@@ -23,6 +23,7 @@ from biased_reference import biased_reference  # jobs/biased_reference.py, besid
 
 from rayalign.config import load_config
 from rayalign.runtime import init_ray
+from rayalign.storage import publish
 from rayalign.tune.sweep import format_sweep_table, run_sweep
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "sweep-gamma.yaml"
@@ -63,8 +64,9 @@ def main() -> int:
     summary = run_sweep(cfg, fresh=args.fresh)
 
     table = markdown_table(summary)
-    sweep_dir = cfg.output.run_dir
-    (sweep_dir / "results.md").write_text(table + "\n")
+    results = cfg.output.run_dir / "results.md"
+    results.write_text(table + "\n")
+    publish(cfg.output, results)
     print("\n" + format_sweep_table(summary))
     print("\n" + table)
     print(f"\nresults: {summary['files']['csv']}  plot: {summary['files']['plot']}  "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from rayalign.diagnostics.audit import audit_scored_pairs, format_audit, run_audit
-from rayalign.models import resolve_run_model
+from rayalign.models import publish_model, resolve_run_model
 
 from conftest import make_config
 
@@ -46,7 +46,7 @@ def test_audit_end_to_end_on_a_constructed_file(ray_cluster, tmp_path):
     cfg = make_config(tmp_path, data={"paths": [str(path)], "synthetic": None, "max_quarantine_fraction": 0.2},
                       audit={"margin": 2.0})
     out = tmp_path / "audit"
-    report = run_audit(cfg, resolve_run_model(cfg), [str(path)], out)
+    report = run_audit(cfg, publish_model(resolve_run_model(cfg), None), [str(path)], out)
     assert report["pairs"] == 11
     assert report["data"]["quarantine"]["quarantined_by_reason"] == {"bad_json": 1}
     assert report["data"]["exact_duplicates"] == 2

@@ -34,11 +34,19 @@ RAYCLUSTER_YAML = CLUSTERS / "kuberay" / "raycluster.yaml"
 RAYJOB_YAML = CLUSTERS / "kuberay" / "rayjob-sweep.yaml"
 DOCKERFILE = CLUSTERS / "docker" / "Dockerfile"
 LOCAL_AUTOSCALING_YAML = CLUSTERS / "local" / "autoscaling.yaml"
+SERVICEACCOUNT_YAML = CLUSTERS / "kuberay" / "serviceaccount.yaml"
+BUCKET_POLICY = CLUSTERS / "aws" / "bucket-policy.json"
+AUTOSCALER_POLICY = CLUSTERS / "aws" / "autoscaler-policy.json"
+EC2_TRUST_POLICY = CLUSTERS / "aws" / "ec2-trust-policy.json"
 
 LAUNCHER_REQUIRED = ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers")
 RAY_PORTS = (6379, 8265, 10001)
 # Env names whose value is a credential: they may only come from a secretKeyRef/file/variable.
 SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY", re.IGNORECASE)
+# What a pod's ServiceAccount is annotated with to get a storage identity (no keys anywhere).
+STORAGE_IDENTITY_ANNOTATIONS = ("eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account")
+# Installing Python packages on a node at boot: the image (clusters/docker/Dockerfile) carries them.
+BOOT_INSTALL = re.compile(r"\b(pip3?|uv|conda|mamba|micromamba|pipx|easy_install)\b[^;&|]*\b(install|add)\b")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,6 +80,21 @@ def is_kuberay(doc: Any) -> bool:
     return isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("ray.io/")
 
 
+def is_service_account(doc: Any) -> bool:
+    """A Kubernetes ServiceAccount: the storage identity of the KubeRay pods (serviceaccount.yaml)."""
+    return isinstance(doc, dict) and doc.get("apiVersion") == "v1" and doc.get("kind") == "ServiceAccount"
+
+
+def service_accounts() -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for path, doc in all_docs():
+        if is_service_account(doc):
+            name = doc["metadata"]["name"]
+            assert name not in out, f"ServiceAccount {name} defined twice"
+            out[name] = doc
+    return out
+
+
 def is_local_autoscaling(doc: Any) -> bool:
     """Ray's fake multi-node provider: an autoscaling cluster on one machine (no cloud fields)."""
     return is_launcher(doc) and doc["provider"].get("type") == "fake_multinode"
@@ -99,11 +122,15 @@ def cluster_spec(doc: dict) -> dict | None:
     return doc["spec"].get("rayClusterSpec")
 
 
-def ray_containers(spec: dict) -> Iterator[tuple[str, dict]]:
-    groups = [("head", spec["headGroupSpec"])] + [
+def pod_groups(spec: dict) -> list[tuple[str, dict]]:
+    """The head group and every worker group of a RayCluster spec, labelled."""
+    return [("head", spec["headGroupSpec"])] + [
         (f"worker group {g.get('groupName')}", g) for g in spec["workerGroupSpecs"]
     ]
-    for label, group in groups:
+
+
+def ray_containers(spec: dict) -> Iterator[tuple[str, dict]]:
+    for label, group in pod_groups(spec):
         containers = group["template"]["spec"]["containers"]
         assert containers, f"{label}: no containers"
         for c in containers:
@@ -144,6 +171,50 @@ def is_gpu_node_type(node_type: dict) -> bool:
     return bool(re.match(r"^[gp]\d", str(node_type.get("node_config", {}).get("InstanceType", ""))))
 
 
+def launcher_commands(config: dict) -> list[tuple[str, str]]:
+    """Every command the launcher runs on a node (on the host or in the container), labelled."""
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    out = [(key, c) for key in keys for c in config.get(key) or []]
+    for name, node_type in config["available_node_types"].items():
+        for key in ("initialization_commands", "worker_setup_commands"):
+            out += [(f"{name}.{key}", c) for c in node_type.get(key) or []]
+    return out
+
+
+def launcher_images(config: dict) -> dict[str, str]:
+    """The container image each node type runs, as the launcher resolves it."""
+    docker = config.get("docker") or {}
+    out = {}
+    for name, node_type in config["available_node_types"].items():
+        if name == config["head_node_type"]:
+            out[name] = docker.get("head_image") or docker.get("image", "")
+        else:
+            out[name] = ((node_type.get("docker") or {}).get("worker_image") or docker.get("worker_image")
+                         or docker.get("image", ""))
+    return out
+
+
+def project_image_tag_ok(image: str) -> bool:
+    """The image built from clusters/docker/Dockerfile: `<registry>/rayalign:<version>-ray<pinned Ray>-...`."""
+    name, _, tag = image.rpartition(":")
+    return (name.rpartition("/")[2] == "rayalign" and "/" in name and "/" not in tag
+            and f"ray{pinned_ray_version()}" in tag.split("-"))
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def statements(policy: dict) -> list[dict]:
+    stmts = policy["Statement"]
+    return stmts if isinstance(stmts, list) else [stmts]
+
+
+def as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def ray_start_commands(config: dict) -> list[tuple[str, str]]:
     out = []
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -158,7 +229,7 @@ def ray_start_commands(config: dict) -> list[tuple[str, str]]:
 
 def test_all_definitions_exist():
     for path in (START_SH, STOP_SH, LOCAL_AUTOSCALING_YAML, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE,
-                 CLUSTERS / "README.md"):
+                 SERVICEACCOUNT_YAML, BUCKET_POLICY, AUTOSCALER_POLICY, EC2_TRUST_POLICY, CLUSTERS / "README.md"):
         assert path.is_file(), f"missing {path.relative_to(REPO)}"
 
 
@@ -168,12 +239,12 @@ def test_every_yaml_parses_to_a_known_definition():
     kinds = []
     for path, doc in all_docs():
         assert isinstance(doc, dict), f"{path}: a YAML document is not a mapping"
-        assert is_launcher(doc) or is_kuberay(doc), (
-            f"{path}: document is neither a Ray cluster launcher config nor a ray.io resource "
-            f"(kind={doc.get('kind')!r}); Secrets and other objects must not live here"
+        assert is_launcher(doc) or is_kuberay(doc) or is_service_account(doc), (
+            f"{path}: document is neither a Ray cluster launcher config, a ray.io resource nor a "
+            f"ServiceAccount (kind={doc.get('kind')!r}); Secrets and other objects must not live here"
         )
         kinds.append("local-autoscaling" if is_local_autoscaling(doc) else "launcher" if is_launcher(doc) else doc["kind"])
-    assert {"local-autoscaling", "launcher", "RayCluster", "RayJob"} <= set(kinds), kinds
+    assert {"local-autoscaling", "launcher", "RayCluster", "RayJob", "ServiceAccount"} <= set(kinds), kinds
 
 
 # ------------------------------------------------------------------ local autoscaling (fake multi-node)
@@ -298,24 +369,125 @@ def test_launcher_dashboard_is_localhost_only(item):
 
 
 @pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
-def test_launcher_installs_project_with_vllm_from_synced_dir(item):
+def test_launcher_installs_nothing_at_boot(item):
+    """The project image carries rayalign, vLLM and every other package: no node pip-installs
+    anything (rayalign, vllm or otherwise) when it boots, and the repository is not installed
+    from a synced directory (a job's own code comes with its runtime env)."""
     _, cfg = item
-    synced = {k for k, v in (cfg.get("file_mounts") or {}).items() if v in (".", "./")}
-    assert synced, "the working directory (.) is not synced to the nodes"
-    cmds = (cfg.get("setup_commands") or []) + (cfg.get("worker_setup_commands") or [])
-    ok = False
-    for cmd in cmds:
-        m = re.search(r"cd\s+(\S+)\s*&&\s*pip install\b[^&;]*-e\s+[\"']?\.\[vllm\]", cmd)
-        ok |= bool(m and m.group(1) in synced)
-    assert ok, f"no setup command runs `pip install -e .[vllm]` in a synced dir {synced}"
+    for key, cmd in launcher_commands(cfg):
+        assert not BOOT_INSTALL.search(cmd), f"{key} installs packages at boot: {cmd}"
+        assert not re.search(r"\bvllm\b|rayalign\[|-e\s+[\"']?\.", cmd), f"{key} installs the project: {cmd}"
 
 
 @pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
 def test_launcher_image_matches_pinned_ray(item):
+    """Every node runs the project image (clusters/docker/Dockerfile), tagged with the pinned Ray."""
     _, cfg = item
-    image = (cfg.get("docker") or {}).get("image", "")
-    assert image, "no docker image"
-    assert f":{pinned_ray_version()}-" in image, f"{image} is not Ray {pinned_ray_version()}"
+    for name, image in launcher_images(cfg).items():
+        assert image, f"{name}: no docker image"
+        assert project_image_tag_ok(image), (
+            f"{name}: {image!r} is not the project image <registry>/rayalign:<version>-ray{pinned_ray_version()}-..."
+        )
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_every_node_has_an_instance_profile(item):
+    """Storage access comes from instance profiles, never keys: the head's (autoscaler + bucket)
+    differs from the workers' (bucket only), and the file points at the policies to attach."""
+    path, cfg = item
+    arn = re.compile(r"^arn:aws:iam::(\d{12}|YOUR_ACCOUNT_ID):instance-profile/([\w+=,.@-]+)$")
+    profiles = {}
+    for name, node_type in cfg["available_node_types"].items():
+        profile = node_type["node_config"].get("IamInstanceProfile")
+        assert isinstance(profile, dict) and set(profile) == {"Arn"}, f"{name}: IamInstanceProfile: {{Arn: ...}} missing"
+        m = arn.match(profile["Arn"])
+        assert m, f"{name}: not an instance-profile ARN: {profile['Arn']}"
+        profiles[name] = m.group(2)
+    head = profiles.pop(cfg["head_node_type"])
+    assert profiles and head not in profiles.values(), "workers must not get the head's (autoscaler) profile"
+    assert len(set(profiles.values())) == 1, f"one worker profile for every worker type: {profiles}"
+    text = path.read_text(encoding="utf-8")
+    for policy in (BUCKET_POLICY, AUTOSCALER_POLICY, EC2_TRUST_POLICY):
+        assert policy.name in text, f"{path.name} does not point to {policy.name}"
+
+
+@pytest.mark.parametrize("item", LAUNCHERS, ids=doc_id)
+def test_launcher_pins_an_ami_on_every_node_type(item):
+    """A current GPU AMI set explicitly (the launcher's default is an old Ubuntu 18.04 DLAMI):
+    a real id or the named placeholder the file explains, on every GPU node type at least."""
+    _, cfg = item
+    assert any(is_gpu_node_type(t) for t in cfg["available_node_types"].values())
+    for name, node_type in cfg["available_node_types"].items():
+        ami = str(node_type["node_config"].get("ImageId", ""))
+        assert re.fullmatch(r"ami-[0-9a-f]{8,17}|YOUR_AMI_ID", ami), f"{name}: ImageId not pinned ({ami!r})"
+    amis = {str(t["node_config"]["ImageId"]) for t in cfg["available_node_types"].values()}
+    assert len(amis) == 1, f"one AMI for every node type: {amis}"
+
+
+def test_bucket_policy_is_least_privilege():
+    """The run bucket only: list it, read/write/delete its objects; no wildcard action or resource."""
+    policy = load_json(BUCKET_POLICY)
+    assert policy.get("Version") == "2012-10-17"
+    allowed = {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    buckets, granted = set(), set()
+    for st in statements(policy):
+        assert st["Effect"] == "Allow" and not {"NotAction", "NotResource", "Principal"} & set(st), st
+        actions, resources = as_list(st["Action"]), as_list(st["Resource"])
+        for action in actions:
+            assert "*" not in action, f"wildcard action {action}"
+            assert action in allowed, f"{action} is more than the run needs"
+        for res in resources:
+            assert res != "*", "Resource: * (every bucket)"
+            m = re.fullmatch(r"arn:aws:s3:::([a-z0-9.-]{3,63}|YOUR_BUCKET)(/\*)?", res)
+            assert m, f"not the run bucket or its objects: {res}"
+            buckets.add(m.group(1))
+            if "s3:ListBucket" in actions:
+                assert not m.group(2), f"s3:ListBucket applies to the bucket ARN, not {res}"
+            else:
+                assert m.group(2) == "/*", f"object actions apply to the bucket's objects, not {res}"
+        granted |= set(actions)
+    assert len(buckets) == 1, f"one bucket: {buckets}"
+    assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= granted
+
+
+def test_autoscaler_policy_is_scoped_to_this_cluster():
+    """The head's extra rights: describe EC2, launch/tag/terminate only instances tagged with this
+    cluster's name, pass only the worker role; no wildcard action, no S3 (that is bucket-policy.json)."""
+    (_, cfg), = [(p, d) for p, d in LAUNCHERS if p == AWS_YAML]
+    region, cluster = cfg["provider"]["region"], cfg["cluster_name"]
+    worker_profiles = {t["node_config"]["IamInstanceProfile"]["Arn"].rpartition("/")[2]
+                       for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]}
+    policy = load_json(AUTOSCALER_POLICY)
+    assert policy.get("Version") == "2012-10-17"
+    granted: dict[str, list[dict]] = {}
+    for st in statements(policy):
+        assert st["Effect"] == "Allow" and not {"NotAction", "NotResource", "Principal"} & set(st), st
+        actions, resources = as_list(st["Action"]), as_list(st["Resource"])
+        for action in actions:
+            assert "*" not in action and not action.startswith("s3:"), f"{action} in the autoscaler policy"
+            granted.setdefault(action, []).append(st)
+        if "*" in resources:
+            assert all(a.startswith("ec2:Describe") for a in actions), f"Resource * beyond Describe: {actions}"
+        for res in resources:
+            if res.startswith("arn:aws:ec2:"):
+                assert res.split(":")[3] == region, f"{res} is not in provider.region {region}"
+    cluster_tag = {"aws:ResourceTag/ray-cluster-name": cluster}
+    for action in ("ec2:TerminateInstances",):
+        for st in granted[action]:
+            assert st.get("Condition", {}).get("StringEquals") == cluster_tag, f"{action} not limited to {cluster}"
+    for st in granted["ec2:CreateTags"]:
+        cond = st.get("Condition", {}).get("StringEquals")
+        assert cond in (cluster_tag, {"ec2:CreateAction": "RunInstances"}), f"ec2:CreateTags unscoped: {st}"
+    launches = [st for st in granted["ec2:RunInstances"] if any(":instance/" in r for r in as_list(st["Resource"]))]
+    assert launches and all(st.get("Condition", {}).get("StringEquals") == {"aws:RequestTag/ray-cluster-name": cluster}
+                            for st in launches), "instances launched must carry this cluster's tag"
+    (pass_role,) = granted["iam:PassRole"]
+    roles = {r.rpartition("/")[2] for r in as_list(pass_role["Resource"])}
+    assert roles == worker_profiles, f"iam:PassRole must name the worker role only ({worker_profiles}), got {roles}"
+    assert pass_role["Condition"]["StringEquals"] == {"iam:PassedToService": "ec2.amazonaws.com"}
+    trust = load_json(EC2_TRUST_POLICY)
+    (st,) = statements(trust)
+    assert st["Principal"] == {"Service": "ec2.amazonaws.com"} and st["Action"] == "sts:AssumeRole"
 
 
 # ------------------------------------------------------------------ KubeRay
@@ -418,6 +590,73 @@ def test_kuberay_versions_and_images(item):
         assert name and tag and "/" not in tag and tag != "latest", f"{where}: pin an image tag, got {image!r}"
 
 
+@pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
+def test_kuberay_pods_mount_memory_backed_dev_shm(item):
+    """Ray's object store and NCCL need a real /dev/shm (a container's default is 64 MiB): every
+    pod template, head and each worker group, mounts an in-memory emptyDir there."""
+    spec = cluster_spec(item[1])
+    for label, group in pod_groups(spec):
+        pod = group["template"]["spec"]
+        in_memory = {v["name"] for v in pod.get("volumes") or []
+                     if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+        assert in_memory, f"{label}: no emptyDir volume with medium: Memory"
+        for c in pod["containers"]:
+            shm = [m for m in c.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"]
+            assert len(shm) == 1 and shm[0]["name"] in in_memory, (
+                f"{label}/{c.get('name')}: /dev/shm is not an in-memory emptyDir mount: {shm}")
+
+
+@pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
+def test_kuberay_pods_run_as_defined_service_accounts(item):
+    """Storage access comes from the pods' ServiceAccount (IRSA / Workload Identity), defined in
+    clusters/kuberay/. KubeRay binds the autoscaler's Kubernetes rights to the head's account,
+    so the workers run as another one."""
+    spec = cluster_spec(item[1])
+    defined = service_accounts()
+    names = {}
+    for label, group in pod_groups(spec):
+        name = group["template"]["spec"].get("serviceAccountName")
+        assert name, f"{label}: no serviceAccountName"
+        assert name in defined, f"{label}: ServiceAccount {name} is not defined under clusters/kuberay/"
+        names[label] = name
+    head = names.pop("head")
+    assert head not in names.values(), f"workers share the head's ServiceAccount {head} (autoscaler RBAC)"
+
+
+def test_service_accounts_name_a_storage_identity_and_hold_no_secret():
+    accounts = service_accounts()
+    assert accounts, "no ServiceAccount under clusters/kuberay/"
+    for name, doc in accounts.items():
+        annotations = doc["metadata"].get("annotations") or {}
+        identity = {k: v for k, v in annotations.items() if k in STORAGE_IDENTITY_ANNOTATIONS}
+        assert identity, f"ServiceAccount {name}: no {' / '.join(STORAGE_IDENTITY_ANNOTATIONS)} annotation"
+        role = identity.get("eks.amazonaws.com/role-arn")
+        if role is not None:
+            assert re.fullmatch(r"arn:aws:iam::(\d{12}|YOUR_ACCOUNT_ID):role/[\w+=,.@/-]+", role), role
+        assert "secrets" not in doc, f"ServiceAccount {name} lists Secrets"
+    roles = {json.dumps(d["metadata"].get("annotations"), sort_keys=True) for d in accounts.values()}
+    assert len(roles) == 1, "head and workers reach storage with the same identity"
+
+
+@pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
+def test_kuberay_has_a_cpu_only_worker_group(item):
+    """Ray Data's CPU stages (and CPU-only jobs) need CPU workers: the head advertises 0 CPUs and
+    GPU nodes should not be held for CPU work."""
+    spec = cluster_spec(item[1])
+    assert str(spec["headGroupSpec"].get("rayStartParams", {}).get("num-cpus")) == "0"
+    cpu_groups = []
+    for g in spec["workerGroupSpecs"]:
+        if is_gpu_worker_group(g) or float(str((g.get("rayStartParams") or {}).get("num-gpus", 0))) > 0:
+            continue
+        cpus = [str(((c.get("resources") or {}).get("requests") or {}).get("cpu", "0"))
+                for c in g["template"]["spec"]["containers"]]
+        if any((float(x[:-1]) / 1000 if x.endswith("m") else float(x)) > 0 for x in cpus):
+            cpu_groups.append(g)
+    assert cpu_groups, "no CPU-only worker group"
+    for g in cpu_groups:
+        assert g.get("minReplicas", 0) == 0 and g["maxReplicas"] > 0, f"{g['groupName']}: scale it from 0"
+
+
 def test_rayjob_runs_a_rayalign_sweep_and_cleans_up():
     jobs = kuberay_docs("RayJob")
     assert jobs
@@ -443,9 +682,85 @@ def test_rayjob_cluster_matches_raycluster():
 def test_dockerfile_uses_pinned_ray():
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert re.search(rf"rayproject/ray:{re.escape(pinned_ray_version())}-py3\d+-gpu", text)
-    assert re.search(r'pip install[^\n]*-e\s+"?\.\[vllm\]', text)
+    # The image, not the nodes at boot, installs the project with its vLLM extra (bounded).
+    assert re.search(r'pip install[^\n]*-e\s+"?\.\[vllm\][^\n]*vllm>=[\d.]+,<[\d.]+', text)
     ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
     assert {".venv", ".git", "runs"} <= set(ignore)
+
+
+def test_rayjob_config_keeps_everything_in_shared_storage():
+    """The RayJob's config, with its --set overrides, keeps the run and the reference cache in
+    object storage: the cluster's pods share nothing else, and go away after the job."""
+    from rayalign.config import load_config
+
+    def in_object_storage(where: str) -> bool:
+        return where.partition("://")[0].lower() in ("s3", "gs", "gcs") and "://" in where
+
+    for _, job in kuberay_docs("RayJob"):
+        argv = shlex.split(job["spec"]["entrypoint"])
+        config = argv[argv.index("--config") + 1]
+        overrides = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
+        cfg = load_config(REPO / config, overrides)
+        assert in_object_storage(cfg.output.storage or ""), f"output.storage={cfg.output.storage} is not object storage"
+        cache = cfg.reference.cache_root
+        assert cache is None or in_object_storage(cache), f"reference.cache_root {cache} is on one pod's disk"
+        assert all(in_object_storage(p) for p in cfg.data.paths), f"data paths on one pod's disk: {cfg.data.paths}"
+
+
+def test_job_commands_under_clusters_pass_a_storage_uri():
+    """Every example command in clusters/ passes output.storage as a URI, never a bare local path;
+    the cloud ones (aws/, kuberay/) as object storage."""
+    found = {}
+    for path in sorted(CLUSTERS.rglob("*")):
+        if not path.is_file():
+            continue
+        for value in re.findall(r"output\.storage=([^\s`'\"]+)", path.read_text(encoding="utf-8")):
+            rel = path.relative_to(CLUSTERS)
+            found.setdefault(rel.parts[0], []).append(value)
+            scheme = value.partition("://")[0] if "://" in value else None
+            assert scheme in ("s3", "gs", "gcs", "file"), f"{rel}: output.storage={value} is not a storage URI"
+            if rel.parts[0] in ("aws", "kuberay"):
+                assert scheme in ("s3", "gs", "gcs"), f"{rel}: output.storage={value}: use the bucket every node reaches"
+    assert {"aws", "kuberay", "local"} <= set(found), found
+
+
+def _requirement_specs(text: str) -> list[tuple[str, str]]:
+    """(name, specifier) of each `vllm...` requirement with a version specifier in `text`."""
+    return re.findall(r"\b(vllm(?:-cpu)?)\s*((?:(?:===|==|~=|!=|<=|>=|<|>)\s*[\w.*+!-]+\s*,?\s*)+)", text, re.I)
+
+
+def test_every_vllm_requirement_under_clusters_has_an_upper_bound():
+    """vLLM pins its own torch and transformers: a new minor release must be a deliberate image
+    rebuild. Every vllm requirement under clusters/ is bounded above, and every install of the
+    `[vllm]` extra (pyproject says only vllm>=0.32) adds such a bound on the same line."""
+    seen = 0
+    for path in sorted(CLUSTERS.rglob("*")):
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        for name, spec in _requirement_specs(text):
+            seen += 1
+            bounded = re.search(r"(^|,)\s*(<|<=|~=|===)", spec) or re.search(r"(^|,)\s*==\s*[\w.+!-]+\s*(,|$)", spec)
+            assert bounded and "*" not in spec, f"{path.relative_to(CLUSTERS)}: {name}{spec.strip()} has no upper bound"
+        for line in text.splitlines():
+            if re.search(r"\b(pip3?|uv)\b.*\binstall\b", line) and re.search(r"\[[^\]]*\bvllm\b", line):
+                assert _requirement_specs(line), f"{path.relative_to(CLUSTERS)}: installs [vllm] unbounded: {line.strip()}"
+    assert seen, "no vllm requirement found (the Dockerfile installs vLLM)"
+
+
+def test_one_project_image_everywhere():
+    """The AWS nodes, every KubeRay container and the Dockerfile's documented tag name one image."""
+    images = {}
+    for path, cfg in LAUNCHERS:
+        for name, image in launcher_images(cfg).items():
+            images[f"{path.name}:{name}"] = image
+    for path, doc in KUBERAY_CLUSTERS:
+        for where, container in ray_containers(cluster_spec(doc)):
+            images[f"{path.name}:{where}"] = container["image"]
+    for tag in re.findall(r"docker (?:build|push)\b.*?(\S+/rayalign:\S+)", DOCKERFILE.read_text(encoding="utf-8")):
+        images[f"Dockerfile:{tag}"] = tag
+    assert len(images) > 3 and len(set(images.values())) == 1, images
+    assert project_image_tag_ok(next(iter(images.values())))
 
 
 # ------------------------------------------------------------------ no secrets committed
@@ -833,7 +1148,8 @@ def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_
 
 def test_readme_covers_every_definition():
     text = (CLUSTERS / "README.md").read_text(encoding="utf-8")
-    for path in (START_SH, STOP_SH, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE):
+    for path in (START_SH, STOP_SH, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE, SERVICEACCOUNT_YAML,
+                 BUCKET_POLICY, AUTOSCALER_POLICY, EC2_TRUST_POLICY):
         assert str(path.relative_to(CLUSTERS)) in text, f"README does not describe {path.name}"
     assert re.search(r"^#+\s*Security", text, re.MULTILINE)
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayalign.data.records import DataQualityError, Pair, RecordError, parse_record, prepare_pairs, tokenize_pair
-from rayalign.models import load_tokenizer
+from rayalign.models import load_tokenizer, publish_model
 
 from conftest import SHARED_DATA, make_config
 
@@ -31,7 +31,8 @@ def run_stage(tmp_path, tiny_model_dir, paths, **data):
     cfg = make_config(tmp_path, data={"paths": [str(p) for p in paths], "synthetic": None, **data})
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
-    return prepare_pairs(cfg, [str(p) for p in paths], tiny_model_dir, run_dir)
+    pairs, report, _ = prepare_pairs(cfg, [str(p) for p in paths], publish_model(tiny_model_dir, None), run_dir)
+    return pairs, report
 
 
 GOOD = {"prompt": "Q: 1+1=?\nA:", "chosen": " 2", "rejected": " 3"}

@@ -8,7 +8,7 @@ import torch
 
 from rayalign.config import ConfigError, LoraConfig, config_from_dict
 from rayalign.logprobs import PolicyLogps, sequence_logps
-from rayalign.models import load_causal_lm, with_adapters
+from rayalign.models import load_causal_lm, publish_model, with_adapters
 from rayalign.packing import pack_pairs
 
 BATCH = {"prompt_ids": [[1, 5, 6, 7], [1, 8]], "chosen_ids": [[9, 10], [11, 12, 13]], "rejected_ids": [[14], [15, 16]]}
@@ -46,7 +46,7 @@ def test_adapters_off_reference_equals_the_actor_reference(tiny_model_dir):
     in_worker = adapters_off_logps(policy, pairs)
     assert policy.training  # its mode is given back
 
-    scorer = TransformersReferenceScorer(str(tiny_model_dir), "float32", False, packing, "sdpa")
+    scorer = TransformersReferenceScorer(publish_model(tiny_model_dir, None), "float32", False, packing, "sdpa")
     scored = scorer({key: np.array(rows, dtype=object) for key, rows in BATCH.items()})
     by_actor = torch.from_numpy(np.concatenate([scored[REF_CHOSEN_LOGPS], scored[REF_REJECTED_LOGPS]]))
     assert torch.allclose(in_worker.double(), by_actor, rtol=0, atol=1e-5), (in_worker, by_actor)
@@ -124,7 +124,7 @@ def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_p
         from rayalign.reference.check import run_refcheck
 
         out = tmp_path / "refcheck"
-        report = run_refcheck(cfg, model_dir, data_paths(cfg, out), 16, out)
+        report = run_refcheck(cfg, publish_model(model_dir, None), data_paths(cfg, out), 16, out)
         assert report["passed"] and report["pairs"] == 16, report["max_abs_diff_per_token"]
 
 

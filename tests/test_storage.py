@@ -8,22 +8,73 @@ import pytest
 
 from conftest import make_config
 from rayalign.config import ConfigError, config_from_dict
-from rayalign.storage import is_same_place, publish, read_text, remove, upload
+from rayalign.storage import is_same_place, location, publish, read_text, remove, run_location, upload
 
 
 def test_storage_must_be_a_uri_or_a_path():
     tree = {"model": {"tiny": {}}, "data": {"synthetic": {}}, "output": {"storage": "3s://bucket"}}
-    with pytest.raises(ConfigError, match=r"output.storage: not a URI: '3s://bucket'"):
+    with pytest.raises(ConfigError, match=r"output.storage: .*not a URI: '3s://bucket'"):
         config_from_dict(tree)
+
+
+@pytest.mark.parametrize("key", ["output.storage", "output.root", "reference.cache_root", "data.paths"])
+def test_storage_uris_refuse_credentials_and_unknown_schemes(key):
+    def tree(value):
+        base = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
+        section, name = key.split(".")
+        if key == "data.paths":
+            return {**base, "data": {"paths": [value]}}
+        return {**base, section: {name: value}}
+
+    with pytest.raises(ConfigError, match=r"credentials in a storage URI \(s3://bucket\.\.\.\) are refused: .*"
+                                          r"AWS_ACCESS_KEY_ID") as err:
+        config_from_dict(tree("s3://AKIA123:hunter2@bucket/runs"))
+    assert "hunter2" not in str(err.value) and "AKIA123" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"unknown storage scheme 'ftp'"):
+        config_from_dict(tree("ftp://host/runs"))
+
+
+def test_a_storage_uri_as_output_root_names_the_storage(tmp_path):
+    cfg = config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
+                            "output": {"root": "s3://bucket/runs/", "name": "x", "s3": {"endpoint": "127.0.0.1:9000"}}})
+    assert (cfg.output.storage, cfg.output.root, cfg.output.run_storage) == ("s3://bucket/runs", "runs", "s3://bucket/runs/x")
+    assert cfg.output.is_remote and cfg.reference.cache_root is None
+    stored = run_location(cfg.output)
+    assert (stored.path, stored.fs.type_name, stored.is_local) == ("bucket/runs/x", "s3", False)
+    # The endpoint travels with the filesystem; credentials never do (each node reads its environment).
+    assert stored.fs.__reduce__()[1][0]["endpoint_override"] == "127.0.0.1:9000"
+    assert stored.fs.__reduce__()[1][0]["access_key"] is None
+    local = config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
+                              "output": {"root": f"file://{tmp_path}/runs"}})
+    assert local.output.storage is None and local.output.run_dir == tmp_path / "runs" / "run"
+    with pytest.raises(ConfigError, match="set only output.storage"):
+        config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
+                          "output": {"root": "s3://a/runs", "storage": "s3://b/runs"}})
+    with pytest.raises(ConfigError, match="host:port only"):
+        config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
+                          "output": {"s3": {"endpoint": "http://127.0.0.1:9000"}}})
+
+
+def test_a_sweep_kept_in_object_storage_refuses_tracker_stores_its_trials_cannot_reach():
+    tree = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2},
+            "sweep": {"space": {"loss.gamma": {"values": [0.5, 1.0]}}, "early_stopping": "none"},
+            "output": {"storage": "s3://bucket/runs", "trackers": ["mlflow", "tensorboard"]}}
+    with pytest.raises(ConfigError, match=r"output.trackers: mlflow needs a tracking server .*; tensorboard writes "
+                                          r"event files on each trial's node"):
+        config_from_dict(tree)
+    tree["output"] = {**tree["output"], "trackers": ["mlflow"], "tracking": {"mlflow_tracking_uri": "http://mlflow:5000"}}
+    config_from_dict(tree)  # a tracking server every node reaches
+    tree["output"] = {"storage": "/shared/runs", "trackers": ["mlflow", "tensorboard"]}
+    config_from_dict(tree)  # a shared mount: the stores beside it are shared too
 
 
 def test_run_storage_defaults_to_the_run_directory(tmp_path):
     cfg = make_config(tmp_path)
     assert cfg.output.run_storage == str(cfg.output.run_dir)
-    assert is_same_place(cfg.output.run_dir, cfg.output.run_storage)
+    assert is_same_place(cfg.output.run_dir, run_location(cfg.output))
     stored = make_config(tmp_path, output={"storage": f"file://{tmp_path}/store/"})
     assert stored.output.run_storage == f"file://{tmp_path}/store/test"
-    assert not is_same_place(stored.output.run_dir, stored.output.run_storage)
+    assert not is_same_place(stored.output.run_dir, run_location(stored.output))
 
 
 def test_upload_and_publish_copy_files_and_directories(tmp_path):
@@ -32,16 +83,16 @@ def test_upload_and_publish_copy_files_and_directories(tmp_path):
     (audit / "nested").mkdir(parents=True)
     (audit / "audit.json").write_text("{}")
     (audit / "nested" / "x.txt").write_text("x")
-    assert publish(cfg.output, audit) == f"file://{tmp_path}/store/test/audit"
+    assert publish(cfg.output, audit).uri == f"file://{tmp_path}/store/test/audit"
     assert (tmp_path / "store/test/audit/audit.json").read_text() == "{}"
     assert (tmp_path / "store/test/audit/nested/x.txt").read_text() == "x"
-    upload(audit / "audit.json", f"{tmp_path}/plain/dir/a.json")
+    upload(audit / "audit.json", location(f"{tmp_path}/plain/dir/a.json"))
     assert (tmp_path / "plain/dir/a.json").exists()
-    assert read_text(f"file://{tmp_path}/store/test/audit/nested/x.txt") == "x"
-    assert read_text(f"file://{tmp_path}/store/test/audit/missing.txt") is None
-    remove(f"file://{tmp_path}/store/test/audit")
+    assert read_text(location(f"file://{tmp_path}/store/test/audit/nested/x.txt")) == "x"
+    assert read_text(location(f"file://{tmp_path}/store/test/audit/missing.txt")) is None
+    remove(location(f"file://{tmp_path}/store/test/audit"))
     assert not (tmp_path / "store/test/audit").exists()
-    remove(f"file://{tmp_path}/store/test/audit")  # already gone: nothing to do
+    remove(location(f"file://{tmp_path}/store/test/audit"))  # already gone: nothing to do
 
 
 @pytest.mark.e2e
@@ -59,4 +110,4 @@ def test_reference_pass_fills_the_cache_once(ray_cluster, tmp_path):
     assert second["cache"]["hit"] is True and second["cache"]["key"] == first["cache"]["key"]
     written = json.loads((cfg.output.run_dir / "reference" / "reference.json").read_text())
     assert written["cache"]["hit"] is True
-    assert list((tmp_path / "refcache" / first["cache"]["key"] / "data").glob("*.parquet"))
+    assert list((tmp_path / "refcache" / first["cache"]["key"]).glob("data-*/*.parquet"))

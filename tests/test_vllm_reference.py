@@ -11,10 +11,10 @@ import ray
 from ray.util.state import list_actors
 
 from rayalign.config import ModelConfig, TinyModelConfig
-from rayalign.data.records import prepare_pairs
+from rayalign.data.records import input_files, prepare_pairs
 from rayalign.storage import read_jsonl
 from rayalign.train.metrics import METRIC_KEYS
-from rayalign.models import resolve_model_dir
+from rayalign.models import publish_model, resolve_model_dir
 from rayalign.data.stage import data_paths
 from rayalign.pipeline import run_train
 from rayalign.reference.cache import cache_components, cache_key, scored_pairs_cached
@@ -64,7 +64,8 @@ def test_vllm_pipeline_cache_hit_and_refcheck(ray_cluster, tmp_path):
 
     # refcheck on the same model: vLLM (float32) against the training forward pass.
     out = tmp_path / "refcheck"
-    report = run_refcheck(cfg, Path(first["files"]["base_model"]), data_paths(cfg, out), 32, out)
+    base = publish_model(Path(first["files"]["base_model"]), None)
+    report = run_refcheck(cfg, base, data_paths(cfg, out), 32, out)
     assert report["passed"] and report["max_abs_diff_per_token"] <= 1e-4
     assert report["pairs"] == 32 and report["tokens"] > 64
     assert json.loads((out / "refcheck.json").read_text())["passed"] is True
@@ -83,44 +84,50 @@ def test_refcheck_flags_a_real_difference():
 
 def test_cache_key_misses_on_each_input(tmp_path):
     cfg = make_config(tmp_path, reference={"backend": "vllm"})
-    model_dir = resolve_model_dir(ModelConfig(tiny=TinyModelConfig()), tmp_path / "models")
+    model = publish_model(resolve_model_dir(ModelConfig(tiny=TinyModelConfig()), tmp_path / "models"), None)
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    base = cache_key(cache_components(cfg, model_dir, [str(data)]))
-    assert base == cache_key(cache_components(cfg, model_dir, [str(data)]))
 
-    other_model = resolve_model_dir(ModelConfig(tiny=TinyModelConfig(seed=1)), tmp_path / "models")
-    assert cache_key(cache_components(cfg, other_model, [str(data)])) != base
+    def files(*paths):
+        return input_files([str(p) for p in paths])
+
+    base = cache_key(cache_components(cfg, model, files(data)))
+    assert base == cache_key(cache_components(cfg, model, files(data)))
+
+    other_model = publish_model(resolve_model_dir(ModelConfig(tiny=TinyModelConfig(seed=1)), tmp_path / "models"), None)
+    assert cache_key(cache_components(cfg, other_model, files(data))) != base
 
     retokenized = tmp_path / "retokenized"
-    shutil.copytree(model_dir, retokenized)
+    shutil.copytree(model.driver_dir, retokenized)
     (retokenized / "chat_template.jinja").write_text("{{ messages }}")
-    changed_tok = cache_components(cfg, retokenized, [str(data)])
-    assert changed_tok["model_weights"] == cache_components(cfg, model_dir, [str(data)])["model_weights"]
-    assert cache_key(changed_tok) != base
+    assert cache_key(cache_components(cfg, publish_model(retokenized, None), files(data))) != base
+    # The key is by content, not by where the model lies: a copy of the same files reuses the entry.
+    same = tmp_path / "copy" / model.driver_dir.name
+    shutil.copytree(model.driver_dir, same)
+    assert cache_key(cache_components(cfg, publish_model(same, None), files(data))) == base
 
     other_data = tmp_path / "other.jsonl"
     other_data.write_text('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')
-    assert cache_key(cache_components(cfg, model_dir, [str(other_data)])) != base
+    assert cache_key(cache_components(cfg, model, files(other_data))) != base
 
     for override in ({"max_length": 48}, {"truncation": "drop"}, {"max_prompt_length": 8}):
         changed = make_config(tmp_path, reference={"backend": "vllm"}, data=override)
-        assert cache_key(cache_components(changed, model_dir, [str(data)])) != base, override
+        assert cache_key(cache_components(changed, model, files(data))) != base, override
 
 
 def test_cache_miss_on_changed_truncation_rescores(ray_cluster, tmp_path):
     # Same data and model, different truncation: a new entry is scored (transformers backend: the key is
     # backend-independent, and this keeps the test fast).
     cfg = make_config(tmp_path, reference={"cache": True, "cache_root": str(tmp_path / "refcache")})
-    model_dir = resolve_model_dir(cfg.model, tmp_path / "models")
+    model = publish_model(resolve_model_dir(cfg.model, tmp_path / "models"), None)
     run_dir = tmp_path / "run"
     paths = data_paths(cfg, run_dir)
-    pairs, _ = prepare_pairs(cfg, paths, model_dir, run_dir)
-    _, first = scored_pairs_cached(pairs, cfg, model_dir, paths)
-    _, again = scored_pairs_cached(pairs, cfg, model_dir, paths)
+    pairs, _, inputs = prepare_pairs(cfg, paths, model, run_dir)
+    _, first = scored_pairs_cached(pairs, cfg, model, inputs)
+    _, again = scored_pairs_cached(pairs, cfg, model, inputs)
     changed = make_config(tmp_path, reference={"cache": True, "cache_root": str(tmp_path / "refcache")},
                           data={"max_length": 48})
-    changed_pairs, _ = prepare_pairs(changed, paths, model_dir, run_dir)
-    scored, other = scored_pairs_cached(changed_pairs, changed, model_dir, paths)
+    changed_pairs, _, _ = prepare_pairs(changed, paths, model, run_dir)
+    scored, other = scored_pairs_cached(changed_pairs, changed, model, inputs)
     assert (first.hit, again.hit, other.hit) == (False, True, False) and other.key != first.key
     assert scored.count() == 64 and {"ref_chosen_logps", "chosen_tokens"} <= set(scored.columns())

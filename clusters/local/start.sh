@@ -220,7 +220,7 @@ rayalign local Ray head is up (token authentication on; token from $token_source
 Submit a job from the repository root:
   $client_env RAY_ADDRESS=$dashboard_url \\
     ray job submit --runtime-env jobs/runtime-env.yaml -- \\
-      python -m rayalign train --config jobs/configs/tiny-dpo.yaml --set output.storage=\$PWD/runs
+      python -m rayalign train --config jobs/configs/tiny-dpo.yaml --set output.storage=file://\$PWD/runs
 
 Stop it with: $stop_cmd
 EOF

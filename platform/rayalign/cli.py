@@ -13,10 +13,10 @@ from pathlib import Path
 
 from rayalign.config import ConfigError, RunConfig, load_config
 from rayalign.console import Console, log
-from rayalign.errors import ClusterResourceError, DataQualityError, TrainingDiverged
+from rayalign.errors import ClusterResourceError, DataQualityError, StorageError, TrainingDiverged
 from rayalign.runtime import bind_local_cluster_to_loopback
 
-USER_ERRORS = (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError)
+USER_ERRORS = (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError, StorageError)
 
 
 def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
@@ -73,16 +73,13 @@ def _reference(args: argparse.Namespace, configs: list[RunConfig], console: Cons
 
 
 def _open_reference_check(cfg: RunConfig, console: Console, name: str):
-    """Model and Ray for a command that only runs the reference: (model dir, data paths, out dir)."""
-    from rayalign.data.stage import data_paths
-    from rayalign.models import resolve_run_model
-    from rayalign.runtime import ResourceDemand, init_ray
+    """Model, data and Ray for a command that only runs the reference: (OpenedRun, out dir)."""
+    from rayalign.data.stage import open_run
+    from rayalign.runtime import ResourceDemand
 
     out_dir = cfg.output.run_dir / name
     console.capture(out_dir)
-    model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray, ResourceDemand.of_run(cfg, train=False))
-    return model_dir, data_paths(cfg, out_dir), out_dir
+    return open_run(cfg, out_dir, ResourceDemand.of_run(cfg, train=False)), out_dir
 
 
 def _refcheck(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
@@ -90,8 +87,8 @@ def _refcheck(args: argparse.Namespace, configs: list[RunConfig], console: Conso
     from rayalign.storage import publish
 
     (cfg,) = configs
-    model_dir, paths, out_dir = _open_reference_check(cfg, console, "refcheck")
-    report = run_refcheck(cfg, model_dir, paths, args.num_pairs, out_dir)
+    opened, out_dir = _open_reference_check(cfg, console, "refcheck")
+    report = run_refcheck(cfg, opened.model, opened.paths, args.num_pairs, out_dir)
     _shutdown_ray()
     console.print(format_report(report))
     console.print(f"details: {publish(cfg.output, out_dir)}/refcheck.json")
@@ -103,8 +100,8 @@ def _audit(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     from rayalign.storage import publish
 
     (cfg,) = configs
-    model_dir, paths, out_dir = _open_reference_check(cfg, console, "audit")
-    report = run_audit(cfg, model_dir, paths, out_dir)
+    opened, out_dir = _open_reference_check(cfg, console, "audit")
+    report = run_audit(cfg, opened.model, opened.paths, out_dir)
     _shutdown_ray()
     console.print(format_audit(report))
     stored = publish(cfg.output, out_dir)
@@ -149,11 +146,18 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
 
 
 def _report(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
-    from rayalign.diagnostics.report import format_runs_table, plot_runs
+    import tempfile
 
-    run_dirs = [Path(d) for d in args.run_dirs]
-    png = plot_runs(run_dirs, Path(args.out) if args.out else None)
-    console.print(format_runs_table(run_dirs))
+    from rayalign.config import S3Config
+    from rayalign.diagnostics.report import fetch_run, format_runs_table, plot_runs
+
+    s3 = S3Config(endpoint=args.s3_endpoint, scheme=args.s3_scheme)
+    with tempfile.TemporaryDirectory(prefix="rayalign-report-") as tmp:
+        # A run kept in storage (s3://..., gs://...) is read from there: its metrics, summary and config.
+        run_dirs = [fetch_run(d, Path(tmp) / str(i), s3) if "://" in d else Path(d) for i, d in enumerate(args.run_dirs)]
+        out = Path(args.out) if args.out else (None if "://" not in args.run_dirs[0] else Path.cwd() / "report.png")
+        png = plot_runs(run_dirs, out)
+        console.print(format_runs_table(run_dirs))
     console.print(f"figure: {png}")
     return 0
 
@@ -223,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", metavar="PNG", help="output file (default: in the (first) run directory)")
+    report.add_argument("--s3-endpoint", metavar="HOST:PORT",
+                        help="an S3-compatible server for s3:// run directories (as output.s3.endpoint)")
+    report.add_argument("--s3-scheme", choices=["https", "http"], default="https")
     report.set_defaults(func=_report)
     return parser
 
@@ -235,7 +242,7 @@ def _load_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = None
+    console, configs = None, []
     try:
         configs = _load_configs(args)
         if configs:
@@ -255,6 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if console is not None:
             console.close()
+            _keep_log(console, configs)
+
+
+def _keep_log(console: Console, configs: list[RunConfig]) -> None:
+    """The command's log goes to the run's storage too, whatever the ending: on a cluster the driver's
+    disk may be gone with its node."""
+    if console.log_path is None or not configs or configs[0].output.storage is None:
+        return
+    from rayalign.storage import publish
+
+    try:
+        publish(configs[0].output, console.log_path)
+    except Exception as exc:  # the log is kept locally anyway; the command's own result stands
+        print(f"rayalign: the log could not be copied to storage: {exc}", file=sys.stderr)
 
 
 def _fail(console: Console | None, message: str, code: int) -> int:

@@ -22,6 +22,38 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 
+# The storage schemes pyarrow (and so Ray Train, Tune and Data) open; gcs is pyarrow's alias of gs.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "file")
+
+
+def storage_uri(value: str) -> str:
+    """``value`` when it is a local path or a storage URI rayalign can open (trailing ``/`` removed).
+
+    Raises ValueError for an unknown scheme, and for credentials written into the URI: they belong in
+    the environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+    an instance profile), where every node finds them and no config file or log keeps them.
+    """
+    if "://" not in value:
+        return value
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)(.*)$", value)
+    if not match or (not match.group(2) and match.group(1).lower() != "file"):
+        raise ValueError(f"not a URI: {value!r} (expected scheme://location, e.g. s3://bucket/runs)")
+    scheme, authority = match.group(1).lower(), match.group(2)
+    if scheme not in STORAGE_SCHEMES:
+        raise ValueError(f"unknown storage scheme {scheme!r} in {value!r}: use one of "
+                         f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path")
+    if "@" in authority:
+        raise ValueError(f"credentials in a storage URI ({scheme}://{authority.rpartition('@')[2]}...) are refused: "
+                         "give them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                         "GOOGLE_APPLICATION_CREDENTIALS) or an instance profile")
+    return value.rstrip("/") if value.rstrip("/") != f"{scheme}://" else value
+
+
+def is_remote_uri(value: str) -> bool:
+    """A URI of object storage (not a local path or file://)."""
+    return "://" in value and not value.lower().startswith("file://")
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` and `.nan` are valid YAML floats, and no setting here means them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -149,8 +181,14 @@ class SyntheticDataConfig(_Section):
 class DataConfig(_Section):
     paths: list[str] = Field(
         default_factory=list,
-        description="JSONL (.jsonl, .jsonl.gz) or Parquet files; empty means use `synthetic`.",
+        description="JSONL (.jsonl, .jsonl.gz) or Parquet files or directories: local paths (seen by every node) "
+        "or storage URIs (s3://, gs://; output.s3 for an S3-compatible server). Empty means use `synthetic`.",
     )
+
+    @field_validator("paths")
+    @classmethod
+    def _uris(cls, paths: list[str]) -> list[str]:
+        return [storage_uri(p) for p in paths]
     format: Literal["auto", "pairs", "conversational", "hh"] = "auto"
     limit: int | None = Field(None, ge=1, description="Read only the first N records (quick audits, smoke runs).")
     synthetic: SyntheticDataConfig | None = None
@@ -218,8 +256,17 @@ class ReferenceConfig(_Section):
         False,
         description="Score once into Parquet under a content key and reuse it; else stream into training.",
     )
-    cache_root: str = "runs/_refcache"
+    cache_root: str | None = Field(
+        None,
+        description="Where cache entries are kept: a directory or a storage URI (s3://, gs://, file://). "
+        "None: <output.storage or output.root>/_refcache, so a cluster's nodes all reach it.",
+    )
     refcheck_tolerance: float = Field(1e-4, gt=0, description="Max |Δ log-prob| per token for refcheck.")
+
+    @field_validator("cache_root")
+    @classmethod
+    def _cache_uri(cls, value: str | None) -> str | None:
+        return None if value is None else storage_uri(value)
 
     @property
     def in_worker(self) -> bool:
@@ -375,12 +422,49 @@ class TrackingConfig(_Section):
 Tracker = Literal["mlflow", "tensorboard", "wandb"]
 
 
+class S3Config(_Section):
+    """How to reach an S3-compatible server (MinIO, SeaweedFS, Ceph, R2, ...) named by ``s3://`` URIs.
+    Never credentials: those come from the environment or an instance profile on every node."""
+
+    endpoint: str | None = Field(
+        None, min_length=1,
+        description="host:port of the server (None: AWS S3 itself), e.g. minio.internal:9000.",
+    )
+    scheme: Literal["https", "http"] = "https"
+    region: str | None = Field(None, min_length=1, description="None: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None and ("://" in value or "@" in value or "/" in value):
+            raise ValueError(f"give host:port only ({value!r}); the scheme goes in output.s3.scheme, "
+                             "credentials in the environment")
+        return value
+
+
 class OutputConfig(_Section):
     """Where a run writes. ``root/name`` is the local run directory, written as the run goes;
-    ``storage`` is where the finished run is kept when that is elsewhere (see rayalign.storage)."""
+    ``storage`` is where the run is kept when that is elsewhere (see rayalign.storage).
+
+    ``root`` may itself be a storage URI: it then names the storage, and the local run directory is
+    ``runs/<name>`` under the working directory (node-local scratch, never assumed shared)."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
     root: str = "runs"
+    s3: S3Config = Field(default_factory=S3Config)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _root_uri_is_storage(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("root"), str) or "://" not in data["root"]:
+            return data
+        root = storage_uri(data["root"])
+        if not is_remote_uri(root):
+            return {**data, "root": root.split("://", 1)[1]}
+        if data.get("storage") not in (None, root):
+            raise ValueError(f"output.root {root!r} is a storage URI and output.storage names another "
+                             f"({data['storage']!r}): set only output.storage")
+        return {**data, "root": "runs", "storage": root}
 
     @field_validator("name")
     @classmethod
@@ -406,11 +490,7 @@ class OutputConfig(_Section):
     @field_validator("storage")
     @classmethod
     def _storage_uri(cls, value: str | None) -> str | None:
-        if value is None or "://" not in value:
-            return value
-        if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.", value):
-            raise ValueError(f"not a URI: {value!r} (expected scheme://location, e.g. s3://bucket/runs)")
-        return value.rstrip("/")
+        return None if value is None else storage_uri(value)
 
     @property
     def run_dir(self) -> Path:
@@ -429,6 +509,11 @@ class OutputConfig(_Section):
     def run_storage(self) -> str:
         """The run's directory in storage: ``<storage>/<name>``."""
         return f"{self.storage_root}/{self.name}"
+
+    @property
+    def is_remote(self) -> bool:
+        """The run is kept in object storage: nothing that lasts may stay on one node's disk."""
+        return self.storage is not None and is_remote_uri(self.storage)
 
 
 # The held-out metrics a sweep can optimize, and their natural direction (the one list of them).
@@ -573,6 +658,10 @@ class RunConfig(_Section):
                 "sweep.early_stopping: asha compares trials on the held-out objective during training: "
                 "set monitor.eval_every"
             )
+        unreachable = self._trial_trackers_unreachable()
+        if unreachable:
+            raise ValueError(f"output.trackers: {'; '.join(unreachable)}: sweep trials run on other nodes, "
+                             "which share only output.storage with the driver")
         tree = self.model_dump(exclude={"sweep"})
         for key, dim in self.sweep.space.items():
             for value in dim.samples():
@@ -583,10 +672,29 @@ class RunConfig(_Section):
                     raise ValueError(f"sweep.space.{key} = {value!r} is not a valid setting: {problems}") from None
         return self
 
+    def _trial_trackers_unreachable(self) -> list[str]:
+        """Tracker stores a sweep's trials could not reach on a cluster kept in object storage."""
+        if not self.output.is_remote:
+            return []
+        tracking, problems = self.output.tracking, []
+        server = tracking.mlflow_tracking_uri or ""
+        if "mlflow" in self.output.trackers and not server.startswith(("http://", "https://", "databricks")):
+            problems.append("mlflow needs a tracking server (output.tracking.mlflow_tracking_uri: http://...), "
+                            "not a file or SQLite store on one node's disk")
+        if "tensorboard" in self.output.trackers:
+            problems.append("tensorboard writes event files on each trial's node (use mlflow with a server, or wandb)")
+        if "wandb" in self.output.trackers and tracking.wandb_mode == "offline":
+            problems.append("wandb offline keeps its files on each trial's node (use online)")
+        return problems
+
     def to_yaml(self) -> str:
         # A run config carries no `sweep: null`; a sweep config keeps its section.
         tree = self.model_dump(mode="json", exclude={"sweep"} if self.sweep is None else None)
         return yaml.safe_dump(tree, sort_keys=False)
+
+
+def _holds_secret(value: Any) -> bool:
+    return re.search(r"://[^/\s'\"]*@", str(value)) is not None
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
@@ -597,8 +705,10 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             msg = "unknown key"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
+            # Never echo a URI that carries credentials back into a terminal or a log.
+            shown = e.get("input")
+            if "input" in e and e["type"] != "missing" and not isinstance(shown, dict) and not _holds_secret(shown):
+                msg += f" (got {shown!r})"
         # Cross-section checks (RunConfig validators) name their keys in the message.
         lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)

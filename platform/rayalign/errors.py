@@ -27,3 +27,7 @@ class ClusterResourceError(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number; the run stops before it checkpoints or saves anything more."""
+
+
+class StorageError(RuntimeError):
+    """The run's storage, model or data cannot be reached from a node that will work on the run."""

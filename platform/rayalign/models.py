@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from rayalign.config import LoraConfig, ModelConfig, RunConfig, TinyModelConfig
+from rayalign.storage import Location, download, read_text, upload, write_text
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 
@@ -185,8 +190,117 @@ def resolve_model_dir(cfg: ModelConfig, cache_root: Path) -> Path:
 
 
 def resolve_run_model(cfg: RunConfig) -> Path:
-    """The starting weights' directory; tiny models are built once under <output.root>/_models."""
+    """The starting weights' directory on the driver; tiny models are built once under <output.root>/_models."""
     return resolve_model_dir(cfg.model, cache_root=Path(cfg.output.root).expanduser().resolve() / "_models")
+
+
+# ------------------------------------------------------------------ the weights on every node
+
+MODELS_DIR = "_models"
+# Written last into a published or fetched copy: its presence means the copy is whole.
+MODEL_MANIFEST = "rayalign-model.json"
+
+
+def node_cache_dir() -> Path:
+    """This node's own cache (``RAYALIGN_CACHE_DIR``, else ``~/.cache/rayalign``): never assumed shared."""
+    return Path(os.environ.get("RAYALIGN_CACHE_DIR") or Path.home() / ".cache" / "rayalign").expanduser()
+
+
+def _model_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != MODEL_MANIFEST)
+
+
+def content_digest(model_dir: Path) -> str:
+    """sha256 over every file's relative name and contents. Each file's digest is remembered in this
+    node's cache by (size, mtime), so a large model is read once, not before every run."""
+    memo_path = node_cache_dir() / "digests" / f"{hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]}.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h, seen = hashlib.sha256(), {}
+    for path in _model_files(model_dir):
+        name, stat = path.relative_to(model_dir).as_posix(), path.stat()
+        signature = [stat.st_size, stat.st_mtime_ns]
+        known = memo.get(name)
+        digest = known[2] if known and known[:2] == signature else _sha256(path)
+        seen[name] = [*signature, digest]
+        h.update(name.encode() + b"\0" + digest.encode() + b"\0")
+    if seen != memo:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f"{memo_path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(seen))
+        tmp.replace(memo_path)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The starting weights as every process finds them, on whichever node it runs.
+
+    ``key`` (``<name>-<content digest>``) names the weights and tokenizer by content: the published copy
+    and the reference cache use it. ``stored`` is the copy published to the run's storage; None means
+    every node reads ``driver_dir`` itself (one machine, or storage on a mount every node shares).
+    """
+
+    driver_dir: Path
+    key: str
+    stored: Location | None = None
+
+    def local_dir(self) -> Path:
+        """A Hugging Face directory of the weights on this node: fetched from storage into this node's
+        cache the first time (under a file lock, so processes on one node fetch once)."""
+        if self.stored is None:
+            return self.driver_dir
+        if self.stored.is_local:
+            return Path(self.stored.path)
+        return fetch_model(self.stored, node_cache_dir() / "models" / self.key)
+
+
+def publish_model(model_dir: Path, storage: Location | None) -> ModelSource:
+    """Name the driver's model directory by content and, given a ``storage`` root, copy it once to
+    ``<storage>/_models/<key>/`` (skipped when a whole copy is there already)."""
+    key = f"{model_dir.name[:48]}-{content_digest(model_dir)[:16]}"
+    if storage is None:
+        return ModelSource(model_dir, key)
+    dest = storage / MODELS_DIR / key
+    manifest = dest / MODEL_MANIFEST
+    if not manifest.is_file():
+        upload(model_dir, dest)
+        files = {p.relative_to(model_dir).as_posix(): p.stat().st_size for p in _model_files(model_dir)}
+        write_text(manifest, json.dumps({"key": key, "files": files}, indent=2))
+    return ModelSource(model_dir, key, dest)
+
+
+def fetch_model(stored: Location, local: Path) -> Path:
+    """``stored`` (a published model) copied to ``local`` on this node, once: a copy is made beside and
+    renamed into place only when every file has the size the manifest records."""
+    from filelock import FileLock
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local) + ".lock"):
+        if (local / MODEL_MANIFEST).is_file():
+            return local
+        manifest = read_text(stored / MODEL_MANIFEST)
+        if manifest is None:
+            raise FileNotFoundError(f"model: {stored} holds no published model ({MODEL_MANIFEST} is missing)")
+        staging = local.with_name(f"{local.name}.{uuid.uuid4().hex[:8]}.partial")
+        download(stored, staging)
+        for name, size in json.loads(manifest)["files"].items():
+            got = staging / name
+            if not got.is_file() or got.stat().st_size != size:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise OSError(f"model: {stored / name} arrived incomplete on this node")
+        staging.rename(local)
+    return local
 
 
 def load_causal_lm(model_dir: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa"):

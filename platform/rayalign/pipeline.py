@@ -56,7 +56,7 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     scored = score_reference(cfg, data)
     s = cfg.scaling
     log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")
-    return train_stage(cfg, data.model_dir, scored, data.report.as_dict(), started, cost.as_dict(), console=console)
+    return train_stage(cfg, data.model, scored, data.report.as_dict(), started, cost.as_dict(), console=console)
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:

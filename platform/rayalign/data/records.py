@@ -35,13 +35,15 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.datasource import FileBasedDatasource
 
-from rayalign.config import DataConfig, RunConfig
+from rayalign.config import DataConfig, RunConfig, S3Config
 from rayalign.errors import DataQualityError
+from rayalign.models import ModelSource
 from rayalign.schema import (
     DETAIL,
     FIELD,
@@ -54,7 +56,7 @@ from rayalign.schema import (
     TOKEN_COLUMNS,
     TRUNCATED,
 )
-from rayalign.storage import QUARANTINE_FILE
+from rayalign.storage import QUARANTINE_FILE, location, publish, stored_twin
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -208,43 +210,49 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 @dataclass(frozen=True)
 class InputFiles:
-    """The files a run reads (directories expanded) and what was left out of those directories."""
+    """The files a run reads (directories expanded), the filesystem they are on, and what was left out."""
 
-    files: list[str]
+    files: list[str]  # paths in ``fs``'s terms: absolute local paths, or bucket/key in object storage
     skipped: list[str]
+    fs: pafs.FileSystem = field(default_factory=pafs.LocalFileSystem)
 
 
-def input_files(paths: list[str], fmt: str = "auto") -> InputFiles:
+def input_files(paths: list[str], fmt: str = "auto", s3: S3Config | None = None) -> InputFiles:
     """Expand directories to their supported files (sorted); check each named file exists and each
-    Parquet file has the columns the format needs. Raises DataQualityError with one line otherwise."""
+    Parquet file has the columns the format needs. Local paths and storage URIs (``s3`` says how to
+    reach an S3-compatible server) are both read, but from one place: all local or all in one store.
+    Raises DataQualityError with one line otherwise."""
+    places = [location(p, s3) for p in paths]
+    if len({type(place.fs) for place in places}) > 1:
+        raise DataQualityError(f"data.paths: all files must be in one place (all local, or all in one storage), "
+                               f"got {', '.join(paths)}")
+    fs = places[0].fs if places else pafs.LocalFileSystem()
     files, skipped = [], []
-    for p in paths:
-        if "://" in p:  # remote: Ray lists it
-            files.append(p)
-            continue
-        path = Path(p).expanduser()
-        if not path.exists():
-            raise DataQualityError(f"data.paths: not found: {p}")
-        if path.is_dir():
-            found = sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
-            kept = [q for q in found if q.name.endswith(SUPPORTED_SUFFIXES)]
-            skipped += [str(q) for q in found if q not in kept]
+    for given, place in zip(paths, places):
+        kind = place.kind()
+        if kind == pafs.FileType.NotFound:
+            raise DataQualityError(f"data.paths: not found: {given}")
+        if kind == pafs.FileType.Directory:
+            found = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(place.path, recursive=True))
+                           if info.type == pafs.FileType.File and not info.base_name.startswith("."))
+            kept = [f for f in found if f.endswith(SUPPORTED_SUFFIXES)]
+            skipped += [f for f in found if f not in kept]
             if not kept:
                 raise DataQualityError(
-                    f"data.paths: {p} is a directory with no {', '.join(SUPPORTED_SUFFIXES)} files"
+                    f"data.paths: {given} is a directory with no {', '.join(SUPPORTED_SUFFIXES)} files"
                     + (f" ({len(found)} other files skipped)" if found else " (it is empty)")
                 )
-            files += [str(q.resolve()) for q in kept]
+            files += kept
         else:
-            files.append(str(path.resolve()))
+            files.append(place.path)
     for f in files:
-        if f.endswith(".parquet") and "://" not in f:
-            _check_parquet_columns(f, fmt)
-    return InputFiles(files, skipped)
+        if f.endswith(".parquet"):
+            _check_parquet_columns(f, fmt, fs)
+    return InputFiles(files, skipped, fs)
 
 
-def _check_parquet_columns(path: str, fmt: str) -> None:
-    columns = set(pq.read_schema(path).names)
+def _check_parquet_columns(path: str, fmt: str, fs: pafs.FileSystem) -> None:
+    columns = set(pq.read_schema(path, filesystem=fs).names)
     needed = ["chosen", "rejected"] + (["prompt"] if fmt == "pairs" else [])
     missing = [c for c in needed if c not in columns]
     if missing:
@@ -253,9 +261,10 @@ def _check_parquet_columns(path: str, fmt: str) -> None:
         )
 
 
-def read_preference_files(files: list[str], num_cpus: float) -> Dataset:
-    """A Ray Dataset of ``{source, row, record, read_error}``, one row per input record."""
-    return ray.data.read_datasource(PreferenceFileDatasource(files), num_cpus=num_cpus)
+def read_preference_files(inputs: InputFiles, num_cpus: float) -> Dataset:
+    """A Ray Dataset of ``{source, row, record, read_error}``, one row per input record; the read tasks
+    open the files through ``inputs.fs`` on whichever node they run."""
+    return ray.data.read_datasource(PreferenceFileDatasource(inputs.files, filesystem=inputs.fs), num_cpus=num_cpus)
 
 
 # ---------------------------------------------------------------- parsing one record
@@ -416,10 +425,10 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
 class PairTokenizer:
     """Ray Data callable: raw records -> tokenized pairs, or a reason they were rejected."""
 
-    def __init__(self, tokenizer_dir: str, data_cfg: DataConfig):
+    def __init__(self, model: ModelSource, data_cfg: DataConfig):
         from rayalign.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer = load_tokenizer(model.local_dir())
         self.cfg = data_cfg
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -523,36 +532,40 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
     return counts
 
 
-def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir: Path) -> tuple[Dataset, DataReport]:
-    """Read, validate and tokenize; write the quarantine; return usable pairs (in file order) and counts.
+def prepare_pairs(cfg: RunConfig, paths: list[str], model: ModelSource, run_dir: Path
+                  ) -> tuple[Dataset, DataReport, InputFiles]:
+    """Read, validate and tokenize; write the quarantine (kept in the run's storage too); return usable
+    pairs (in file order), counts and the files read.
 
     The tokenized pairs are materialized in Ray's object store (not on the
     driver) so that counts, quarantine and training all see one pass.
     Raises DataQualityError when too much was quarantined.
     """
     num_cpus = cfg.ray.data_cpus_per_task
-    inputs = input_files(paths, cfg.data.format)
-    records = read_preference_files(inputs.files, num_cpus)
+    inputs = input_files(paths, cfg.data.format, cfg.output.s3)
+    records = read_preference_files(inputs, num_cpus)
     if cfg.data.limit is not None:
         records = records.limit(cfg.data.limit)
     prepared = (
         records.map_batches(
             PairTokenizer,
-            fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "data_cfg": cfg.data},
+            fn_constructor_kwargs={"model": model, "data_cfg": cfg.data},
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=1),
             num_cpus=num_cpus,
         )
         .materialize()
     )
-    report = DataReport(quarantine_path=str(run_dir / QUARANTINE_FILE), files=inputs.files,
+    quarantine = run_dir / QUARANTINE_FILE
+    report = DataReport(quarantine_path=str(stored_twin(cfg.output, quarantine)), files=inputs.files,
                         skipped_files=inputs.skipped)
     for batch in prepared.select_columns([STATUS, TRUNCATED], num_cpus=num_cpus).iter_batches(batch_format="pyarrow"):
         report.total += batch.num_rows
         report.ok += pc.sum(pc.equal(batch.column(STATUS), OK)).as_py() or 0
         report.truncated += pc.sum(batch.column(TRUNCATED)).as_py() or 0
     rejected = prepared.map_batches(_only(status_is_ok=False), batch_format="pyarrow", num_cpus=num_cpus)
-    report.quarantined = dict(_write_quarantine(rejected, Path(report.quarantine_path)))
+    report.quarantined = dict(_write_quarantine(rejected, quarantine))
+    publish(cfg.output, quarantine)  # before any refusal below: a refused run's quarantine is kept too
 
     if report.total == 0:
         raise DataQualityError(f"no records found in {', '.join(paths)}", report)
@@ -568,7 +581,7 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], tokenizer_dir: Path, run_dir
             f"see {report.quarantine_path}", report
         )
     usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)
-    return usable.select_columns([*PAIR_KEY, *TOKEN_COLUMNS], num_cpus=num_cpus), report
+    return usable.select_columns([*PAIR_KEY, *TOKEN_COLUMNS], num_cpus=num_cpus), report, inputs
 
 
 def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:

@@ -1,4 +1,4 @@
-"""The data stage: the opening every workflow shares (model, Ray, files, validated tokenized pairs)."""
+"""The data stage: the opening every workflow shares (model, Ray, storage, validated tokenized pairs)."""
 
 from __future__ import annotations
 
@@ -9,37 +9,61 @@ from pathlib import Path
 from ray.data import Dataset
 
 from rayalign.config import RunConfig
-from rayalign.data.records import DataReport, prepare_pairs
-from rayalign.data.synthetic import generate, write_jsonl
-from rayalign.models import resolve_run_model
+from rayalign.data.records import DataReport, InputFiles, prepare_pairs
+from rayalign.data.synthetic import generate, to_jsonl
+from rayalign.models import ModelSource, publish_model, resolve_run_model
+from rayalign.probe import check_storage
 from rayalign.runtime import ResourceDemand, init_ray
+from rayalign.storage import storage_root, stored_twin, write_text
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class OpenedRun:
+    """What every workflow starts from, once Ray is up: the starting weights as every node finds them,
+    and the data files (local paths or URIs) every node can read."""
+
+    model: ModelSource
+    paths: list[str]
+
+
+@dataclass(frozen=True)
 class PreparedData:
-    """The starting weights, the data files, and the validated, tokenized pairs (in the object
+    """The starting weights, the data files read, and the validated, tokenized pairs (in the object
     store) with their counts and quarantine."""
 
-    model_dir: Path
-    paths: list[str]  # the files read (directories expanded)
+    model: ModelSource
+    inputs: InputFiles  # the files read (directories expanded) and their filesystem
     pairs: Dataset
     report: DataReport
 
 
 def data_paths(cfg: RunConfig, out_dir: Path) -> list[str]:
-    """The configured files, or the synthetic task written into ``out_dir``."""
+    """The configured files, or the synthetic task written to the run's storage (``out_dir/data`` there),
+    where every node reads it."""
     if cfg.data.paths:
         return list(cfg.data.paths)
     assert cfg.data.synthetic is not None
-    return [str(write_jsonl(generate(cfg.data.synthetic), out_dir / "data" / "synthetic.jsonl"))]
+    dest = stored_twin(cfg.output, out_dir / "data" / "synthetic.jsonl")
+    write_text(dest, to_jsonl(generate(cfg.data.synthetic)))
+    return [dest.uri]
+
+
+def open_run(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -> OpenedRun:
+    """Resolve the model, connect to Ray (checking ``demand`` fits, when given), publish the model and
+    the synthetic data to storage, and check that every node reaches what it will open."""
+    model_dir = resolve_run_model(cfg)
+    init_ray(cfg.ray, demand)
+    model = publish_model(model_dir, storage_root(cfg.output) if cfg.output.storage is not None else None)
+    paths = data_paths(cfg, out_dir)
+    check_storage(cfg, model, paths)
+    return OpenedRun(model, paths)
 
 
 def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -> PreparedData:
-    """Resolve the model, connect to Ray (checking ``demand`` fits, when given), read and tokenize the data."""
-    model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray, demand)
-    pairs, report = prepare_pairs(cfg, data_paths(cfg, out_dir), model_dir, out_dir)
+    """:func:`open_run`, then read and tokenize the data."""
+    opened = open_run(cfg, out_dir, demand)
+    pairs, report, inputs = prepare_pairs(cfg, opened.paths, opened.model, out_dir)
     log.info(report.summary_line())
-    return PreparedData(model_dir, report.files, pairs, report)
+    return PreparedData(opened.model, inputs, pairs, report)

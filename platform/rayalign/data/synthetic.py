@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 from rayalign.config import SyntheticDataConfig
 
@@ -45,9 +44,6 @@ def generate(cfg: SyntheticDataConfig) -> list[dict[str, str]]:
     raise ValueError(f"unknown synthetic task {cfg.task!r}")
 
 
-def write_jsonl(records: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    return path
+def to_jsonl(records: list[dict]) -> str:
+    """Records as JSON Lines text (one object a line)."""
+    return "".join(json.dumps(record) + "\n" for record in records)

@@ -26,6 +26,7 @@ import numpy as np
 
 from rayalign.config import RunConfig
 from rayalign.data.records import prepare_pairs
+from rayalign.models import ModelSource
 from rayalign.reference.actors import add_reference_logps
 from rayalign.schema import (
     CHOSEN_IDS,
@@ -140,15 +141,15 @@ def plot_audit(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_audit(cfg: RunConfig, model_dir: Path, paths: list[str], out_dir: Path) -> dict[str, Any]:
+def run_audit(cfg: RunConfig, model: ModelSource, paths: list[str], out_dir: Path) -> dict[str, Any]:
     """Validate, tokenize and score every pair with the reference; write audit.json and audit.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs, data_report = prepare_pairs(cfg, paths, model_dir, out_dir)
-    scored = add_reference_logps(pairs, cfg, model_dir).select_columns(list(SCORED_COLUMNS))
+    pairs, data_report, _ = prepare_pairs(cfg, paths, model, out_dir)
+    scored = add_reference_logps(pairs, cfg, model).select_columns(list(SCORED_COLUMNS))
     # Only compact per-pair ids and scores reach the driver, never model state.
     report = audit_scored_pairs(scored.take_all(), cfg.audit.margin)
     report["data"]["quarantine"] = data_report.as_dict()
-    report["model_dir"], report["sources"] = str(model_dir), paths
+    report["model_dir"], report["sources"] = str(model.stored or model.driver_dir), paths
     (out_dir / "audit.json").write_text(json.dumps(report, indent=2))
     plot_audit(report, out_dir / "audit.png")
     return report

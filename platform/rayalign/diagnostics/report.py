@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from rayalign.config import S3Config
 from rayalign.storage import read_jsonl
 
 # (metric key, panel title, draw the 0.5 chance line), in reading order: the top row is the
@@ -51,6 +52,21 @@ class Run:
     label: str
     rows: list[dict[str, Any]]
     alarms: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fetch_run(uri: str, local: Path, s3: S3Config | None = None) -> Path:
+    """A run directory kept in storage (a URI), copied to ``local``: the files a report reads."""
+    from rayalign.storage import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, location, read_bytes
+
+    stored = location(uri, s3)
+    local.mkdir(parents=True, exist_ok=True)
+    for name in (METRICS_FILE, SUMMARY_FILE, CONFIG_FILE):
+        data = read_bytes(stored / name)
+        if data is not None:
+            (local / name).write_bytes(data)
+    if not (local / METRICS_FILE).is_file():
+        raise FileNotFoundError(f"no metrics file: {uri}/{METRICS_FILE}")
+    return local
 
 
 def load_run(run_dir: Path) -> Run:

@@ -17,13 +17,13 @@ log-probs (``rayalign.schema.TOKEN_LOGPS_COLUMNS``), used by refcheck.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
 from rayalign.config import PackingConfig, RunConfig, VllmEngineConfig
+from rayalign.models import ModelSource
 from rayalign.packing import pack_pairs, response_start, row_width
 from rayalign.schema import (
     CHOSEN_TOKEN_LOGPS,
@@ -53,12 +53,13 @@ class TransformersReferenceScorer:
     """Scores pairs with a Hugging Face causal LM, no gradients, in eval mode: the training forward
     pass (same layout, same chunked head, :mod:`rayalign.logprobs`) without its backward."""
 
-    def __init__(self, model_dir: str, dtype: str, on_gpu: bool, packing: PackingConfig, attn_implementation: str,
+    def __init__(self, model: ModelSource, dtype: str, on_gpu: bool, packing: PackingConfig, attn_implementation: str,
                  per_token: bool = False):
         import torch
 
         from rayalign.models import load_causal_lm, load_tokenizer
 
+        model_dir = model.local_dir()
         self.per_token = per_token
         self.packing = packing
         self.attention = attn_implementation
@@ -82,9 +83,10 @@ class TransformersReferenceScorer:
 class VllmReferenceScorer:
     """Scores pairs with vLLM's offline engine using prompt log-probs (no generation)."""
 
-    def __init__(self, model_dir: str, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
+    def __init__(self, model: ModelSource, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
         from vllm import LLM, SamplingParams
 
+        model_dir = str(model.local_dir())
         self.per_token = per_token
         self.llm = LLM(
             model=model_dir,
@@ -116,18 +118,19 @@ class VllmReferenceScorer:
 
 
 def scorer_for(
-    cfg: RunConfig, model_dir: Path, backend: str | None = None, per_token: bool = False
+    cfg: RunConfig, model: ModelSource, backend: str | None = None, per_token: bool = False
 ) -> tuple[type, dict[str, Any]]:
     """The scorer class of ``backend`` (default ``reference.backend``) and the arguments its actors
-    are built with: the model directory, its precision and the engine's own section, not the run."""
+    are built with: the model (each actor loads it on its own node), its precision and the engine's
+    own section, not the run."""
     backend = backend or cfg.reference.backend
     if backend == "vllm":
         engine = cfg.reference.vllm
         # vLLM counts the one generated token it insists on: a max_length sequence needs +1.
         max_model_len = engine.max_model_len or cfg.data.max_length + 1
-        return VllmReferenceScorer, {"model_dir": str(model_dir), "engine": engine, "max_model_len": max_model_len,
+        return VllmReferenceScorer, {"model": model, "engine": engine, "max_model_len": max_model_len,
                                      "per_token": per_token}
-    return TransformersReferenceScorer, {"model_dir": str(model_dir), "dtype": cfg.model.dtype,
+    return TransformersReferenceScorer, {"model": model, "dtype": cfg.model.dtype,
                                          "on_gpu": bool(cfg.reference.gpus_per_actor), "packing": cfg.train.packing,
                                          "attn_implementation": cfg.model.attn_implementation,
                                          "per_token": per_token}
@@ -152,13 +155,13 @@ def _actor_runtime_env(cfg: RunConfig, backend: str) -> dict[str, Any] | None:
 
 
 def add_reference_logps(
-    pairs: Dataset, cfg: RunConfig, model_dir: Path, backend: str | None = None, per_token: bool = False
+    pairs: Dataset, cfg: RunConfig, model: ModelSource, backend: str | None = None, per_token: bool = False
 ) -> Dataset:
     """Lazily append reference log-probs to tokenized pairs with a pool of scorer actors."""
     ref = cfg.reference
     backend = backend or ref.backend
     runtime_env = _actor_runtime_env(cfg, backend)
-    scorer, scorer_kwargs = scorer_for(cfg, model_dir, backend, per_token)
+    scorer, scorer_kwargs = scorer_for(cfg, model, backend, per_token)
     return pairs.map_batches(
         scorer,
         fn_constructor_kwargs=scorer_kwargs,

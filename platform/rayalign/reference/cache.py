@@ -2,41 +2,37 @@
 
 The key is a digest of everything the reference log-probs depend on:
 
-    reference weights (+ model config) · tokenizer files · data file contents ·
-    data format and truncation settings · scoring precision
+    the model's content key (weights, config and tokenizer files; rayalign.models.ModelSource) ·
+    data file contents · data format and truncation settings · scoring precision
 
 so changing any of them misses the cache. The backend is not part of the key:
 vLLM and transformers agree to ~1e-6 per token in float32 (see ``rayalign refcheck``).
-A cache entry is a directory ``<cache_root>/<key>/`` holding ``data/*.parquet`` and
-``manifest.json``; the manifest is written last, so a half-written entry is never read.
+
+An entry lives under the cache root (a local directory or a storage URI, :func:`rayalign.storage.cache_location`)
+as ``<key>/data-<writer>/*.parquet`` and ``<key>/manifest.json``. Each writer writes its own
+``data-<writer>`` folder, through the storage's filesystem from whichever nodes Ray Data runs on, and
+then the manifest, which names that folder: the manifest is the commit. A half-written entry is never
+read, and two runs that miss the same key at once each commit a whole folder instead of mixing parts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 from ray.data import Dataset
 
 from rayalign.config import RunConfig
+from rayalign.data.records import InputFiles
+from rayalign.models import ModelSource
 from rayalign.reference.actors import add_reference_logps
+from rayalign.storage import Location, cache_location, file_digest, read_text, write_text
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf", "config.json")
-TOKENIZER_PATTERNS = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-)
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -47,29 +43,12 @@ class CacheInfo:
     components: dict[str, Any]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_digest(root: Path, patterns: tuple[str, ...]) -> str:
-    files = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode() + b"\0" + _file_digest(path).encode())
-    return h.hexdigest()
-
-
-def cache_components(cfg: RunConfig, model_dir: Path, data_paths: list[str]) -> dict[str, Any]:
+def cache_components(cfg: RunConfig, model: ModelSource, inputs: InputFiles) -> dict[str, Any]:
     """Everything the scored dataset depends on, as digests and settings."""
     precision = cfg.reference.vllm.dtype if cfg.reference.backend == "vllm" else cfg.model.dtype
     return {
-        "model_weights": _files_digest(model_dir, WEIGHT_PATTERNS),
-        "tokenizer": _files_digest(model_dir, TOKENIZER_PATTERNS),
-        "data": [_file_digest(Path(p)) for p in sorted(data_paths)],
+        "model": model.key,
+        "data": [file_digest(Location(inputs.fs, p, p)) for p in sorted(inputs.files)],
         "data_settings": {
             "format": cfg.data.format,
             "max_length": cfg.data.max_length,
@@ -86,27 +65,32 @@ def cache_key(components: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def committed_data(entry: Location) -> Location | None:
+    """The data folder the entry's manifest commits, or None when the entry is not (yet) whole."""
+    text = read_text(entry / MANIFEST)
+    if text is None:
+        return None
+    data = entry / json.loads(text).get("data", "data")
+    return data if data.kind().name == "Directory" else None
+
+
 def scored_pairs_cached(
-    pairs: Dataset, cfg: RunConfig, model_dir: Path, data_paths: list[str]
+    pairs: Dataset, cfg: RunConfig, model: ModelSource, inputs: InputFiles
 ) -> tuple[Dataset, CacheInfo]:
     """Reference-scored pairs from the cache, scoring and writing them first on a miss."""
-    components = cache_components(cfg, model_dir, data_paths)
+    components = cache_components(cfg, model, inputs)
     key = cache_key(components)
-    entry = Path(cfg.reference.cache_root).expanduser().resolve() / key
-    manifest = entry / "manifest.json"
-    hit = manifest.is_file()
-    if not hit:
-        staging = entry.with_name(key + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        scored = add_reference_logps(pairs, cfg, model_dir)
-        scored.write_parquet(str(staging / "data"), ray_remote_args={"num_cpus": cfg.ray.data_cpus_per_task})
-        shutil.rmtree(entry, ignore_errors=True)
-        staging.rename(entry)
-        manifest.write_text(
-            json.dumps({"key": key, "backend": cfg.reference.backend, "components": components}, indent=2)
-        )
-    dataset = ray.data.read_parquet(str(entry / "data"), num_cpus=cfg.ray.data_cpus_per_task)
-    return dataset, CacheInfo(key=key, path=str(entry), hit=hit, components=components)
+    entry = cache_location(cfg) / key
+    data = committed_data(entry)
+    hit = data is not None
+    if data is None:
+        data = entry / f"data-{uuid.uuid4().hex[:12]}"
+        scored = add_reference_logps(pairs, cfg, model)
+        scored.write_parquet(data.path, filesystem=data.fs, ray_remote_args={"num_cpus": cfg.ray.data_cpus_per_task})
+        write_text(entry / MANIFEST, json.dumps(
+            {"key": key, "backend": cfg.reference.backend, "data": data.name, "components": components}, indent=2))
+    dataset = ray.data.read_parquet(data.path, filesystem=data.fs, num_cpus=cfg.ray.data_cpus_per_task)
+    return dataset, CacheInfo(key=key, path=entry.uri, hit=hit, components=components)
 
 
 def describe(info: CacheInfo) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from rayalign.config import RunConfig
 from rayalign.data.records import prepare_pairs
+from rayalign.models import ModelSource
 from rayalign.reference.actors import add_reference_logps
 from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, ROW, SOURCE, TOKEN_LOGPS_COLUMNS
 
@@ -72,13 +73,14 @@ def compare(vllm_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], t
     }
 
 
-def run_refcheck(cfg: RunConfig, model_dir: Path, paths: list[str], num_pairs: int, out_dir: Path) -> dict[str, Any]:
+def run_refcheck(cfg: RunConfig, model: ModelSource, paths: list[str], num_pairs: int, out_dir: Path
+                 ) -> dict[str, Any]:
     """Score ``num_pairs`` pairs with vLLM and with the training forward; write refcheck.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs, _ = prepare_pairs(cfg, paths, model_dir, out_dir)
+    pairs, _, _ = prepare_pairs(cfg, paths, model, out_dir)
     sample = pairs.limit(num_pairs).materialize()
-    vllm_rows = add_reference_logps(sample, cfg, model_dir, backend="vllm", per_token=True).take_all()
-    train_rows = add_reference_logps(sample, cfg, model_dir, backend="transformers", per_token=True).take_all()
+    vllm_rows = add_reference_logps(sample, cfg, model, backend="vllm", per_token=True).take_all()
+    train_rows = add_reference_logps(sample, cfg, model, backend="transformers", per_token=True).take_all()
     report = compare(vllm_rows, train_rows, cfg.reference.refcheck_tolerance)
     report["vllm_dtype"], report["training_dtype"] = cfg.reference.vllm.dtype, cfg.model.dtype
     (out_dir / "refcheck.json").write_text(json.dumps(report, indent=2))

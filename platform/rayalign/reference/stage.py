@@ -47,7 +47,7 @@ class ScoredPairs:
 def score_into_cache(cfg: RunConfig, data: PreparedData) -> tuple[Dataset, CacheInfo]:
     """Every pair of ``data`` scored once into the reference cache (whatever ``reference.cache`` says)."""
     cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
-    return scored_pairs_cached(data.pairs, cfg, data.model_dir, data.paths)
+    return scored_pairs_cached(data.pairs, cfg, data.model, data.inputs)
 
 
 def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
@@ -68,9 +68,9 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
 
     train, heldout = split_heldout(data.pairs, cfg)
     if heldout is not None:
-        heldout = add_reference_logps(heldout, cfg, data.model_dir).materialize()
+        heldout = add_reference_logps(heldout, cfg, data.model).materialize()
     num_train = train.count() if heldout is not None else data.report.ok
-    train = add_reference_logps(shuffled(train, cfg), cfg, data.model_dir)
+    train = add_reference_logps(shuffled(train, cfg), cfg, data.model)
     if cfg.train.epochs > 1:
         # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
         train = train.materialize()

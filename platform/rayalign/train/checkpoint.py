@@ -16,7 +16,7 @@ from typing import Any
 import ray.train
 from ray.train import Checkpoint
 
-from rayalign.storage import METRICS_FILE, read_jsonl, upload
+from rayalign.storage import METRICS_FILE, Location, read_jsonl, upload
 
 DEEPSPEED_TAG = "deepspeed"
 
@@ -61,7 +61,7 @@ def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
         return stream.read()
 
 
-def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zero_stage: int, rank: int,
+def export_hf_model(engine, model_dir: Path, out_dir: Path, storage: Location, zero_stage: int, rank: int,
                     merge_adapters: bool = False) -> None:
     """Save the policy in Hugging Face format to ``out_dir`` on rank 0's node, then to storage.
 
@@ -87,4 +87,4 @@ def export_hf_model(engine, model_dir: str, out_dir: Path, storage_uri: str, zer
             else:
                 model.save_pretrained(out_dir, safe_serialization=True)
                 load_tokenizer(model_dir).save_pretrained(out_dir)
-            upload(out_dir, storage_uri)
+            upload(out_dir, storage)

@@ -7,7 +7,6 @@ import logging
 import re
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 from ray.train import TrainingFailedError
@@ -16,9 +15,11 @@ from rayalign.config import RunConfig
 from rayalign.console import Console, TrainingProgress
 from rayalign.data.stage import PreparedData
 from rayalign.errors import TrainingDiverged
-from rayalign.models import load_tokenizer
+from rayalign.models import ModelSource, load_tokenizer
 from rayalign.reference.stage import ScoredPairs
-from rayalign.storage import CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, upload
+from rayalign.storage import (
+    CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, run_location, upload,
+)
 from rayalign.train.checkpoint import read_checkpoint_file
 from rayalign.diagnostics.report import plot_runs
 from rayalign.tracking import SweepMembership, open_trackers
@@ -40,12 +41,12 @@ def preflight(cfg: RunConfig, data: PreparedData) -> LayoutCost:
     """
     planned_steps(cfg.train, cfg.scaling.num_workers, data.report.ok)
     cost = layout_cost(data.pairs.take(PREFLIGHT_SAMPLE_PAIRS), cfg.train, cfg.model.attn_implementation,
-                       cfg.scaling.num_workers, load_tokenizer(data.model_dir).pad_token_id)
+                       cfg.scaling.num_workers, load_tokenizer(data.model.driver_dir).pad_token_id)
     log.info(cost.line())
     return cost
 
 
-def summarize(cfg: RunConfig, model_dir: Path, data_report: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def summarize(cfg: RunConfig, model: ModelSource, data_report: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """``summary.json``: first and last metrics, alarms, held-out metrics, data counts, where the files are."""
     run_dir = cfg.output.run_dir
     rows = read_jsonl(run_dir / METRICS_FILE)
@@ -78,7 +79,7 @@ def summarize(cfg: RunConfig, model_dir: Path, data_report: dict[str, Any], wall
             "metrics": str(run_dir / METRICS_FILE),
             "quarantine": str(run_dir / QUARANTINE_FILE),
             "model": f"{storage}/model",
-            "base_model": str(model_dir),
+            "base_model": str(model.stored or model.driver_dir),
             "checkpoints": f"{storage}/ray",
             "storage": storage,
         },
@@ -87,7 +88,7 @@ def summarize(cfg: RunConfig, model_dir: Path, data_report: dict[str, Any], wall
 
 def train_stage(
     cfg: RunConfig,
-    model_dir: Path,
+    model: ModelSource,
     scored: ScoredPairs,
     data_report: dict[str, Any],
     started: float,
@@ -111,7 +112,7 @@ def train_stage(
     consumers = ([progress.show] if console is not None else []) + ([trackers.log_step] if trackers.runs else [])
     try:
         with relayed_progress(consumers) if consumers else nullcontext() as board:
-            result = fit(cfg, scored.train, scored.num_train, model_dir, scored.heldout, callbacks, resume_name,
+            result = fit(cfg, scored.train, scored.num_train, model, scored.heldout, callbacks, resume_name,
                          progress=board)
     except TrainingFailedError as err:
         trackers.finish(failed=True)
@@ -129,7 +130,7 @@ def train_stage(
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
     (run_dir / METRICS_FILE).write_bytes(read_checkpoint_file(result.checkpoint, METRICS_FILE))
-    summary = summarize(cfg, model_dir, data_report, time.perf_counter() - started)
+    summary = summarize(cfg, model, data_report, time.perf_counter() - started)
     summary["preflight"] = preflight
     summary["reference"] = scored.source.as_dict()
     if scored.heldout is not None:
@@ -138,6 +139,6 @@ def train_stage(
     plot = plot_runs([run_dir])
     for path in (run_dir / CONFIG_FILE, run_dir / QUARANTINE_FILE, run_dir / METRICS_FILE, run_dir / SUMMARY_FILE, plot):
         if path.exists():
-            upload(path, f"{cfg.output.run_storage}/{path.name}")
+            upload(path, run_location(cfg.output) / path.name)
     trackers.finish(summary, [plot, run_dir / METRICS_FILE])
     return summary

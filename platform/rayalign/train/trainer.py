@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from pathlib import Path
 
 from ray.data import Dataset
 from ray.train import CheckpointConfig, FailureConfig
@@ -15,6 +14,8 @@ from ray.train.torch import TorchTrainer
 
 from rayalign.config import RunConfig, TrainConfig
 from rayalign.errors import DataQualityError
+from rayalign.models import ModelSource
+from rayalign.storage import run_location
 from rayalign.train.worker import WorkerPlan, train_loop_per_worker
 
 
@@ -42,7 +43,7 @@ def fit(
     cfg: RunConfig,
     pairs: Dataset,
     num_pairs: int,
-    model_dir: Path,
+    model: ModelSource,
     heldout: Dataset | None = None,
     callbacks: list | None = None,
     resume_name: str | None = None,
@@ -56,8 +57,9 @@ def fit(
     ``progress``: a ProgressBoard's handle that rank 0 posts its logged rows to.
     """
     s = cfg.scaling
+    stored = run_location(cfg.output)
     plan = WorkerPlan(
-        model_dir=str(model_dir),
+        model=model,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
         lora=cfg.model.lora,
@@ -65,7 +67,7 @@ def fit(
         train=cfg.train,
         monitor=cfg.monitor,
         run_dir=str(cfg.output.run_dir),
-        model_storage=f"{cfg.output.run_storage}/model",
+        model_storage=stored / "model",
         total_steps=planned_steps(cfg.train, s.num_workers, num_pairs),
         steps_per_epoch=steps_per_epoch(cfg.train, s.num_workers, num_pairs),
         has_eval=heldout is not None,
@@ -80,7 +82,10 @@ def fit(
         datasets={"train": pairs, **({"eval": heldout} if heldout is not None else {})},
         run_config=RayRunConfig(
             name=resume_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=f"{cfg.output.run_storage}/ray",
+            # The filesystem is handed over, not guessed from a string: an S3-compatible server's
+            # endpoint travels with it to every worker.
+            storage_path=(stored / "ray").path,
+            storage_filesystem=stored.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,

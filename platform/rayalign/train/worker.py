@@ -40,7 +40,8 @@ from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
 from rayalign.packing import PackedPairs, pack_pairs, row_width
 from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
-from rayalign.storage import METRICS_FILE, append_jsonl
+from rayalign.models import ModelSource
+from rayalign.storage import METRICS_FILE, Location, append_jsonl
 from rayalign.train import checkpoint
 from rayalign.train.batching import pairs_per_step, step_micro_batches, take
 from rayalign.train.metrics import IntervalMeter, preference_stats
@@ -62,7 +63,7 @@ def check_finite(row: dict[str, Any]) -> None:
 class WorkerPlan:
     """Everything a training worker is given: its config sections and the run's fixed numbers."""
 
-    model_dir: str
+    model: ModelSource  # the starting weights; each worker loads its own node's copy
     dtype: str  # resolved model.dtype
     attn_implementation: str
     lora: LoraConfig | None  # None: full fine-tuning
@@ -70,7 +71,7 @@ class WorkerPlan:
     train: TrainConfig
     monitor: MonitorConfig
     run_dir: str  # local run directory (metrics.jsonl on rank 0's node)
-    model_storage: str  # where rank 0 keeps the exported model
+    model_storage: Location  # where rank 0 keeps the exported model
     total_steps: int
     steps_per_epoch: int
     has_eval: bool
@@ -238,7 +239,8 @@ class TrainingWorker:
         rank = ray.train.get_context().get_world_rank()
         torch.manual_seed(plan.train.seed + rank)
         t = plan.train
-        model = load_causal_lm(plan.model_dir, plan.dtype, plan.attn_implementation)
+        model_dir = plan.model.local_dir()
+        model = load_causal_lm(model_dir, plan.dtype, plan.attn_implementation)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if plan.lora is not None:
@@ -259,7 +261,7 @@ class TrainingWorker:
             history = checkpoint.restore(engine, saved, metrics_path, rank, adapters_only=plan.lora is not None)
         elif rank == 0:  # rank 0 may be on another node than the driver, which cleared its own copy
             metrics_path.unlink(missing_ok=True)
-        return cls(plan, engine, load_tokenizer(plan.model_dir).pad_token_id, history, resumed=saved is not None)
+        return cls(plan, engine, load_tokenizer(model_dir).pad_token_id, history, resumed=saved is not None)
 
     def train(self) -> None:
         """Epochs of optimizer steps until the planned step count; after a restore, resume mid-epoch."""
@@ -343,7 +345,7 @@ class TrainingWorker:
         if self.checkpointed_step != self.engine.global_steps:
             self.save_checkpoint()
         plan = self.plan
-        checkpoint.export_hf_model(self.engine, plan.model_dir, Path(plan.run_dir) / "model", plan.model_storage,
+        checkpoint.export_hf_model(self.engine, plan.model.local_dir(), Path(plan.run_dir) / "model", plan.model_storage,
                                    plan.train.zero_stage, self.rank,
                                    merge_adapters=plan.lora is not None and plan.lora.export_merged)
 

@@ -15,20 +15,19 @@ from ray import tune
 
 from rayalign.config import OBJECTIVE_MODES, RunConfig, SweepConfig, with_values
 from rayalign.diagnostics.report import format_table, plot_sweep
-from rayalign.storage import open_uri
+from rayalign.storage import Location
 
 # Columns of the results table besides the searched keys; the objective comes first.
 FINAL_METRICS = tuple(OBJECTIVE_MODES)
 TRIAL_STATUSES = ("completed", "stopped_early", "unfinished", "error")  # the table's order
 
 
-def collect_trials(results, tune_dir: str, sweep: SweepConfig, planned: int, trials_storage: str
+def collect_trials(results, tune_dir: Location, sweep: SweepConfig, planned: int, trials_storage: str
                    ) -> list[dict[str, Any]]:
     """One row per trial of Tune's ``results``, best completed trial first."""
     # Trial states as saved for resuming: an interrupted sweep leaves trials RUNNING or PENDING.
-    tune_fs, tune_path = open_uri(tune_dir)
     saved_status = {t.trial_id: t.status
-                    for t in tune.ExperimentAnalysis(tune_path, storage_filesystem=tune_fs).trials}
+                    for t in tune.ExperimentAnalysis(tune_dir.path, storage_filesystem=tune_dir.fs).trials}
     trials = [trial_row(result, saved_status, sweep, planned, trials_storage) for result in results]
     trials.sort(key=lambda t: sort_key(t, sweep))
     return trials

@@ -45,7 +45,8 @@ from rayalign.data.stage import PreparedData, prepare_data
 from rayalign.reference.cache import describe
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.runtime import ResourceDemand
-from rayalign.storage import CONFIG_FILE, prepare_run_dir, read_text, remove, upload
+from rayalign.models import ModelSource
+from rayalign.storage import CONFIG_FILE, cache_location, prepare_run_dir, read_text, remove, run_location, upload
 from rayalign.tracking import (
     SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent, tensorboard_root, wandb_root,
 )
@@ -91,7 +92,7 @@ class TrialLines(tune.Callback):
         log.warning("trial %s failed; see its error in the log", trial.trial_id)
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, model_dir: str,
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, model: ModelSource,
               scored: Dataset, num_scored: int, source: ReferenceSource, data_report: dict[str, Any],
               cost: dict[str, Any], sweep: SweepMembership) -> None:
     """One Tune trial: train on the sweep's reference-scored pairs with the trial's settings."""
@@ -99,7 +100,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, m
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output.name": trial_id}, origin=f"sweep trial {trial_id}")
     prepare_run_dir(cfg)
-    train_stage(cfg, Path(model_dir), split_scored(cfg, scored, source, num_scored), data_report, started, cost,
+    train_stage(cfg, model, split_scored(cfg, scored, source, num_scored), data_report, started, cost,
                 # The trial's run directory is its own: a fixed Ray Train run name lets a trial that
                 # Tune restores (resumed sweep, errored trial) continue from its last checkpoint.
                 callbacks=[HeldoutReportCallback(objective)], resume_name="train",
@@ -150,8 +151,8 @@ def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
     tree = cfg.model_dump(mode="json", exclude={"sweep"})
     if cfg.model.path and not cfg.model.path.startswith("package:") and cfg.model.hub_repo_id() is None:
         tree["model"]["path"] = str(Path(cfg.model.path).expanduser().resolve())
-    tree["data"]["paths"] = [str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
-    tree["reference"]["cache_root"] = str(Path(cfg.reference.cache_root).expanduser().resolve())
+    tree["data"]["paths"] = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
+    tree["reference"]["cache_root"] = cache_location(cfg).uri
     tree["output"]["root"] = str(trials_root)
     # The trials' tracker runs go where the sweep's own run does, not under the trials' root.
     tracking = tree["output"]["tracking"]
@@ -164,7 +165,7 @@ def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
 
 
 def _check_resumable(cfg: RunConfig) -> None:
-    saved = f"{cfg.output.run_storage}/{CONFIG_FILE}"
+    saved = run_location(cfg.output) / CONFIG_FILE
     text = read_text(saved)
     if text is not None and text != cfg.to_yaml():
         raise ConfigError(
@@ -195,9 +196,9 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
     steps = planned_steps(cfg.train, cfg.scaling.num_workers, shared.num_train)
     membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
     tuner = _tuner(cfg, shared, steps, resuming, membership)
-    tune_dir = f"{cfg.output.run_storage}/{TUNE_DIR}"
     log.info("%d trial(s) of %d steps each; one line per finished trial", _num_trials(cfg.sweep), steps)
-    trials = collect_trials(tuner.fit(), tune_dir, cfg.sweep, steps, f"{cfg.output.run_storage}/{TRIALS_DIR}")
+    trials = collect_trials(tuner.fit(), run_location(cfg.output) / TUNE_DIR, cfg.sweep, steps,
+                            f"{cfg.output.run_storage}/{TRIALS_DIR}")
     summary = _write_summary(cfg, shared, trials, steps, time.perf_counter() - started)
     files = [Path(path) for key, path in summary["files"].items() if key != "tune" and path]
     finish_sweep_parent(cfg, membership.mlflow_parent, summary, files)
@@ -215,18 +216,19 @@ def _num_trials(sweep: SweepConfig) -> int:
 
 def _open_sweep_dir(cfg: RunConfig, fresh: bool) -> bool:
     """Prepare the sweep directory; True when an unfinished sweep with the same config is resumed."""
-    sweep_dir, tune_dir = cfg.output.run_dir, f"{cfg.output.run_storage}/{TUNE_DIR}"
+    sweep_dir, stored = cfg.output.run_dir, run_location(cfg.output)
     if fresh:
         shutil.rmtree(sweep_dir, ignore_errors=True)
         for stale in (TUNE_DIR, TRIALS_DIR):
-            remove(f"{cfg.output.run_storage}/{stale}")
-    if tune.Tuner.can_restore(tune_dir):
+            remove(stored / stale)
+    tune_dir = stored / TUNE_DIR
+    if tune.Tuner.can_restore(tune_dir.path, storage_filesystem=tune_dir.fs):
         _check_resumable(cfg)
         log.info("resuming the sweep in %s (finished trials are kept)", tune_dir)
         return True
     shutil.rmtree(sweep_dir / TRIALS_DIR, ignore_errors=True)
     prepare_run_dir(cfg)
-    upload(sweep_dir / CONFIG_FILE, f"{cfg.output.run_storage}/{CONFIG_FILE}")  # what a resume checks
+    upload(sweep_dir / CONFIG_FILE, stored / CONFIG_FILE)  # what a resume checks
     return False
 
 
@@ -255,13 +257,13 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, mem
            ) -> tune.Tuner:
     """Tune's tuner over ``run_trial``, each trial with the shared scores; restored when resuming."""
     sweep, sweep_dir = cfg.sweep, cfg.output.run_dir
-    tune_dir = f"{cfg.output.run_storage}/{TUNE_DIR}"
+    stored = run_location(cfg.output)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=_absolute_paths(cfg, sweep_dir / TRIALS_DIR),
             objective=sweep.objective,
-            model_dir=str(shared.data.model_dir),
+            model=shared.data.model,
             scored=shared.scored,
             num_scored=shared.data.report.ok,
             source=shared.source,
@@ -272,7 +274,8 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, mem
         {"cpu": sweep.trial_cpus},
     )
     if resuming:
-        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore((stored / TUNE_DIR).path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=stored.fs)
     return tune.Tuner(
         trainable,
         param_space={key: _tune_domain(dim, sweep.search) for key, dim in sweep.space.items()},
@@ -286,7 +289,7 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, mem
             max_concurrent_trials=sweep.max_concurrent_trials if sweep.search == "optuna" else None,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=cfg.output.run_storage,
+        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=stored.path, storage_filesystem=stored.fs,
                                       callbacks=[TrialLines(sweep.objective)]),
     )
 
@@ -319,5 +322,5 @@ def _write_summary(cfg: RunConfig, shared: SharedScores, trials: list[dict[str, 
     outputs = [sweep_dir / SUMMARY_FILE, sweep_dir / CONFIG_FILE]
     outputs += [Path(path) for path in results_files.values() if path]
     for path in outputs:
-        upload(path, f"{cfg.output.run_storage}/{path.name}")
+        upload(path, run_location(cfg.output) / path.name)
     return summary

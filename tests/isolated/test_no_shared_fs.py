@@ -1,0 +1,204 @@
+"""rayalign on Ray nodes that share no filesystem: everything goes through the S3 server.
+
+The driver (this test's `rayalign` commands, on the head's machine) writes under ``driver_root``,
+which no worker node can see; each worker node has its own empty node cache. Every command keeps
+its run in ``s3://rayalign/runs`` on the SeaweedFS server, and each test reads the outputs back from
+there, never from a local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+pytestmark = pytest.mark.no_shared_fs
+
+REPO = Path(__file__).resolve().parents[2]
+COMMAND_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    return s3_server.filesystem()
+
+
+def rayalign(cluster, s3_server, *args: str, storage: bool = True, timeout: float = COMMAND_TIMEOUT_S):
+    """A `rayalign` command run as a user would, joining the cluster (RAY_ADDRESS), from the driver's
+    machine, with the run kept in the S3 server."""
+    where = [f"output.root={cluster.driver_root}/runs"]
+    if storage:
+        where += [f"output.storage={s3_server.uri('runs')}", f"output.s3.endpoint={s3_server.host_port}",
+                  "output.s3.scheme=http"]
+    argv = [sys.executable, "-m", "rayalign", *args, *(x for kv in where for x in ("--set", kv))]
+    return subprocess.run(argv, cwd=cluster.driver_root, env=cluster.env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read(s3, path: str) -> bytes:
+    with s3.open_input_stream(f"rayalign/{path}") as f:
+        return f.read()
+
+
+def listing(s3, path: str) -> list[str]:
+    infos = s3.get_file_info(pafs.FileSelector(f"rayalign/{path}", recursive=True, allow_not_found=True))
+    return [i.path.removeprefix(f"rayalign/{path}/") for i in infos if i.type == pafs.FileType.File]
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def train_workers_nodes(cluster) -> set[str]:
+    """Nodes the Ray Train workers of the cluster's runs were placed on (the state API keeps dead actors)."""
+    with cluster.connect():
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                             limit=1000)
+    return {a["node_id"] for a in actors}
+
+
+def test_a_local_output_root_the_nodes_cannot_see_is_refused_in_one_line(isolated_cluster, s3_server):
+    """Today's failure, as a new user meets it: no output.storage on a cluster whose nodes share no disk."""
+    result = rayalign(isolated_cluster, s3_server, "train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"),
+                      "--set", "output.name=local-root", storage=False, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rayalign: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert f"output.root: {isolated_cluster.driver_root}/runs is not the driver's from node 127.0.0.1" in lines[0]
+    assert "set output.storage to a URI every node reaches" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_credentials_in_the_storage_uri_are_refused_before_anything_starts(isolated_cluster, s3_server):
+    result = rayalign(isolated_cluster, s3_server, "train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"),
+                      "--set", f"output.storage=s3://{s3_server.access_key}:{s3_server.secret_key}@rayalign/runs",
+                      storage=False, timeout=60)
+    assert result.returncode == 2
+    assert "credentials in a storage URI" in result.stderr and "AWS_ACCESS_KEY_ID" in result.stderr
+    assert s3_server.secret_key not in result.stderr + result.stdout
+
+
+def test_a_job_trains_on_two_nodes_and_keeps_everything_in_s3(isolated_cluster, s3_server, s3):
+    """`ray job submit` with jobs/runtime-env.yaml, ZeRO-2, one worker on each worker node: the model, the
+    synthetic data, the checkpoints and every output go through the S3 server; no worker node reads the
+    driver's disk (the job's driver runs on the head, in a copy of this repository)."""
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", isolated_cluster.dashboard_url,
+              "--runtime-env", "jobs/runtime-env.yaml", "--",
+              "python", "-m", "rayalign", "train", "--config", "jobs/configs/tiny-dpo.yaml",
+              "--set", "output.name=dpo-s3", "--set", "train.epochs=1", "--set", "train.max_steps=4",
+              "--set", "data.synthetic.num_pairs=160", "--set", "data.eval_fraction=0.2",
+              "--set", "monitor.eval_every=4",
+              # 1.5 CPUs each on nodes of 2: Ray Train cannot put both workers on one node.
+              "--set", "scaling.cpus_per_worker=1.5",
+              "--set", f"output.storage={s3_server.uri('runs')}", "--set", f"output.s3.endpoint={s3_server.host_port}",
+              "--set", "output.s3.scheme=http"]
+    result = subprocess.run(submit, cwd=REPO, env=isolated_cluster.env, capture_output=True, text=True,
+                            timeout=COMMAND_TIMEOUT_S)
+    assert result.returncode == 0 and "succeeded" in result.stdout.lower(), result.stdout[-3000:] + result.stderr[-3000:]
+    run = "runs/dpo-s3"
+    summary = json.loads(read(s3, f"{run}/summary.json"))
+    assert summary["steps"] == 4 and summary["heldout"] is not None
+    rows = [json.loads(line) for line in read(s3, f"{run}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert summary["files"]["storage"] == s3_server.uri(run) and summary["files"]["model"] == s3_server.uri(f"{run}/model")
+    model_files = listing(s3, f"{run}/model")
+    assert "config.json" in model_files and "model.safetensors" in model_files
+    assert yaml.safe_load(read(s3, f"{run}/config.yaml"))["output"]["storage"] == s3_server.uri("runs")
+    assert read(s3, f"{run}/quarantine.jsonl") == b""  # the synthetic task has nothing to quarantine
+    assert len(read(s3, f"{run}/data/synthetic.jsonl").splitlines()) == 160
+    assert b"Ray's and the libraries' output" in read(s3, f"{run}/logs/rayalign.log")
+    assert any(name.endswith(".png") for name in listing(s3, run))
+    assert any("checkpoint_" in name for name in listing(s3, f"{run}/ray"))
+    # The tiny model was built by the driver and published once, by content.
+    published = [name for name in listing(s3, "runs/_models") if name.endswith("/rayalign-model.json")]
+    assert len(published) == 1 and summary["files"]["base_model"].startswith(s3_server.uri("runs/_models/"))
+    assert len(train_workers_nodes(isolated_cluster)) == 2
+
+
+def test_validate_and_audit_read_data_from_s3_and_keep_their_quarantine_there(isolated_cluster, s3_server, s3):
+    lines = [json.dumps({"prompt": f"Q: {i}+1=?\nA:", "chosen": f" {i + 1}", "rejected": f" {i + 2}"}) for i in range(40)]
+    lines.insert(7, "{not json")
+    with s3.open_output_stream("rayalign/data/pairs.jsonl") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    data = ["--set", f"data.paths=[{s3_server.uri('data/pairs.jsonl')}]", "--set", "data.synthetic=null",
+            "--set", "data.max_quarantine_fraction=0.1"]
+    tiny = str(REPO / "jobs/configs/tiny-dpo.yaml")
+
+    result = ok(rayalign(isolated_cluster, s3_server, "validate", "--config", tiny, "--json", *data,
+                         "--set", "output.name=checked"))
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (counts["records"], counts["usable"], counts["quarantined"]) == (41, 40, 1)
+    assert counts["quarantine_path"] == s3_server.uri("runs/checked/validate/quarantine.jsonl")
+    (rejected,) = [json.loads(x) for x in read(s3, "runs/checked/validate/quarantine.jsonl").splitlines()]
+    assert rejected["row"] == 8 and rejected["reason"] == "bad_json"
+
+    ok(rayalign(isolated_cluster, s3_server, "audit", "--config", tiny, *data, "--set", "output.name=audited"))
+    audit = json.loads(read(s3, "runs/audited/audit/audit.json"))
+    assert audit["pairs"] == 40 and audit["data"]["quarantine"]["quarantined"] == 1
+    assert "audit.png" in listing(s3, "runs/audited/audit")
+    assert len(read(s3, "runs/audited/audit/quarantine.jsonl").splitlines()) == 1
+
+
+def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cluster, s3_server, s3):
+    ok(rayalign(isolated_cluster, s3_server, "sweep", "--config", str(REPO / "jobs/configs/tiny-cpo.yaml"),
+                "--set", "output.name=sweep-s3", "--set", "train.epochs=1", "--set", "train.max_steps=2",
+                "--set", "data.synthetic.num_pairs=96", "--set", "data.eval_fraction=0.25",
+                "--set", "monitor.eval_every=2", "--set", "scaling.num_workers=1", "--set", "scaling.cpus_per_worker=1",
+                "--set", "sweep={space: {loss.gamma: {values: [0.5, 2.0]}}, early_stopping: none, "
+                         "max_concurrent_trials: 2, trial_cpus: 0.1}"))
+    summary = json.loads(read(s3, "runs/sweep-s3/sweep_summary.json"))
+    assert summary["counts"]["completed"] == 2
+    for trial in summary["trials"]:
+        assert trial["run_dir"].startswith(s3_server.uri("runs/sweep-s3/trials/"))
+        stored = trial["run_dir"].removeprefix(s3_server.uri("") + "/")
+        assert json.loads(read(s3, f"{stored}/summary.json"))["steps"] == 2
+        assert "config.json" in listing(s3, f"{stored}/model")
+    assert listing(s3, "runs/sweep-s3/tune") and "best_config.yaml" in listing(s3, "runs/sweep-s3")
+    # The reference was scored once into the cache in S3, by Ray Data's writers on the worker nodes.
+    entries = listing(s3, "runs/_refcache")
+    assert any(name.endswith("/manifest.json") for name in entries)
+    assert any(name.endswith(".parquet") for name in entries)
+
+
+def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster, s3_server, s3):
+    """Last: it replaces a worker node. ZeRO-3 shards the model across both workers' nodes; the node of
+    one of them is killed after the first checkpoint reached S3, and a new node (empty cache, no disk
+    in common) takes its place."""
+    run, config = "runs/lost-node", str(REPO / "jobs/configs/tiny-dpo.yaml")
+    argv = [sys.executable, "-m", "rayalign", "train", "--config", config]
+    for kv in (f"output.root={isolated_cluster.driver_root}/runs", f"output.storage={s3_server.uri('runs')}",
+               f"output.s3.endpoint={s3_server.host_port}", "output.s3.scheme=http", "output.name=lost-node",
+               "train.zero_stage=3", "train.epochs=1", "train.max_steps=30", "train.checkpoint_every=3",
+               "train.log_every=1", "train.max_failures=1", "data.synthetic.num_pairs=1000",
+               "scaling.cpus_per_worker=1.5"):
+        argv += ["--set", kv]
+    proc = subprocess.Popen(argv, cwd=isolated_cluster.driver_root, env=isolated_cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not any("checkpoint_" in name for name in listing(s3, f"{run}/ray")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint reached S3"
+            time.sleep(1)
+        victim = next(i for i, node in enumerate(isolated_cluster.workers) if node.alive)
+        isolated_cluster.kill_worker_node(victim)
+        isolated_cluster.add_worker_node()
+        out, _ = proc.communicate(timeout=COMMAND_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads(read(s3, f"{run}/summary.json"))
+    assert summary["steps"] == 30 and summary["resumed_from_steps"], summary["resumed_from_steps"]
+    rows = [json.loads(line) for line in read(s3, f"{run}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert "config.json" in listing(s3, f"{run}/model")
