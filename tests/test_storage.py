@@ -111,3 +111,54 @@ def test_reference_pass_fills_the_cache_once(ray_cluster, tmp_path):
     written = json.loads((cfg.output.run_dir / "reference" / "reference.json").read_text())
     assert written["cache"]["hit"] is True
     assert list((tmp_path / "refcache" / first["cache"]["key"]).glob("data-*/*.parquet"))
+
+
+def test_models_are_published_by_content_and_fetched_once_per_node(tmp_path, tiny_model_dir, monkeypatch):
+    import rayalign.models as models
+    from rayalign.models import MODEL_MANIFEST, content_digest, fetch_model, publish_model
+
+    monkeypatch.setenv("RAYALIGN_CACHE_DIR", str(tmp_path / "driver-cache"))
+    store = location(str(tmp_path / "store"))
+    source = publish_model(tiny_model_dir, store)
+    assert source.key == f"{tiny_model_dir.name}-{content_digest(tiny_model_dir)[:16]}"
+    published = tmp_path / "store" / "_models" / source.key
+    assert (published / MODEL_MANIFEST).is_file() and (published / "config.json").is_file()
+    stamp = (published / MODEL_MANIFEST).stat().st_mtime_ns
+    # The same content again: the digest comes from the memo (no file is read) and nothing is uploaded.
+    monkeypatch.setattr(models, "_sha256", lambda path: pytest.fail(f"{path} read again"))
+    assert publish_model(tiny_model_dir, store) == source
+    assert (published / MODEL_MANIFEST).stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+
+    node_copy = tmp_path / "node-cache" / source.key
+    assert fetch_model(source.stored, node_copy) == node_copy
+    assert (node_copy / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    (published / "model.safetensors").unlink()  # a second fetch on this node never reads storage again
+    assert fetch_model(source.stored, node_copy) == node_copy
+
+    # A copy that arrives short is refused and leaves nothing that looks complete.
+    (published / "model.safetensors").write_bytes(b"truncated")
+    other = tmp_path / "other-node" / source.key
+    with pytest.raises(OSError, match="arrived incomplete"):
+        fetch_model(source.stored, other)
+    assert not other.exists() and not list(other.parent.glob("*.partial"))
+
+
+@pytest.mark.e2e
+def test_the_storage_check_names_the_node_and_what_it_cannot_reach(ray_cluster, tmp_path, tiny_model_dir):
+    from rayalign.errors import StorageError
+    from rayalign.models import ModelSource, publish_model
+    from rayalign.probe import PROBE_DIR, check_storage
+
+    cfg = make_config(tmp_path, output={"storage": f"file://{tmp_path}/store"})
+    model = publish_model(tiny_model_dir, location(f"file://{tmp_path}/store"))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    check_storage(cfg, model, [str(data)])  # one machine: every node sees everything
+    assert not list((tmp_path / "store" / PROBE_DIR).iterdir())  # no probe is left behind
+    with pytest.raises(StorageError, match=r"^data.paths: .*/gone.jsonl is not visible from node \S+ \(\w{8}\): "
+                                           r"the nodes do not share this filesystem: set output.storage"):
+        check_storage(cfg, model, [str(tmp_path / "gone.jsonl")])
+    lost = ModelSource(tmp_path / "nowhere", "nowhere-0")
+    with pytest.raises(StorageError, match=r"^model: .*/nowhere is not visible from node \S+ \(\w{8}\)"):
+        check_storage(cfg, lost, [str(data)])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rayalign.config import ConfigError, RunConfig, load_config
 from rayalign.console import Console, log
-from rayalign.errors import ClusterResourceError, DataQualityError, StorageError, TrainingDiverged
+from rayalign.errors import ClusterResourceError, DataQualityError, StorageError, TrainingDiverged, TrainingIncomplete
 from rayalign.runtime import bind_local_cluster_to_loopback
 
 USER_ERRORS = (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError, StorageError)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, configs, console)
     except USER_ERRORS as err:
         return _fail(console, f"rayalign: error: {err}", 2)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, TrainingIncomplete) as err:
         return _fail(console, f"rayalign: run failed: {err}", 1)
     except BaseException:
         if console is not None:

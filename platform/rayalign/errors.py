@@ -31,3 +31,7 @@ class TrainingDiverged(RuntimeError):
 
 class StorageError(RuntimeError):
     """The run's storage, model or data cannot be reached from a node that will work on the run."""
+
+
+class TrainingIncomplete(RuntimeError):
+    """Training ended before its planned step count (its data ran out); the run is not a finished one."""

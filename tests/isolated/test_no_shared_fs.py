@@ -122,6 +122,13 @@ def test_a_job_trains_on_two_nodes_and_keeps_everything_in_s3(isolated_cluster, 
     published = [name for name in listing(s3, "runs/_models") if name.endswith("/rayalign-model.json")]
     assert len(published) == 1 and summary["files"]["base_model"].startswith(s3_server.uri("runs/_models/"))
     assert len(train_workers_nodes(isolated_cluster)) == 2
+    # The report reads the run straight from storage.
+    png = isolated_cluster.driver_root / "dpo-s3.png"
+    shown = subprocess.run([sys.executable, "-m", "rayalign", "report", s3_server.uri(run), "--out", str(png),
+                            "--s3-endpoint", s3_server.host_port, "--s3-scheme", "http"],
+                           env=isolated_cluster.env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and png.stat().st_size > 10_000, shown.stderr[-2000:]
+    assert "dpo-s3 (dpo)" in shown.stdout
 
 
 def test_validate_and_audit_read_data_from_s3_and_keep_their_quarantine_there(isolated_cluster, s3_server, s3):
@@ -172,23 +179,29 @@ def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cl
 def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster, s3_server, s3):
     """Last: it replaces a worker node. ZeRO-3 shards the model across both workers' nodes; the node of
     one of them is killed after the first checkpoint reached S3, and a new node (empty cache, no disk
-    in common) takes its place."""
+    in common) takes its place: it fetches the model from S3 and the workers restore from there."""
     run, config = "runs/lost-node", str(REPO / "jobs/configs/tiny-dpo.yaml")
     argv = [sys.executable, "-m", "rayalign", "train", "--config", config]
     for kv in (f"output.root={isolated_cluster.driver_root}/runs", f"output.storage={s3_server.uri('runs')}",
                f"output.s3.endpoint={s3_server.host_port}", "output.s3.scheme=http", "output.name=lost-node",
                "train.zero_stage=3", "train.epochs=1", "train.max_steps=30", "train.checkpoint_every=3",
                "train.log_every=1", "train.max_failures=1", "data.synthetic.num_pairs=1000",
-               "scaling.cpus_per_worker=1.5"):
+               # Scored once into the cache in S3: the restarted workers read the pairs from there again.
+               "reference.cache=true", "scaling.cpus_per_worker=1.5"):
         argv += ["--set", kv]
     proc = subprocess.Popen(argv, cwd=isolated_cluster.driver_root, env=isolated_cluster.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    seen: list[str] = []
     try:
+        # A worker starts step 4 only once the controller has registered step 3's checkpoint (in S3):
+        # the driver's progress line for step 4 means a restore has something to restore.
         deadline = time.monotonic() + 400
-        while not any("checkpoint_" in name for name in listing(s3, f"{run}/ray")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint reached S3"
-            time.sleep(1)
+        for line in proc.stdout:
+            seen.append(line)
+            if "[rayalign] step 4/30" in line:
+                break
+            assert time.monotonic() < deadline, "".join(seen)[-3000:]
+        assert any("checkpoint_" in name for name in listing(s3, f"{run}/ray")), "".join(seen)[-3000:]
         victim = next(i for i, node in enumerate(isolated_cluster.workers) if node.alive)
         isolated_cluster.kill_worker_node(victim)
         isolated_cluster.add_worker_node()
@@ -196,6 +209,7 @@ def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = "".join(seen) + (out or "")
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads(read(s3, f"{run}/summary.json"))
     assert summary["steps"] == 30 and summary["resumed_from_steps"], summary["resumed_from_steps"]

@@ -89,8 +89,25 @@ def scored_pairs_cached(
         scored.write_parquet(data.path, filesystem=data.fs, ray_remote_args={"num_cpus": cfg.ray.data_cpus_per_task})
         write_text(entry / MANIFEST, json.dumps(
             {"key": key, "backend": cfg.reference.backend, "data": data.name, "components": components}, indent=2))
-    dataset = ray.data.read_parquet(data.path, filesystem=data.fs, num_cpus=cfg.ray.data_cpus_per_task)
-    return dataset, CacheInfo(key=key, path=entry.uri, hit=hit, components=components)
+    return read_scored(data, cfg.ray.data_cpus_per_task), CacheInfo(key=key, path=entry.uri, hit=hit,
+                                                                     components=components)
+
+
+def read_scored(data: Location, num_cpus: float) -> Dataset:
+    """The committed Parquet folder as a lazy Dataset whose every task takes ``num_cpus``.
+
+    Ray Data's newer Parquet reader lists the files in a task of one whole CPU, which it cannot get
+    while Ray Train's workers hold a node's CPUs: a run sized to its cluster would wait forever each
+    time training starts or restarts after a lost node. The older reader lists on the driver.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    newer, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(data.path, filesystem=data.fs, num_cpus=num_cpus)
+    finally:
+        context.use_datasource_v2 = newer
 
 
 def describe(info: CacheInfo) -> dict[str, Any]:

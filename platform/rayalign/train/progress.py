@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ class ProgressBoard:
 def relayed_progress(consumers: list[Callable[[Row], None]]) -> Iterator[Any]:
     """A :class:`ProgressBoard` whose rows reach every consumer, in order, while the block runs and
     once more at its end; yields the board's handle for the workers (``WorkerPlan.progress``)."""
-    board = ProgressBoard.options(name=None).remote()
+    # On the driver's own node: a worker node lost mid-run must not take the mailbox with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = ProgressBoard.options(name=None, scheduling_strategy=here).remote()
     stop = threading.Event()
 
     def deliver() -> None:

@@ -14,7 +14,7 @@ from ray.train import TrainingFailedError
 from rayalign.config import RunConfig
 from rayalign.console import Console, TrainingProgress
 from rayalign.data.stage import PreparedData
-from rayalign.errors import TrainingDiverged
+from rayalign.errors import TrainingDiverged, TrainingIncomplete
 from rayalign.models import ModelSource, load_tokenizer
 from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import (
@@ -107,8 +107,8 @@ def train_stage(
     """
     run_dir = cfg.output.run_dir
     trackers = open_trackers(cfg, sweep)
-    progress = TrainingProgress(console, planned_steps(cfg.train, cfg.scaling.num_workers, scored.num_train),
-                                cfg.output.name)
+    planned = planned_steps(cfg.train, cfg.scaling.num_workers, scored.num_train)
+    progress = TrainingProgress(console, planned, cfg.output.name)
     consumers = ([progress.show] if console is not None else []) + ([trackers.log_step] if trackers.runs else [])
     try:
         with relayed_progress(consumers) if consumers else nullcontext() as board:
@@ -132,6 +132,7 @@ def train_stage(
     (run_dir / METRICS_FILE).write_bytes(read_checkpoint_file(result.checkpoint, METRICS_FILE))
     summary = summarize(cfg, model, data_report, time.perf_counter() - started)
     summary["preflight"] = preflight
+    summary["planned_steps"] = planned
     summary["reference"] = scored.source.as_dict()
     if scored.heldout is not None:
         summary["reference"]["heldout_pairs"] = scored.heldout.count()
@@ -140,5 +141,14 @@ def train_stage(
     for path in (run_dir / CONFIG_FILE, run_dir / QUARANTINE_FILE, run_dir / METRICS_FILE, run_dir / SUMMARY_FILE, plot):
         if path.exists():
             upload(path, run_location(cfg.output) / path.name)
+    if summary["steps"] < planned:
+        trackers.finish(summary, [plot, run_dir / METRICS_FILE], failed=True)
+        raise TrainingIncomplete(
+            f"training ended at step {summary['steps']} of the {planned} planned: the workers' data ran out"
+            + (f" after a restore from step {summary['resumed_from_steps'][-1]}" if summary["resumed_from_steps"]
+               else " after a restart of the workers" if cfg.train.max_failures else "")
+            + ". A reference streamed into training is not read again when Ray Train restarts the workers: "
+            f"with train.max_failures set reference.cache: true, so a restart re-reads the scored pairs from "
+            f"storage. The run's files are in {cfg.output.run_storage}")
     trackers.finish(summary, [plot, run_dir / METRICS_FILE])
     return summary
