@@ -32,6 +32,29 @@ def test_storage_uris_refuse_credentials_and_unknown_schemes(key):
     assert "hunter2" not in str(err.value) and "AKIA123" not in str(err.value)
     with pytest.raises(ConfigError, match=r"unknown storage scheme 'ftp'"):
         config_from_dict(tree("ftp://host/runs"))
+    with pytest.raises(ConfigError, match=r"unknown storage scheme 's3a' in 's3a://\*\*\*@bucket/x'") as err:
+        config_from_dict(tree("s3a://AKIA123:hunter2@bucket/x"))  # refused for its scheme, still never shown
+    assert "hunter2" not in str(err.value)
+
+
+def test_an_endpoint_with_credentials_is_refused_without_showing_them():
+    with pytest.raises(ConfigError, match=r"host:port only \('\*\*\*@minio:9000'\)") as err:
+        config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
+                          "output": {"s3": {"endpoint": "user:hunter2@minio:9000"}}})
+    assert "hunter2" not in str(err.value)
+
+
+def test_a_new_run_clears_the_previous_runs_results_in_storage(tmp_path):
+    from rayalign.storage import prepare_run_dir
+
+    cfg = make_config(tmp_path, output={"storage": f"file://{tmp_path}/store"})
+    kept = tmp_path / "store" / "test"
+    (kept / "model").mkdir(parents=True)
+    for name in ("summary.json", "metrics.jsonl", "quarantine.jsonl", "model/model.safetensors"):
+        (kept / name).write_text("from the previous run")
+    (kept / "ray").mkdir()  # Ray Train's checkpoints stay: a restored sweep trial continues from them
+    prepare_run_dir(cfg)
+    assert sorted(p.name for p in kept.iterdir()) == ["ray"]
 
 
 def test_a_storage_uri_as_output_root_names_the_storage(tmp_path):

@@ -151,7 +151,10 @@ def _report(args: argparse.Namespace, configs: list[RunConfig], console: Console
     from rayalign.config import S3Config
     from rayalign.diagnostics.report import fetch_run, format_runs_table, plot_runs
 
-    s3 = S3Config(endpoint=args.s3_endpoint, scheme=args.s3_scheme)
+    try:
+        s3 = S3Config(endpoint=args.s3_endpoint, scheme=args.s3_scheme)
+    except ValueError as err:  # pydantic's ValidationError
+        raise ConfigError(f"--s3-endpoint: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     with tempfile.TemporaryDirectory(prefix="rayalign-report-") as tmp:
         # A run kept in storage (s3://..., gs://...) is read from there: its metrics, summary and config.
         run_dirs = [fetch_run(d, Path(tmp) / str(i), s3) if "://" in d else Path(d) for i, d in enumerate(args.run_dirs)]
@@ -226,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    report.add_argument("--out", metavar="PNG", help="output file (default: in the (first) run directory)")
+    report.add_argument("--out", metavar="PNG",
+                        help="output file (default: in the (first) run directory; ./report.png for a URI)")
     report.add_argument("--s3-endpoint", metavar="HOST:PORT",
                         help="an S3-compatible server for s3:// run directories (as output.s3.endpoint)")
     report.add_argument("--s3-scheme", choices=["https", "http"], default="https")

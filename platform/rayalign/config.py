@@ -36,17 +36,23 @@ def storage_uri(value: str) -> str:
     if "://" not in value:
         return value
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]*)(.*)$", value)
+    shown = redacted(value)
     if not match or (not match.group(2) and match.group(1).lower() != "file"):
-        raise ValueError(f"not a URI: {value!r} (expected scheme://location, e.g. s3://bucket/runs)")
+        raise ValueError(f"not a URI: {shown!r} (expected scheme://location, e.g. s3://bucket/runs)")
     scheme, authority = match.group(1).lower(), match.group(2)
     if scheme not in STORAGE_SCHEMES:
-        raise ValueError(f"unknown storage scheme {scheme!r} in {value!r}: use one of "
+        raise ValueError(f"unknown storage scheme {scheme!r} in {shown!r}: use one of "
                          f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path")
     if "@" in authority:
         raise ValueError(f"credentials in a storage URI ({scheme}://{authority.rpartition('@')[2]}...) are refused: "
                          "give them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                          "GOOGLE_APPLICATION_CREDENTIALS) or an instance profile")
     return value.rstrip("/") if value.rstrip("/") != f"{scheme}://" else value
+
+
+def redacted(value: str) -> str:
+    """``value`` with whatever stands before an ``@`` in a URI's authority (user, password, key) hidden."""
+    return re.sub(r"(^|://)[^/@\s]*@", r"\1***@", value)
 
 
 def is_remote_uri(value: str) -> bool:
@@ -437,7 +443,7 @@ class S3Config(_Section):
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None and ("://" in value or "@" in value or "/" in value):
-            raise ValueError(f"give host:port only ({value!r}); the scheme goes in output.s3.scheme, "
+            raise ValueError(f"give host:port only ({redacted(value)!r}); the scheme goes in output.s3.scheme, "
                              "credentials in the environment")
         return value
 
@@ -694,7 +700,7 @@ class RunConfig(_Section):
 
 
 def _holds_secret(value: Any) -> bool:
-    return re.search(r"://[^/\s'\"]*@", str(value)) is not None
+    return "@" in str(value)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

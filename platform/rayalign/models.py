@@ -293,13 +293,15 @@ def fetch_model(stored: Location, local: Path) -> Path:
         if manifest is None:
             raise FileNotFoundError(f"model: {stored} holds no published model ({MODEL_MANIFEST} is missing)")
         staging = local.with_name(f"{local.name}.{uuid.uuid4().hex[:8]}.partial")
-        download(stored, staging)
-        for name, size in json.loads(manifest)["files"].items():
-            got = staging / name
-            if not got.is_file() or got.stat().st_size != size:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise OSError(f"model: {stored / name} arrived incomplete on this node")
-        staging.rename(local)
+        try:
+            download(stored, staging)
+            for name, size in json.loads(manifest)["files"].items():
+                got = staging / name
+                if not got.is_file() or got.stat().st_size != size:
+                    raise OSError(f"model: {stored / name} arrived incomplete on this node")
+            staging.rename(local)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when the copy was renamed into place
     return local
 
 

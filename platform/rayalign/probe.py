@@ -15,6 +15,8 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
+
 from rayalign.config import RunConfig, S3Config
 from rayalign.errors import StorageError
 from rayalign.models import MODEL_MANIFEST, ModelSource
@@ -48,6 +50,15 @@ def shared_places(cfg: RunConfig) -> list[SharedPlace]:
     if not cache.uri.startswith(places[0].place.uri + "/"):
         places.append(SharedPlace("reference.cache_root", cache, token))
     return places
+
+
+def check_driver_storage(cfg: RunConfig) -> None:
+    """Raise :class:`StorageError` unless this process can write, read and delete in every shared place:
+    run before the driver publishes anything, so a wrong endpoint or missing credentials end in one line."""
+    for shared in shared_places(cfg):
+        problem = _write_read_delete(shared, "the driver")
+        if problem:
+            raise StorageError(problem)
 
 
 def check_storage(cfg: RunConfig, model: ModelSource, data_paths: list[str]) -> None:
@@ -117,12 +128,19 @@ def _probe_node(places: list[SharedPlace], model: ModelSource, data_paths: list[
     if model.stored is None:
         if not (model.driver_dir / "config.json").is_file():
             return f"model: {model.driver_dir} is not visible from {who}: {NOT_SHARED_HINT}"
-    elif read_text(model.stored / MODEL_MANIFEST) is None:
-        return f"model: the published copy {model.stored.uri} cannot be read from {who}"
+    else:
+        try:
+            published = read_text(model.stored / MODEL_MANIFEST)
+        except Exception as exc:
+            published, why = None, f": {type(exc).__name__}: {exc}"
+        else:
+            why = f" ({MODEL_MANIFEST} is missing)"
+        if published is None:
+            return f"model: the published copy {model.stored.uri} cannot be read from {who}{why}"
     for path in data_paths:
         place = location(path, s3)
         try:
-            found = place.kind().name != "NotFound"
+            found = place.kind() != pafs.FileType.NotFound
         except Exception as exc:
             return f"data.paths: {path} cannot be read from {who}: {type(exc).__name__}: {exc}"
         if not found:

@@ -23,6 +23,7 @@ handed the filesystem explicitly instead of guessing it from a string.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -89,11 +90,23 @@ def location(where: str, s3: S3Config | None = None) -> Location:
             options.update(endpoint_override=s3.endpoint, scheme=s3.scheme)
         region = (s3.region if s3 is not None else None) or os.environ.get("AWS_REGION") or os.environ.get(
             "AWS_DEFAULT_REGION")
+        if not region and "endpoint_override" not in options:
+            region = _bucket_region(rest.split("/", 1)[0])
         if region:
             options["region"] = region
         return Location(pafs.S3FileSystem(**options), rest.rstrip("/"), where)
     fs, path = pafs.FileSystem.from_uri(where)
     return Location(fs, path, where)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    """An AWS bucket's region, asked of S3 once per bucket (None when it cannot be asked): the nodes then
+    get it with the filesystem instead of each guessing us-east-1."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None
 
 
 def storage_root(output: OutputConfig) -> Location:
@@ -203,11 +216,16 @@ def publish(output: OutputConfig, local: Path) -> Location:
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory, drop the files a previous run of the same name left, write the config."""
+    """Create the run directory, drop the files a previous run of the same name left (here and in the
+    run's storage, so a run that fails never stands beside an older run's summary or model), write the config."""
     run_dir = cfg.output.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE):
         (run_dir / stale).unlink(missing_ok=True)
+    stored = run_location(cfg.output)
+    if not is_same_place(run_dir, stored):
+        for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE, "model"):
+            remove(stored / stale)
     (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
     return run_dir
 

@@ -12,7 +12,7 @@ from rayalign.config import RunConfig
 from rayalign.data.records import DataReport, InputFiles, prepare_pairs
 from rayalign.data.synthetic import generate, to_jsonl
 from rayalign.models import ModelSource, publish_model, resolve_run_model
-from rayalign.probe import check_storage
+from rayalign.probe import check_driver_storage, check_storage
 from rayalign.runtime import ResourceDemand, init_ray
 from rayalign.storage import storage_root, stored_twin, write_text
 
@@ -55,6 +55,7 @@ def open_run(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -> Op
     the synthetic data to storage, and check that every node reaches what it will open."""
     model_dir = resolve_run_model(cfg)
     init_ray(cfg.ray, demand)
+    check_driver_storage(cfg)  # before anything is written there: a wrong endpoint or key ends in one line
     model = publish_model(model_dir, storage_root(cfg.output) if cfg.output.storage is not None else None)
     paths = data_paths(cfg, out_dir)
     check_storage(cfg, model, paths)

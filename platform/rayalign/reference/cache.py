@@ -23,6 +23,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray.data import Dataset
 
@@ -71,7 +72,7 @@ def committed_data(entry: Location) -> Location | None:
     if text is None:
         return None
     data = entry / json.loads(text).get("data", "data")
-    return data if data.kind().name == "Directory" else None
+    return data if data.kind() == pafs.FileType.Directory else None
 
 
 def scored_pairs_cached(

@@ -133,6 +133,7 @@ def train_stage(
     summary = summarize(cfg, model, data_report, time.perf_counter() - started)
     summary["preflight"] = preflight
     summary["planned_steps"] = planned
+    summary["complete"] = summary["steps"] >= planned
     summary["reference"] = scored.source.as_dict()
     if scored.heldout is not None:
         summary["reference"]["heldout_pairs"] = scored.heldout.count()
@@ -148,7 +149,7 @@ def train_stage(
             + (f" after a restore from step {summary['resumed_from_steps'][-1]}" if summary["resumed_from_steps"]
                else " after a restart of the workers" if cfg.train.max_failures else "")
             + ". A reference streamed into training is not read again when Ray Train restarts the workers: "
-            f"with train.max_failures set reference.cache: true, so a restart re-reads the scored pairs from "
-            f"storage. The run's files are in {cfg.output.run_storage}")
+            "set reference.cache: true when using train.max_failures, so that a restart re-reads the scored "
+            f"pairs from storage. The run's files (summary.json says complete: false) are in {cfg.output.run_storage}")
     trackers.finish(summary, [plot, run_dir / METRICS_FILE])
     return summary
