@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,8 +220,11 @@ def start_s3_server(root: Path, weed: str) -> S3Server:
     # Unix sockets, whose paths are fixed (/tmp/seaweedfs-<server>-grpc-<port>.sock), and its
     # logs then land here, and never meet another SeaweedFS on this machine.
     tmp = "/tmp"
+    # The binary is copied in too: wherever it was installed (a checkout under /tmp, say) is hidden
+    # once /tmp is covered. weed is one static binary.
+    shutil.copy2(weed, root / "weed")
     args = [
-        weed, "server",
+        f"{tmp}/weed", "server",
         f"-dir={tmp}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
