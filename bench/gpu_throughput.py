@@ -2,6 +2,7 @@
 
     python bench/gpu_throughput.py                                        # on a GPU: the defaults below
     python bench/gpu_throughput.py --device cpu --tiny --out /tmp/g.json  # the whole thing, CI-sized, on CPU
+    python bench/gpu_throughput.py --device cpu --shape smollm2-135m ...  # any model shape (--shape), any device
 
 Contenders, each trained for the same optimizer steps on the same pairs in the same order:
 
@@ -13,6 +14,10 @@ Contenders, each trained for the same optimizer steps on the same pairs in the s
 * ``trl_precomputed_ref`` / ``trl``: TRL's ``DPOTrainer`` with and without ``precompute_ref_log_probs``
   (without it, a reference model is kept and run every step). TRL is only installed for this benchmark
   (``make install-bench``); without it these are recorded as skipped.
+* ``rayalign_padded`` / ``rayalign_flex`` (only when named in ``--contenders``): the same run with
+  ``train.packing.layout: padded`` (each sequence padded to the longest, as the peers lay out a batch), or
+  with ``model.attn_implementation: flex_attention`` and the ``packed`` layout (a micro-batch in one row,
+  no padding at all).
 * ``bare``: a plain loop over the same padded batches (``rayalign.packing``, padded layout): one policy
   forward of chosen+rejected concatenated, the DPO sigmoid loss against reference log-probs computed
   before the timed loop, AdamW. A ceiling for this model without packing or kernel work.
@@ -57,6 +62,13 @@ REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu-throughput.json"
 CONTENDERS = ("rayalign", "bare", "trl_precomputed_ref", "trl")
+# rayalign's other layouts, measured only when named in --contenders: settings as `rayalign train --set` takes them.
+RAYALIGN_VARIANTS: dict[str, tuple[str, ...]] = {
+    "rayalign": (),
+    "rayalign_padded": ("train.packing.layout=padded",),
+    "rayalign_flex": ("model.attn_implementation=flex_attention", "train.packing.layout=packed"),
+}
+KNOWN_CONTENDERS = (*CONTENDERS, *[name for name in RAYALIGN_VARIANTS if name != "rayalign"])
 TRL_INSTALL = "make install-bench  (pip install -r bench/requirements.txt, with the project's torch pin)"
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 
@@ -72,11 +84,16 @@ class ModelSpec:
     mlp: int
     vocab: int
     tokenizer_records: int | None  # HH records the BPE tokenizer is trained on (None: all)
+    tie_embeddings: bool = False  # the LM head shares the input embedding's weight
     seed: int = 0
 
 
 FULL = ModelSpec(layers=24, hidden=896, heads=14, kv_heads=2, mlp=4864, vocab=32_000, tokenizer_records=None)
 TINY = ModelSpec(layers=2, hidden=64, heads=2, kv_heads=1, mlp=128, vocab=512, tokenizer_records=300)
+# SmolLM2-135M-Instruct's shape (its config.json), random init: the real model's compute without its weights.
+SMOLLM2_135M = ModelSpec(layers=30, hidden=576, heads=9, kv_heads=3, mlp=1536, vocab=49_152, tokenizer_records=None,
+                         tie_embeddings=True)
+SHAPES = {"0.4b": FULL, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
 
 
 # ---------------------------------------------------------------- output plumbing
@@ -241,7 +258,7 @@ def build_model_dir(spec: ModelSpec, dtype: str, data: Path, max_positions: int,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_embeddings,
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
@@ -253,16 +270,20 @@ def build_model_dir(spec: ModelSpec, dtype: str, data: Path, max_positions: int,
 
 
 def parameter_counts(model_dir: Path) -> dict[str, int]:
-    """Total and non-embedding parameters (the input embedding excluded; the untied LM head counted)."""
+    """Total and non-embedding parameters: the input embedding (a lookup) excluded, the LM head (a matmul)
+    counted, also when it shares the embedding's weight."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    return {"total": total, "input_embedding": embedding, "non_embedding": total - embedding, "vocab": config.vocab_size}
+    total = sum(p.numel() for p in model.parameters())  # a tied weight once
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    non_embedding = total - embedding.numel() + (head.numel() if head is embedding else 0)
+    return {"total": total, "input_embedding": embedding.numel(), "non_embedding": non_embedding,
+            "vocab": config.vocab_size, "tied_embeddings": head is embedding}
 
 
 @dataclass
@@ -471,7 +492,7 @@ class RowWatcher(threading.Thread):
         return dict(self.seen)
 
 
-def run_rayalign(s: Setting) -> dict[str, Any]:
+def run_rayalign(s: Setting, variant: str = "rayalign") -> dict[str, Any]:
     from rayalign.config import config_from_dict
     from rayalign.storage import read_jsonl
     from rayalign.pipeline import run_train
@@ -516,9 +537,10 @@ def run_rayalign(s: Setting) -> dict[str, Any]:
             "cpus_per_worker": 1.0 if cuda else 0.5,
             **({"gpus_per_worker": 0.75} if cuda else {}),
         },
-        "output": {"root": str(s.work / "runs"), "name": f"rayalign-mb{s.micro_batch}"},
+        "output": {"root": str(s.work / "runs"), "name": f"{variant}-mb{s.micro_batch}".replace("_", "-")},
     }
-    cfg = config_from_dict(tree, list(s.rayalign_overrides), origin="bench/gpu_throughput.py")
+    overrides = [*RAYALIGN_VARIANTS[variant], *s.rayalign_overrides]
+    cfg = config_from_dict(tree, overrides, origin="bench/gpu_throughput.py")
     (cfg.output.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # rows of an earlier bench run
     watcher = RowWatcher(cfg.output.run_dir / "metrics.jsonl", poll_s=0.002 if cuda else 0.01)
     started = time.perf_counter()
@@ -559,6 +581,7 @@ def run_rayalign(s: Setting) -> dict[str, Any]:
     }
     result["computed_tokens_per_pair"] = sum(computed_tokens) / sum(step_pairs)  # what the layout computed
     result["layout"] = summary.get("preflight", {}).get("layout")
+    result["settings"] = overrides
     peaks = [r["memory/peak_allocated_gib"] for r in rows if "memory/peak_allocated_gib" in r]
     result.update(
         peak_memory_gib=max(peaks) if peaks else None,
@@ -791,7 +814,9 @@ def add_derived(contenders: dict[str, dict[str, Any]], non_embedding: int, peak_
             result["mfu_real_tokens"] = 6 * non_embedding * result["real_tokens_per_s"] / peak_flops
     ratios = {}
     ours = contenders.get("rayalign", {})
-    for other in ("trl_precomputed_ref", "trl", "bare"):
+    for other in contenders:
+        if other == "rayalign":
+            continue
         theirs = contenders.get(other, {})
         if ours.get("status") == "ok" and theirs.get("status") == "ok":
             ratios[f"rayalign/{other}"] = ours["pairs_per_s"] / theirs["pairs_per_s"]
@@ -848,6 +873,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="CI-sized: tiny model, few pairs and steps, float32")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="model shape (random init): 0.4b (default), smollm2-135m, tiny (--tiny's)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--work-dir", default=None, help="models, runs, caches, logs (default: runs/gpu-bench[-tiny])")
     parser.add_argument("--data", default=str(HH))
@@ -857,7 +884,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=None, help="512; tiny: 128")
     parser.add_argument("--max-prompt-length", type=int, default=None, help="256; tiny: 64")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="cuda: bfloat16; cpu: float32")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {','.join(CONTENDERS)}")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"any of {','.join(KNOWN_CONTENDERS)} (default: {','.join(CONTENDERS)})")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument(
@@ -879,9 +907,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.max_prompt_length = args.max_prompt_length or (64 if tiny else 256)
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = set(args.contenders) - set(CONTENDERS)
+    unknown = set(args.contenders) - set(KNOWN_CONTENDERS)
     if unknown:
-        parser.error(f"unknown contenders {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
+        parser.error(f"unknown contenders {sorted(unknown)}; choose from {', '.join(KNOWN_CONTENDERS)}")
+    args.shape = args.shape or ("tiny" if tiny else "0.4b")
     if not 0 <= args.warmup < args.steps:
         parser.error("--warmup must be smaller than --steps")
     args.work_dir = Path(args.work_dir or REPO / "runs" / ("gpu-bench-tiny" if tiny else "gpu-bench")).resolve()
@@ -955,7 +984,7 @@ def _run(args: argparse.Namespace) -> int:
     log = work / "bench.log"
     if not data.is_file():
         raise SystemExit(f"data file not found: {data} (see ../shared/data/README.md)")
-    spec = TINY if args.tiny else FULL
+    spec = SHAPES[args.shape]
     say(f"{'tiny ' if args.tiny else ''}run on {args.device} ({args.dtype}); library output -> {log}")
 
     started = time.perf_counter()
@@ -1028,7 +1057,7 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int) 
         f"({sum(pairs.quarantined.values())} quarantined), {pairs.real_tokens() / len(pairs):.1f} real tokens/pair, "
         f"{1 - pairs.real_tokens() / padded:.0%} of the padded batches is padding")
     runners: dict[str, Callable[[], dict[str, Any]]] = {
-        "rayalign": lambda: run_rayalign(setting),
+        **{variant: (lambda v=variant: run_rayalign(setting, v)) for variant in RAYALIGN_VARIANTS},
         "bare": lambda: run_bare(setting),
         "trl_precomputed_ref": lambda: run_trl(setting, precompute=True),
         "trl": lambda: run_trl(setting, precompute=False),
@@ -1083,9 +1112,11 @@ def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[st
         "versions": versions(),
         "settings": {
             "tiny": args.tiny,
+            "shape": args.shape,
             "model": {
                 **asdict(prep.spec),
-                "architecture": "LlamaForCausalLM, random init, untied LM head",
+                "architecture": "LlamaForCausalLM, random init, "
+                + ("LM head tied to the input embedding" if prep.spec.tie_embeddings else "untied LM head"),
                 "dir": str(prep.model_dir),
                 "parameters": prep.counts,
                 "tokenizer": f"byte-level BPE trained on the data file's transcripts, {len(prep.tokenizer)} ids "

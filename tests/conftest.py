@@ -53,5 +53,15 @@ def make_config(tmp_path: Path, **sections):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cluster`` run first: they start their own Ray clusters (and stop only those),
-    and `ray.init()` in this process would join a running `ray start` cluster instead of starting one."""
+    and `ray.init()` in this process would join a running `ray start` cluster instead of starting one.
+    Tests marked ``gpu`` skip without CUDA, with the reason in the summary (tests/test_gpu.py)."""
     items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("RAYALIGN_GPU_TESTS_ON_CPU") == "1":
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here); "
+                                     "`make gpu-check` runs it on a lent GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(no_gpu)

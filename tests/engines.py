@@ -1,0 +1,120 @@
+"""Shared by the step tests on CPU (test_batching) and on a GPU (test_gpu): a batch as Ray Data hands it
+to a worker, a one-process group as Ray Train sets it up, a real DeepSpeed engine around the policy, and
+the comparison of a token budget's optimizer steps with fixed micro-batches."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from rayalign.config import LoraConfig, LossConfig, TrainConfig
+from rayalign.train.worker import deepspeed_config, optimizer_step
+
+PAD = 0
+
+
+def pairs_batch(num_pairs: int, seed: int) -> dict[str, np.ndarray]:
+    """A numpy batch as Ray Data hands it over (object columns of int arrays), with a reference column."""
+    rng = random.Random(seed)
+    ids = lambda low, high: np.array([rng.randrange(3, 120) for _ in range(rng.randrange(low, high))])  # noqa: E731
+    columns = {
+        "prompt_ids": [ids(1, 30) for _ in range(num_pairs)],
+        "chosen_ids": [ids(1, 20) for _ in range(num_pairs)],
+        "rejected_ids": [ids(1, 20) for _ in range(num_pairs)],
+    }
+    batch = {k: np.array(v + [None], dtype=object)[:-1] for k, v in columns.items()}  # keep 1-d object arrays
+    batch["ref_chosen_logps"] = np.array([-rng.uniform(20, 80) for _ in range(num_pairs)])
+    batch["ref_rejected_logps"] = np.array([-rng.uniform(20, 80) for _ in range(num_pairs)])
+    return batch
+
+
+@contextlib.contextmanager
+def one_process_group(backend: str, device: torch.device) -> Iterator[None]:
+    """A one-process ``torch.distributed`` group (gloo or NCCL) as Ray Train would have set up, for an
+    in-process DeepSpeed engine; the variables a launcher sets, and DeepSpeed reads, set meanwhile."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            env.setenv(key, value)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def deepspeed_engine(model_dir, train: TrainConfig, device: torch.device, dtype: str = "float32",
+                     lora: LoraConfig | None = None, lr: float = 1e-3):
+    """A real DeepSpeed engine around ``PolicyLogps`` on ``device`` (in a process group already set up)."""
+    import deepspeed
+
+    from rayalign.logprobs import PolicyLogps, ResponseHead
+    from rayalign.models import load_causal_lm, with_adapters
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    torch.manual_seed(0)
+    model = load_causal_lm(model_dir, dtype)
+    policy = PolicyLogps(with_adapters(model, lora) if lora else model, chunk_tokens=32).to(device)
+    deepspeed.utils.set_z3_leaf_modules(policy, [ResponseHead])
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=deepspeed_config(train, dtype))
+    return engine
+
+
+def token_budget_against_fixed_micro_batches(model_dir, zero_stage: int, device: torch.device, agree_count,
+                                             atol: float = 1e-5) -> None:
+    """Same pairs per step (6), split 3 × 2, 1 × 6, or by a 120-token budget (several passes, a different
+    count each step): the losses and the trained weights agree to float noise (``atol``)."""
+    import deepspeed
+
+    steps = [pairs_batch(6, seed=s) for s in range(3)]
+    for batch in steps:  # one long pair per step: under the budget, passes hold unequal numbers of pairs
+        batch["prompt_ids"][0] = np.arange(3, 75)
+    splits = {
+        "3x2": TrainConfig(micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=zero_stage),
+        "1x6": TrainConfig(micro_batch_size=6, zero_stage=zero_stage),
+        "budget": TrainConfig(micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=zero_stage,
+                              tokens_per_batch=120),
+    }
+
+    def gathered(engine) -> torch.Tensor:
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):  # ZeRO-3 holds only shards
+            return torch.cat([p.detach().flatten().float().cpu().clone() for p in params])
+
+    losses, weights, passes, pass_sizes = {}, {}, {}, []
+    for name, train in splits.items():
+        engine = deepspeed_engine(model_dir, train, device)
+        initial = gathered(engine)
+        losses[name], passes[name] = [], []
+        for batch in steps:
+            done = optimizer_step(engine, batch, LossConfig(beta=0.5), train, PAD, device, agree_count=agree_count)
+            losses[name].append(float(sum(t.loss.sum() for t, _ in done)) / 6)
+            passes[name].append(len(done))
+            if name == "budget":
+                pass_sizes.append([terms.loss.numel() for terms, _ in done])
+        assert engine.global_steps == 3
+        weights[name] = gathered(engine)
+        assert weights[name].numel() > 0 and not torch.allclose(weights[name], initial), name  # it trained
+        del engine
+    assert passes["3x2"] == [3, 3, 3] and passes["1x6"] == [1, 1, 1]
+    assert all(count >= 2 for count in passes["budget"])
+    # Passes of unequal pair counts: a per-pass mean instead of the step's would weigh pairs unequally.
+    assert any(len(set(sizes)) > 1 for sizes in pass_sizes), pass_sizes
+    for name in ("1x6", "budget"):
+        assert losses[name] == pytest.approx(losses["3x2"], abs=atol), name
+        assert torch.allclose(weights[name], weights["3x2"], atol=atol), name
