@@ -1013,13 +1013,7 @@ def _run(args: argparse.Namespace) -> int:
     if started_ray:  # else: reuse the caller's cluster (a test's)
         with captured(log):
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-    try:
-        results = [measure_setting(args, prep, micro_batch) for micro_batch in args.micro_batches]
-    finally:
-        if started_ray:
-            with captured(log):
-                ray.shutdown()
-
+    # The peak first: a run stopped from outside (make gpu-check's budget) still has its denominator.
     peak = None
     try:
         with captured(log):
@@ -1028,18 +1022,35 @@ def _run(args: argparse.Namespace) -> int:
         say(f"measured peak: {peak['tflops']} TFLOP/s ({peak['how']})")
     except Exception as exc:
         say(f"peak FLOP/s not measured: {type(exc).__name__}: {exc}")
-    for block in results:
-        block["ratios"] = add_derived(block["contenders"], prep.counts["non_embedding"], peak and peak["flops_per_s"])
+    results: list[dict[str, Any]] = []
 
-    report = build_report(args, prep, results, peak)
+    def with_ratios(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for block in blocks:
+            block["ratios"] = add_derived(block["contenders"], prep.counts["non_embedding"], peak and peak["flops_per_s"])
+        return blocks
+
+    def keep_so_far(block: dict[str, Any]) -> None:
+        """After each contender, the report so far: a run stopped from outside keeps what it measured."""
+        write_result(Path(args.out), build_report(args, prep, with_ratios([*results, block]), peak, partial=True))
+
+    try:
+        for micro_batch in args.micro_batches:
+            results.append(measure_setting(args, prep, micro_batch, keep_so_far))
+    finally:
+        if started_ray:
+            with captured(log):
+                ray.shutdown()
+
+    report = build_report(args, prep, with_ratios(results), peak)
     out = write_result(Path(args.out), report)
     print(report["table"], flush=True)
     say(f"wrote {out} ({report['wall_s']:.0f} s)")
     return 0 if report["status"] == "ok" else 1
 
 
-def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int) -> dict[str, Any]:
-    """Every contender at one micro-batch size, on the same pairs."""
+def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int,
+                    keep_so_far: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every contender at one micro-batch size, on the same pairs; ``keep_so_far`` gets the block after each."""
     pairs = select_pairs(prep.records, micro_batch * args.steps, prep.tokenizer, prep.data_cfg)
     padded = 0
     for a in range(0, len(pairs), micro_batch):
@@ -1064,6 +1075,10 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int) 
     }
     missing_trl = trl_missing()
     contenders: dict[str, dict[str, Any]] = {}
+
+    def block(done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return _setting_block(micro_batch, pairs, padded, dict(done))
+
     for name in args.contenders:
         if name.startswith("trl") and missing_trl:
             contenders[name] = {"status": "skipped", "reason": f"trl is not importable ({missing_trl})",
@@ -1087,6 +1102,12 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int) 
             say(f"  {name}: {result['pairs_per_s']:.2f} pairs/s, {result['real_tokens_per_s']:,.0f} real tokens/s"
                 f"{memory} ({time.perf_counter() - t0:.0f} s)")
         contenders[name] = result
+        if keep_so_far is not None:
+            keep_so_far(block(contenders))
+    return block(contenders)
+
+
+def _setting_block(micro_batch: int, pairs: Pairs, padded: int, contenders: dict[str, Any]) -> dict[str, Any]:
     return {
         "micro_batch": micro_batch,
         "pairs": len(pairs),
@@ -1099,13 +1120,15 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int) 
     }
 
 
-def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[str, Any]], peak: dict | None) -> dict[str, Any]:
+def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[str, Any]], peak: dict | None,
+                 partial: bool = False) -> dict[str, Any]:
+    """The whole report; ``partial``: written after a contender, more to come (status "partial")."""
     cuda = args.device == "cuda"
     device = device_info(args.device)
     failed = any(r.get("status") == "failed" for block in results for r in block["contenders"].values())
     report = {
         "benchmark": "bench/gpu_throughput.py",
-        "status": "failed" if failed else "ok",
+        "status": "failed" if failed else ("partial" if partial else "ok"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, "bench/gpu_throughput.py", *args.argv],
         "device": device,

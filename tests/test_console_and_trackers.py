@@ -155,3 +155,20 @@ def test_trackers_hold_what_metrics_jsonl_holds(piped_run):
         logged = {h["_step"]: h[key] for h in history if key in h}
         assert logged == pytest.approx(values, rel=1e-9), key
     assert wandb_run["summary"]["summary/steps"] == summary["steps"]
+
+
+def test_the_log_is_private_and_never_written_through_a_planted_link(tmp_path):
+    """A fresh process each (the console takes over its file descriptors): the log is created 0600, and a
+    symbolic link in its place is refused in one line, the link's target left untouched."""
+    script = ("import sys; from pathlib import Path; from rayalign.console import Console; "
+              "c = Console(); c.capture(Path(sys.argv[1])); c.close()")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], check=True, capture_output=True)
+    assert (tmp_path / "run" / "logs" / "rayalign.log").stat().st_mode & 0o777 == 0o600
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    (tmp_path / "planted" / "logs").mkdir(parents=True)
+    (tmp_path / "planted" / "logs" / "rayalign.log").symlink_to(target)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "planted")], capture_output=True, text=True)
+    assert done.returncode != 0 and "is a symbolic link; rayalign does not write its log through one" in done.stderr
+    assert target.read_text() == "keep me"

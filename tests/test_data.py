@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rayalign.config import DataConfig
 from rayalign.data.records import DataQualityError, Pair, RecordError, parse_record, prepare_pairs, tokenize_pair
 from rayalign.models import load_tokenizer, publish_model
 
@@ -185,3 +186,31 @@ def test_real_hh_rlhf_file(ray_cluster, tiny_model_dir, tmp_path):
     assert all(q["source"] == str(HH_FILE) and 1 <= q["row"] <= 2312 and q["record"] for q in quarantine)
     assert report.ok + report.num_quarantined == report.total
     assert 0 < report.quarantined_fraction < 0.05
+
+
+def test_special_token_text_in_the_data_is_not_doubled(tiny_model_dir):
+    """BOS text at the start of a prompt and EOS text at the end of responses: one BOS, one EOS each,
+    the same ids as the plain text's."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    cfg = DataConfig(paths=["x"], max_length=64, max_prompt_length=32)
+    marked = {"prompt": f"{bos}Say hi", "chosen": f"Hi{eos}", "rejected": f"{bos}No{eos}{eos}"}
+    plain = {"prompt": "Say hi", "chosen": "Hi", "rejected": "No"}
+    prompt, chosen, rejected, _ = tokenize_pair(parse_record(json.dumps(marked), "pairs"), tokenizer, cfg)
+    assert prompt[0] == tokenizer.bos_token_id != prompt[1]
+    assert chosen[-1] == rejected[-1] == tokenizer.eos_token_id
+    assert chosen[-2] != tokenizer.eos_token_id and rejected[-2] != tokenizer.eos_token_id
+    assert (prompt, chosen, rejected) == tuple(tokenize_pair(parse_record(json.dumps(plain), "pairs"), tokenizer, cfg)[:3])
+
+
+@pytest.mark.parametrize("record, reason, field", [
+    ('{"prompt": "a", "chosen": "ok \\ud83d then text", "rejected": "b"}', "bad_text", "chosen"),
+    ('{"prompt": [{"role": "user", "content": "\\udc00"}], "chosen": [{"role": "assistant", "content": "x"}], '
+     '"rejected": [{"role": "assistant", "content": "y"}]}', "bad_text", "prompt"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c", "extra": ' + "[" * 5000 + "]" * 5000 + "}",
+     "too_deeply_nested", None),
+])
+def test_valid_json_that_is_not_usable_text_is_one_quarantined_record(record, reason, field):
+    with pytest.raises(RecordError) as err:
+        parse_record(record, "auto")
+    assert (err.value.reason, err.value.field) == (reason, field)

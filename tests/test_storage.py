@@ -133,7 +133,7 @@ def test_reference_pass_fills_the_cache_once(ray_cluster, tmp_path):
     assert second["cache"]["hit"] is True and second["cache"]["key"] == first["cache"]["key"]
     written = json.loads((cfg.output.run_dir / "reference" / "reference.json").read_text())
     assert written["cache"]["hit"] is True
-    assert list((tmp_path / "refcache" / first["cache"]["key"]).glob("data-*/*.parquet"))
+    assert list((tmp_path / "refcache" / "refstore" / first["cache"]["key"]).glob("segments/*.parquet"))
 
 
 def test_models_are_published_by_content_and_fetched_once_per_node(tmp_path, tiny_model_dir, monkeypatch):

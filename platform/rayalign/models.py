@@ -75,11 +75,23 @@ def build_tiny_model(spec: TinyModelConfig, out_dir: Path) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)  # atomic: a half-written directory is never reused
+    return _save_whole(LlamaForCausalLM(config), tokenizer, out_dir)
+
+
+def _save_whole(model, tokenizer, out_dir: Path) -> Path:
+    """Save ``model`` and ``tokenizer`` to ``out_dir`` through a staging folder of this process's own, renamed
+    into place: a half-written directory is never seen, and two runs building the same one at once each write
+    their own copy (the first rename wins; the other is dropped)."""
+    staging = out_dir.with_name(f"{out_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.rename(out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -112,11 +124,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)
-    return out_dir
+    return _save_whole(fresh, tokenizer, out_dir)
 
 
 # What transformers loads from a hub repository: configs, safetensors weights, tokenizer files

@@ -30,7 +30,6 @@ from typing import Any
 from rayalign.config import RunConfig
 from rayalign.console import Console
 from rayalign.data.stage import prepare_data
-from rayalign.reference.cache import describe
 from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.runtime import ResourceDemand
 from rayalign.storage import prepare_run_dir
@@ -60,7 +59,7 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:
-    """The reference pass alone: score every pair into the reference cache, so later training runs
+    """The reference pass alone: score every pair missing from the reference store into it, so later training runs
     and sweeps with the same model and data read it instead of starting reference actors.
     Writes ``<run_dir>/reference/reference.json`` and returns it."""
     started = time.perf_counter()
@@ -70,7 +69,7 @@ def run_reference(cfg: RunConfig) -> dict[str, Any]:
     scored, info = score_into_cache(cfg, data)
     report = {
         "backend": cfg.reference.backend,
-        "cache": describe(info),
+        "cache": info.as_dict(),
         "scored_pairs": scored.count(),
         "data": data.report.as_dict(),
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -13,6 +13,7 @@ How a batch of rows becomes model input is :mod:`rayalign.packing`.
     rejected_tokens        int32            reference    |y_l|
     chosen_token_logps     list<float64>    reference    per-token log π_ref(y_w|x); refcheck only
     rejected_token_logps   list<float64>    reference    per-token log π_ref(y_l|x); refcheck only
+    tokens_digest          binary(16)       reference    digest of the pair's token ids: the reference store's row key
 
 A scored row, for example::
 
@@ -43,6 +44,7 @@ CHOSEN_TOKENS = "chosen_tokens"
 REJECTED_TOKENS = "rejected_tokens"
 CHOSEN_TOKEN_LOGPS = "chosen_token_logps"
 REJECTED_TOKEN_LOGPS = "rejected_token_logps"
+TOKENS_DIGEST = "tokens_digest"  # rayalign.reference.store; never leaves the reference stage
 
 # The data stage's working columns (see above).
 RECORD = "record"

@@ -6,7 +6,7 @@ whose nodes share no filesystem that is object storage, the one place every node
 
     <output.storage>/
         _models/<name>-<digest>/   starting weights, published once per content (rayalign.models)
-        _refcache/<key>/           the reference cache (rayalign.reference.cache)
+        _refcache/refstore/<scorer>/ the reference store: per-pair scores (rayalign.reference.store)
         <output.name>/
             ray/             Ray Train's checkpoints, written there directly by every worker
             model/           the trained policy, uploaded by rank 0

@@ -155,6 +155,39 @@ def test_validate_and_audit_read_data_from_s3_and_keep_their_quarantine_there(is
     assert len(read(s3, "runs/audited/audit/quarantine.jsonl").splitlines()) == 1
 
 
+def test_two_reference_passes_at_once_share_one_store_in_s3(isolated_cluster, s3_server, s3):
+    """Two `rayalign reference` at once, the store in S3: both finish, each has every pair once (found or
+    scored), and the store ends with one committed row per pair, however their appends interleaved."""
+    from rayalign.reference.store import ReferenceStore
+    from rayalign.storage import Location
+
+    lines = [json.dumps({"prompt": f"Q: {i}*3=?\nA:", "chosen": f" {i * 3}", "rejected": f" {i * 3 + 1}"})
+             for i in range(64)]  # 64 pairs, each its own tokens
+    with s3.open_output_stream("rayalign/data/store-pairs.jsonl") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+
+    def command(name: str) -> list[str]:
+        where = [f"output.root={isolated_cluster.driver_root}/runs", f"output.storage={s3_server.uri('runs')}",
+                 f"output.s3.endpoint={s3_server.host_port}", "output.s3.scheme=http", f"output.name={name}",
+                 f"data.paths=[{s3_server.uri('data/store-pairs.jsonl')}]", "data.synthetic=null",
+                 "reference.cpus_per_actor=0.5"]
+        return [sys.executable, "-m", "rayalign", "reference", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"),
+                *(x for kv in where for x in ("--set", kv))]
+
+    procs = [subprocess.Popen(command(name), cwd=isolated_cluster.driver_root, env=isolated_cluster.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("ref-a", "ref-b")]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=COMMAND_TIMEOUT_S)
+        assert proc.returncode == 0, output[-3000:]
+    reports = [json.loads(read(s3, f"runs/{name}/reference/reference.json")) for name in ("ref-a", "ref-b")]
+    for report in reports:
+        store = report["cache"]
+        assert report["scored_pairs"] == report["data"]["ok"] == store["found"] + store["scored"] == 64
+    [key] = {report["cache"]["key"] for report in reports}
+    contents = ReferenceStore(Location(s3, "rayalign/runs/_refcache", s3_server.uri("runs/_refcache")), key).read()
+    assert contents.rows.num_rows == 64 and not contents.ignored and contents.segments >= 1
+
+
 def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cluster, s3_server, s3):
     ok(rayalign(isolated_cluster, s3_server, "sweep", "--config", str(REPO / "jobs/configs/tiny-cpo.yaml"),
                 "--set", "output.name=sweep-s3", "--set", "train.epochs=1", "--set", "train.max_steps=2",
@@ -170,10 +203,10 @@ def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cl
         assert json.loads(read(s3, f"{stored}/summary.json"))["steps"] == 2
         assert "config.json" in listing(s3, f"{stored}/model")
     assert listing(s3, "runs/sweep-s3/tune") and "best_config.yaml" in listing(s3, "runs/sweep-s3")
-    # The reference was scored once into the cache in S3, by Ray Data's writers on the worker nodes.
+    # The reference was scored once into the reference store in S3: a segment and its commit.
     entries = listing(s3, "runs/_refcache")
-    assert any(name.endswith("/manifest.json") for name in entries)
-    assert any(name.endswith(".parquet") for name in entries)
+    assert any("/commits/" in name and name.endswith(".json") for name in entries)
+    assert any("/segments/" in name and name.endswith(".parquet") for name in entries)
 
 
 def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster, s3_server, s3):

@@ -372,12 +372,28 @@ def parse_record(record: str, fmt: str) -> Pair:
         obj = json.loads(record)
     except json.JSONDecodeError as exc:
         raise RecordError("bad_json", f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise RecordError("too_deeply_nested", "JSON nested deeper than the parser's recursion limit") from None
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     pair = _PARSERS[detect_format(obj) if fmt == "auto" else fmt](obj)
+    _check_encodable(pair)
     if pair.chosen == pair.rejected:
         raise RecordError("identical_responses", "chosen and rejected responses are identical", "rejected")
     return pair
+
+
+def _check_encodable(pair: Pair) -> None:
+    """Valid JSON can still hold text no tokenizer or Arrow column takes: a lone UTF-16 surrogate (``\\ud83d``)."""
+    for name in ("prompt", "chosen", "rejected"):
+        value = getattr(pair, name)
+        texts = [m.get("content", "") for m in value] if isinstance(value, list) else [value]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise RecordError("bad_text", f"not valid Unicode text: {err.reason} ({text[err.start]!r}) at "
+                                  f"character {err.start}", name) from None
 
 
 # ---------------------------------------------------------------- tokenizing one pair
@@ -386,7 +402,8 @@ def parse_record(record: str, fmt: str) -> Pair:
 def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], list[int], bool]:
     """Token ids of (prompt, chosen, rejected) and whether anything was truncated.
 
-    Responses end with EOS so the model learns where an answer stops. Over-long
+    A sequence starts with one BOS (when the tokenizer adds one) and each response ends with one EOS, so
+    the model learns where an answer stops, whatever special-token text the data already holds. Over-long
     pairs follow ``cfg.truncation``: keep the end of the prompt (at most
     ``max_prompt_length`` tokens) and then cut responses to fit ``max_length``,
     or quarantine the pair as ``too_long``.
@@ -401,9 +418,8 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
             prompt_ids = tokenizer(text).input_ids
     else:
         prompt_ids = tokenizer(pair.prompt).input_ids
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    chosen_ids = tokenizer(pair.chosen, add_special_tokens=False).input_ids + eos
-    rejected_ids = tokenizer(pair.rejected, add_special_tokens=False).input_ids + eos
+    prompt_ids = _one_leading(list(prompt_ids), tokenizer.bos_token_id)
+    chosen_ids, rejected_ids = (_response_ids(text, tokenizer) for text in (pair.chosen, pair.rejected))
 
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longest <= cfg.max_length:
@@ -420,6 +436,27 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
     if chosen_ids == rejected_ids:
         raise RecordError("identical_after_truncation", "responses are identical once truncated to max_length")
     return list(prompt_ids), chosen_ids, rejected_ids, True
+
+
+def _one_leading(ids: list[int], token: int | None) -> list[int]:
+    """``ids`` with a run of leading ``token`` (BOS added by the tokenizer and BOS text in the data) cut to one."""
+    start = 0
+    while token is not None and start + 1 < len(ids) and ids[start] == ids[start + 1] == token:
+        start += 1
+    return ids[start:]
+
+
+def _response_ids(text: str, tokenizer) -> list[int]:
+    """A response's ids: no BOS in front, and exactly one EOS at the end (EOS text in the data not doubled)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    while ids and ids[0] == bos:
+        ids = ids[1:]
+    if eos is None:
+        return ids
+    while ids and ids[-1] == eos:
+        ids = ids[:-1]
+    return ids + [eos]
 
 
 class PairTokenizer:
@@ -440,7 +477,9 @@ class PairTokenizer:
                     raise RecordError(reason, detail)
                 *ids, truncated = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
                 status, fld, detail, kept = OK, None, None, None  # the raw text is only kept for the quarantine
-            except RecordError as err:
+            except Exception as exc:  # noqa: BLE001  one record never stops the stage: it is quarantined with why
+                err = exc if isinstance(exc, RecordError) else RecordError(
+                    "unprocessable", f"{type(exc).__name__}: {exc}"[:500])
                 ids, truncated = ([], [], []), False
                 status, fld, detail, kept = err.reason, err.field, err.detail, record
             for name, value in zip((STATUS, FIELD, DETAIL, RECORD, TRUNCATED), (status, fld, detail, kept, truncated)):
@@ -590,6 +629,14 @@ def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:
         return pairs
     return pairs.random_shuffle(seed=cfg.data.seed, num_cpus=cfg.ray.data_cpus_per_task)
 
+
+
+def count_training_pairs(pairs: Dataset, cfg: RunConfig, num_pairs: int) -> int:
+    """The pairs of ``pairs`` (``num_pairs`` in all) that train: all but the held-out split (:func:`split_heldout`).
+    The optimizer steps a run takes follow from this count, never from every usable pair."""
+    if cfg.data.eval_fraction == 0:
+        return num_pairs
+    return split_heldout(pairs, cfg)[0].count()
 
 
 def split_heldout(pairs: Dataset, cfg: RunConfig) -> tuple[Dataset, Dataset | None]:

@@ -28,6 +28,7 @@ from rayalign.config import RunConfig
 from rayalign.data.records import prepare_pairs
 from rayalign.models import ModelSource
 from rayalign.reference.actors import add_reference_logps
+from rayalign.reference.store import scored_through_store
 from rayalign.schema import (
     CHOSEN_IDS,
     CHOSEN_TOKENS,
@@ -145,10 +146,16 @@ def run_audit(cfg: RunConfig, model: ModelSource, paths: list[str], out_dir: Pat
     """Validate, tokenize and score every pair with the reference; write audit.json and audit.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs, data_report, _ = prepare_pairs(cfg, paths, model, out_dir)
-    scored = add_reference_logps(pairs, cfg, model).select_columns(list(SCORED_COLUMNS))
+    store = None
+    if cfg.reference.cache:  # read what an earlier run or audit scored, add what it did not
+        scored, store = scored_through_store(pairs, cfg, model)
+    else:
+        scored = add_reference_logps(pairs, cfg, model)
+    scored = scored.select_columns(list(SCORED_COLUMNS))
     # Only compact per-pair ids and scores reach the driver, never model state.
     report = audit_scored_pairs(scored.take_all(), cfg.audit.margin)
     report["data"]["quarantine"] = data_report.as_dict()
+    report["reference_store"] = store.as_dict() if store else None
     report["model_dir"], report["sources"] = str(model.stored or model.driver_dir), paths
     (out_dir / "audit.json").write_text(json.dumps(report, indent=2))
     plot_audit(report, out_dir / "audit.png")

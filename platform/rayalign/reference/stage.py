@@ -1,8 +1,9 @@
 """The reference stage: score the prepared pairs with the frozen reference, hand training a typed value.
 
-With ``reference.cache`` the reference runs once into Parquet (or is read from an earlier run,
-:mod:`rayalign.reference.cache`); otherwise the reference actors (:mod:`rayalign.reference.actors`)
-stream straight into training. Either way training gets :class:`ScoredPairs`.
+With ``reference.cache`` each pair's scores are read from the reference store where an earlier run left them,
+and only the missing pairs are scored and appended (:mod:`rayalign.reference.store`); otherwise the reference
+actors (:mod:`rayalign.reference.actors`) stream straight into training. Either way training gets
+:class:`ScoredPairs`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 
 from ray.data import Dataset
 
-from rayalign.config import RunConfig
+from rayalign.config import ConfigError, RunConfig
 from rayalign.data.records import shuffled, split_heldout
 from rayalign.data.stage import PreparedData
 from rayalign.reference.actors import add_reference_logps
-from rayalign.reference.cache import CacheInfo, describe, scored_pairs_cached
+from rayalign.reference.store import StoreReport, scored_through_store
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class ReferenceSource:
     """How the reference log-probs were obtained (``summary.json``'s ``reference``)."""
 
     backend: str
-    cache: dict[str, Any] | None = None  # the cache entry (key, path, hit), when scored through it
+    cache: dict[str, Any] | None = None  # the reference store's report (StoreReport), when scored through it
     scored_by_sweep_driver: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -44,10 +45,13 @@ class ScoredPairs:
     source: ReferenceSource
 
 
-def score_into_cache(cfg: RunConfig, data: PreparedData) -> tuple[Dataset, CacheInfo]:
-    """Every pair of ``data`` scored once into the reference cache (whatever ``reference.cache`` says)."""
-    cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
-    return scored_pairs_cached(data.pairs, cfg, data.model, data.inputs)
+def score_into_cache(cfg: RunConfig, data: PreparedData) -> tuple[Dataset, StoreReport]:
+    """Every pair of ``data`` with its reference scores, through the reference store (whatever
+    ``reference.cache`` says): read where stored, scored and appended where not."""
+    scored, report = scored_through_store(data.pairs, cfg, data.model)
+    log.info("reference store: %d pairs found, %d scored; the store holds %d rows (%.1f MB) in %s", report.found,
+             report.scored, report.store_rows, report.store_bytes / 1e6, report.path)
+    return scored, report
 
 
 def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
@@ -59,14 +63,14 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
     if cfg.reference.in_worker:  # the training workers add it, each step, with the adapters off
         train, heldout = split_heldout(data.pairs, cfg)
         num_train = train.count() if heldout is not None else data.report.ok
-        return ScoredPairs(shuffled(train, cfg), num_train, heldout.materialize() if heldout is not None else None,
+        return ScoredPairs(shuffled(train, cfg), num_train, kept_heldout(heldout, cfg, data.report.ok),
                            ReferenceSource(cfg.reference.backend))
     if cfg.reference.cache:
-        scored, info = score_into_cache(cfg, data)
-        log.info("reference cache %s: %s", "hit" if info.hit else "miss", info.path)
-        return split_scored(cfg, scored, ReferenceSource(cfg.reference.backend, describe(info)), data.report.ok)
+        scored, report = score_into_cache(cfg, data)
+        return split_scored(cfg, scored, ReferenceSource(cfg.reference.backend, report.as_dict()), data.report.ok)
 
     train, heldout = split_heldout(data.pairs, cfg)
+    heldout = kept_heldout(heldout, cfg, data.report.ok)
     if heldout is not None:
         heldout = add_reference_logps(heldout, cfg, data.model).materialize()
     num_train = train.count() if heldout is not None else data.report.ok
@@ -82,4 +86,16 @@ def split_scored(cfg: RunConfig, scored: Dataset, source: ReferenceSource, num_s
     train, heldout = split_heldout(scored, cfg)
     if heldout is None:
         return ScoredPairs(shuffled(train, cfg), num_scored, None, source)
-    return ScoredPairs(shuffled(train, cfg), train.count(), heldout.materialize(), source)
+    return ScoredPairs(shuffled(train, cfg), train.count(), kept_heldout(heldout, cfg, num_scored), source)
+
+
+def kept_heldout(heldout: Dataset | None, cfg: RunConfig, num_pairs: int) -> Dataset | None:
+    """The held-out split in the object store (every evaluation re-reads it); an empty one is refused in one
+    line, since a metric over no pair would be written as if measured."""
+    if heldout is None:
+        return None
+    heldout = heldout.materialize()
+    if heldout.count() == 0:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} selects none of the {num_pairs} usable pairs "
+                          "for the held-out split: raise it, or set it to 0 to train without one")
+    return heldout

@@ -19,14 +19,16 @@ number per step), and a worker that needs fewer splits its fullest micro-batches
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from pathlib import PurePath
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from rayalign.config import TrainConfig
 from rayalign.packing import LAYOUTS, pack_pairs, row_width
-from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, TOKEN_COLUMNS
+from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, ROW, SOURCE, TOKEN_COLUMNS
 
 
 def pair_tokens(batch: Mapping[str, Sequence[Sequence[int]]], layout: str) -> list[int]:
@@ -100,6 +102,19 @@ def take(batch: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
     picked = np.asarray(indices, dtype=np.int64)
     return {key: (column[picked] if isinstance(column, np.ndarray) else [column[i] for i in indices])
             for key, column in batch.items()}
+
+
+def heldout_share(batches: Iterable[Mapping[str, Any]], rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+    """This worker's share of the held-out pairs, which every worker reads whole: a pair goes to the worker
+    its (file name, row) hashes to, so each is evaluated exactly once whatever the worker count or the order
+    the batches come in. (An equal split would drop the remainder: one held-out pair and two workers would
+    evaluate nothing.)"""
+    for batch in batches:
+        keys = zip(batch[SOURCE], batch[ROW])
+        mine = [i for i, (source, row) in enumerate(keys)
+                if zlib.crc32(f"{PurePath(str(source)).name}:{int(row)}".encode()) % world_size == rank]
+        if mine:
+            yield take(batch, mine)
 
 
 def pairs_per_step(train: TrainConfig) -> int:

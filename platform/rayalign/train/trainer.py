@@ -7,12 +7,12 @@ import time
 import uuid
 
 from ray.data import Dataset
-from ray.train import CheckpointConfig, FailureConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rayalign.config import RunConfig, TrainConfig
+from rayalign.config import ConfigError, RunConfig, TrainConfig
 from rayalign.errors import DataQualityError
 from rayalign.models import ModelSource
 from rayalign.storage import run_location
@@ -36,7 +36,11 @@ def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
             f"micro_batch_size {train.micro_batch_size} × gradient_accumulation_steps "
             f"{train.gradient_accumulation_steps}"
         )
-    return min(steps, train.max_steps) if train.max_steps else steps
+    steps = min(steps, train.max_steps) if train.max_steps else steps
+    if train.warmup_steps >= steps > 0 and train.warmup_steps > 0:
+        raise ConfigError(f"train.warmup_steps={train.warmup_steps} is not below the run's {steps} optimizer steps: "
+                          "the learning rate would never reach train.learning_rate (lower train.warmup_steps)")
+    return steps
 
 
 def fit(
@@ -80,6 +84,9 @@ def fit(
         train_loop_config={"plan": plan},
         scaling_config=RayScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         datasets={"train": pairs, **({"eval": heldout} if heldout is not None else {})},
+        # Only the training pairs are split; every worker reads the held-out pairs whole and evaluates its
+        # share (rayalign.train.batching.heldout_share), since an equal split drops the remainder.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RayRunConfig(
             name=resume_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             # The filesystem is handed over, not guessed from a string: an S3-compatible server's

@@ -43,7 +43,7 @@ from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.models import ModelSource
 from rayalign.storage import METRICS_FILE, Location, append_jsonl
 from rayalign.train import checkpoint
-from rayalign.train.batching import pairs_per_step, step_micro_batches, take
+from rayalign.train.batching import heldout_share, pairs_per_step, step_micro_batches, take
 from rayalign.train.metrics import IntervalMeter, preference_stats
 
 # Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
@@ -215,6 +215,7 @@ class TrainingWorker:
         self.engine = engine
         self.pad_id = pad_id
         self.rank = ray.train.get_context().get_world_rank()
+        self.world_size = ray.train.get_context().get_world_size()
         self.device = torch.device(engine.device)
         self.collective = Collective.of_worker_group(self.device)
         self.metrics_path = Path(plan.run_dir) / METRICS_FILE
@@ -306,7 +307,8 @@ class TrainingWorker:
         row.update(self.meter.reduce(self.interval_start, all_reduce=self.collective.all_reduce_sum))
         check_finite(row)
         if evaluate:
-            batches = self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy")
+            batches = heldout_share(self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size,
+                                                                 batch_format="numpy"), self.rank, self.world_size)
             row.update(_evaluate(self.engine, batches, plan.loss, plan.train, self.pad_id, self.device,
                                  self.collective, plan.reference_in_worker, plan.attn_implementation))
         row.update(_peak_memory(self.device))

@@ -1,10 +1,10 @@
 """Sweep stage: Ray Tune searches the constraint strength; every trial is a full training run.
 
-    data stage ─▶ reference, once, into the reference cache ─▶ Ray Tune ─▶ trial: Ray Train + DeepSpeed
+    data stage ─▶ reference, once, through the reference store ─▶ Ray Tune ─▶ trial: Ray Train + DeepSpeed
                                                                           on the cached scores
 
 The reference log-probs depend on the model and the data, not on γ, α, τ, β or the learning
-rate, so the sweep scores them once (``rayalign.reference.cache``), keeps the scored set in the
+rate, so the sweep scores them once (``rayalign.reference.store``), keeps the scored set in the
 object store, and hands that dataset to every trial: no trial starts a reference engine. Trials
 report each held-out evaluation to Tune (Ray Train's ``TuneReportCallback``); ASHA compares them
 on the held-out objective and stops the weak ones.
@@ -42,7 +42,6 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
-from rayalign.reference.cache import describe
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.runtime import ResourceDemand
 from rayalign.models import ModelSource
@@ -218,6 +217,7 @@ def _open_sweep_dir(cfg: RunConfig, fresh: bool) -> bool:
     """Prepare the sweep directory; True when an unfinished sweep with the same config is resumed."""
     sweep_dir, stored = cfg.output.run_dir, run_location(cfg.output)
     if fresh:
+        _check_is_a_sweep_dir(sweep_dir)
         shutil.rmtree(sweep_dir, ignore_errors=True)
         for stale in (TUNE_DIR, TRIALS_DIR):
             remove(stored / stale)
@@ -232,6 +232,16 @@ def _open_sweep_dir(cfg: RunConfig, fresh: bool) -> bool:
     return False
 
 
+def _check_is_a_sweep_dir(path: Path) -> None:
+    """--fresh deletes ``path``: only when it is empty or holds what a sweep writes, never another run's files."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    marks = [name for name in (TUNE_DIR, TRIALS_DIR, SUMMARY_FILE) if (path / name).exists()]
+    if not marks:
+        raise ConfigError(f"--fresh would delete {path}, which is not a sweep directory (no {TUNE_DIR}/, "
+                          f"{TRIALS_DIR}/ or {SUMMARY_FILE} in it): set another output.name, or remove it yourself")
+
+
 def _score_once(cfg: RunConfig) -> SharedScores:
     """Whatever reference.cache says, a sweep scores once into the cache and shares the result; with
     ``reference.in_worker`` the trials' workers score it, and the shared pairs are the tokenized ones."""
@@ -244,12 +254,12 @@ def _score_once(cfg: RunConfig) -> SharedScores:
         num_train = split_heldout(pairs, cfg)[0].count()
         return SharedScores(data, cost, pairs, num_train, ReferenceSource(cfg.reference.backend), scored_now=False)
     scored, cache = score_into_cache(cfg, data)
-    log.info("reference scored once for all trials: cache %s, %s", "hit" if cache.hit else "miss", cache.path)
+    log.info("reference scored once for all trials (%d pairs scored now)", cache.scored)
     # In the object store once for all trials (a Parquet read in each trial would also want a
     # whole CPU for its file listing, which trials on a small machine do not leave free).
     scored = scored.materialize()
     num_train = split_heldout(scored, cfg)[0].count()  # the trials' split; counted, not materialized
-    source = ReferenceSource(cfg.reference.backend, describe(cache), scored_by_sweep_driver=True)
+    source = ReferenceSource(cfg.reference.backend, cache.as_dict(), scored_by_sweep_driver=True)
     return SharedScores(data, cost, scored, num_train, source, scored_now=not cache.hit)
 
 
