@@ -19,7 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from biased_reference import biased_reference  # jobs/biased_reference.py, beside this script
+from rayalign.config import RayConfig
+from rayalign.runtime import bind_local_cluster_to_loopback
+
+# Before anything imports Ray: a cluster this script starts listens on 127.0.0.1 only (ray.loopback_only).
+bind_local_cluster_to_loopback(RayConfig())
+
+from biased_reference import biased_reference  # noqa: E402  # jobs/biased_reference.py, beside this script
 
 from rayalign.config import load_config
 from rayalign.runtime import init_ray

@@ -68,10 +68,43 @@ def test_directories_read_only_data_files_and_say_what_they_skipped(ray_cluster,
     (folder / "a.jsonl").write_bytes(_good(1) + b"\n")
     (folder / "notes.txt").write_text("not data\n")
     (folder / "b.json").write_text(json.dumps([GOOD]))
+    (folder / ".git" / "objects").mkdir(parents=True)  # a dot-directory is not walked
+    (folder / ".git" / "objects" / "c.jsonl").write_bytes(_good(2) + b"\n")
+    secret = tmp_path / "outside.jsonl"  # a link to a file outside the directory is never read (or quarantined)
+    secret.write_text('{"password": "hunter2"}\n')
+    (folder / "linked.jsonl").symlink_to(secret)
     _, report = run_stage(tmp_path, tiny_model_dir, [folder])
     assert report.ok == 2 and report.num_quarantined == 0
-    assert [Path(p).name for p in report.skipped_files] == ["notes.txt"]
-    assert "1 files skipped" in report.summary_line() and "notes.txt" in report.summary_line()
+    skipped = report.skipped_files
+    assert (skipped.not_data, skipped.links_outside) == (1, 1)
+    assert sorted(Path(p).name for p in skipped.examples) == ["linked.jsonl", "notes.txt"]
+    line = report.summary_line()
+    assert "2 files skipped (1 not .jsonl/.json/.gz/.parquet, 1 links to outside the directory)" in line
+    assert report.total == 2  # the linked file's line was never read, so never copied into the quarantine
+
+
+def test_a_record_over_max_record_bytes_is_quarantined_and_the_next_one_read(ray_cluster, tmp_path, tiny_model_dir):
+    path = tmp_path / "big.jsonl"
+    huge = json.dumps({**GOOD, "chosen": "x" * 200_000}).encode()
+    path.write_bytes(_good(1) + b"\n" + huge + b"\n" + _good(2) + b"\n")
+    _, report = run_stage(tmp_path, tiny_model_dir, [path], max_quarantine_fraction=0.5, max_record_bytes=100_000)
+    assert report.ok == 2 and report.quarantined == {"too_large": 1}
+    [entry] = read_quarantine(report)
+    assert entry["row"] == 2 and "over data.max_record_bytes=100000" in entry["detail"]
+    assert len(entry["record"]) <= 10_000 + 40  # the head only, never the whole record
+
+
+def test_expanding_a_directory_is_linear_in_its_files(tmp_path):
+    """8,000 files (2,000 data files): every data file kept once, the rest counted, not listed."""
+    from rayalign.data.records import input_files
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(8_000):
+        (folder / (f"{i:05d}.jsonl" if i % 4 == 0 else f"{i:05d}.txt")).touch()
+    inputs = input_files([str(folder)])
+    assert len(inputs.files) == 2_000 and inputs.files == sorted(inputs.files)
+    assert inputs.skipped.not_data == 6_000 and len(inputs.skipped.examples) == 3
 
 
 def test_unreadable_inputs_are_one_line_errors_before_any_record_is_read(ray_cluster, tmp_path, tiny_model_dir):
@@ -161,7 +194,9 @@ def test_fuzzed_files_lose_no_record(ray_cluster, tmp_path, tiny_model_dir):
         work = tmp_path / f"stage-{name.replace('.', '-')}"
         work.mkdir()
         try:
-            _, report = run_stage(work, tiny_model_dir, [tmp_path / name], max_quarantine_fraction=1.0)
+            # A low max_record_bytes: some of the huge-field records are over it (quarantined as too_large).
+            _, report = run_stage(work, tiny_model_dir, [tmp_path / name], max_quarantine_fraction=1.0,
+                                  max_record_bytes=60_000)
         except DataQualityError as err:  # a one-line error is an allowed outcome; a traceback is not
             assert "\n" not in str(err)
             continue

@@ -172,3 +172,16 @@ def test_the_log_is_private_and_never_written_through_a_planted_link(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "planted")], capture_output=True, text=True)
     assert done.returncode != 0 and "is a symbolic link; rayalign does not write its log through one" in done.stderr
     assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("script", ["pathology", "sweep_gamma"])
+def test_job_scripts_bind_a_cluster_they_start_to_loopback_before_importing_ray(script):
+    """The setting only counts if it is made before Ray is imported; the scripts import Ray through rayalign."""
+    from conftest import REPO
+
+    probe = (f"import os, sys; sys.path.insert(0, {str(REPO / 'jobs')!r}); import {script}; "
+             "print(os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'), 'ray' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["0", "True"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import make_config
+from conftest import REPO, make_config
 from rayalign.config import ConfigError, config_from_dict
 from rayalign.storage import is_same_place, location, publish, read_text, remove, run_location, upload
 
@@ -185,3 +185,26 @@ def test_the_storage_check_names_the_node_and_what_it_cannot_reach(ray_cluster, 
     lost = ModelSource(tmp_path / "nowhere", "nowhere-0")
     with pytest.raises(StorageError, match=r"^model: .*/nowhere is not visible from node \S+ \(\w{8}\)"):
         check_storage(cfg, lost, [str(data)])
+
+
+def test_run_files_are_replaced_whole_never_written_in_place(tmp_path):
+    """A file is written beside its name and moved onto it when complete: a write that fails (a killed run)
+    leaves the previous file as it was and no half-written one; and no module writes a run file in place."""
+    import re
+
+    from rayalign.storage import replaced_whole, write_local
+
+    target = tmp_path / "summary.json"
+    write_local(target, '{"complete": true}')
+    with pytest.raises(RuntimeError):
+        with replaced_whole(target) as f:
+            f.write('{"comp')
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == '{"complete": true}' and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+    in_place = re.compile(r"\.write_text\(|\.write_bytes\(|\.open\([\"']w|savefig\((?!f,)")
+    package = REPO / "platform" / "rayalign"
+    offenders = [f"{path.relative_to(package)}:{number}" for path in package.rglob("*.py")
+                 if path.name not in ("storage.py", "models.py")  # the writers themselves (staging folders)
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if in_place.search(line)]
+    assert offenders == []

@@ -142,7 +142,7 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
             "quarantined_by_reason": dict(sorted(report.quarantined.items())),
             "quarantine_path": report.quarantine_path,
             "files": report.files,
-            "skipped_files": report.skipped_files,
+            "skipped_files": report.skipped_files.as_dict(),
             "optimizer_steps": steps,
             "ok": problem is None,
         }))

@@ -212,6 +212,11 @@ class DataConfig(_Section):
     max_prompt_length: int = Field(256, ge=1)
     truncation: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    max_record_bytes: int = Field(
+        16 * 2**20, ge=1024,
+        description="A record (a JSONL line) longer than this is quarantined as too_large without being held "
+        "whole in memory (its first 10,000 bytes are kept in the quarantine).",
+    )
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Held-out share of pairs (by a hash of file name and row), 0 = none."
     )

@@ -32,7 +32,7 @@ from rayalign.console import Console
 from rayalign.data.stage import prepare_data
 from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.runtime import ResourceDemand
-from rayalign.storage import prepare_run_dir
+from rayalign.storage import prepare_run_dir, write_local
 from rayalign.train.stage import preflight, train_stage
 
 log = logging.getLogger(__name__)
@@ -74,5 +74,5 @@ def run_reference(cfg: RunConfig) -> dict[str, Any]:
         "data": data.report.as_dict(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    (out_dir / "reference.json").write_text(json.dumps(report, indent=2))
+    write_local(out_dir / "reference.json", json.dumps(report, indent=2))
     return report

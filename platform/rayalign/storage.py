@@ -23,6 +23,7 @@ handed the filesystem explicitly instead of guessing it from a string.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,7 +31,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -42,6 +43,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 QUARANTINE_FILE = "quarantine.jsonl"
+SCORED_DIR = "scored"  # the run's reference-scored pairs, kept for restarts (train.max_failures > 0)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,26 @@ def write_text(loc: Location, text: str) -> None:
     write_bytes(loc, text.encode())
 
 
+@contextlib.contextmanager
+def replaced_whole(path: Path, mode: str = "w", **open_args) -> Iterator[IO]:
+    """Open a staging file of this process's own beside ``path`` and move it onto ``path`` only once the block
+    finished: a killed run never leaves a file that looks complete, and two runs never write into each other's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with staging.open(mode, **open_args) as f:
+            yield f
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_local(path: Path, data: str | bytes) -> None:
+    """Write a whole local file at once (:func:`replaced_whole`)."""
+    with replaced_whole(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
 def remove(loc: Location) -> None:
     """Delete a directory or file in storage (nothing to do when it does not exist)."""
     kind = loc.kind()
@@ -222,11 +244,12 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE):
         (run_dir / stale).unlink(missing_ok=True)
+    remove(location(str(run_dir / SCORED_DIR)))
     stored = run_location(cfg.output)
     if not is_same_place(run_dir, stored):
-        for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE, "model"):
+        for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE, SCORED_DIR, "model"):
             remove(stored / stale)
-    (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+    write_local(run_dir / CONFIG_FILE, cfg.to_yaml())
     return run_dir
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from rayalign.schema import (
     TOKEN_COLUMNS,
     TRUNCATED,
 )
-from rayalign.storage import QUARANTINE_FILE, location, publish, stored_twin
+from rayalign.storage import QUARANTINE_FILE, Location, location, publish, replaced_whole, stored_twin
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -64,6 +65,8 @@ OK = "ok"
 _RAW_SCHEMA = pa.schema([(SOURCE, pa.string()), (ROW, pa.int64()), (RECORD, pa.string()), (READ_ERROR, pa.string())])
 UTF8_BOM = b"\xef\xbb\xbf"
 _RAW_ROWS_PER_BLOCK = 1024
+QUARANTINE_RECORD_CHARS = 10_000  # of a rejected record's text kept in quarantine.jsonl
+MAX_JSON_ARRAY_BYTES = 512 * 2**20  # a .json array is parsed whole; larger ones are refused (use JSON Lines)
 
 
 class RecordError(ValueError):
@@ -85,9 +88,20 @@ class ReadDamage(Exception):
 _STREAM_ERRORS = (OSError, EOFError, zlib.error)
 
 
-def _byte_lines(stream) -> Iterator[bytes]:
-    """The lines of a binary stream (without the newline); raises ReadDamage where the stream breaks."""
-    pending = b""
+@dataclass(frozen=True)
+class TooLarge:
+    """A record longer than ``data.max_record_bytes``: its size and its first bytes, never the whole of it."""
+
+    size: int
+    head: bytes
+
+
+def _byte_lines(stream, max_bytes: int) -> Iterator[bytes | TooLarge]:
+    """The lines of a binary stream (without the newline), in one pass: each byte is looked at once, and a line
+    longer than ``max_bytes`` is never held whole (it comes back as :class:`TooLarge`). Raises ReadDamage where
+    the stream breaks."""
+    parts: list[bytes] = []
+    size = 0
     while True:
         try:
             chunk = stream.read(1 << 16)
@@ -95,10 +109,27 @@ def _byte_lines(stream) -> Iterator[bytes]:
             raise ReadDamage(str(exc) or type(exc).__name__) from None
         if not chunk:
             break
-        *lines, pending = (pending + chunk).split(b"\n")
-        yield from lines
-    if pending:
-        yield pending
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            yield _line(parts, chunk[start:end], size, max_bytes)
+            parts, size, start = [], 0, end + 1
+        size = _keep(parts, chunk[start:], size, max_bytes)
+    if size:
+        yield _line(parts, b"", size, max_bytes)
+
+
+def _keep(parts: list[bytes], piece: bytes, size: int, max_bytes: int) -> int:
+    """Add ``piece`` to the line being read, keeping at most the first ``max_bytes`` + 1 bytes; the new size."""
+    room = max_bytes + 1 - sum(map(len, parts))
+    if room > 0:
+        parts.append(piece[:room])
+    return size + len(piece)
+
+
+def _line(parts: list[bytes], last: bytes, size: int, max_bytes: int) -> bytes | TooLarge:
+    size = _keep(parts, last, size, max_bytes)
+    whole = b"".join(parts)
+    return whole if size <= max_bytes else TooLarge(size, whole[:QUARANTINE_RECORD_CHARS])
 
 
 class PreferenceFileDatasource(FileBasedDatasource):
@@ -114,7 +145,13 @@ class PreferenceFileDatasource(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["jsonl", "json", "gz", "parquet"]
 
+    def __init__(self, paths, max_record_bytes: int, **kwargs):
+        super().__init__(paths, **kwargs)
+        self.max_record_bytes = max_record_bytes
+
     def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        if path.endswith(".parquet"):  # random access: read by row group, never buffered whole
+            return filesystem.open_input_file(path)
         # Decompressed in _read_stream (gzip module), not by Arrow: Arrow fails a truncated stream
         # without handing back what it decompressed before the damage.
         open_args["compression"] = None
@@ -142,7 +179,15 @@ class PreferenceFileDatasource(FileBasedDatasource):
         rows, records, errors = [], [], []
         line_no = 0
         try:
-            for line_no, line in enumerate(_byte_lines(stream), start=1):
+            for line_no, line in enumerate(_byte_lines(stream, self.max_record_bytes), start=1):
+                if isinstance(line, TooLarge):
+                    record, error = _decode(line.head)[0], (
+                        f"too_large: {line.size} bytes, over data.max_record_bytes={self.max_record_bytes} "
+                        f"(the first {len(line.head)} kept)")
+                    rows.append(line_no)
+                    records.append(record)
+                    errors.append(error)
+                    continue
                 if line_no == 1 and line.startswith(UTF8_BOM):
                     line = line[len(UTF8_BOM):]
                 if not line.strip():
@@ -163,11 +208,20 @@ class PreferenceFileDatasource(FileBasedDatasource):
             yield self._table(path, rows, records, errors)
 
     def _read_json(self, stream, path: str) -> Iterator[pa.Table]:
-        """A ``.json`` file: a JSON array of records (as dataset loaders write it), else JSON Lines."""
+        """A ``.json`` file: a JSON array of records (as dataset loaders write it), else JSON Lines. An array is
+        parsed whole, so one longer than :data:`MAX_JSON_ARRAY_BYTES` is refused (one quarantine entry)."""
         try:
-            data = stream.read()
+            data = stream.read(MAX_JSON_ARRAY_BYTES + 1)
         except _STREAM_ERRORS as exc:
             yield self._table(path, [0], [""], [f"damaged_file: the file cannot be read ({exc})"])
+            return
+        if len(data) > MAX_JSON_ARRAY_BYTES:
+            if not data.removeprefix(UTF8_BOM).lstrip().startswith(b"["):  # JSON Lines named .json: read as such
+                yield from self._read_jsonl(_Rejoined(data, stream), path)
+                return
+            yield self._table(path, [0], [""], [
+                f"too_large: a .json array over {MAX_JSON_ARRAY_BYTES} bytes is parsed whole; write it as JSON "
+                "Lines (.jsonl), which is read a record at a time"])
             return
         data = data.removeprefix(UTF8_BOM)
         if not data.lstrip().startswith(b"["):
@@ -188,8 +242,7 @@ class PreferenceFileDatasource(FileBasedDatasource):
                               [None] * len(block))
 
     def _read_parquet(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        # Parquet needs random access; the input is a stream, so buffer the file.
-        parquet = pq.ParquetFile(pa.BufferReader(f.read()))
+        parquet = pq.ParquetFile(f)  # a random-access file: row group by row group
         row = 0
         for batch in parquet.iter_batches(batch_size=_RAW_ROWS_PER_BLOCK):
             records = [json.dumps(r, default=str) for r in batch.to_pylist()]
@@ -209,12 +262,48 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 
 @dataclass(frozen=True)
+class SkippedFiles:
+    """What expanding the named directories left out: counts, and the first few names to show."""
+
+    not_data: int = 0  # files not in a supported format
+    links_outside: int = 0  # symbolic links to files outside the named directory: never read
+    examples: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.not_data + self.links_outside
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"not_data": self.not_data, "links_outside": self.links_outside, "examples": list(self.examples)}
+
+
+@dataclass(frozen=True)
 class InputFiles:
     """The files a run reads (directories expanded), the filesystem they are on, and what was left out."""
 
     files: list[str]  # paths in ``fs``'s terms: absolute local paths, or bucket/key in object storage
-    skipped: list[str]
+    skipped: SkippedFiles
     fs: pafs.FileSystem = field(default_factory=pafs.LocalFileSystem)
+
+
+def _files_under(place: Location) -> Iterator[tuple[str, bool]]:
+    """Every file under a directory, dot-files and dot-directories (``.git/``) left out, in one pass, each with
+    whether it is a symbolic link to a file outside the directory (local disks only; object stores have none)."""
+    if place.is_local:
+        root = os.path.realpath(place.path)
+        for folder, subfolders, names in os.walk(place.path):  # linked directories are not entered
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            for name in names:
+                if not name.startswith("."):
+                    path = os.path.join(folder, name)
+                    outside = os.path.islink(path) and os.path.commonpath([root, os.path.realpath(path)]) != root
+                    yield path, outside
+        return
+    base = place.path.rstrip("/") + "/"
+    for info in place.fs.get_file_info(pafs.FileSelector(place.path, recursive=True)):
+        if info.type == pafs.FileType.File and not any(
+                part.startswith(".") for part in info.path.removeprefix(base).split("/")):
+            yield info.path, False
 
 
 def input_files(paths: list[str], fmt: str = "auto", s3: S3Config | None = None) -> InputFiles:
@@ -227,28 +316,36 @@ def input_files(paths: list[str], fmt: str = "auto", s3: S3Config | None = None)
         raise DataQualityError(f"data.paths: all files must be in one place (all local, or all in one storage), "
                                f"got {', '.join(paths)}")
     fs = places[0].fs if places else pafs.LocalFileSystem()
-    files, skipped = [], []
+    files: list[str] = []
+    not_data = links_outside = 0
+    examples: list[str] = []
     for given, place in zip(paths, places):
         kind = place.kind()
         if kind == pafs.FileType.NotFound:
             raise DataQualityError(f"data.paths: not found: {given}")
-        if kind == pafs.FileType.Directory:
-            found = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(place.path, recursive=True))
-                           if info.type == pafs.FileType.File and not info.base_name.startswith("."))
-            kept = [f for f in found if f.endswith(SUPPORTED_SUFFIXES)]
-            skipped += [f for f in found if f not in kept]
-            if not kept:
-                raise DataQualityError(
-                    f"data.paths: {given} is a directory with no {', '.join(SUPPORTED_SUFFIXES)} files"
-                    + (f" ({len(found)} other files skipped)" if found else " (it is empty)")
-                )
-            files += kept
-        else:
+        if kind != pafs.FileType.Directory:
             files.append(place.path)
+            continue
+        kept, left_out = [], 0
+        for path, outside in _files_under(place):
+            if outside or not path.endswith(SUPPORTED_SUFFIXES):
+                links_outside += outside
+                not_data += not outside
+                left_out += 1
+                if len(examples) < 3:
+                    examples.append(path)
+            else:
+                kept.append(path)
+        if not kept:
+            raise DataQualityError(
+                f"data.paths: {given} is a directory with no {', '.join(SUPPORTED_SUFFIXES)} files"
+                + (f" ({left_out} other files skipped)" if left_out else " (it is empty)")
+            )
+        files += sorted(kept)
     for f in files:
         if f.endswith(".parquet"):
             _check_parquet_columns(f, fmt, fs)
-    return InputFiles(files, skipped, fs)
+    return InputFiles(files, SkippedFiles(not_data, links_outside, tuple(examples)), fs)
 
 
 def _check_parquet_columns(path: str, fmt: str, fs: pafs.FileSystem) -> None:
@@ -261,10 +358,25 @@ def _check_parquet_columns(path: str, fmt: str, fs: pafs.FileSystem) -> None:
         )
 
 
-def read_preference_files(inputs: InputFiles, num_cpus: float) -> Dataset:
+class _Rejoined:
+    """``head`` (already read) and then the rest of ``stream``, as one stream."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        cut = len(self.head) if size < 0 else size
+        out, self.head = self.head[:cut], self.head[cut:]
+        return out
+
+
+def read_preference_files(inputs: InputFiles, num_cpus: float, max_record_bytes: int) -> Dataset:
     """A Ray Dataset of ``{source, row, record, read_error}``, one row per input record; the read tasks
     open the files through ``inputs.fs`` on whichever node they run."""
-    return ray.data.read_datasource(PreferenceFileDatasource(inputs.files, filesystem=inputs.fs), num_cpus=num_cpus)
+    return ray.data.read_datasource(PreferenceFileDatasource(inputs.files, max_record_bytes, filesystem=inputs.fs),
+                                    num_cpus=num_cpus)
 
 
 # ---------------------------------------------------------------- parsing one record
@@ -509,7 +621,7 @@ class DataReport:
     quarantined: dict[str, int] = field(default_factory=dict)
     quarantine_path: str = ""
     files: list[str] = field(default_factory=list)  # what was read (directories expanded)
-    skipped_files: list[str] = field(default_factory=list)  # in those directories, not a supported format
+    skipped_files: SkippedFiles = field(default_factory=SkippedFiles)  # what expanding directories left out
 
     @property
     def num_quarantined(self) -> int:
@@ -529,13 +641,16 @@ class DataReport:
             "quarantined_fraction": round(self.quarantined_fraction, 6),
             "quarantine_path": self.quarantine_path,
             "files": len(self.files),
-            "skipped_files": self.skipped_files,
+            "skipped_files": self.skipped_files.as_dict(),
         }
 
     def summary_line(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
-        skipped = f"; {len(self.skipped_files)} files skipped (not .jsonl/.json/.gz/.parquet): " + ", ".join(
-            self.skipped_files[:3]) + (", ..." if len(self.skipped_files) > 3 else "") if self.skipped_files else ""
+        left_out = self.skipped_files
+        kinds = [f"{left_out.not_data} not .jsonl/.json/.gz/.parquet"] * bool(left_out.not_data) + [
+            f"{left_out.links_outside} links to outside the directory"] * bool(left_out.links_outside)
+        skipped = (f"; {left_out.total} files skipped ({', '.join(kinds)}): " + ", ".join(left_out.examples)
+                   + (", ..." if left_out.total > len(left_out.examples) else "")) if left_out.total else ""
         return (
             f"data: {self.total} records, {self.ok} usable, {self.truncated} truncated, "
             f"{self.num_quarantined} quarantined ({reasons}) -> {self.quarantine_path}{skipped}"
@@ -550,9 +665,16 @@ def _only(status_is_ok: bool):
     return keep
 
 
+def _capped(text: str | None) -> str | None:
+    """A rejected record's text as kept in the quarantine: at most QUARANTINE_RECORD_CHARS characters."""
+    if text is None or len(text) <= QUARANTINE_RECORD_CHARS:
+        return text
+    return text[:QUARANTINE_RECORD_CHARS] + f"…[{len(text) - QUARANTINE_RECORD_CHARS} more characters]"
+
+
 def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
     counts: Counter = Counter()
-    with path.open("w") as f:
+    with replaced_whole(path) as f:
         for row in rejected.iter_rows():
             counts[row[STATUS]] += 1
             f.write(
@@ -563,7 +685,7 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
                         "reason": row[STATUS],
                         "field": row[FIELD],
                         "detail": row[DETAIL],
-                        "record": row[RECORD],
+                        "record": _capped(row[RECORD]),
                     }
                 )
                 + "\n"
@@ -582,7 +704,7 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], model: ModelSource, run_dir:
     """
     num_cpus = cfg.ray.data_cpus_per_task
     inputs = input_files(paths, cfg.data.format, cfg.output.s3)
-    records = read_preference_files(inputs, num_cpus)
+    records = read_preference_files(inputs, num_cpus, cfg.data.max_record_bytes)
     if cfg.data.limit is not None:
         records = records.limit(cfg.data.limit)
     prepared = (

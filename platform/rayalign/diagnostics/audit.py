@@ -39,6 +39,7 @@ from rayalign.schema import (
     REJECTED_TOKENS,
     SCORED_COLUMNS,
 )
+from rayalign.storage import replaced_whole, write_local
 
 def _digest(ids) -> str:
     return hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
@@ -137,7 +138,8 @@ def plot_audit(report: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("tokens")
     axes[2].set_title(f"response length (tokens)\nchosen longer in {data['chosen_longer_fraction']:.1%} of pairs")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replaced_whole(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -157,7 +159,7 @@ def run_audit(cfg: RunConfig, model: ModelSource, paths: list[str], out_dir: Pat
     report["data"]["quarantine"] = data_report.as_dict()
     report["reference_store"] = store.as_dict() if store else None
     report["model_dir"], report["sources"] = str(model.stored or model.driver_dir), paths
-    (out_dir / "audit.json").write_text(json.dumps(report, indent=2))
+    write_local(out_dir / "audit.json", json.dumps(report, indent=2))
     plot_audit(report, out_dir / "audit.png")
     return report
 

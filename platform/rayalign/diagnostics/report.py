@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from rayalign.config import S3Config
-from rayalign.storage import read_jsonl
+from rayalign.storage import read_jsonl, replaced_whole, write_local
 
 # (metric key, panel title, draw the 0.5 chance line), in reading order: the top row is the
 # failure-mode story (loss vs. both accuracies), the bottom row explains it.
@@ -63,7 +63,7 @@ def fetch_run(uri: str, local: Path, s3: S3Config | None = None) -> Path:
     for name in (METRICS_FILE, SUMMARY_FILE, CONFIG_FILE):
         data = read_bytes(stored / name)
         if data is not None:
-            (local / name).write_bytes(data)
+            write_local(local / name, data)
     if not (local / METRICS_FILE).is_file():
         raise FileNotFoundError(f"no metrics file: {uri}/{METRICS_FILE}")
     return local
@@ -180,7 +180,8 @@ def plot_runs(run_dirs: list[Path], out_path: Path | None = None) -> Path:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=10, frameon=False)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    with replaced_whole(out, "wb") as f:
+        fig.savefig(f, dpi=DPI, format="png")
     return out
 
 
@@ -244,7 +245,8 @@ def plot_sweep(trials: list[dict[str, Any]], x_key: str, objective: str, out: Pa
             ax.axhline(0.5, color="gray", linestyle=":", linewidth=1.2)
         ax.grid(True, alpha=0.25)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    with replaced_whole(out, "wb") as f:
+        fig.savefig(f, dpi=DPI, format="png")
     return out
 
 

@@ -24,6 +24,7 @@ from rayalign.data.records import prepare_pairs
 from rayalign.models import ModelSource
 from rayalign.reference.actors import add_reference_logps
 from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, ROW, SOURCE, TOKEN_LOGPS_COLUMNS
+from rayalign.storage import write_local
 
 
 def _by_pair(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -83,7 +84,7 @@ def run_refcheck(cfg: RunConfig, model: ModelSource, paths: list[str], num_pairs
     train_rows = add_reference_logps(sample, cfg, model, backend="transformers", per_token=True).take_all()
     report = compare(vllm_rows, train_rows, cfg.reference.refcheck_tolerance)
     report["vllm_dtype"], report["training_dtype"] = cfg.reference.vllm.dtype, cfg.model.dtype
-    (out_dir / "refcheck.json").write_text(json.dumps(report, indent=2))
+    write_local(out_dir / "refcheck.json", json.dumps(report, indent=2))
     return report
 
 

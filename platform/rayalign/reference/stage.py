@@ -14,11 +14,14 @@ from typing import Any
 
 from ray.data import Dataset
 
+import ray
+
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.records import shuffled, split_heldout
 from rayalign.data.stage import PreparedData
 from rayalign.reference.actors import add_reference_logps
 from rayalign.reference.store import StoreReport, scored_through_store
+from rayalign.storage import SCORED_DIR, Location, run_location
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,10 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
                            ReferenceSource(cfg.reference.backend))
     if cfg.reference.cache:
         scored, report = score_into_cache(cfg, data)
+        if cfg.train.max_failures > 0:
+            # Restarted workers re-read their pairs: from storage, not from object-store blocks that may have
+            # been on the node that was lost.
+            scored = kept_in_storage(scored, run_location(cfg.output) / SCORED_DIR, cfg.ray.data_cpus_per_task)
         return split_scored(cfg, scored, ReferenceSource(cfg.reference.backend, report.as_dict()), data.report.ok)
 
     train, heldout = split_heldout(data.pairs, cfg)
@@ -87,6 +94,22 @@ def split_scored(cfg: RunConfig, scored: Dataset, source: ReferenceSource, num_s
     if heldout is None:
         return ScoredPairs(shuffled(train, cfg), num_scored, None, source)
     return ScoredPairs(shuffled(train, cfg), train.count(), kept_heldout(heldout, cfg, num_scored), source)
+
+
+def kept_in_storage(scored: Dataset, where: Location, num_cpus: float) -> Dataset:
+    """``scored`` written as Parquet to ``where`` (the run's storage) and read back lazily from there."""
+    scored.write_parquet(where.path, filesystem=where.fs, ray_remote_args={"num_cpus": num_cpus})
+    from ray.data import DataContext
+
+    # Ray Data's newer Parquet reader lists the files in a task of one whole CPU, which it cannot get while
+    # Ray Train's workers hold a node's CPUs: a run sized to its cluster would wait forever each time training
+    # starts or restarts after a lost node. The older reader lists on the driver.
+    context = DataContext.get_current()
+    newer, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(where.path, filesystem=where.fs, num_cpus=num_cpus)
+    finally:
+        context.use_datasource_v2 = newer
 
 
 def kept_heldout(heldout: Dataset | None, cfg: RunConfig, num_pairs: int) -> Dataset | None:

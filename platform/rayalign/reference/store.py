@@ -242,20 +242,24 @@ def scored_through_store(pairs: Dataset, cfg: RunConfig, model: ModelSource) -> 
     known_ref = ray.put(known.rows)
     looked = pairs.map_batches(_look_up, fn_args=(known_ref,), batch_format="pyarrow", num_cpus=num_cpus).materialize()
     columns = [*pairs.columns(), *REFERENCE_COLUMNS]
-    hits = looked.map_batches(_keep(True), batch_format="pyarrow", num_cpus=num_cpus).select_columns(columns)
+    # Every task with the run's fractional CPUs (select/drop default to a whole CPU, which training's workers
+    # may hold: such a task would never be scheduled).
+    hits = looked.map_batches(_keep(True), batch_format="pyarrow", num_cpus=num_cpus).select_columns(
+        columns, num_cpus=num_cpus)
     misses = looked.map_batches(_keep(False), batch_format="pyarrow", num_cpus=num_cpus).drop_columns(
-        [_FOUND, *REFERENCE_COLUMNS])
+        [_FOUND, *REFERENCE_COLUMNS], num_cpus=num_cpus)
     num_missing = misses.count()
     found = looked.count() - num_missing
     appended_rows, appended_bytes, new_segments = 0, 0, 0
     scored = hits
     if num_missing:
         fresh = add_reference_logps(misses, cfg, model).materialize()
-        new_rows = pa.concat_tables([ray.get(ref) for ref in fresh.select_columns(ROW_SCHEMA.names).to_arrow_refs()])
+        new_rows = pa.concat_tables([ray.get(ref) for ref in
+                                     fresh.select_columns(ROW_SCHEMA.names, num_cpus=num_cpus).to_arrow_refs()])
         appended_bytes = store.append(new_rows)
         appended_rows, new_segments = new_rows.num_rows, 1
-        fresh = fresh.select_columns(columns)
-        scored = hits.materialize().union(fresh) if found else fresh
+        fresh = fresh.select_columns(columns, num_cpus=num_cpus)
+        scored = hits.union(fresh) if found else fresh
     # Store size after this pass, counted without a second read: what was there plus what was added (rows this
     # pass appended are new keys by construction, unless another writer appended the same ones meanwhile).
     report = StoreReport(
@@ -263,4 +267,4 @@ def scored_through_store(pairs: Dataset, cfg: RunConfig, model: ModelSource) -> 
         store_rows=known.rows.num_rows + appended_rows, store_bytes=known.bytes + appended_bytes,
         segments=known.segments + new_segments, ignored_segments=len(known.ignored),
     )
-    return scored, report
+    return scored.materialize(), report  # all scored before training starts; nothing left to schedule then

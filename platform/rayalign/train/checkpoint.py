@@ -7,8 +7,10 @@ both back; the data position is recomputed from the step (see :mod:`rayalign.tra
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -78,13 +80,18 @@ def export_hf_model(engine, model_dir: Path, out_dir: Path, storage: Location, z
     with gather:
         if rank == 0:
             model = engine.module.model
+            # Written whole into a folder of its own, then moved onto out_dir: a killed export never leaves a
+            # model/ that looks complete, and nothing of an earlier run's model/ survives beside it.
+            staging = out_dir.with_name(f"{out_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
             if hasattr(model, "peft_config"):
-                model.save_pretrained(out_dir / "adapter", safe_serialization=True)
-                load_tokenizer(model_dir).save_pretrained(out_dir / "adapter")
+                model.save_pretrained(staging / "adapter", safe_serialization=True)
+                load_tokenizer(model_dir).save_pretrained(staging / "adapter")
                 if merge_adapters:  # the last use of the engine: merging in place is fine
-                    model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
-                    load_tokenizer(model_dir).save_pretrained(out_dir)
+                    model.merge_and_unload().save_pretrained(staging, safe_serialization=True)
+                    load_tokenizer(model_dir).save_pretrained(staging)
             else:
-                model.save_pretrained(out_dir, safe_serialization=True)
-                load_tokenizer(model_dir).save_pretrained(out_dir)
+                model.save_pretrained(staging, safe_serialization=True)
+                load_tokenizer(model_dir).save_pretrained(staging)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            staging.rename(out_dir)
             upload(out_dir, storage)

@@ -18,7 +18,14 @@ from rayalign.errors import TrainingDiverged, TrainingIncomplete
 from rayalign.models import ModelSource, load_tokenizer
 from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import (
-    CONFIG_FILE, METRICS_FILE, QUARANTINE_FILE, SUMMARY_FILE, read_jsonl, run_location, upload,
+    CONFIG_FILE,
+    METRICS_FILE,
+    QUARANTINE_FILE,
+    SUMMARY_FILE,
+    read_jsonl,
+    run_location,
+    upload,
+    write_local,
 )
 from rayalign.train.checkpoint import read_checkpoint_file
 from rayalign.diagnostics.report import plot_runs
@@ -129,7 +136,7 @@ def train_stage(
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
-    (run_dir / METRICS_FILE).write_bytes(read_checkpoint_file(result.checkpoint, METRICS_FILE))
+    write_local(run_dir / METRICS_FILE, read_checkpoint_file(result.checkpoint, METRICS_FILE))
     summary = summarize(cfg, model, data_report, time.perf_counter() - started)
     summary["preflight"] = preflight
     summary["planned_steps"] = planned
@@ -137,7 +144,7 @@ def train_stage(
     summary["reference"] = scored.source.as_dict()
     if scored.heldout is not None:
         summary["reference"]["heldout_pairs"] = scored.heldout.count()
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_local(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     plot = plot_runs([run_dir])
     for path in (run_dir / CONFIG_FILE, run_dir / QUARANTINE_FILE, run_dir / METRICS_FILE, run_dir / SUMMARY_FILE, plot):
         if path.exists():

@@ -15,7 +15,7 @@ from ray import tune
 
 from rayalign.config import OBJECTIVE_MODES, RunConfig, SweepConfig, with_values
 from rayalign.diagnostics.report import format_table, plot_sweep
-from rayalign.storage import Location
+from rayalign.storage import Location, replaced_whole, write_local
 
 # Columns of the results table besides the searched keys; the objective comes first.
 FINAL_METRICS = tuple(OBJECTIVE_MODES)
@@ -107,7 +107,7 @@ def write_results(cfg: RunConfig, sweep_dir: Path, trials: list[dict[str, Any]])
     keys = list(sweep.space)
     csv_path = sweep_dir / "sweep_results.csv"
     header, rows = _results_table(trials, keys)
-    with csv_path.open("w", newline="") as f:
+    with replaced_whole(csv_path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -121,7 +121,7 @@ def write_results(cfg: RunConfig, sweep_dir: Path, trials: list[dict[str, Any]])
         )
         best_path = sweep_dir / "best_config.yaml"
         point = ", ".join(f"{k}={v}" for k, v in best["params"].items())
-        best_path.write_text(
+        write_local(best_path,
             f"# Best trial {best['trial_id']} of sweep {cfg.output.name}: {sweep.objective} = "
             f"{best['objective']:.4f} ({point})\n#   rayalign train --config {best_path}\n" + best_cfg.to_yaml()
         )

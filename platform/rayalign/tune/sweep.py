@@ -45,7 +45,7 @@ from rayalign.data.stage import PreparedData, prepare_data
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.runtime import ResourceDemand
 from rayalign.models import ModelSource
-from rayalign.storage import CONFIG_FILE, cache_location, prepare_run_dir, read_text, remove, run_location, upload
+from rayalign.storage import CONFIG_FILE, cache_location, prepare_run_dir, read_text, remove, run_location, upload, write_local
 from rayalign.tracking import (
     SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent, tensorboard_root, wandb_root,
 )
@@ -328,7 +328,7 @@ def _write_summary(cfg: RunConfig, shared: SharedScores, trials: list[dict[str, 
         # Tune writes its state to storage itself.
         "files": {**results_files, "tune": f"{cfg.output.run_storage}/{TUNE_DIR}"},
     }
-    (sweep_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_local(sweep_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     outputs = [sweep_dir / SUMMARY_FILE, sweep_dir / CONFIG_FILE]
     outputs += [Path(path) for path in results_files.values() if path]
     for path in outputs:
