@@ -92,6 +92,8 @@ def test_new_pairs_are_the_only_ones_scored_and_another_precision_scores_everyth
     assert second.key == first.key and not second.hit
     rows = scored.take_all()
     assert sorted(r["row"] for r in rows) == list(range(1, 67))  # every pair once (rows are line numbers)
+    # Found and freshly scored pairs in blocks of one schema: training's shuffle concatenates them.
+    assert scored.random_shuffle(seed=0).repartition(1).count() == 66
     before = {r["row"]: r["ref_chosen_logps"] for r in first_scored.take_all()}
     assert all(r["ref_chosen_logps"] == before[r["row"]] for r in rows if r["row"] <= 60)  # read, not rescored
 

@@ -239,32 +239,31 @@ def scored_through_store(pairs: Dataset, cfg: RunConfig, model: ModelSource) -> 
     store = ReferenceStore.for_scorer(cache_location(cfg), scorer_identity(cfg, model))
     known = store.read()
     num_cpus = cfg.ray.data_cpus_per_task
-    known_ref = ray.put(known.rows)
-    looked = pairs.map_batches(_look_up, fn_args=(known_ref,), batch_format="pyarrow", num_cpus=num_cpus).materialize()
-    columns = [*pairs.columns(), *REFERENCE_COLUMNS]
+    looked = _with_scores(pairs, known.rows, num_cpus).materialize()
     # Every task with the run's fractional CPUs (select/drop default to a whole CPU, which training's workers
     # may hold: such a task would never be scheduled).
-    hits = looked.map_batches(_keep(True), batch_format="pyarrow", num_cpus=num_cpus).select_columns(
-        columns, num_cpus=num_cpus)
     misses = looked.map_batches(_keep(False), batch_format="pyarrow", num_cpus=num_cpus).drop_columns(
         [_FOUND, *REFERENCE_COLUMNS], num_cpus=num_cpus)
     num_missing = misses.count()
     found = looked.count() - num_missing
-    appended_rows, appended_bytes, new_segments = 0, 0, 0
-    scored = hits
+    rows, appended_bytes = known.rows, 0
     if num_missing:
-        fresh = add_reference_logps(misses, cfg, model).materialize()
-        new_rows = pa.concat_tables([ray.get(ref) for ref in
-                                     fresh.select_columns(ROW_SCHEMA.names, num_cpus=num_cpus).to_arrow_refs()])
+        fresh = add_reference_logps(misses, cfg, model).select_columns(ROW_SCHEMA.names, num_cpus=num_cpus)
+        new_rows = pa.concat_tables([ray.get(ref) for ref in fresh.to_arrow_refs()]).cast(ROW_SCHEMA)
         appended_bytes = store.append(new_rows)
-        appended_rows, new_segments = new_rows.num_rows, 1
-        fresh = fresh.select_columns(columns, num_cpus=num_cpus)
-        scored = hits.union(fresh) if found else fresh
-    # Store size after this pass, counted without a second read: what was there plus what was added (rows this
-    # pass appended are new keys by construction, unless another writer appended the same ones meanwhile).
+        rows = _first_per_key(pa.concat_tables([known.rows, new_rows]))
+        # Every pair through the same look-up, now that the store has them all: one schema for every block
+        # (the actors' output types differ from the input's), so training can shuffle and concatenate them.
+        looked = _with_scores(pairs, rows, num_cpus)
+    scored = looked.drop_columns([_FOUND, TOKENS_DIGEST], num_cpus=num_cpus)
     report = StoreReport(
         key=store.key, path=store.where.uri, hit=num_missing == 0, found=found, scored=num_missing,
-        store_rows=known.rows.num_rows + appended_rows, store_bytes=known.bytes + appended_bytes,
-        segments=known.segments + new_segments, ignored_segments=len(known.ignored),
+        store_rows=rows.num_rows, store_bytes=known.bytes + appended_bytes,
+        segments=known.segments + bool(num_missing), ignored_segments=len(known.ignored),
     )
     return scored.materialize(), report  # all scored before training starts; nothing left to schedule then
+
+
+def _with_scores(pairs: Dataset, rows: pa.Table, num_cpus: float) -> Dataset:
+    """``pairs`` with their key, the stored reference columns (null where the store lacks the pair) and a flag."""
+    return pairs.map_batches(_look_up, fn_args=(ray.put(rows),), batch_format="pyarrow", num_cpus=num_cpus)
