@@ -42,6 +42,8 @@ from rayalign.storage import read_jsonl, storage_root, upload
 
 HERE = Path(__file__).resolve().parent
 LM_CONFIG = HERE / "configs" / "pathology-lm.yaml"
+# CPO: the target margin γ = 1 nat, the constraint at full weight (α = 1) and smoothness τ = 1.
+CPO_LOSS = ["loss.type=cpo", "loss.gamma=1.0", "loss.alpha=1.0", "loss.tau=1.0"]
 
 
 def part_a() -> tuple[list[dict], str]:
@@ -89,7 +91,7 @@ def part_b(seeds: list[int], epochs: int, bias_steps: int, overrides: list[str])
                     f"train.epochs={epochs}",
                     "model.tiny=null",
                     f"model.path={biased}",
-                    f"loss.type={loss}",
+                    *(CPO_LOSS if loss == "cpo" else ["loss.type=dpo"]),
                     f"train.seed={seed}",
                     f"data.seed={seed}",
                     f"output.name={loss}-seed{seed}",

@@ -36,8 +36,12 @@ def test_overrides_are_typed():
         (["model.attn_implementation=flex_attention"], "flex_attention trains on GPUs only"),
         (["train.tokens_per_batch=2048", "train.packing.layout=padded"],
          "train.tokens_per_batch needs train.packing.layout shared_prompt or packed"),
-        (["loss.type=ipo", "loss.label_smoothing=0.1"], "loss.label_smoothing is conservative DPO's label-noise rate"),
+        (["loss.type=ipo", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1 is conservative DPO's label-noise rate"),
         (["loss.type=hinge", "loss.label_smoothing=0.1"], "loss.type hinge ignores it"),
+        (["loss.gamma=1.0"], "loss.gamma=1 is CPO's target margin γ: loss.type dpo ignores it (remove it, or use "
+                             "loss.type cpo)"),
+        (["loss.type=cpo_clip", "loss.alpha=2"], "loss.alpha=2 is CPO's constraint weight α: loss.type cpo_clip"),
+        (["loss.type=ipo", "loss.tau=4"], "loss.type ipo ignores it"),
     ],
 )
 def test_errors_name_the_key(overrides, expected):

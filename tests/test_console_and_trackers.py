@@ -27,8 +27,9 @@ RUN_TIMEOUT_S = 600
 MAX_CONSOLE_LINES = 40
 
 
-def _listening_addresses(root_pid: int) -> set[tuple[str, int, str]]:
-    """(address, port, process name) of each TCP socket the process tree under ``root_pid`` listens on."""
+def _listening_addresses(root_pid: int, gloo_interfaces: set) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of each TCP socket the process tree under ``root_pid`` listens on; adds
+    the network interface each training worker's gloo is told to listen on to ``gloo_interfaces``."""
     found = set()
     try:
         procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
@@ -39,6 +40,8 @@ def _listening_addresses(root_pid: int) -> set[tuple[str, int, str]]:
             for conn in proc.net_connections(kind="tcp"):
                 if conn.status == psutil.CONN_LISTEN:
                     found.add((conn.laddr.ip, conn.laddr.port, proc.name()))
+            if proc.name().startswith("ray::RayTrainWorker"):
+                gloo_interfaces.add(proc.environ().get("GLOO_SOCKET_IFNAME"))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
@@ -71,14 +74,16 @@ def piped_run(tmp_path_factory):
     env["RAY_TMPDIR"] = str(Path("/tmp") / f"rp{os.getpid()}")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out)
     listening: set[tuple[str, int, str]] = set()
+    gloo_interfaces: set[str | None] = set()
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while proc.poll() is None:
         assert time.monotonic() < deadline, "rayalign train did not finish"
-        listening |= _listening_addresses(proc.pid)
+        listening |= _listening_addresses(proc.pid, gloo_interfaces)
         time.sleep(1)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
-    return {"stdout": stdout, "stderr": stderr, "listening": listening, "root": out / "runs",
+    return {"stdout": stdout, "stderr": stderr, "listening": listening, "gloo_interfaces": gloo_interfaces,
+            "root": out / "runs",
             "run_dir": out / "runs" / "tiny-dpo"}
 
 
@@ -117,6 +122,10 @@ def test_the_local_cluster_listens_on_loopback_only(piped_run):
     assert len({port for _, port, _ in exposed}) <= 1, f"listening beyond loopback: {exposed}"
     ray_system = ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
     assert not [e for e in exposed if e[2] in ray_system or not e[2].startswith("ray::")], exposed
+    # torch.distributed's gloo listens where the host name resolves, often the machine's LAN address (here it
+    # resolves to 127.0.0.1, so the sockets above cannot show it): the workers are told the loopback interface.
+    loopback = {name for name, addrs in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addrs)}
+    assert piped_run["gloo_interfaces"] and piped_run["gloo_interfaces"] <= loopback, piped_run["gloo_interfaces"]
 
 
 def test_trackers_hold_what_metrics_jsonl_holds(piped_run):

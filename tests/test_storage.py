@@ -79,7 +79,7 @@ def test_a_storage_uri_as_output_root_names_the_storage(tmp_path):
 
 
 def test_a_sweep_kept_in_object_storage_refuses_tracker_stores_its_trials_cannot_reach():
-    tree = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2},
+    tree = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2}, "loss": {"type": "cpo"},
             "sweep": {"space": {"loss.gamma": {"values": [0.5, 1.0]}}, "early_stopping": "none"},
             "output": {"storage": "s3://bucket/runs", "trackers": ["mlflow", "tensorboard"]}}
     with pytest.raises(ConfigError, match=r"output.trackers: mlflow needs a tracking server .*; tensorboard writes "

@@ -50,7 +50,10 @@ def sweep_config(tmp_path, sweep: dict, **sections):
 
 
 def test_sweep_config_errors_name_the_key():
-    base = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2}, "monitor": {"eval_every": 2}}
+    base = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2}, "monitor": {"eval_every": 2},
+            "loss": {"type": "cpo"}}
+    with pytest.raises(ConfigError, match=r"sweep.space.loss.gamma = 2.0 is not a valid setting: .*loss.type dpo ignores"):
+        config_from_dict({**base, "loss": {"type": "dpo"}, "sweep": {"space": {"loss.gamma": {"values": [0.0, 2.0]}}}})
     with pytest.raises(ConfigError, match=r"sweep.space.loss.gama = 0.0 is not a valid setting: loss.gama: unknown key"):
         config_from_dict({**base, "sweep": {"space": {"loss.gama": {"values": [0.0]}}}})
     with pytest.raises(ConfigError, match=r"loss.beta: Input should be greater than 0"):

@@ -77,6 +77,7 @@ def test_a_failed_run_is_marked_failed(tmp_path):
 
 def test_sweep_trials_are_runs_grouped_under_the_sweep(tmp_path):
     sweep_cfg = make_config(tmp_path, data={"synthetic": {}, "eval_fraction": 0.25}, monitor={"eval_every": 1},
+                            loss={"type": "cpo"},
                             output={"root": str(tmp_path / "runs"), "name": "gamma-sweep",
                                     "trackers": ["mlflow", "tensorboard", "wandb"],
                                     "tracking": {"wandb_mode": "offline"}},
@@ -112,6 +113,7 @@ def test_the_sweep_closes_the_runs_of_trials_tune_ended_mid_run(tmp_path):
     error (FAILED); the sweep marks both KILLED. An errored trial left open becomes FAILED; a completed
     trial and a trial that closed itself as failed keep their status."""
     sweep_cfg = make_config(tmp_path, data={"synthetic": {}, "eval_fraction": 0.25}, monitor={"eval_every": 1},
+                            loss={"type": "cpo"},
                             output={"root": str(tmp_path / "runs"), "name": "gamma-sweep", "trackers": ["mlflow"]},
                             sweep={"space": {"loss.gamma": {"values": [0.0, 2.0]}}})
     parent = open_sweep_parent(sweep_cfg)

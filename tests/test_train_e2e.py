@@ -21,7 +21,7 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
     cfg = make_config(
         tmp_path,
         data={"synthetic": {"num_pairs": 64}},
-        loss={"type": "cpo", "beta": 0.5, "gamma": 1.0},
+        loss={"type": "cpo", "beta": 0.5, "gamma": 4.0},
         train={"micro_batch_size": 8, "zero_stage": 2, "log_every": 1, "learning_rate": 3e-3},
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
     )
@@ -39,6 +39,9 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
         assert row["pairs/s"] > 0 and row["tokens/s"] > row["pairs/s"]
     # Before the first update the policy equals the reference, so every DPO-family margin is 0.
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    # ... and γ reached the workers: at h = 0 CPO's loss is −log σ(−(β/α)·softplus(γ − δ_ref)), about 2.1 for γ = 4
+    # with the tiny model's |δ_ref| < 1 (above 1.7), where DPO's is log 2 and CPO with γ = 0 about 0.9.
+    assert rows[0]["loss"] > 1.5 and summary["loss_type"] == "cpo"
 
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert summary["data"]["ok"] == 64 and summary["steps"] == 4

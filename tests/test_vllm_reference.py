@@ -57,7 +57,7 @@ def test_vllm_pipeline_cache_hit_and_refcheck(ray_cluster, tmp_path):
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # vLLM reference == policy at step 0
 
     # Identical inputs: the scored Parquet is read back and no vLLM engine starts.
-    second = run_train(cfg)
+    second = run_train(vllm_config(tmp_path, output={"if_exists": "replace"}))
     stored, again = first["reference"]["cache"], second["reference"]["cache"]
     assert (again["key"], again["path"], again["hit"]) == (stored["key"], stored["path"], True)
     assert again["found"] == stored["scored"] == 64 and again["scored"] == 0

@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a policy with DPO/CPO on Ray (Data → reference → Train)")
     _config_arguments(train, help="YAML config; repeat to run several configs one after another (e.g. DPO then CPO)",
                       repeat=True)
+    earlier = train.add_mutually_exclusive_group()
+    earlier.add_argument("--replace", dest="if_exists", action="store_const", const="replace",
+                         help="replace an earlier training run of the same output.name (output.if_exists: replace)")
+    earlier.add_argument("--resume", dest="if_exists", action="store_const", const="resume",
+                         help="continue an unfinished run of the same output.name from its last checkpoint "
+                         "(output.if_exists: resume)")
     train.set_defaults(func=_train)
 
     sweep = sub.add_parser(
@@ -245,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_configs(args: argparse.Namespace) -> list[RunConfig]:
     """Every config the command names, validated before Ray starts: a typo fails in a second."""
     paths = getattr(args, "config", None) or []
-    return [load_config(path, args.overrides) for path in ([paths] if isinstance(paths, str) else paths)]
+    overrides = args.overrides + ([f"output.if_exists={args.if_exists}"] if getattr(args, "if_exists", None) else [])
+    return [load_config(path, overrides) for path in ([paths] if isinstance(paths, str) else paths)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -302,20 +302,33 @@ class LossConfig(_Section):
     type: Literal["dpo", "ipo", "hinge", "cpo", "cpo_clip"] = "dpo"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    gamma: float = Field(0.0, description="CPO target margin γ.")
-    alpha: float = Field(1.0, gt=0, description="CPO constraint weight α (inf disables).")
-    tau: float = Field(1.0, gt=0, description="CPO smoothness τ.")
+    gamma: float = Field(0.0, description="CPO target margin γ (type cpo).")
+    alpha: float = Field(1.0, gt=0, description="CPO constraint weight α (type cpo); the larger, the closer to DPO.")
+    tau: float = Field(1.0, gt=0, description="CPO smoothness τ (type cpo).")
     nll_weight: float = Field(0.0, ge=0, description="Weight of the NLL term on chosen.")
     length_normalize: bool = Field(
         False, description="Use per-token average log-probs instead of sums."
     )
 
     @model_validator(mode="after")
-    def _smoothing_is_dpos(self) -> "LossConfig":
-        if self.label_smoothing > 0 and self.type != "dpo":
-            raise ValueError(f"loss.label_smoothing is conservative DPO's label-noise rate: loss.type {self.type} "
-                             "ignores it (set it to 0, or use type dpo)")
+    def _parameters_of_this_loss(self) -> "LossConfig":
+        # A setting the chosen loss ignores would do nothing; a run that looks like CPO and trains DPO is worse.
+        for name, owners in LOSS_OWN_PARAMETERS.items():
+            value = getattr(self, name)
+            if self.type not in owners and value != type(self).model_fields[name].default:
+                raise ValueError(f"loss.{name}={value:g} is {owners[next(iter(owners))]}: loss.type {self.type} "
+                                 f"ignores it (remove it, or use loss.type {' or '.join(owners)})")
         return self
+
+
+# The parameters only some losses take (rayalign.losses), by the loss types that take them and what they are;
+# beta, nll_weight and length_normalize apply to every type.
+LOSS_OWN_PARAMETERS: dict[str, dict[str, str]] = {
+    "label_smoothing": {"dpo": "conservative DPO's label-noise rate"},
+    "gamma": {"cpo": "CPO's target margin γ"},
+    "alpha": {"cpo": "CPO's constraint weight α"},
+    "tau": {"cpo": "CPO's smoothness τ"},
+}
 
 
 class PackingConfig(_Section):
@@ -518,6 +531,13 @@ class OutputConfig(_Section):
         "file:///shared/runs). Checkpoints go there directly; metrics, summary and model are copied "
         "there at the end. Needed on a multi-node cluster without a shared filesystem. None: the "
         "local run directory is the storage.",
+    )
+    if_exists: Literal["refuse", "replace", "resume"] = Field(
+        "refuse",
+        description="When the run directory (or the run's storage) holds an earlier training run of this name: "
+        "refuse a finished run or one with a checkpoint; replace it (its training files are deleted first); or "
+        "resume an unfinished run from its last checkpoint. A live run of the same name is always refused "
+        "(see rayalign.run_dir).",
     )
     trackers: list[Tracker] = Field(
         default_factory=list,

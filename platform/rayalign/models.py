@@ -318,8 +318,9 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32", attn_implement
     import torch
     from transformers import AutoModelForCausalLM
 
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) in a model directory would run code on load.
     return AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+        str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attn_implementation, use_safetensors=True
     )
 
 

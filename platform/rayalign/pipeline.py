@@ -32,7 +32,8 @@ from rayalign.console import Console
 from rayalign.data.stage import prepare_data
 from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.runtime import ResourceDemand
-from rayalign.storage import prepare_run_dir, write_local
+from rayalign.run_dir import claimed_run_dir
+from rayalign.storage import write_local
 from rayalign.train.stage import preflight, train_stage
 
 log = logging.getLogger(__name__)
@@ -42,20 +43,20 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Train one policy end to end and write its run directory; returns the summary.
     ``console``: where training's progress shows (None: nowhere but the logs and trackers)."""
     started = time.perf_counter()
-    run_dir = prepare_run_dir(cfg)
-    log.info("data: reading and tokenizing")
-    data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))
-    cost = preflight(cfg, data)
-    ref = cfg.reference
-    if ref.in_worker:
-        log.info("reference: in the training workers, LoRA adapters off (no actors)")
-    else:
-        log.info("reference: %s, %d actor(s)%s", ref.backend, ref.num_actors,
-                 ", through the cache" if ref.cache else ", streamed into training")
-    scored = score_reference(cfg, data)
-    s = cfg.scaling
-    log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")
-    return train_stage(cfg, data.model, scored, data.report.as_dict(), started, cost.as_dict(), console=console)
+    with claimed_run_dir(cfg) as run_dir:
+        log.info("data: reading and tokenizing")
+        data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))
+        cost = preflight(cfg, data)
+        ref = cfg.reference
+        if ref.in_worker:
+            log.info("reference: in the training workers, LoRA adapters off (no actors)")
+        else:
+            log.info("reference: %s, %d actor(s)%s", ref.backend, ref.num_actors,
+                     ", through the cache" if ref.cache else ", streamed into training")
+        scored = score_reference(cfg, data)
+        s = cfg.scaling
+        log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")
+        return train_stage(cfg, data.model, scored, data.report.as_dict(), started, cost.as_dict(), console=console)
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # cluster, so the node address is 127.0.0.1 and every port (GCS, raylet, agents, workers) listens
 # on loopback only. Without it Ray swaps 127.0.0.1 for the machine's address and listens everywhere.
 RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"  # read by torch.distributed when it creates a gloo process group
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,20 @@ def bind_local_cluster_to_loopback(cfg: RayConfig) -> bool:
     if "ray" in sys.modules and os.environ.get(RAY_SINGLE_NODE_ENV) != "0":
         return False  # too late for this process; init_ray says so when it starts the cluster
     os.environ[RAY_SINGLE_NODE_ENV] = "0"
+    # torch.distributed's gloo (CPU training) binds its listeners to the address the host name resolves to, often
+    # the machine's LAN address; the workers of a cluster started here inherit this process's environment.
+    os.environ.setdefault(GLOO_INTERFACE_ENV, loopback_interface())
     return True
+
+
+def loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 (``lo`` on Linux, ``lo0`` on macOS)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addresses):
+            return name
+    return "lo"
 
 
 def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:

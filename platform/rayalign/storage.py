@@ -44,6 +44,10 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 QUARANTINE_FILE = "quarantine.jsonl"
 SCORED_DIR = "scored"  # the run's reference-scored pairs, kept for restarts (train.max_failures > 0)
+MODEL_DIR = "model"  # the trained policy, Hugging Face format
+RUN_PLOT = "report.png"
+RAY_TRAIN_DIR = "ray"  # Ray Train's storage path
+RAY_TRAIN_RUN = "train"  # the Ray Train run's name in it: one per run directory, so a resumed run finds it
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     remove(location(str(run_dir / SCORED_DIR)))
     stored = run_location(cfg.output)
     if not is_same_place(run_dir, stored):
-        for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE, SCORED_DIR, "model"):
+        for stale in (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE, SCORED_DIR, MODEL_DIR):
             remove(stored / stale)
     write_local(run_dir / CONFIG_FILE, cfg.to_yaml())
     return run_dir

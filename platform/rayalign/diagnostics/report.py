@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from rayalign.config import S3Config
-from rayalign.storage import read_jsonl, replaced_whole, write_local
+from rayalign.storage import RUN_PLOT, read_jsonl, replaced_whole, write_local
 
 # (metric key, panel title, draw the 0.5 chance line), in reading order: the top row is the
 # failure-mode story (loss vs. both accuracies), the bottom row explains it.
@@ -123,7 +123,7 @@ def default_out_path(run_dirs: list[Path]) -> Path:
     """``<run>/report.png`` for one run; ``<parent of first>/compare-a-vs-b.png`` for several."""
     first = Path(run_dirs[0]).resolve()
     if len(run_dirs) == 1:
-        return first / "report.png"
+        return first / RUN_PLOT
     names = [_safe_name(Path(d).resolve().name) for d in run_dirs]
     # Beyond three runs the file name would stop being readable; count the rest instead.
     stem = "-vs-".join(names) if len(names) <= 3 else "-vs-".join(names[:2]) + f"-and-{len(names) - 2}-more"

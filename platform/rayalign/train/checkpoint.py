@@ -11,9 +11,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray.train
 from ray.train import Checkpoint
@@ -47,7 +47,7 @@ def restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int, adapt
             ) -> list[dict[str, Any]]:
     """Load the engine (weights, optimizer, scheduler, step) from ``checkpoint``; on rank 0 also put
     ``metrics.jsonl`` back as it was at that step and return its rows (the alarm's history)."""
-    with checkpoint.as_directory() as ckpt_dir:
+    with checkpoint.as_directory() as ckpt_dir, weights_only_loads(engine):
         engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG, load_module_strict=not adapters_only)
         saved = Path(ckpt_dir) / METRICS_FILE
         if rank != 0 or not saved.exists():
@@ -55,6 +55,42 @@ def restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int, adapt
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(saved, metrics_path)
     return read_jsonl(metrics_path)
+
+
+@contextmanager
+def weights_only_loads(engine) -> Iterator[None]:
+    """While the block runs, ``engine`` reads checkpoint files with ``torch.load(weights_only=True)``: tensors,
+    containers, numbers and strings, plus the few plain DeepSpeed types its checkpoints hold, never arbitrary
+    pickled code. DeepSpeed loads with ``weights_only=False``; whoever can write the run's storage could
+    otherwise run code in every worker on the next restore.
+
+    Raises ``pickle.UnpicklingError`` naming the file and the type, for a file that holds anything else."""
+    import pickle
+    import re
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    checkpoints = engine.checkpoint_engine
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]  # what DeepSpeed 0.19's ZeRO-1/2/3 checkpoints hold
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            raise pickle.UnpicklingError(
+                f"{path}: not restored, it holds {found.group(1) if found else 'an object'}, which only a checkpoint "
+                "tampered with would (a checkpoint holds tensors and DeepSpeed's own settings)") from None
+
+    checkpoints.load = load  # an instance attribute: only this engine's reads change
+    try:
+        yield
+    finally:
+        del checkpoints.load
 
 
 def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:

@@ -101,14 +101,13 @@ def train_stage(
     started: float,
     preflight: dict[str, Any] | None = None,
     callbacks: list | None = None,
-    resume_name: str | None = None,
     console: Console | None = None,
     sweep: SweepMembership | None = None,
 ) -> dict[str, Any]:
     """Fit on ``scored`` into ``cfg.output.run_dir``; write and return summary.json (with ``preflight``,
     a :class:`LayoutCost` as a dict) and the run's plot; the trackers get all of it.
 
-    ``callbacks`` and ``resume_name`` as :func:`rayalign.train.trainer.fit` takes them (a sweep trial).
+    ``callbacks``: Ray Train callbacks (a sweep trial's report to Tune).
     ``console``: where the progress shows (None: no progress, as in a sweep's trials). ``sweep``: the
     sweep a trial's tracker runs belong to.
     """
@@ -119,8 +118,7 @@ def train_stage(
     consumers = ([progress.show] if console is not None else []) + ([trackers.log_step] if trackers.runs else [])
     try:
         with relayed_progress(consumers) if consumers else nullcontext() as board:
-            result = fit(cfg, scored.train, scored.num_train, model, scored.heldout, callbacks, resume_name,
-                         progress=board)
+            result = fit(cfg, scored.train, scored.num_train, model, scored.heldout, callbacks, progress=board)
     except TrainingFailedError as err:
         trackers.finish(failed=True)
         # The worker's own message, not Ray's traceback of it.

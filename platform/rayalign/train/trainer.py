@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
-import uuid
 
 from ray.data import Dataset
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
@@ -15,7 +13,7 @@ from ray.train.torch import TorchTrainer
 from rayalign.config import ConfigError, RunConfig, TrainConfig
 from rayalign.errors import DataQualityError
 from rayalign.models import ModelSource
-from rayalign.storage import run_location
+from rayalign.storage import MODEL_DIR, RAY_TRAIN_DIR, RAY_TRAIN_RUN, run_location
 from rayalign.train.worker import WorkerPlan, train_loop_per_worker
 
 
@@ -50,14 +48,11 @@ def fit(
     model: ModelSource,
     heldout: Dataset | None = None,
     callbacks: list | None = None,
-    resume_name: str | None = None,
     progress=None,
 ):
     """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result.
 
     ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a sweep trial.
-    ``resume_name``: Ray Train continues a run of this name under the same storage path from its last
-    checkpoint (a sweep trial that Tune restores); None starts a fresh run.
     ``progress``: a ProgressBoard's handle that rank 0 posts its logged rows to.
     """
     s = cfg.scaling
@@ -71,7 +66,7 @@ def fit(
         train=cfg.train,
         monitor=cfg.monitor,
         run_dir=str(cfg.output.run_dir),
-        model_storage=stored / "model",
+        model_storage=stored / MODEL_DIR,
         total_steps=planned_steps(cfg.train, s.num_workers, num_pairs),
         steps_per_epoch=steps_per_epoch(cfg.train, s.num_workers, num_pairs),
         has_eval=heldout is not None,
@@ -88,10 +83,13 @@ def fit(
         # share (rayalign.train.batching.heldout_share), since an equal split drops the remainder.
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RayRunConfig(
-            name=resume_name or f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            # One Ray Train run per run directory: a run that starts again under the same storage path (a resumed
+            # run, a sweep trial Tune restores) continues from its last checkpoint; a fresh run finds none there
+            # (rayalign.run_dir clears it).
+            name=RAY_TRAIN_RUN,
             # The filesystem is handed over, not guessed from a string: an S3-compatible server's
             # endpoint travels with it to every worker.
-            storage_path=(stored / "ray").path,
+            storage_path=(stored / RAY_TRAIN_DIR).path,
             storage_filesystem=stored.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),

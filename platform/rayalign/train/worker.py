@@ -41,7 +41,7 @@ from rayalign.losses import ObjectiveTerms, PairLogps, objective
 from rayalign.packing import PackedPairs, pack_pairs, row_width
 from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.models import ModelSource
-from rayalign.storage import METRICS_FILE, Location, append_jsonl
+from rayalign.storage import METRICS_FILE, MODEL_DIR, Location, append_jsonl
 from rayalign.train import checkpoint
 from rayalign.train.batching import heldout_share, pairs_per_step, step_micro_batches, take
 from rayalign.train.metrics import IntervalMeter, preference_stats
@@ -347,7 +347,7 @@ class TrainingWorker:
         if self.checkpointed_step != self.engine.global_steps:
             self.save_checkpoint()
         plan = self.plan
-        checkpoint.export_hf_model(self.engine, plan.model.local_dir(), Path(plan.run_dir) / "model", plan.model_storage,
+        checkpoint.export_hf_model(self.engine, plan.model.local_dir(), Path(plan.run_dir) / MODEL_DIR, plan.model_storage,
                                    plan.train.zero_stage, self.rank,
                                    merge_adapters=plan.lora is not None and plan.lora.export_merged)
 

@@ -45,6 +45,7 @@ from rayalign.data.stage import PreparedData, prepare_data
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.runtime import ResourceDemand
 from rayalign.models import ModelSource
+from rayalign.run_dir import held_run_name
 from rayalign.storage import CONFIG_FILE, cache_location, prepare_run_dir, read_text, remove, run_location, upload, write_local
 from rayalign.tracking import (
     SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent, tensorboard_root, wandb_root,
@@ -100,9 +101,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, m
     cfg = with_values(base, {**params, "output.name": trial_id}, origin=f"sweep trial {trial_id}")
     prepare_run_dir(cfg)
     train_stage(cfg, model, split_scored(cfg, scored, source, num_scored), data_report, started, cost,
-                # The trial's run directory is its own: a fixed Ray Train run name lets a trial that
-                # Tune restores (resumed sweep, errored trial) continue from its last checkpoint.
-                callbacks=[HeldoutReportCallback(objective)], resume_name="train",
+                # The trial's run directory is its own: a trial that Tune restores (resumed sweep, errored
+                # trial) finds its Ray Train run there and continues from its last checkpoint.
+                callbacks=[HeldoutReportCallback(objective)],
                 sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent))
 
 
@@ -189,19 +190,20 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep in ``cfg.sweep``; writes the sweep directory, returns its summary."""
     if cfg.sweep is None:
         raise ConfigError("this config has no `sweep` section (see jobs/configs/sweep-gamma.yaml)")
-    started = time.perf_counter()
-    resuming = _open_sweep_dir(cfg, fresh)
-    shared = _score_once(cfg)
-    steps = planned_steps(cfg.train, cfg.scaling.num_workers, shared.num_train)
-    membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
-    tuner = _tuner(cfg, shared, steps, resuming, membership)
-    log.info("%d trial(s) of %d steps each; one line per finished trial", _num_trials(cfg.sweep), steps)
-    trials = collect_trials(tuner.fit(), run_location(cfg.output) / TUNE_DIR, cfg.sweep, steps,
-                            f"{cfg.output.run_storage}/{TRIALS_DIR}")
-    summary = _write_summary(cfg, shared, trials, steps, time.perf_counter() - started)
-    files = [Path(path) for key, path in summary["files"].items() if key != "tune" and path]
-    finish_sweep_parent(cfg, membership.mlflow_parent, summary, files)
-    return summary
+    with held_run_name(cfg.output):
+        started = time.perf_counter()
+        resuming = _open_sweep_dir(cfg, fresh)
+        shared = _score_once(cfg)
+        steps = planned_steps(cfg.train, cfg.scaling.num_workers, shared.num_train)
+        membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
+        tuner = _tuner(cfg, shared, steps, resuming, membership)
+        log.info("%d trial(s) of %d steps each; one line per finished trial", _num_trials(cfg.sweep), steps)
+        trials = collect_trials(tuner.fit(), run_location(cfg.output) / TUNE_DIR, cfg.sweep, steps,
+                                f"{cfg.output.run_storage}/{TRIALS_DIR}")
+        summary = _write_summary(cfg, shared, trials, steps, time.perf_counter() - started)
+        files = [Path(path) for key, path in summary["files"].items() if key != "tune" and path]
+        finish_sweep_parent(cfg, membership.mlflow_parent, summary, files)
+        return summary
 
 
 def _num_trials(sweep: SweepConfig) -> int:
