@@ -319,7 +319,8 @@ class Pairs:
 
 def select_pairs(records: list[str], count: int, tokenizer, data_cfg) -> Pairs:
     """The first ``count`` usable pairs, tokenized exactly as rayalign's data stage does."""
-    from rayalign.data.records import RecordError, parse_record, tokenize_pair
+    from rayalign.data.parsing import RecordError, parse_record
+    from rayalign.data.tokenizing import tokenize_pair
 
     pairs = Pairs([], [], [], 0, {}, 0)
     for index, record in enumerate(records):
@@ -1154,7 +1155,7 @@ def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[st
                 "max_prompt_length": args.max_prompt_length,
                 "truncation": prep.data_cfg.truncation,
                 "order": "file order, no shuffle (rayalign: data.shuffle false)",
-                "tokenized_by": "rayalign.data.records.parse_record + tokenize_pair, once; every contender computes on these ids",
+                "tokenized_by": "rayalign.data.parsing.parse_record + tokenizing.tokenize_pair, once; every contender computes on these ids",
             },
             "micro_batches": args.micro_batches,
             "steps": args.steps,

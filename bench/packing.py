@@ -100,14 +100,12 @@ def train_layout(job: Job) -> dict[str, Any]:
     """One layout, in its own process: score the check batches, then train and time every step."""
     import torch
 
-    from rayalign.config import LossConfig
-    from rayalign.logprobs import PolicyLogps, split_pairs
-    from rayalign.losses import PairLogps, objective
-    from rayalign.config import LoraConfig
+    from rayalign.config import LoraConfig, LossConfig, PackingConfig, TrainConfig
+    from rayalign.logprobs import PolicyLogps
     from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
     from rayalign.packing import pack_pairs, row_width
-    from rayalign.train.batching import step_micro_batches, take
-    from rayalign.train.worker import adapters_off_logps
+    from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+    from rayalign.train.step import PreferenceStep
 
     torch.manual_seed(0)
     device = torch.device(job.device)
@@ -117,7 +115,12 @@ def train_layout(job: Job) -> dict[str, Any]:
     if job.lora_rank:
         model = with_adapters(model, LoraConfig(rank=job.lora_rank, alpha=2 * job.lora_rank))
     policy = PolicyLogps(model.to(device), job.chunk_tokens)
-    loss_cfg = LossConfig(type="dpo", beta=job.beta)
+    # The training step itself (rayalign.train.step), one pass per step's pairs unless a token budget splits them.
+    batching = TrainConfig(micro_batch_size=len(job.batches[0]["prompt_ids"]), tokens_per_batch=job.tokens_per_batch,
+                           packing=PackingConfig(layout=job.layout, row_tokens=job.row_tokens,
+                                                 logps_chunk_tokens=job.chunk_tokens))
+    step = PreferenceStep(LossConfig(type="dpo", beta=job.beta), batching, pad_id, device, job.attention,
+                          reference_in_worker=job.reference_in_step)
 
     policy.eval()
     with torch.no_grad():
@@ -132,24 +135,18 @@ def train_layout(job: Job) -> dict[str, Any]:
     passes = []
     for batch, (ref_chosen, ref_rejected) in zip(job.batches, job.references):
         num_pairs = len(batch["prompt_ids"])
-        groups = step_micro_batches(batch, job.layout, num_pairs, job.tokens_per_batch)
-        passes.append(len(groups))
+        if not job.reference_in_step:  # with it, the step scores the reference with the adapters off
+            batch = {**batch, REF_CHOSEN_LOGPS: ref_chosen, REF_REJECTED_LOGPS: ref_rejected}
+        parts = step.micro_batches(batch, agree_count=lambda count: count)
+        passes.append(len(parts))
         loss = torch.zeros((), device=device)
-        for group in groups:  # one pass per group, the gradient accumulated: the step's loss is the pair mean
-            pairs = pack_pairs(take(batch, group), job.layout, pad_id, row_tokens)
-            computed.append(pairs.computed_tokens)
-            real.append(pairs.real_tokens)
-            pairs = pairs.to(device)
-            if job.reference_in_step:  # what reference.backend: adapters_off does in the training worker
-                refs = split_pairs(adapters_off_logps(policy, pairs))
-            else:
-                refs = (torch.tensor([ref_chosen[i] for i in group], device=device),
-                        torch.tensor([ref_rejected[i] for i in group], device=device))
-            logps, counts = policy(pairs)
-            (chosen, rejected), (n_chosen, n_rejected) = split_pairs(logps), split_pairs(counts)
-            part = objective(loss_cfg, PairLogps(chosen, rejected, *refs, n_chosen, n_rejected)).loss.sum() / num_pairs
-            part.backward()
-            loss += part.detach()
+        for part in parts:  # one pass each, the gradient accumulated: the step's loss is the pair mean
+            scored = step.score(policy, part)
+            computed.append(scored.computed_tokens)
+            real.append(scored.real_tokens)
+            part_loss = scored.terms.loss.sum() / num_pairs
+            part_loss.backward()
+            loss += part_loss.detach()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -39,7 +39,8 @@ def main() -> None:
     import numpy as np
 
     from rayalign.config import config_from_dict
-    from rayalign.data.records import parse_record, tokenize_pair, RecordError
+    from rayalign.data.parsing import RecordError, parse_record
+    from rayalign.data.tokenizing import tokenize_pair
     from rayalign.models import load_tokenizer, publish_model, resolve_model_dir
     from rayalign.reference.actors import scorer_for
     from rayalign.schema import REF_CHOSEN_LOGPS, TOKEN_COLUMNS

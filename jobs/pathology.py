@@ -38,7 +38,8 @@ from rayalign.diagnostics.pathology import format_table, two_response_table
 from rayalign.diagnostics.report import plot_runs
 from rayalign.pipeline import run_train
 from rayalign.runtime import init_ray
-from rayalign.storage import read_jsonl, storage_root, upload
+from rayalign.metrics import ABSOLUTE_ACCURACY, ALARM, FRAC_IN_U, LOSS, REWARD_ACCURACY, eval_key
+from rayalign.storage import METRICS_FILE, SUMMARY_FILE, read_jsonl, storage_root, upload
 
 HERE = Path(__file__).resolve().parent
 LM_CONFIG = HERE / "configs" / "pathology-lm.yaml"
@@ -54,23 +55,23 @@ def part_a() -> tuple[list[dict], str]:
 def _run_summary(run_dir: Path, tail: int = 4) -> dict:
     """Train metrics averaged over the first and last few steps (single batches are noisy under
     label noise) and the final held-out metrics."""
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read_jsonl(run_dir / METRICS_FILE)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
 
     def mean(key: str, part: list[dict]) -> float:
         return statistics.mean(r[key] for r in part)
 
     heldout = summary["heldout"]
     return {
-        "loss_first": mean("loss", rows[:tail]),
-        "loss_last": mean("loss", rows[-tail:]),
-        "abs_acc_last": mean("pref/absolute_accuracy", rows[-tail:]),
-        "frac_in_U_last": mean("pref/frac_in_U", rows[-tail:]),
-        "eval_loss": heldout["eval/loss"],
-        "eval_reward_acc": heldout["eval/rewards/accuracies"],
-        "eval_abs_acc": heldout["eval/pref/absolute_accuracy"],
-        "eval_frac_in_U": heldout["eval/pref/frac_in_U"],
-        "alarm_steps": sum("alarm" in r for r in rows),
+        "loss_first": mean(LOSS, rows[:tail]),
+        "loss_last": mean(LOSS, rows[-tail:]),
+        "abs_acc_last": mean(ABSOLUTE_ACCURACY, rows[-tail:]),
+        "frac_in_U_last": mean(FRAC_IN_U, rows[-tail:]),
+        "eval_loss": heldout[eval_key(LOSS)],
+        "eval_reward_acc": heldout[eval_key(REWARD_ACCURACY)],
+        "eval_abs_acc": heldout[eval_key(ABSOLUTE_ACCURACY)],
+        "eval_frac_in_U": heldout[eval_key(FRAC_IN_U)],
+        "alarm_steps": sum(ALARM in r for r in rows),
         "logged_steps": len(rows),
     }
 

@@ -28,6 +28,7 @@ bind_local_cluster_to_loopback(RayConfig())
 from biased_reference import biased_reference  # noqa: E402  # jobs/biased_reference.py, beside this script
 
 from rayalign.config import load_config
+from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS, REWARD_ACCURACY, eval_key
 from rayalign.runtime import init_ray
 from rayalign.storage import publish
 from rayalign.tune.sweep import format_sweep_table, run_sweep
@@ -49,8 +50,8 @@ def markdown_table(summary: dict) -> str:
         m = t["metrics"]
         lines.append(
             f"| {t['params']['loss.gamma']:g} | {t['status'].replace('_', ' ')} | {t['steps']} "
-            f"| {cell(m['eval/pref/absolute_accuracy'])} | {cell(m['eval/rewards/accuracies'])} "
-            f"| {cell(m['eval/pref/frac_in_U'])} | {cell(m['eval/loss'])} |"
+            f"| {cell(m[eval_key(ABSOLUTE_ACCURACY)])} | {cell(m[eval_key(REWARD_ACCURACY)])} "
+            f"| {cell(m[eval_key(FRAC_IN_U)])} | {cell(m[eval_key(LOSS)])} |"
         )
     return "\n".join(lines)
 

@@ -35,6 +35,29 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def _session_gloo_group():
+    """One one-process gloo group for the whole session: DeepSpeed keeps the first group it sees, so an engine
+    built in a later group would use one torch no longer knows."""
+    import torch
+
+    from engines import launcher_env, one_process_group
+
+    env = launcher_env()
+    with one_process_group("gloo", torch.device("cpu"), env), pytest.MonkeyPatch.context() as patch:
+        for key in env:  # only while a test asks for the group: later subprocesses must not inherit rank 0's
+            patch.delenv(key, raising=False)
+        yield env
+
+
+@pytest.fixture
+def process_group(_session_gloo_group, monkeypatch):
+    """The session's gloo group, with the launcher's variables set for this test, as Ray Train would have set
+    them up for an in-process DeepSpeed engine."""
+    for key, value in _session_gloo_group.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return resolve_model_dir(ModelConfig(tiny=TinyModelConfig()), tmp_path_factory.mktemp("models"))
 

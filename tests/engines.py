@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rayalign.config import LoraConfig, LossConfig, TrainConfig
-from rayalign.train.worker import deepspeed_config, optimizer_step
+from rayalign.train.step import PreferenceStep
+from rayalign.train.worker import deepspeed_config
 
 PAD = 0
 
@@ -34,22 +35,27 @@ def pairs_batch(num_pairs: int, seed: int) -> dict[str, np.ndarray]:
     return batch
 
 
-@contextlib.contextmanager
-def one_process_group(backend: str, device: torch.device) -> Iterator[None]:
-    """A one-process ``torch.distributed`` group (gloo or NCCL) as Ray Train would have set up, for an
-    in-process DeepSpeed engine; the variables a launcher sets, and DeepSpeed reads, set meanwhile."""
-    import torch.distributed as dist
-
+def launcher_env() -> dict[str, str]:
+    """The variables a launcher sets for rank 0 of a one-process group (DeepSpeed reads them), on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)}.items():
-            env.setenv(key, value)
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+@contextlib.contextmanager
+def one_process_group(backend: str, device: torch.device, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A one-process ``torch.distributed`` group (gloo or NCCL) as Ray Train would have set up, for an
+    in-process DeepSpeed engine; the launcher's variables (``env``, else :func:`launcher_env`) set meanwhile."""
+    import torch.distributed as dist
+
+    env = env or launcher_env()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{env['MASTER_PORT']}", rank=0, world_size=1)
         try:
             yield
         finally:
@@ -102,11 +108,11 @@ def token_budget_against_fixed_micro_batches(model_dir, zero_stage: int, device:
         initial = gathered(engine)
         losses[name], passes[name] = [], []
         for batch in steps:
-            done = optimizer_step(engine, batch, LossConfig(beta=0.5), train, PAD, device, agree_count=agree_count)
-            losses[name].append(float(sum(t.loss.sum() for t, _ in done)) / 6)
+            done = PreferenceStep(LossConfig(beta=0.5), train, PAD, device).optimizer_step(engine, batch, agree_count)
+            losses[name].append(float(sum(d.terms.loss.sum() for d in done)) / 6)
             passes[name].append(len(done))
             if name == "budget":
-                pass_sizes.append([terms.loss.numel() for terms, _ in done])
+                pass_sizes.append([d.terms.loss.numel() for d in done])
         assert engine.global_steps == 3
         weights[name] = gathered(engine)
         assert weights[name].numel() > 0 and not torch.allclose(weights[name], initial), name  # it trained

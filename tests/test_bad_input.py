@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayalign.data.records import DataQualityError, RecordError, parse_record
+from rayalign.data.parsing import RecordError, parse_record
+from rayalign.errors import DataQualityError
 
 from test_data import GOOD, read_quarantine, run_stage
 
@@ -96,7 +97,7 @@ def test_a_record_over_max_record_bytes_is_quarantined_and_the_next_one_read(ray
 
 def test_expanding_a_directory_is_linear_in_its_files(tmp_path):
     """8,000 files (2,000 data files): every data file kept once, the rest counted, not listed."""
-    from rayalign.data.records import input_files
+    from rayalign.data.reading import input_files
 
     folder = tmp_path / "many"
     folder.mkdir()

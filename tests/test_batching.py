@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from rayalign.config import TrainConfig
 from rayalign.packing import pack_pairs
 from rayalign.train.batching import micro_batch_groups, pair_tokens, take
 
-from engines import PAD, one_process_group, pairs_batch, token_budget_against_fixed_micro_batches
+from conftest import make_config
+from engines import PAD, pairs_batch, token_budget_against_fixed_micro_batches
 
 
 @pytest.mark.parametrize("layout", ["shared_prompt", "packed"])
@@ -60,13 +60,6 @@ def test_take_picks_rows_of_numpy_and_list_columns():
     assert picked["a"].tolist() == [12, 10] and picked["b"] == ["z", "x"]
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group, as Ray Train would have set up, for an in-process DeepSpeed engine."""
-    with one_process_group("gloo", torch.device("cpu")):
-        yield
-
-
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_a_token_budget_takes_the_same_optimizer_steps_as_fixed_micro_batches(tiny_model_dir, process_group,
                                                                               zero_stage):
@@ -74,16 +67,18 @@ def test_a_token_budget_takes_the_same_optimizer_steps_as_fixed_micro_batches(ti
                                              agree_count=lambda count: count)
 
 
-def test_the_preflight_lays_the_sample_out_as_the_workers_will():
+def test_the_preflight_lays_the_sample_out_as_the_workers_will(tmp_path):
     from rayalign.train.batching import layout_cost
 
     batch = pairs_batch(16, seed=4)
     rows = [{k: batch[k][i].tolist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(16)]
-    fixed = layout_cost(rows, TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2), "sdpa", 2, PAD)
+    two_workers = {"scaling": {"num_workers": 2}}
+    fixed = layout_cost(rows, make_config(tmp_path, train={"micro_batch_size": 4, "gradient_accumulation_steps": 2},
+                                          **two_workers), PAD)
     assert fixed.passes_per_step == 2 and fixed.tokens_per_batch is None and "4 pairs per pass" in fixed.line()
     assert fixed.computed_tokens_per_pair["shared_prompt"] < fixed.computed_tokens_per_pair["padded"]
-    budget = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, tokens_per_batch=100)
-    cost = layout_cost(rows, budget, "sdpa", 2, PAD)
+    budget = {"micro_batch_size": 4, "gradient_accumulation_steps": 2, "tokens_per_batch": 100}
+    cost = layout_cost(rows, make_config(tmp_path, train=budget, **two_workers), PAD)
     first, second = ({k: [r[k] for r in rows[i:i + 8]] for k in rows[0]} for i in (0, 8))
     expected = sum(len(micro_batch_groups(pair_tokens(s, "shared_prompt"), 4, 100)) for s in (first, second)) / 2
     assert cost.passes_per_step == expected > 2 and "passes of ≤100 tokens per step" in cost.line()

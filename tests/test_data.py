@@ -11,7 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayalign.config import DataConfig
-from rayalign.data.records import DataQualityError, Pair, RecordError, parse_record, prepare_pairs, tokenize_pair
+from rayalign.data.parsing import Pair, RecordError, parse_record
+from rayalign.data.records import prepare_pairs
+from rayalign.data.tokenizing import tokenize_pair
+from rayalign.errors import DataQualityError
 from rayalign.models import load_tokenizer, publish_model
 
 from conftest import SHARED_DATA, make_config
@@ -221,7 +224,7 @@ def test_lines_are_read_in_one_pass_and_a_long_one_is_never_held_whole():
     line over the limit comes back as its size and first bytes."""
     import io
 
-    from rayalign.data.records import TooLarge, _byte_lines
+    from rayalign.data.reading import TooLarge, _byte_lines
 
     lines = list(_byte_lines(io.BytesIO(b"a\nbb\n" + b"y" * (32 * 2**20) + b"\nz\n\nlast"), max_bytes=16 * 2**20))
     assert lines[:2] == [b"a", b"bb"] and lines[3:] == [b"z", b"", b"last"]
@@ -232,10 +235,10 @@ def test_lines_are_read_in_one_pass_and_a_long_one_is_never_held_whole():
 def test_a_json_array_over_the_limit_is_refused_and_json_lines_named_json_still_read(monkeypatch):
     import io
 
-    import rayalign.data.records as records
+    import rayalign.data.reading as reading
 
-    monkeypatch.setattr(records, "MAX_JSON_ARRAY_BYTES", 100)
-    source = object.__new__(records.PreferenceFileDatasource)  # the reader alone: no Ray Data set-up
+    monkeypatch.setattr(reading, "MAX_JSON_ARRAY_BYTES", 100)
+    source = object.__new__(reading.PreferenceFileDatasource)  # the reader alone: no Ray Data set-up
     source.max_record_bytes = 2**20
     array = json.dumps([GOOD] * 10).encode()
     [table] = list(source._read_json(io.BytesIO(array), "big.json"))

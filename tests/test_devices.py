@@ -18,9 +18,11 @@ import torch.distributed as dist
 from rayalign.config import LossConfig, TrainConfig, config_from_dict
 from rayalign.distributed import Collective, backend_device
 from rayalign.logprobs import PolicyLogps
-from rayalign.train.metrics import IntervalMeter, preference_stats
+from rayalign.losses import ObjectiveTerms
+from rayalign.train.meter import IntervalMeter
 from rayalign.runtime import ClusterResourceError, ResourceDemand, check_resources
-from rayalign.train.worker import _evaluate, _score_batch, deepspeed_config
+from rayalign.train.step import PreferenceStep
+from rayalign.train.worker import deepspeed_config
 
 META = torch.device("meta")
 
@@ -73,7 +75,8 @@ def _batch(num_pairs: int = 3) -> dict[str, np.ndarray]:
 def test_training_step_metrics_reach_the_all_reduce_on_the_workers_device(nccl_like, dtype):
     model = _meta_model(dtype)
     loss_cfg = LossConfig(type="cpo", gamma=1.0, nll_weight=0.1, length_normalize=True)
-    terms, tokens = _score_batch(PolicyLogps(model), _batch(), loss_cfg, TrainConfig(), pad_id=0, device=META)
+    scored_batch = PreferenceStep(loss_cfg, TrainConfig(), pad_id=0, device=META).score(PolicyLogps(model), _batch())
+    terms, tokens = scored_batch.terms, scored_batch.real_tokens
     per_pair, scored = terms.loss, terms.compared
     # Loss maths in float32 on the worker's device, whatever the model's dtype; float64 reference
     # columns from the actors are cast, not mixed in.
@@ -82,7 +85,7 @@ def test_training_step_metrics_reach_the_all_reduce_on_the_workers_device(nccl_l
     assert tokens == (3 + 2 + 1) + (2 + 1 + 3) + (4 + 3 + 2)  # real tokens: each pair [prompt | chosen | rejected]
 
     meter = IntervalMeter(META)
-    meter.add(per_pair, preference_stats(*scored, beta=loss_cfg.beta), tokens)
+    meter.add(terms, tokens, loss_cfg.beta)
     collective = Collective.of_worker_group(META)
     with pytest.raises(ReachedCollective):
         meter.reduce(started=0.0, all_reduce=collective.all_reduce_sum)
@@ -93,8 +96,8 @@ def test_evaluation_reaches_the_all_reduce_on_the_workers_device(nccl_like):
     model = _meta_model(torch.bfloat16)
     collective = Collective.of_worker_group(META)
     with pytest.raises(ReachedCollective):
-        _evaluate(PolicyLogps(model), [_batch(3), _batch(2)], LossConfig(), TrainConfig(), pad_id=0, device=META,
-                  collective=collective)
+        PreferenceStep(LossConfig(), TrainConfig(), pad_id=0, device=META).evaluate(
+            PolicyLogps(model), [_batch(3), _batch(2)], collective)
     assert [t.device for t in nccl_like] == [META]
     assert model.training  # back in training mode after evaluating
 
@@ -115,19 +118,14 @@ def test_collectives_follow_the_backend():
         backend_device("nccl", torch.device("cpu"))
 
 
-def test_meter_reduces_across_a_real_gloo_group(tmp_path):
+def test_meter_reduces_across_a_real_gloo_group(process_group):
     """One-process gloo group: the CPU path sums and averages through the same collective."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        collective = Collective.of_worker_group("cpu")
-        assert collective.device == torch.device("cpu")
-        meter = IntervalMeter("cpu")
-        stats = preference_stats(*(torch.tensor(v) for v in ([-1.0, -2.0], [-2.0, -1.0], [-1.5, -1.5], [-1.5, -1.5])),
-                                 beta=0.5)
-        meter.add(torch.tensor([0.5, 1.5]), stats, tokens=20)
-        row = meter.reduce(started=0.0, all_reduce=collective.all_reduce_sum, clock=lambda: 2.0)
-    finally:
-        dist.destroy_process_group()
+    collective = Collective.of_worker_group("cpu")
+    assert collective.device == torch.device("cpu")
+    meter = IntervalMeter("cpu")
+    compared = tuple(torch.tensor(v) for v in ([-1.0, -2.0], [-2.0, -1.0], [-1.5, -1.5], [-1.5, -1.5]))
+    meter.add(ObjectiveTerms(torch.tensor([0.5, 1.5]), compared), tokens=20, beta=0.5)
+    row = meter.reduce(started=0.0, all_reduce=collective.all_reduce_sum, clock=lambda: 2.0)
     assert row["loss"] == 1.0 and row["pref/absolute_accuracy"] == 0.5 and row["tokens/s"] == 10.0
 
 

@@ -21,7 +21,7 @@ from rayalign.logprobs import PolicyLogps, split_pairs
 from rayalign.losses import PairLogps, objective
 from rayalign.models import load_causal_lm
 from rayalign.packing import pack_pairs, row_width
-from rayalign.train.worker import optimizer_step
+from rayalign.train.step import PreferenceStep
 
 from conftest import REPO
 from engines import PAD, deepspeed_engine, one_process_group, pairs_batch, token_budget_against_fixed_micro_batches
@@ -118,9 +118,9 @@ def test_lora_with_the_adapters_off_reference_trains_from_log_2(tiny_model_dir, 
     batch = {key: value for key, value in pairs_batch(4, seed=25).items() if not key.startswith("ref_")}
     losses = []
     for _ in range(8):
-        done = optimizer_step(engine, batch, LossConfig(beta=0.5), train, PAD, device,
-                              agree_count=lambda count: count, reference_in_worker=True)
-        losses.append(float(sum(terms.loss.sum() for terms, _ in done)) / 4)
+        step = PreferenceStep(LossConfig(beta=0.5), train, PAD, device, reference_in_worker=True)
+        done = step.optimizer_step(engine, batch, agree_count=lambda count: count)
+        losses.append(float(sum(d.terms.loss.sum() for d in done)) / 4)
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6), losses
     assert losses[-1] < losses[0] - 0.05, losses
     trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}

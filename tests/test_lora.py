@@ -34,7 +34,7 @@ def test_adapters_off_reference_equals_the_actor_reference(tiny_model_dir):
     from rayalign.config import PackingConfig
     from rayalign.reference.actors import TransformersReferenceScorer
     from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
-    from rayalign.train.worker import adapters_off_logps
+    from rayalign.train.step import adapters_off_logps
 
     policy = PolicyLogps(with_adapters(load_causal_lm(tiny_model_dir), LoraConfig(rank=4, dropout=0.1)))
     with torch.no_grad():  # adapters as training leaves them: B is no longer zero

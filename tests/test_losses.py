@@ -7,7 +7,7 @@ import torch
 
 from rayalign import losses
 from rayalign.config import LossConfig
-from rayalign.train.metrics import IntervalMeter, preference_stats
+from rayalign.train.meter import IntervalMeter, preference_stats
 
 
 def t(*values):
@@ -103,14 +103,14 @@ def test_preference_loss_dispatch(kind):
 
 
 def test_preference_stats_and_meter():
-    stats = preference_stats(PC, PR, RC, RR, beta=0.5)
+    stats = preference_stats((PC, PR, RC, RR), beta=0.5)
     assert stats["rewards/chosen"].tolist() == [0.5, 0.5]
     assert stats["rewards/rejected"].tolist() == [-0.5, -1.0]
     assert stats["rewards/accuracies"].tolist() == [1.0, 1.0]
     assert stats["pref/absolute_accuracy"].tolist() == [1.0, 0.0]
     assert stats["pref/frac_in_U"].tolist() == [0.0, 1.0]
     meter = IntervalMeter()
-    meter.add(t(1.0, 3.0), stats, tokens=10)
+    meter.add(losses.ObjectiveTerms(t(1.0, 3.0), (PC, PR, RC, RR)), tokens=10, beta=0.5)
     row = meter.reduce(started=0.0, clock=lambda: 2.0)
     assert row["loss"] == 2.0 and row["pref/frac_in_U"] == 0.5 and row["pairs/s"] == 1.0 and row["tokens/s"] == 5.0
     assert meter.reduce(started=0.0, clock=lambda: 1.0)["pairs/s"] == 0.0  # reset after reduce

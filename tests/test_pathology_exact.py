@@ -32,10 +32,10 @@ def cpo_gamma_min() -> float:
 
 def test_dpo_matches_closed_form():
     got, want = two_response_optimum(cfg("dpo"), R, Q), closed_form_dpo(1.0, R, Q)
-    for key in ("delta", "pi_chosen", "loss"):
+    for key in ("delta", "pi_chosen", "population_loss"):
         assert got[key] == pytest.approx(want[key], abs=1e-3)
     assert got["delta"] == pytest.approx(want["delta"], abs=1e-6)
-    assert (got["delta"], got["pi_chosen"], got["loss"]) == pytest.approx(
+    assert (got["delta"], got["pi_chosen"], got["population_loss"]) == pytest.approx(
         (-1.350, 0.206, 0.611), abs=1e-3
     )
     assert got["delta_ref"] == pytest.approx(DELTA_REF)
@@ -70,7 +70,7 @@ def test_optimum_beats_a_dense_grid(loss):
     c = cfg(loss)
     opt = two_response_optimum(c, R, Q)
     grid = torch.linspace(-30, 30, 60_001, dtype=torch.float64)
-    assert opt["loss"] <= population_loss(c, grid, R, Q).min().item() + 1e-9
+    assert opt["population_loss"] <= population_loss(c, grid, R, Q).min().item() + 1e-9
 
 
 def test_cpo_gamma_threshold(cpo_gamma_min):
@@ -95,7 +95,7 @@ def test_sharp_cpo_threshold_matches_hard_constraint():
 def test_cpo_with_very_negative_gamma_is_dpo():
     got = two_response_optimum(cfg("cpo", gamma=-50.0), R, Q)
     assert got["delta"] == pytest.approx(closed_form_dpo(1.0, R, Q)["delta"], abs=1e-6)
-    assert got["loss"] == pytest.approx(closed_form_dpo(1.0, R, Q)["loss"], abs=1e-9)
+    assert got["population_loss"] == pytest.approx(closed_form_dpo(1.0, R, Q)["population_loss"], abs=1e-9)
 
 
 def test_smallest_gamma_edge_cases():
@@ -108,8 +108,8 @@ def test_smallest_gamma_edge_cases():
 
 def test_table_has_a_row_per_variant():
     rows = two_response_table()
-    assert [r["loss"] for r in rows] == ["dpo", "ipo", "hinge", "cpo", "cpo", "cpo_clip"]
+    assert [r["loss_type"] for r in rows] == ["dpo", "ipo", "hinge", "cpo", "cpo", "cpo_clip"]
     assert [r["prefers_chosen"] for r in rows] == [False, False, False, True, True, True]
-    assert all((r["smallest_gamma"] is None) == (r["loss"] != "cpo") for r in rows)
+    assert all((r["smallest_gamma"] is None) == (r["loss_type"] != "cpo") for r in rows)
     text = format_table(rows)
     assert text.count("\n") == len(rows) + 1 and "| dpo | β=1 | -1.3499 |" in text

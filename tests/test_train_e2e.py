@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rayalign.storage import read_jsonl
-from rayalign.train.metrics import METRIC_KEYS
+from rayalign.metrics import METRIC_KEYS
 from rayalign.pipeline import run_train
 
 from conftest import make_config

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from rayalign.config import LossConfig, TrainConfig
-from rayalign.data.records import DataQualityError
+from rayalign.errors import DataQualityError
 from rayalign.losses import PairLogps, objective
-from rayalign.train.trainer import planned_steps, steps_per_epoch
-from rayalign.train.worker import _score_batch, lr_schedule
+from rayalign.train.step import PreferenceStep
+from rayalign.train.steps import StepPlan, step_plan
+from rayalign.train.worker import lr_schedule
 
 from conftest import make_config
 
@@ -21,11 +22,10 @@ from conftest import make_config
 def test_planned_steps_split_the_pairs_across_workers_and_accumulation():
     train = TrainConfig(micro_batch_size=4, gradient_accumulation_steps=2, epochs=3)
     # 50 pairs over 2 workers: 25 each -> 7 micro-batches (the last one short) -> 3 steps per epoch
-    assert steps_per_epoch(train, num_workers=2, num_pairs=50) == 3
-    assert planned_steps(train, num_workers=2, num_pairs=50) == 9
-    assert planned_steps(train.model_copy(update={"max_steps": 5}), num_workers=2, num_pairs=50) == 5
+    assert step_plan(train, num_workers=2, num_pairs=50) == StepPlan(total=9, per_epoch=3)
+    assert step_plan(train.model_copy(update={"max_steps": 5}), num_workers=2, num_pairs=50) == StepPlan(5, 3)
     with pytest.raises(DataQualityError, match="7 usable pairs are not enough for one optimizer step"):
-        planned_steps(train, num_workers=2, num_pairs=7)
+        step_plan(train, num_workers=2, num_pairs=7)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -71,8 +71,9 @@ def test_scoring_a_batch_applies_the_objective_to_policy_and_reference_log_probs
     }
     loss_cfg = LossConfig(type="cpo", beta=0.5, gamma=1.0, nll_weight=0.2)
     with torch.no_grad():
-        terms, tokens = _score_batch(PolicyLogps(model), batch, loss_cfg, TrainConfig(), pad_id=0,
-                                     device=torch.device("cpu"))
+        scored = PreferenceStep(loss_cfg, TrainConfig(), pad_id=0, device=torch.device("cpu")).score(
+            PolicyLogps(model), batch)
+        terms, tokens = scored.terms, scored.real_tokens
         logps, counts = sequence_logps(model, pack_pairs(batch, "padded", pad_id=0))
     assert tokens == (3 + 2 + 1) + (2 + 1 + 3)  # the default shared-prompt layout computes each prompt once
     (pc, pr), (nc, nr) = split_pairs(logps), split_pairs(counts)

@@ -12,7 +12,7 @@ from ray.util.state import list_actors
 
 from rayalign.config import ModelConfig, TinyModelConfig
 from rayalign.storage import read_jsonl
-from rayalign.train.metrics import METRIC_KEYS
+from rayalign.metrics import METRIC_KEYS
 from rayalign.models import publish_model, resolve_model_dir
 from rayalign.data.stage import data_paths
 from rayalign.pipeline import run_train

@@ -21,6 +21,7 @@ USER_ERRORS = (ConfigError, DataQualityError, FileNotFoundError, ClusterResource
 
 def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.diagnostics.report import format_runs_table
+    from rayalign.metrics import STEP
     from rayalign.pipeline import run_train
 
     summaries = []
@@ -32,7 +33,7 @@ def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     console.print("\n" + format_runs_table([Path(s["files"]["run_dir"]) for s in summaries]))
     for s in summaries:
         for alarm in s["alarms"][:1]:
-            console.print(f"PATHOLOGY ALARM in {s['run']} (first at step {alarm['step']}): {alarm['reason']}")
+            console.print(f"PATHOLOGY ALARM in {s['run']} (first at step {alarm[STEP]}): {alarm['reason']}")
     console.print("details: summary.json and report.png in each run directory")
     return 0
 
@@ -114,7 +115,7 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
     """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
     from rayalign.data.records import count_training_pairs
     from rayalign.data.stage import prepare_data
-    from rayalign.train.trainer import planned_steps
+    from rayalign.train.steps import step_plan
 
     (cfg,) = configs
     out_dir = cfg.output.run_dir / "validate"
@@ -125,7 +126,7 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
         data = prepare_data(cfg, out_dir, demand=None)  # logs the counts line
         report = data.report
         # The steps train will take: on the training split, the held-out pairs left out.
-        steps = planned_steps(cfg.train, cfg.scaling.num_workers, count_training_pairs(data.pairs, cfg, report.ok))
+        steps = step_plan(cfg.train, cfg.scaling.num_workers, count_training_pairs(data.pairs, cfg, report.ok)).total
     except DataQualityError as err:
         if err.report is None or not args.json:
             raise

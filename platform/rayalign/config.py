@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rayalign.metrics import DEFAULT_OBJECTIVE, OBJECTIVE_MODES
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
@@ -575,15 +577,6 @@ class OutputConfig(_Section):
         return self.storage is not None and is_remote_uri(self.storage)
 
 
-# The held-out metrics a sweep can optimize, and their natural direction (the one list of them).
-OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
-    "eval/pref/absolute_accuracy": "max",
-    "eval/rewards/accuracies": "max",
-    "eval/loss": "min",
-    "eval/pref/frac_in_U": "min",
-}
-
-
 class SearchDimension(_Section):
     """One searched config key: a list of ``values`` (grid or categorical) or a range."""
 
@@ -634,7 +627,7 @@ class SweepConfig(_Section):
         0.1, gt=0, description="CPUs of each trial's driver; its Train workers request `scaling` on top."
     )
     objective: Literal[tuple(OBJECTIVE_MODES)] = Field(  # type: ignore[valid-type]
-        "eval/pref/absolute_accuracy", description="Held-out metric to optimize."
+        DEFAULT_OBJECTIVE, description="Held-out metric to optimize."
     )
     mode: Literal["max", "min"] | None = Field(None, description="Default: the objective's natural direction.")
     early_stopping: Literal["asha", "none"] = "asha"

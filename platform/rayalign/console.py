@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rayalign.config import ConfigError
+from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS, PAIRS_PER_S, REWARD_ACCURACY, STEP, FirstAlarm
 
 log = logging.getLogger("rayalign")
 
@@ -26,9 +27,8 @@ LOG_FILE = "logs/rayalign.log"  # in the run directory
 def step_line(row: dict[str, Any], total_steps: int) -> str:
     """One logged step as a person reads it."""
     return (
-        f"step {row['step']}/{total_steps} loss={row['loss']:.4f} reward_acc={row['rewards/accuracies']:.3f} "
-        f"abs_acc={row['pref/absolute_accuracy']:.3f} frac_in_U={row['pref/frac_in_U']:.3f} "
-        f"pairs/s={row['pairs/s']:.1f}"
+        f"step {row[STEP]}/{total_steps} loss={row[LOSS]:.4f} reward_acc={row[REWARD_ACCURACY]:.3f} "
+        f"abs_acc={row[ABSOLUTE_ACCURACY]:.3f} frac_in_U={row[FRAC_IN_U]:.3f} pairs/s={row[PAIRS_PER_S]:.1f}"
     )
 
 
@@ -142,7 +142,7 @@ class TrainingProgress:
 
     def __init__(self, console: Console | None, total_steps: int, run_name: str):
         self.total_steps = total_steps
-        self.alarmed = False
+        self.first_alarm = FirstAlarm()
         self.bar = None
         if console is not None and console.is_terminal and not console.verbose:
             from tqdm.auto import tqdm
@@ -154,17 +154,17 @@ class TrainingProgress:
 
     def show(self, row: dict[str, Any]) -> None:
         if self.bar is not None:
-            self.bar.update(max(0, min(row["step"], self.total_steps) - self.bar.n))  # after a restart: stays
+            self.bar.update(max(0, min(row[STEP], self.total_steps) - self.bar.n))  # after a restart: stays
             self.bar.set_postfix_str(
-                f"loss={row['loss']:.4f} abs_acc={row['pref/absolute_accuracy']:.3f} pairs/s={row['pairs/s']:.1f}"
+                f"loss={row[LOSS]:.4f} abs_acc={row[ABSOLUTE_ACCURACY]:.3f} pairs/s={row[PAIRS_PER_S]:.1f}"
             )
         else:
             log.info(step_line(row, self.total_steps))
-        if "alarm" in row and not self.alarmed:
-            self.alarmed = True
+        alarm = self.first_alarm.of(row)
+        if alarm:
             if self.bar is not None:
                 self.bar.clear()
-            log.warning("PATHOLOGY ALARM at step %d: %s", row["step"], row["alarm"])
+            log.warning("PATHOLOGY ALARM at step %d: %s", row[STEP], alarm)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rayalign.data.records import DataReport
+    from rayalign.data.report import DataReport
 
 
 class DataQualityError(RuntimeError):

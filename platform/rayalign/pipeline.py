@@ -34,7 +34,8 @@ from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.runtime import ResourceDemand
 from rayalign.run_dir import claimed_run_dir
 from rayalign.storage import write_local
-from rayalign.train.stage import preflight, train_stage
+from rayalign.train.stage import TrainingHooks, preflight, train_stage
+from rayalign.train.trainer import TrainingInputs
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         scored = score_reference(cfg, data)
         s = cfg.scaling
         log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")
-        return train_stage(cfg, data.model, scored, data.report.as_dict(), started, cost.as_dict(), console=console)
+        inputs = TrainingInputs(data.model, scored, data.report.as_dict(), cost.as_dict(), started)
+        return train_stage(cfg, inputs, TrainingHooks(console=console))
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:

@@ -50,6 +50,7 @@ TOKENS_DIGEST = "tokens_digest"  # rayalign.reference.store; never leaves the re
 RECORD = "record"
 READ_ERROR = "read_error"  # "reason: detail" when the record could not even be read as text, else null
 STATUS = "status"
+OK = "ok"  # the status of a usable pair
 FIELD = "field"
 DETAIL = "detail"
 TRUNCATED = "truncated"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rayalign.config import RunConfig
+from rayalign.metrics import STEP, FirstAlarm
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def step_metrics(row: Row) -> dict[str, float]:
     return {
         key: float(value)
         for key, value in row.items()
-        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key != STEP and isinstance(value, (int, float)) and not isinstance(value, bool)
     }
 
 
@@ -67,7 +68,7 @@ class MlflowRun:
 
         self.client = mlflow.MlflowClient(tracking_uri=cfg.output.tracking.mlflow_tracking_uri or default_mlflow_uri(cfg))
         self.run_id = run_id
-        self.alarmed = False
+        self.first_alarm = FirstAlarm()
 
     @classmethod
     def start(cls, cfg: RunConfig, name: str, params: dict[str, Any], tags: dict[str, str]) -> MlflowRun:
@@ -102,11 +103,11 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, row["step"]) for key, value in step_metrics(row).items()]
+        metrics = [Metric(key, value, now, row[STEP]) for key, value in step_metrics(row).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
-        if "alarm" in row and not self.alarmed:
-            self.alarmed = True
-            self.client.set_tag(self.run_id, "pathology_alarm", f"step {row['step']}: {row['alarm']}")
+        alarm = self.first_alarm.of(row)
+        if alarm:
+            self.client.set_tag(self.run_id, "pathology_alarm", f"step {row[STEP]}: {alarm}")
 
     def finish(self, summary: dict[str, Any] | None, files: list[Path], failed: bool) -> None:
         if summary is not None:
@@ -128,15 +129,15 @@ class TensorBoardRun:
         self.writer.add_text("config", "```\n" + cfg.to_yaml() + "\n```")
         self.hparams = hparams
         self.last: Row = {}
-        self.alarmed = False
+        self.first_alarm = FirstAlarm()
         log.info("TensorBoard run in %s", self.logdir)
 
     def log_step(self, row: Row) -> None:
         for key, value in step_metrics(row).items():
-            self.writer.add_scalar(key, value, row["step"])
-        if "alarm" in row and not self.alarmed:
-            self.alarmed = True
-            self.writer.add_text("pathology_alarm", row["alarm"], row["step"])
+            self.writer.add_scalar(key, value, row[STEP])
+        alarm = self.first_alarm.of(row)
+        if alarm:
+            self.writer.add_text("pathology_alarm", alarm, row[STEP])
         self.last.update(step_metrics(row))
         self.writer.flush()
 
@@ -175,14 +176,14 @@ class WandbRun:
             reinit="create_new",  # a Tune process may run several trials
             settings=wandb.Settings(console="off", silent=True),
         )
-        self.alarmed = False
+        self.first_alarm = FirstAlarm()
         log.info("W&B run %s (%s) in %s", self.run.id, self.run.settings.mode, wandb_dir)
 
     def log_step(self, row: Row) -> None:
-        self.run.log(step_metrics(row), step=row["step"])
-        if "alarm" in row and not self.alarmed:
-            self.alarmed = True
-            self.run.summary["pathology_alarm"] = f"step {row['step']}: {row['alarm']}"
+        self.run.log(step_metrics(row), step=row[STEP])
+        alarm = self.first_alarm.of(row)
+        if alarm:
+            self.run.summary["pathology_alarm"] = f"step {row[STEP]}: {alarm}"
             self.run.tags = (*self.run.tags, "pathology-alarm")
 
     def finish(self, summary: dict[str, Any] | None, files: list[Path], failed: bool) -> None:

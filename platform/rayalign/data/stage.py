@@ -9,7 +9,9 @@ from pathlib import Path
 from ray.data import Dataset
 
 from rayalign.config import RunConfig
-from rayalign.data.records import DataReport, InputFiles, prepare_pairs
+from rayalign.data.reading import InputFiles
+from rayalign.data.records import prepare_pairs
+from rayalign.data.report import DataReport
 from rayalign.data.synthetic import generate, to_jsonl
 from rayalign.models import ModelSource, publish_model, resolve_run_model
 from rayalign.probe import check_driver_storage, check_storage

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-LOSS, ABS_ACC, FRAC_U = "loss", "pref/absolute_accuracy", "pref/frac_in_U"
+from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS
 
 
 def trend(values: Sequence[float]) -> float:
@@ -42,8 +42,8 @@ def pathology_alarm(rows: Sequence[dict[str, Any]], window: int, min_change: flo
     loss_change = trend([r[LOSS] for r in recent])
     if loss_change >= -min_change:
         return None
-    abs_acc = [r[ABS_ACC] for r in recent]
-    abs_change, u_change = trend(abs_acc), trend([r[FRAC_U] for r in recent])
+    abs_acc = [r[ABSOLUTE_ACCURACY] for r in recent]
+    abs_change, u_change = trend(abs_acc), trend([r[FRAC_IN_U] for r in recent])
     symptoms = []
     if max(abs_acc) < 0.5 and abs_change < min_change:
         symptoms.append(f"absolute accuracy stayed below 0.5 (max {max(abs_acc):.3f})")

@@ -105,7 +105,7 @@ def two_response_optimum(
     return {
         "delta": delta.item(),
         "pi_chosen": torch.sigmoid(delta).item(),
-        "loss": population_loss(cfg, delta, ref_prob_chosen, label_prob).item(),
+        "population_loss": population_loss(cfg, delta, ref_prob_chosen, label_prob).item(),
         "delta_ref": delta_ref,
     }
 
@@ -117,7 +117,7 @@ def closed_form_dpo(beta: float, ref_prob_chosen: float, label_prob: float) -> d
     return {
         "delta": delta,
         "pi_chosen": 1 / (1 + math.exp(-delta)),
-        "loss": -q * math.log(q) - (1 - q) * math.log1p(-q),
+        "population_loss": -q * math.log(q) - (1 - q) * math.log1p(-q),
     }
 
 
@@ -156,11 +156,11 @@ def smallest_gamma(
 
 def _row(loss: str, params: str, opt: dict[str, float], gamma_min: float | None) -> dict[str, Any]:
     return {
-        "loss": loss,
+        "loss_type": loss,
         "params": params,
         "delta": opt["delta"],
         "pi_chosen": opt["pi_chosen"],
-        "loss_value": opt["loss"],
+        "loss_value": opt["population_loss"],
         "prefers_chosen": opt["delta"] > 0,
         "smallest_gamma": gamma_min,
     }
@@ -203,7 +203,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         gamma = row["smallest_gamma"]
         lines.append(
-            f"| {row['loss']} | {row['params']} | {row['delta']:.4f} | {row['pi_chosen']:.4f} "
+            f"| {row['loss_type']} | {row['params']} | {row['delta']:.4f} | {row['pi_chosen']:.4f} "
             f"| {row['loss_value']:.4f} | {'yes' if row['prefers_chosen'] else 'no'} "
             f"| {'n/a' if gamma is None else f'{gamma:.4f}'} |"
         )

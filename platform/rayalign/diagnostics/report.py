@@ -21,23 +21,26 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from rayalign.config import S3Config
+from rayalign.metrics import (
+    ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS, REWARD_ACCURACY, REWARDS_CHOSEN, REWARDS_REJECTED, STEP, eval_key, is_eval,
+)
 from rayalign.storage import RUN_PLOT, read_jsonl, replaced_whole, write_local
 
 # (metric key, panel title, draw the 0.5 chance line), in reading order: the top row is the
 # failure-mode story (loss vs. both accuracies), the bottom row explains it.
 PANELS: tuple[tuple[str, str, bool], ...] = (
-    ("loss", "loss", False),
-    ("rewards/accuracies", "reward accuracy", True),
-    ("pref/absolute_accuracy", r"absolute preference accuracy, $\delta_\theta > 0$", True),
-    ("pref/frac_in_U", r"fraction in U = $\{\delta_{ref} < \delta_\theta < 0\}$", False),
-    ("rewards/chosen", "chosen reward", False),
-    ("rewards/rejected", "rejected reward", False),
+    (LOSS, "loss", False),
+    (REWARD_ACCURACY, "reward accuracy", True),
+    (ABSOLUTE_ACCURACY, r"absolute preference accuracy, $\delta_\theta > 0$", True),
+    (FRAC_IN_U, r"fraction in U = $\{\delta_{ref} < \delta_\theta < 0\}$", False),
+    (REWARDS_CHOSEN, "chosen reward", False),
+    (REWARDS_REJECTED, "rejected reward", False),
 )
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("loss", "loss"),
-    ("rewards/accuracies", "reward acc"),
-    ("pref/absolute_accuracy", "abs acc"),
-    ("pref/frac_in_U", "frac_in_U"),
+    (LOSS, "loss"),
+    (REWARD_ACCURACY, "reward acc"),
+    (ABSOLUTE_ACCURACY, "abs acc"),
+    (FRAC_IN_U, "frac_in_U"),
 )
 FIGSIZE = (16.0, 9.0)
 DPI = 110
@@ -106,12 +109,12 @@ def _read_alarms(path: Path) -> list[dict[str, Any]]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
     alarms = summary.get("alarms") if isinstance(summary, dict) else None
-    return [a for a in alarms or [] if isinstance(a, dict) and isinstance(a.get("step"), (int, float))]
+    return [a for a in alarms or [] if isinstance(a, dict) and isinstance(a.get(STEP), (int, float))]
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """Steps and values of the rows that carry ``key`` (eval/ keys appear only on some rows)."""
-    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+    points = [(r[STEP], r[key]) for r in rows if r.get(key) is not None and STEP in r]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -133,13 +136,13 @@ def default_out_path(run_dirs: list[Path]) -> Path:
 def _draw_panel(ax: Axes, runs: list[Run], colors: list[str], key: str, title: str, chance: bool) -> None:
     for run, color in zip(runs, colors):
         ax.plot(*_series(run.rows, key), color=color, linewidth=1.6)
-        eval_steps, eval_values = _series(run.rows, f"eval/{key}")
+        eval_steps, eval_values = _series(run.rows, eval_key(key))
         if eval_steps:
             ax.plot(eval_steps, eval_values, color=color, linestyle="--", marker="o", markersize=4)
         for alarm in run.alarms:
-            ax.axvline(alarm["step"], color="red", linewidth=1.0, alpha=0.7)
+            ax.axvline(alarm[STEP], color="red", linewidth=1.0, alpha=0.7)
             # A tick in the run's colour says whose alarm it is when several runs share a panel.
-            ax.plot(alarm["step"], 1.0, marker="v", color=color, markeredgecolor="red",
+            ax.plot(alarm[STEP], 1.0, marker="v", color=color, markeredgecolor="red",
                     transform=ax.get_xaxis_transform(), clip_on=False)
     if chance:
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1.2)
@@ -152,7 +155,7 @@ def _draw_panel(ax: Axes, runs: list[Run], colors: list[str], key: str, title: s
 
 def _legend_handles(runs: list[Run], colors: list[str]) -> list[Line2D]:
     handles = [Line2D([], [], color=c, linewidth=2, label=r.label) for r, c in zip(runs, colors)]
-    if any(k.startswith("eval/") for r in runs for row in r.rows for k in row):
+    if any(is_eval(k) for r in runs for row in r.rows for k in row):
         handles.append(Line2D([], [], color="gray", linestyle="--", marker="o", markersize=4, label="held-out (eval/)"))
     handles.append(Line2D([], [], color="gray", linestyle=":", label="0.5 (chance)"))
     if any(r.alarms for r in runs):
@@ -195,7 +198,7 @@ def format_runs_table(run_dirs: list[Path]) -> str:
     runs = [load_run(Path(d)) for d in run_dirs]
     header = ["run", *(title for _, title in TABLE_COLUMNS), "steps"]
     body = [
-        [r.label, *(_first_last(r.rows, key) for key, _ in TABLE_COLUMNS), str(r.rows[-1].get("step", "-"))]
+        [r.label, *(_first_last(r.rows, key) for key, _ in TABLE_COLUMNS), str(r.rows[-1].get(STEP, "-"))]
         for r in runs
     ]
     return format_table(header, body)

@@ -26,9 +26,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from rayalign.config import TrainConfig
+from rayalign.config import RunConfig, TrainConfig
 from rayalign.packing import LAYOUTS, pack_pairs, row_width
 from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REJECTED_IDS, ROW, SOURCE, TOKEN_COLUMNS
+from rayalign.train.steps import pairs_per_step
 
 
 def pair_tokens(batch: Mapping[str, Sequence[Sequence[int]]], layout: str) -> list[int]:
@@ -88,13 +89,25 @@ def micro_batch_groups(
     return [sorted(g) for g in groups]
 
 
-def step_micro_batches(
-    batch: Mapping[str, Sequence[Sequence[int]]], layout: str, micro_batch_size: int, tokens_per_batch: int | None,
-    agree: Callable[[int], int] = lambda count: count,
-) -> list[list[int]]:
-    """:func:`micro_batch_groups` of one step's ``batch``, its pairs' tokens in ``layout`` counted under a budget."""
-    tokens = pair_tokens(batch, layout) if tokens_per_batch else [0] * len(batch[PROMPT_IDS])
-    return micro_batch_groups(tokens, micro_batch_size, tokens_per_batch, agree)
+@dataclass(frozen=True)
+class MicroBatching:
+    """How one optimizer step's pairs are split into forward passes: ``micro_batch_size`` pairs each, or as
+    many as fit ``tokens_per_batch`` computed tokens in ``layout`` (see the module docstring)."""
+
+    layout: str
+    micro_batch_size: int
+    tokens_per_batch: int | None = None
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> MicroBatching:
+        """The run's own: ``train.packing.layout``, ``train.micro_batch_size``, ``train.tokens_per_batch``."""
+        return cls(train.packing.layout, train.micro_batch_size, train.tokens_per_batch)
+
+    def groups(self, batch: Mapping[str, Sequence[Sequence[int]]], agree: Callable[[int], int] = lambda count: count
+               ) -> list[list[int]]:
+        """:func:`micro_batch_groups` of one step's ``batch``, its pairs' tokens counted under a budget."""
+        tokens = pair_tokens(batch, self.layout) if self.tokens_per_batch else [0] * len(batch[PROMPT_IDS])
+        return micro_batch_groups(tokens, self.micro_batch_size, self.tokens_per_batch, agree)
 
 
 def take(batch: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
@@ -115,11 +128,6 @@ def heldout_share(batches: Iterable[Mapping[str, Any]], rank: int, world_size: i
                 if zlib.crc32(f"{PurePath(str(source)).name}:{int(row)}".encode()) % world_size == rank]
         if mine:
             yield take(batch, mine)
-
-
-def pairs_per_step(train: TrainConfig) -> int:
-    """Pairs one worker trains per optimizer step."""
-    return train.micro_batch_size * train.gradient_accumulation_steps
 
 
 @dataclass(frozen=True)
@@ -151,11 +159,11 @@ class LayoutCost:
         )
 
 
-def layout_cost(
-    rows: Sequence[Mapping[str, Sequence[int]]], train: TrainConfig, attention: str, num_workers: int, pad_id: int,
-) -> LayoutCost:
-    """Lay ``rows`` (token columns of consecutive pairs) out as a worker would, a step's pairs at a time in
-    micro-batches (:func:`micro_batch_groups`), in every layout (padded ones in micro_batch_size pairs), and count."""
+def layout_cost(rows: Sequence[Mapping[str, Sequence[int]]], cfg: RunConfig, pad_id: int) -> LayoutCost:
+    """Lay ``rows`` (token columns of consecutive pairs) out as a worker of the run ``cfg`` would, a step's pairs
+    at a time in micro-batches (:func:`micro_batch_groups`), in every layout (padded ones in micro_batch_size
+    pairs), and count."""
+    train, attention, num_workers = cfg.train, cfg.model.attn_implementation, cfg.scaling.num_workers
     per_step = pairs_per_step(train)
     steps = [{k: [r[k] for r in rows[i:i + per_step]] for k in TOKEN_COLUMNS} for i in range(0, len(rows), per_step)]
     computed, padding, passes = {}, {}, {}
@@ -163,7 +171,7 @@ def layout_cost(
         budget = None if layout == "padded" else train.tokens_per_batch
         total = real = micro_batches = 0
         for step in steps:
-            for group in step_micro_batches(step, layout, train.micro_batch_size, budget):
+            for group in MicroBatching(layout, train.micro_batch_size, budget).groups(step):
                 packed = pack_pairs(take(step, group), layout, pad_id, row_width(train.packing.row_tokens, attention))
                 total, real, micro_batches = total + packed.computed_tokens, real + packed.real_tokens, micro_batches + 1
         computed[layout] = total / max(len(rows), 1)

@@ -12,12 +12,14 @@ import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import ray.train
 from ray.train import Checkpoint
 
+from rayalign.metrics import STEP
 from rayalign.storage import METRICS_FILE, Location, read_jsonl, upload
 
 DEEPSPEED_TAG = "deepspeed"
@@ -40,17 +42,17 @@ def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = Non
     # one-slot report queue (it polls every 2 s). This report waits for that, so a node lost after
     # training moved on never restores from an older checkpoint. No held-out metrics in it: Tune's
     # callback ignores it.
-    ray.train.report({"step": metrics["step"]})
+    ray.train.report({STEP: metrics[STEP]})
 
 
-def restore(engine, checkpoint: Checkpoint, metrics_path: Path, rank: int, adapters_only: bool = False
+def restore(engine, checkpoint: Checkpoint, metrics_path: Path | None, adapters_only: bool = False
             ) -> list[dict[str, Any]]:
-    """Load the engine (weights, optimizer, scheduler, step) from ``checkpoint``; on rank 0 also put
-    ``metrics.jsonl`` back as it was at that step and return its rows (the alarm's history)."""
+    """Load the engine (weights, optimizer, scheduler, step) from ``checkpoint``; with ``metrics_path`` (rank 0)
+    also put ``metrics.jsonl`` back as it was at that step and return its rows (the alarm's history)."""
     with checkpoint.as_directory() as ckpt_dir, weights_only_loads(engine):
         engine.load_checkpoint(ckpt_dir, tag=DEEPSPEED_TAG, load_module_strict=not adapters_only)
         saved = Path(ckpt_dir) / METRICS_FILE
-        if rank != 0 or not saved.exists():
+        if metrics_path is None or not saved.exists():
             return []
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(saved, metrics_path)
@@ -99,9 +101,21 @@ def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
         return stream.read()
 
 
-def export_hf_model(engine, model_dir: Path, out_dir: Path, storage: Location, zero_stage: int, rank: int,
-                    merge_adapters: bool = False) -> None:
-    """Save the policy in Hugging Face format to ``out_dir`` on rank 0's node, then to storage.
+@dataclass(frozen=True)
+class ModelExport:
+    """Where and how the trained policy is exported: from the starting weights' ``model_dir`` (its tokenizer)
+    into ``out_dir`` on rank 0's node, then ``storage``. ``merge_adapters``: with LoRA, also save the base with
+    the adapters merged in."""
+
+    model_dir: Path
+    out_dir: Path
+    storage: Location
+    zero_stage: int
+    merge_adapters: bool = False
+
+
+def export_hf_model(engine, export: ModelExport, rank: int) -> None:
+    """Save the policy in Hugging Face format as ``export`` says (every rank calls it: ZeRO-3 gathers).
 
     ``engine.module`` is a :class:`rayalign.logprobs.PolicyLogps`; its ``model`` is what is saved. With LoRA
     (a PEFT model) that is the adapter, in PEFT's format, under ``out_dir/adapter``; ``merge_adapters`` also
@@ -109,6 +123,8 @@ def export_hf_model(engine, model_dir: Path, out_dir: Path, storage: Location, z
     import deepspeed
 
     from rayalign.models import load_tokenizer
+
+    model_dir, out_dir, storage, zero_stage = export.model_dir, export.out_dir, export.storage, export.zero_stage
 
     # ZeRO-3 shards parameters across ranks: gather full tensors before saving.
     params = list(engine.module.parameters())
@@ -122,7 +138,7 @@ def export_hf_model(engine, model_dir: Path, out_dir: Path, storage: Location, z
             if hasattr(model, "peft_config"):
                 model.save_pretrained(staging / "adapter", safe_serialization=True)
                 load_tokenizer(model_dir).save_pretrained(staging / "adapter")
-                if merge_adapters:  # the last use of the engine: merging in place is fine
+                if export.merge_adapters:  # the last use of the engine: merging in place is fine
                     model.merge_and_unload().save_pretrained(staging, safe_serialization=True)
                     load_tokenizer(model_dir).save_pretrained(staging)
             else:

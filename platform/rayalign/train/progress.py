@@ -17,6 +17,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rayalign.metrics import STEP
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
@@ -54,7 +56,7 @@ def relayed_progress(consumers: list[Callable[[Row], None]]) -> Iterator[Any]:
                 try:
                     consume(row)
                 except Exception:  # a tracker's hiccup must not stop training or the other consumers
-                    log.warning("progress consumer %s failed on step %s", consume, row.get("step"), exc_info=True)
+                    log.warning("progress consumer %s failed on step %s", consume, row.get(STEP), exc_info=True)
 
     def poll() -> None:
         while not stop.wait(POLL_SECONDS):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 from ray.train import TrainingFailedError
@@ -16,10 +16,11 @@ from rayalign.console import Console, TrainingProgress
 from rayalign.data.stage import PreparedData
 from rayalign.errors import TrainingDiverged, TrainingIncomplete
 from rayalign.models import ModelSource, load_tokenizer
-from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import (
     CONFIG_FILE,
     METRICS_FILE,
+    MODEL_DIR,
+    RAY_TRAIN_DIR,
     QUARANTINE_FILE,
     SUMMARY_FILE,
     read_jsonl,
@@ -32,11 +33,12 @@ from rayalign.diagnostics.report import plot_runs
 from rayalign.tracking import SweepMembership, open_trackers
 from rayalign.train.batching import LayoutCost, layout_cost
 from rayalign.train.progress import relayed_progress
-from rayalign.train.trainer import fit, planned_steps
+from rayalign.metrics import LOSS, RESUMED_FROM_STEP, STEP, SUMMARY_KEYS, alarms, eval_key, heldout
+from rayalign.train.steps import step_plan
+from rayalign.train.trainer import TrainingInputs, fit, worker_plan
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("rewards/accuracies", "pref/absolute_accuracy", "pref/frac_in_U", "rewards/margins")
 PREFLIGHT_SAMPLE_PAIRS = 256
 
 
@@ -46,11 +48,19 @@ def preflight(cfg: RunConfig, data: PreparedData) -> LayoutCost:
     Raises DataQualityError (one line) first when the usable pairs cannot make one optimizer step, before
     the reference or any worker starts.
     """
-    planned_steps(cfg.train, cfg.scaling.num_workers, data.report.ok)
-    cost = layout_cost(data.pairs.take(PREFLIGHT_SAMPLE_PAIRS), cfg.train, cfg.model.attn_implementation,
-                       cfg.scaling.num_workers, load_tokenizer(data.model.driver_dir).pad_token_id)
+    step_plan(cfg.train, cfg.scaling.num_workers, data.report.ok)
+    cost = layout_cost(data.pairs.take(PREFLIGHT_SAMPLE_PAIRS), cfg, load_tokenizer(data.model.driver_dir).pad_token_id)
     log.info(cost.line())
     return cost
+
+
+def _diverged(err: TrainingFailedError) -> TrainingDiverged | None:
+    """The TrainingDiverged a worker raised, if that is why training failed (Ray Train keeps each worker's error)."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        for cause in (failure, getattr(failure, "cause", None), failure.__cause__):
+            if isinstance(cause, TrainingDiverged):
+                return cause
+    return None
 
 
 def summarize(cfg: RunConfig, model: ModelSource, data_report: dict[str, Any], wall_s: float) -> dict[str, Any]:
@@ -61,23 +71,22 @@ def summarize(cfg: RunConfig, model: ModelSource, data_report: dict[str, Any], w
         raise RuntimeError(f"training logged no steps: {run_dir / METRICS_FILE} is empty")
     # Average a few rows at each end so one noisy micro-batch does not decide "loss fell".
     k = max(1, min(3, len(rows) // 4))
-    first = {key: sum(r[key] for r in rows[:k]) / k for key in ("loss", *SUMMARY_METRICS)}
-    last = {key: sum(r[key] for r in rows[-k:]) / k for key in ("loss", *SUMMARY_METRICS)}
-    alarms = [{"step": r["step"], "reason": r["alarm"]} for r in rows if "alarm" in r]
-    resumed = [r["resumed_from_step"] for r in rows if "resumed_from_step" in r]
-    evaluated = [r for r in rows if "eval/loss" in r]
+    first = {key: sum(r[key] for r in rows[:k]) / k for key in (LOSS, *SUMMARY_KEYS)}
+    last = {key: sum(r[key] for r in rows[-k:]) / k for key in (LOSS, *SUMMARY_KEYS)}
+    resumed = [r[RESUMED_FROM_STEP] for r in rows if RESUMED_FROM_STEP in r]
+    evaluated = [r for r in rows if eval_key(LOSS) in r]
     storage = cfg.output.run_storage
     return {
         "run": cfg.output.name,
         "loss_type": cfg.loss.type,
-        "steps": rows[-1]["step"],
+        "steps": rows[-1][STEP],
         "first": first,
         "last": last,
-        "loss_decreased": last["loss"] < first["loss"],
-        "pathology_alarm": bool(alarms),
-        "alarms": alarms,
+        "loss_decreased": last[LOSS] < first[LOSS],
+        "pathology_alarm": bool(alarms(rows)),
+        "alarms": alarms(rows),
         "resumed_from_steps": resumed,
-        "heldout": {k: v for k, v in evaluated[-1].items() if k.startswith("eval/")} if evaluated else None,
+        "heldout": heldout(evaluated[-1]) if evaluated else None,
         "data": data_report,
         "wall_seconds": round(wall_s, 1),
         "files": {
@@ -85,46 +94,45 @@ def summarize(cfg: RunConfig, model: ModelSource, data_report: dict[str, Any], w
             "config": str(run_dir / CONFIG_FILE),
             "metrics": str(run_dir / METRICS_FILE),
             "quarantine": str(run_dir / QUARANTINE_FILE),
-            "model": f"{storage}/model",
+            "model": f"{storage}/{MODEL_DIR}",
             "base_model": str(model.stored or model.driver_dir),
-            "checkpoints": f"{storage}/ray",
+            "checkpoints": f"{storage}/{RAY_TRAIN_DIR}",
             "storage": storage,
         },
     }
 
 
-def train_stage(
-    cfg: RunConfig,
-    model: ModelSource,
-    scored: ScoredPairs,
-    data_report: dict[str, Any],
-    started: float,
-    preflight: dict[str, Any] | None = None,
-    callbacks: list | None = None,
-    console: Console | None = None,
-    sweep: SweepMembership | None = None,
-) -> dict[str, Any]:
-    """Fit on ``scored`` into ``cfg.output.run_dir``; write and return summary.json (with ``preflight``,
-    a :class:`LayoutCost` as a dict) and the run's plot; the trackers get all of it.
+@dataclass(frozen=True)
+class TrainingHooks:
+    """Who else takes part in a training run: ``console`` shows its progress (None: nowhere, as in a sweep's
+    trials); ``callbacks`` are Ray Train callbacks (a sweep trial's report to Tune); ``sweep`` is the sweep a
+    trial's tracker runs belong to."""
 
-    ``callbacks``: Ray Train callbacks (a sweep trial's report to Tune).
-    ``console``: where the progress shows (None: no progress, as in a sweep's trials). ``sweep``: the
-    sweep a trial's tracker runs belong to.
-    """
-    run_dir = cfg.output.run_dir
-    trackers = open_trackers(cfg, sweep)
-    planned = planned_steps(cfg.train, cfg.scaling.num_workers, scored.num_train)
-    progress = TrainingProgress(console, planned, cfg.output.name)
-    consumers = ([progress.show] if console is not None else []) + ([trackers.log_step] if trackers.runs else [])
+    console: Console | None = None
+    callbacks: tuple = ()
+    sweep: SweepMembership | None = None
+
+
+def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = TrainingHooks()) -> dict[str, Any]:
+    """Fit on ``inputs.scored`` into ``cfg.output.run_dir``; write and return summary.json (with the pre-flight
+    :class:`LayoutCost`) and the run's plot; the trackers get all of it.
+
+    Raises TrainingDiverged (the loss stopped being finite), TrainingIncomplete (the data ran out), or Ray
+    Train's TrainingFailedError."""
+    run_dir, scored = cfg.output.run_dir, inputs.scored
+    trackers = open_trackers(cfg, hooks.sweep)
+    steps = step_plan(cfg.train, cfg.scaling.num_workers, scored.num_train)
+    planned = steps.total
+    progress = TrainingProgress(hooks.console, planned, cfg.output.name)
+    consumers = ([progress.show] if hooks.console is not None else []) + ([trackers.log_step] if trackers.runs else [])
     try:
         with relayed_progress(consumers) if consumers else nullcontext() as board:
-            result = fit(cfg, scored.train, scored.num_train, model, scored.heldout, callbacks, progress=board)
+            result = fit(cfg, worker_plan(cfg, inputs, steps, board), scored, list(hooks.callbacks))
     except TrainingFailedError as err:
         trackers.finish(failed=True)
-        # The worker's own message, not Ray's traceback of it.
-        diverged = re.search(rf"{TrainingDiverged.__name__}: (.*)", str(err))
-        if diverged:
-            raise TrainingDiverged(diverged.group(1)) from None
+        diverged = _diverged(err)
+        if diverged is not None:
+            raise TrainingDiverged(*diverged.args) from None  # the worker's own message, not Ray's traceback
         raise
     except BaseException:
         trackers.finish(failed=True)
@@ -135,8 +143,8 @@ def train_stage(
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
     write_local(run_dir / METRICS_FILE, read_checkpoint_file(result.checkpoint, METRICS_FILE))
-    summary = summarize(cfg, model, data_report, time.perf_counter() - started)
-    summary["preflight"] = preflight
+    summary = summarize(cfg, inputs.model, inputs.data_report, time.perf_counter() - inputs.started)
+    summary["preflight"] = inputs.preflight
     summary["planned_steps"] = planned
     summary["complete"] = summary["steps"] >= planned
     summary["reference"] = scored.source.as_dict()

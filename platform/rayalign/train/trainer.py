@@ -1,64 +1,40 @@
-"""Ray Train's TorchTrainer for one run: how many steps, which resources, which datasets."""
+"""Ray Train's TorchTrainer for one run: which resources, which datasets, what each worker is given."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Any
 
-from ray.data import Dataset
 from ray.train import CheckpointConfig, DataConfig, FailureConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rayalign.config import ConfigError, RunConfig, TrainConfig
-from rayalign.errors import DataQualityError
+from rayalign.config import RunConfig
 from rayalign.models import ModelSource
+from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import MODEL_DIR, RAY_TRAIN_DIR, RAY_TRAIN_RUN, run_location
+from rayalign.train.steps import StepPlan
 from rayalign.train.worker import WorkerPlan, train_loop_per_worker
 
 
-def steps_per_epoch(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
-    """Optimizer steps per epoch. Ray Train splits the stream equally across workers; each worker's share
-    counts as micro-batches of ``micro_batch_size`` pairs (the last one may be short), and a step takes
-    ``gradient_accumulation_steps`` of them. Pairs left over at the end of an epoch are not trained."""
-    micro_batches = math.ceil((num_pairs // num_workers) / train.micro_batch_size)
-    return micro_batches // train.gradient_accumulation_steps
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What training needs besides the config, from the stages before it: ``run_train`` and a sweep's trial
+    each build one."""
+
+    model: ModelSource  # the starting weights, published for every node
+    scored: ScoredPairs  # the reference stage's pairs (training split, held-out split)
+    data_report: dict[str, Any]  # the data stage's counts (DataReport.as_dict())
+    preflight: dict[str, Any] | None  # what the layout costs (LayoutCost.as_dict()), measured before training
+    started: float  # time.perf_counter() when the run began: summary.json's wall_seconds
 
 
-def planned_steps(train: TrainConfig, num_workers: int, num_pairs: int) -> int:
-    """Optimizer steps the run will take."""
-    steps = train.epochs * steps_per_epoch(train, num_workers, num_pairs)
-    if steps == 0:
-        raise DataQualityError(
-            f"{num_pairs} usable pairs are not enough for one optimizer step with {num_workers} workers × "
-            f"micro_batch_size {train.micro_batch_size} × gradient_accumulation_steps "
-            f"{train.gradient_accumulation_steps}"
-        )
-    steps = min(steps, train.max_steps) if train.max_steps else steps
-    if train.warmup_steps >= steps > 0 and train.warmup_steps > 0:
-        raise ConfigError(f"train.warmup_steps={train.warmup_steps} is not below the run's {steps} optimizer steps: "
-                          "the learning rate would never reach train.learning_rate (lower train.warmup_steps)")
-    return steps
-
-
-def fit(
-    cfg: RunConfig,
-    pairs: Dataset,
-    num_pairs: int,
-    model: ModelSource,
-    heldout: Dataset | None = None,
-    callbacks: list | None = None,
-    progress=None,
-):
-    """Train the policy on reference-scored ``pairs`` (evaluating on ``heldout``); returns Ray Train's Result.
-
-    ``callbacks`` are Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` inside a sweep trial.
-    ``progress``: a ProgressBoard's handle that rank 0 posts its logged rows to.
-    """
-    s = cfg.scaling
-    stored = run_location(cfg.output)
-    plan = WorkerPlan(
-        model=model,
+def worker_plan(cfg: RunConfig, inputs: TrainingInputs, steps: StepPlan, progress: Any = None) -> WorkerPlan:
+    """What every worker of the run is given (its config sections, the step plan). ``progress``: a
+    ProgressBoard's handle that rank 0 posts its logged rows to."""
+    return WorkerPlan(
+        model=inputs.model,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
         lora=cfg.model.lora,
@@ -66,19 +42,26 @@ def fit(
         train=cfg.train,
         monitor=cfg.monitor,
         run_dir=str(cfg.output.run_dir),
-        model_storage=stored / MODEL_DIR,
-        total_steps=planned_steps(cfg.train, s.num_workers, num_pairs),
-        steps_per_epoch=steps_per_epoch(cfg.train, s.num_workers, num_pairs),
-        has_eval=heldout is not None,
+        model_storage=run_location(cfg.output) / MODEL_DIR,
+        steps=steps,
+        has_eval=inputs.scored.heldout is not None,
         reference_in_worker=cfg.reference.in_worker,
         progress=progress,
     )
+
+
+def fit(cfg: RunConfig, plan: WorkerPlan, scored: ScoredPairs, callbacks: list | None = None):
+    """Train the policy on ``scored`` (evaluating on its held-out pairs) with ``plan`` on every worker;
+    returns Ray Train's Result. ``callbacks``: Ray Train callbacks, e.g. a sweep trial's report to Tune."""
+    s = cfg.scaling
+    stored = run_location(cfg.output)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    heldout = {"eval": scored.heldout} if scored.heldout is not None else {}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
         scaling_config=RayScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-        datasets={"train": pairs, **({"eval": heldout} if heldout is not None else {})},
+        datasets={"train": scored.train, **heldout},
         # Only the training pairs are split; every worker reads the held-out pairs whole and evaluates its
         # share (rayalign.train.batching.heldout_share), since an equal split drops the remainder.
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -29,22 +29,21 @@ from typing import Any
 
 import ray.train
 import torch
-from torch import Tensor
 
 from rayalign.config import LoraConfig, LossConfig, MonitorConfig, TrainConfig
 from rayalign.console import step_line
 from rayalign.diagnostics.alarms import pathology_alarm
 from rayalign.distributed import Collective
 from rayalign.errors import TrainingDiverged
-from rayalign.logprobs import PolicyLogps, ResponseHead, split_pairs
-from rayalign.losses import ObjectiveTerms, PairLogps, objective
-from rayalign.packing import PackedPairs, pack_pairs, row_width
-from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+from rayalign.logprobs import PolicyLogps, ResponseHead
+from rayalign.metrics import ALARM, EPOCH, LOSS, LR, PEAK_MEMORY_GIB, RESUMED_FROM_STEP, STEP, FirstAlarm
 from rayalign.models import ModelSource
 from rayalign.storage import METRICS_FILE, MODEL_DIR, Location, append_jsonl
 from rayalign.train import checkpoint
-from rayalign.train.batching import heldout_share, pairs_per_step, step_micro_batches, take
-from rayalign.train.metrics import IntervalMeter, preference_stats
+from rayalign.train.batching import heldout_share
+from rayalign.train.meter import IntervalMeter
+from rayalign.train.step import PreferenceStep
+from rayalign.train.steps import StepPlan, pairs_per_step
 
 # Ray Train forwards worker logging to the driver; a plain print() would be shown twice.
 logger = logging.getLogger(__name__)
@@ -52,9 +51,9 @@ logger = logging.getLogger(__name__)
 
 def check_finite(row: dict[str, Any]) -> None:
     """Raise TrainingDiverged when a logged step's loss is nan or infinite (every rank sees the same, reduced)."""
-    if not math.isfinite(row["loss"]):
+    if not math.isfinite(row[LOSS]):
         raise TrainingDiverged(
-            f"step {row['step']}: the loss is {row['loss']}; training diverged and was stopped, no model was "
+            f"step {row[STEP]}: the loss is {row[LOSS]}; training diverged and was stopped, no model was "
             "saved (lower train.learning_rate or loss.beta, or raise train.warmup_steps)"
         )
 
@@ -72,8 +71,7 @@ class WorkerPlan:
     monitor: MonitorConfig
     run_dir: str  # local run directory (metrics.jsonl on rank 0's node)
     model_storage: Location  # where rank 0 keeps the exported model
-    total_steps: int
-    steps_per_epoch: int
+    steps: StepPlan
     has_eval: bool
     reference_in_worker: bool = False  # reference.backend adapters_off: scored here, adapters disabled
     progress: Any = None  # a ProgressBoard's handle: rank 0 posts each logged row (train/progress.py)
@@ -109,122 +107,41 @@ def lr_schedule(train: TrainConfig, total_steps: int):
     return factor
 
 
-def adapters_off_logps(policy, pairs: PackedPairs) -> Tensor:
-    """The reference's response log-probs from the policy itself: its LoRA adapters disabled (the
-    frozen base weights), in eval mode, without gradients. ``policy``: a :class:`PolicyLogps` around
-    a PEFT model, or the DeepSpeed engine around one (ZeRO-3 gathers the base weights as for training)."""
-    module = getattr(policy, "module", policy)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), module.model.disable_adapter():
-            logps, _ = policy(pairs)
-    finally:
-        module.train(was_training)
-    return logps
-
-
-def _score_batch(
-    policy: PolicyLogps, batch: dict[str, Any], loss_cfg: LossConfig, train: TrainConfig, pad_id: int,
-    device: torch.device, reference_in_worker: bool = False, attention: str = "sdpa",
-) -> tuple[ObjectiveTerms, int]:
-    """The objective's terms for one micro-batch (laid out as ``train.packing``), and the real tokens
-    its forward pass computes (padding not counted; a shared prompt counted once).
-
-    ``policy`` is a :class:`PolicyLogps`, or the DeepSpeed engine around one. Everything stays on
-    ``device`` (no host synchronisation); the loss maths is float32 whatever the model's dtype, and the
-    reference column (float64 from the actors) is cast to it there. ``reference_in_worker``: the batch
-    has no reference column; the policy scores it with its adapters off (:func:`adapters_off_logps`).
-    ``attention``: the model's attention implementation, which decides the packed rows' width (:func:`row_width`).
-    """
-    pairs = pack_pairs(batch, train.packing.layout, pad_id, row_width(train.packing.row_tokens, attention)).to(device)
-    if reference_in_worker:
-        ref_chosen, ref_rejected = split_pairs(adapters_off_logps(policy, pairs))
-    logps, counts = policy(pairs)
-    if not reference_in_worker:
-        ref_chosen = torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=device).to(logps.dtype)
-        ref_rejected = torch.as_tensor(batch[REF_REJECTED_LOGPS], device=device).to(logps.dtype)
-    policy_chosen, policy_rejected = split_pairs(logps)
-    chosen_tokens, rejected_tokens = split_pairs(counts)
-    terms = objective(loss_cfg, PairLogps(
-        policy_chosen,
-        policy_rejected,
-        ref_chosen=ref_chosen,
-        ref_rejected=ref_rejected,
-        chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens,
-    ))
-    return terms, pairs.real_tokens
-
-
-def optimizer_step(
-    engine, batch: dict[str, Any], loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
-    agree_count, reference_in_worker: bool = False, attention: str = "sdpa",
-) -> list[tuple[ObjectiveTerms, int]]:
-    """Forward and backward over the micro-batches of one step's ``batch`` (:mod:`rayalign.train.batching`),
-    then one DeepSpeed optimizer step; returns each micro-batch's terms and real tokens.
-
-    The step's loss is the mean over its pairs whatever the micro-batches hold: each backward takes its
-    pairs' summed loss over the step's pair count (DeepSpeed averages the workers', which hold as many
-    pairs each). The accumulation boundary is set by hand because the micro-batch count varies by step.
-    ``agree_count``: the largest of every worker's micro-batch count (an all-reduce max).
-    """
-    num_pairs = len(batch[PROMPT_IDS])
-    groups = step_micro_batches(batch, train.packing.layout, train.micro_batch_size, train.tokens_per_batch,
-                                agree_count)
-    done = []
-    for index, group in enumerate(groups):
-        engine.set_gradient_accumulation_boundary(index == len(groups) - 1)
-        terms, real_tokens = _score_batch(engine, take(batch, group), loss_cfg, train, pad_id, device,
-                                          reference_in_worker, attention)
-        engine.backward(terms.loss.sum() / num_pairs, scale_wrt_gas=False)
-        done.append((terms, real_tokens))
-    engine.step()
-    return done
-
-
-def _evaluate(
-    policy: PolicyLogps, batches, loss_cfg: LossConfig, train: TrainConfig, pad_id: int, device: torch.device,
-    collective: Collective, reference_in_worker: bool = False, attention: str = "sdpa",
-) -> dict[str, float]:
-    """The training metrics on the held-out ``batches``, averaged over every worker's shard."""
-    meter = IntervalMeter(device)
-    start = time.perf_counter()
-    policy.eval()
-    with torch.no_grad():
-        for batch in batches:
-            terms, tokens = _score_batch(policy, batch, loss_cfg, train, pad_id, device, reference_in_worker, attention)
-            meter.add(terms.loss, preference_stats(*terms.compared, beta=loss_cfg.beta), tokens)
-    policy.train()
-    row = meter.reduce(start, all_reduce=collective.all_reduce_sum)
-    return {f"eval/{key}": value for key, value in row.items() if not key.endswith("/s")}
-
-
 def _peak_memory(device: torch.device) -> dict[str, float]:
     """This worker's peak accelerator memory so far (GiB); nothing on the CPU."""
     if device.type != "cuda":
         return {}
-    return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {PEAK_MEMORY_GIB: torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a worker found in Ray Train's checkpoint: rank 0's logged rows up to it (the alarm's history), and
+    the step it was taken at; ``from_step`` None for a fresh start."""
+
+    history: list[dict[str, Any]]
+    from_step: int | None
 
 
 class TrainingWorker:
     """One rank's training: built by :meth:`setup`, then :meth:`train`, then :meth:`save`."""
 
-    def __init__(self, plan: WorkerPlan, engine, pad_id: int, history: list[dict[str, Any]], resumed: bool):
+    def __init__(self, plan: WorkerPlan, engine, step: PreferenceStep, restored: Restored):
         self.plan = plan
         self.engine = engine
-        self.pad_id = pad_id
+        self.step = step
         self.rank = ray.train.get_context().get_world_rank()
         self.world_size = ray.train.get_context().get_world_size()
-        self.device = torch.device(engine.device)
+        self.device = step.device
         self.collective = Collective.of_worker_group(self.device)
         self.metrics_path = Path(plan.run_dir) / METRICS_FILE
-        self.history = history  # rank 0's logged rows, for the pathology alarm
+        self.history = restored.history  # rank 0's logged rows, for the pathology alarm
+        self.first_alarm = FirstAlarm()
         self.meter = IntervalMeter(self.device)
         self.interval_start: float | None = None  # set at the first batch: start-up is not throughput
-        self.resumed_from = engine.global_steps if resumed else None
+        self.resumed_from = restored.from_step
         self.checkpointed_step = engine.global_steps
-        self.last_row: dict[str, Any] = {"step": engine.global_steps}
+        self.last_row: dict[str, Any] = {STEP: engine.global_steps}
         self.shard = ray.train.get_dataset_shard("train")
         self.eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
 
@@ -251,66 +168,67 @@ class TrainingWorker:
         # With LoRA only the adapters are trainable: the optimizer holds (and DeepSpeed shards) just them.
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, plan.total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t, plan.steps.total))
         engine, _, _, _ = deepspeed.initialize(
             model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, plan.dtype)
         )
         metrics_path = Path(plan.run_dir) / METRICS_FILE
         saved = ray.train.get_checkpoint()
-        history = []
+        restored = Restored([], None)
         if saved is not None:
-            history = checkpoint.restore(engine, saved, metrics_path, rank, adapters_only=plan.lora is not None)
+            history = checkpoint.restore(engine, saved, metrics_path if rank == 0 else None,
+                                         adapters_only=plan.lora is not None)
+            restored = Restored(history, engine.global_steps)
         elif rank == 0:  # rank 0 may be on another node than the driver, which cleared its own copy
             metrics_path.unlink(missing_ok=True)
-        return cls(plan, engine, load_tokenizer(model_dir).pad_token_id, history, resumed=saved is not None)
+        step = PreferenceStep(plan.loss, t, load_tokenizer(model_dir).pad_token_id, torch.device(engine.device),
+                              plan.attn_implementation, plan.reference_in_worker)
+        return cls(plan, engine, step, restored)
 
     def train(self) -> None:
         """Epochs of optimizer steps until the planned step count; after a restore, resume mid-epoch."""
         plan, engine = self.plan, self.engine
         # Where the data stands after a restore: whole epochs done, then steps of this epoch done.
-        start_epoch, skip = divmod(engine.global_steps, plan.steps_per_epoch)
+        start_epoch, skip = divmod(engine.global_steps, plan.steps.per_epoch)
         if self.resumed_from is not None:
             logger.info("resumed from the checkpoint at step %d: epoch %d, skipping %d steps",
                         self.resumed_from, start_epoch, skip)
         for epoch in range(start_epoch, plan.train.epochs):
-            if engine.global_steps >= plan.total_steps:
+            if engine.global_steps >= plan.steps.total:
                 return
             step_batches = self.shard.iter_batches(batch_size=pairs_per_step(plan.train), batch_format="numpy")
             # Read to the end of the epoch's stream even past the last step: the leftover pairs are not trained.
             for index, batch in enumerate(step_batches):
-                if skip <= index < plan.steps_per_epoch:
+                if skip <= index < plan.steps.per_epoch:
                     self.train_step(batch)
                     self.log_step(epoch)
-                    if engine.global_steps >= plan.total_steps:
+                    if engine.global_steps >= plan.steps.total:
                         return
             skip = 0
 
     def train_step(self, batch: dict[str, Any]) -> None:
-        """One optimizer step on this worker's ``batch`` of pairs (:func:`optimizer_step`), metered."""
+        """One optimizer step on this worker's ``batch`` of pairs (:meth:`PreferenceStep.optimizer_step`), metered."""
         self.interval_start = self.interval_start or time.perf_counter()
-        for terms, tokens in optimizer_step(self.engine, batch, self.plan.loss, self.plan.train, self.pad_id,
-                                            self.device, self.collective.all_reduce_max,
-                                            self.plan.reference_in_worker, self.plan.attn_implementation):
-            self.meter.add(terms.loss, preference_stats(*terms.compared, beta=self.plan.loss.beta), tokens)
+        for scored in self.step.optimizer_step(self.engine, batch, self.collective.all_reduce_max):
+            self.meter.add(scored.terms, scored.real_tokens, self.plan.loss.beta)
 
     def log_step(self, epoch: int) -> None:
         """After an optimizer step: log (every ``train.log_every``), evaluate, checkpoint, as due."""
         plan, step = self.plan, self.engine.global_steps
-        done = step >= plan.total_steps
+        done = step >= plan.steps.total
         every_eval, every_ckpt = plan.monitor.eval_every, plan.train.checkpoint_every
         evaluate = self.eval_shard is not None and (done or bool(every_eval and step % every_eval == 0))
         if step % plan.train.log_every and not (done or evaluate):
             return
-        row = {"step": step, "epoch": epoch, "lr": self.engine.get_lr()[0]}
+        row = {STEP: step, EPOCH: epoch, LR: self.engine.get_lr()[0]}
         if self.resumed_from is not None:
-            row["resumed_from_step"], self.resumed_from = self.resumed_from, None
+            row[RESUMED_FROM_STEP], self.resumed_from = self.resumed_from, None
         row.update(self.meter.reduce(self.interval_start, all_reduce=self.collective.all_reduce_sum))
         check_finite(row)
         if evaluate:
             batches = heldout_share(self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size,
                                                                  batch_format="numpy"), self.rank, self.world_size)
-            row.update(_evaluate(self.engine, batches, plan.loss, plan.train, self.pad_id, self.device,
-                                 self.collective, plan.reference_in_worker, plan.attn_implementation))
+            row.update(self.step.evaluate(self.engine, batches, self.collective))
         row.update(_peak_memory(self.device))
         self.interval_start = time.perf_counter()
         if self.rank == 0:
@@ -330,26 +248,26 @@ class TrainingWorker:
         self.history.append(row)
         alarm = pathology_alarm(self.history, monitor.alarm_window, monitor.alarm_min_change)
         if alarm:
-            row["alarm"] = alarm
-            if "alarm" not in (self.history[-2] if len(self.history) > 1 else {}):
-                logger.warning("PATHOLOGY ALARM at step %d: %s", row["step"], alarm)
+            row[ALARM] = alarm
+            if self.first_alarm.of(row):
+                logger.warning("PATHOLOGY ALARM at step %d: %s", row[STEP], alarm)
         append_jsonl(self.metrics_path, row)
         if self.plan.progress is not None:
             self.plan.progress.post.remote(row)  # not awaited: the next step does not wait on the driver
-        logger.info(step_line(row, self.plan.total_steps))
+        logger.info(step_line(row, self.plan.steps.total))
 
     def save_checkpoint(self) -> None:
         checkpoint.report(self.last_row, self.engine, self.metrics_path, adapters_only=self.plan.lora is not None)
-        self.checkpointed_step = self.last_row["step"]
+        self.checkpointed_step = self.last_row[STEP]
 
     def save(self) -> None:
         """The final checkpoint (if the stream ended before the planned step count) and the HF export."""
         if self.checkpointed_step != self.engine.global_steps:
             self.save_checkpoint()
         plan = self.plan
-        checkpoint.export_hf_model(self.engine, plan.model.local_dir(), Path(plan.run_dir) / MODEL_DIR, plan.model_storage,
-                                   plan.train.zero_stage, self.rank,
-                                   merge_adapters=plan.lora is not None and plan.lora.export_merged)
+        export = checkpoint.ModelExport(plan.model.local_dir(), Path(plan.run_dir) / MODEL_DIR, plan.model_storage,
+                                        plan.train.zero_stage, merge_adapters=plan.lora is not None and plan.lora.export_merged)
+        checkpoint.export_hf_model(self.engine, export, self.rank)
 
 
 def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from ray import tune
 
-from rayalign.config import OBJECTIVE_MODES, RunConfig, SweepConfig, with_values
+from rayalign.config import RunConfig, SweepConfig, with_values
+from rayalign.metrics import ABSOLUTE_ACCURACY, OBJECTIVE_MODES, SHORT_NAMES, STEP
 from rayalign.diagnostics.report import format_table, plot_sweep
 from rayalign.storage import Location, replaced_whole, write_local
 
@@ -45,12 +46,12 @@ def trial_row(result, saved_status: dict[str, str], sweep: SweepConfig, planned:
         status = "error"
     elif tune_status != "TERMINATED":
         status = "unfinished"
-    elif rows and int(rows[-1]["step"]) >= planned:  # the last step is always evaluated and reported
+    elif rows and int(rows[-1][STEP]) >= planned:  # the last step is always evaluated and reported
         status = "completed"
     else:  # terminated by the scheduler before its last step
         status = "stopped_early"
     measured = {
-        key: [(int(r["step"]), r[key]) for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+        key: [(int(r[STEP]), r[key]) for r in rows if r.get(key) is not None and not math.isnan(r[key])]
         for key in FINAL_METRICS
     }
     final = {key: points[-1][1] if points else None for key, points in measured.items()}
@@ -58,11 +59,11 @@ def trial_row(result, saved_status: dict[str, str], sweep: SweepConfig, planned:
         "trial_id": trial_id,
         "status": status,
         "params": {key: result.config.get(key) for key in sweep.space},
-        "steps": int(rows[-1]["step"]) if rows else 0,
+        "steps": int(rows[-1][STEP]) if rows else 0,
         "objective": final[sweep.objective],
         "objective_history": measured[sweep.objective],
         "metrics": final,
-        "train_absolute_accuracy": rows[-1].get("pref/absolute_accuracy") if rows else None,
+        "train_absolute_accuracy": rows[-1].get(ABSOLUTE_ACCURACY) if rows else None,
         # Wall-clock span (Unix seconds) from the trial's start to its last report.
         "started": rows[0]["timestamp"] - rows[0]["time_total_s"] if rows else None,
         "ended": rows[-1]["timestamp"] if rows else None,
@@ -135,14 +136,10 @@ def write_results(cfg: RunConfig, sweep_dir: Path, trials: list[dict[str, Any]])
     }
 
 
-_ABBREVIATIONS = {"pref/absolute_accuracy": "abs_acc", "rewards/accuracies": "reward_acc",
-                  "pref/frac_in_U": "frac_in_U"}
-
-
 def _short(name: str) -> str:
     """``eval/pref/absolute_accuracy`` -> ``eval abs_acc`` (table headers)."""
     split, _, metric = name.partition("/")
-    return f"{split} {_ABBREVIATIONS.get(metric, metric)}" if split in ("eval", "train") else name
+    return f"{split} {SHORT_NAMES.get(metric, metric)}" if split in ("eval", "train") else name
 
 
 def _cell(value: Any) -> str:

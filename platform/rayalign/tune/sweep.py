@@ -40,6 +40,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
+from rayalign.metrics import STEP
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
@@ -50,8 +51,9 @@ from rayalign.storage import CONFIG_FILE, cache_location, prepare_run_dir, read_
 from rayalign.tracking import (
     SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent, tensorboard_root, wandb_root,
 )
-from rayalign.train.stage import preflight, train_stage
-from rayalign.train.trainer import planned_steps
+from rayalign.train.stage import TrainingHooks, preflight, train_stage
+from rayalign.train.steps import step_plan
+from rayalign.train.trainer import TrainingInputs
 from rayalign.tune.results import collect_trials, format_sweep_table, write_results
 
 log = logging.getLogger(__name__)
@@ -100,11 +102,11 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, m
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output.name": trial_id}, origin=f"sweep trial {trial_id}")
     prepare_run_dir(cfg)
-    train_stage(cfg, model, split_scored(cfg, scored, source, num_scored), data_report, started, cost,
-                # The trial's run directory is its own: a trial that Tune restores (resumed sweep, errored
-                # trial) finds its Ray Train run there and continues from its last checkpoint.
-                callbacks=[HeldoutReportCallback(objective)],
-                sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent))
+    # The trial's run directory is its own: a trial that Tune restores (resumed sweep, errored trial) finds its
+    # Ray Train run there and continues from its last checkpoint.
+    inputs = TrainingInputs(model, split_scored(cfg, scored, source, num_scored), data_report, cost, started)
+    train_stage(cfg, inputs, TrainingHooks(callbacks=(HeldoutReportCallback(objective),),
+                                           sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent)))
 
 
 def trial_dirname(trial) -> str:
@@ -138,7 +140,7 @@ def _scheduler(sweep: SweepConfig, steps: int):
     # Rungs end before the last step, so a trial that survives them finishes and exports its
     # model instead of being stopped at its final report.
     return ASHAScheduler(
-        time_attr="step",
+        time_attr=STEP,
         max_t=steps - 1,
         grace_period=sweep.asha.grace_period,
         reduction_factor=sweep.asha.reduction_factor,
@@ -194,7 +196,7 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         started = time.perf_counter()
         resuming = _open_sweep_dir(cfg, fresh)
         shared = _score_once(cfg)
-        steps = planned_steps(cfg.train, cfg.scaling.num_workers, shared.num_train)
+        steps = step_plan(cfg.train, cfg.scaling.num_workers, shared.num_train).total
         membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
         tuner = _tuner(cfg, shared, steps, resuming, membership)
         log.info("%d trial(s) of %d steps each; one line per finished trial", _num_trials(cfg.sweep), steps)

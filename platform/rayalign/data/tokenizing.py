@@ -1,0 +1,110 @@
+"""Tokenizing one pair: prompt and responses to token ids (one BOS per sequence, one EOS per response, whatever
+the text holds), truncated as ``data.truncation`` says; :class:`PairTokenizer` does it to a Ray Data batch."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from rayalign.config import DataConfig
+from rayalign.data.parsing import Pair, RecordError, parse_record
+from rayalign.models import ModelSource
+from rayalign.schema import DETAIL, OK, FIELD, READ_ERROR, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
+
+
+def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], list[int], bool]:
+    """Token ids of (prompt, chosen, rejected) and whether anything was truncated.
+
+    A sequence starts with one BOS (when the tokenizer adds one) and each response ends with one EOS, so
+    the model learns where an answer stops, whatever special-token text the data already holds. Over-long
+    pairs follow ``cfg.truncation``: keep the end of the prompt (at most
+    ``max_prompt_length`` tokens) and then cut responses to fit ``max_length``,
+    or quarantine the pair as ``too_long``.
+    """
+    if isinstance(pair.prompt, list):
+        if tokenizer.chat_template:
+            prompt_ids = tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True, tokenize=True)
+            if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+                prompt_ids = prompt_ids["input_ids"]
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in pair.prompt) + "assistant:"
+            prompt_ids = tokenizer(text).input_ids
+    else:
+        prompt_ids = tokenizer(pair.prompt).input_ids
+    prompt_ids = _one_leading(list(prompt_ids), tokenizer.bos_token_id)
+    chosen_ids, rejected_ids = (_response_ids(text, tokenizer) for text in (pair.chosen, pair.rejected))
+
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= cfg.max_length:
+        return list(prompt_ids), chosen_ids, rejected_ids, False
+    if cfg.truncation == "drop":
+        raise RecordError(
+            "too_long",
+            f"{len(prompt_ids)} prompt + {longest} response tokens > data.max_length={cfg.max_length}",
+        )
+    if len(prompt_ids) > cfg.max_prompt_length:
+        prompt_ids = prompt_ids[-cfg.max_prompt_length :]
+    budget = cfg.max_length - len(prompt_ids)
+    chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+    if chosen_ids == rejected_ids:
+        raise RecordError("identical_after_truncation", "responses are identical once truncated to max_length")
+    return list(prompt_ids), chosen_ids, rejected_ids, True
+
+
+def _one_leading(ids: list[int], token: int | None) -> list[int]:
+    """``ids`` with a run of leading ``token`` (BOS added by the tokenizer and BOS text in the data) cut to one."""
+    start = 0
+    while token is not None and start + 1 < len(ids) and ids[start] == ids[start + 1] == token:
+        start += 1
+    return ids[start:]
+
+
+def _response_ids(text: str, tokenizer) -> list[int]:
+    """A response's ids: no BOS in front, and exactly one EOS at the end (EOS text in the data not doubled)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    while ids and ids[0] == bos:
+        ids = ids[1:]
+    if eos is None:
+        return ids
+    while ids and ids[-1] == eos:
+        ids = ids[:-1]
+    return ids + [eos]
+
+
+class PairTokenizer:
+    """Ray Data callable: raw records -> tokenized pairs, or a reason they were rejected."""
+
+    def __init__(self, model: ModelSource, data_cfg: DataConfig):
+        from rayalign.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model.local_dir())
+        self.cfg = data_cfg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list] = {k: [] for k in (STATUS, FIELD, DETAIL, RECORD, TRUNCATED, *TOKEN_COLUMNS)}
+        for record, read_error in zip(batch.column(RECORD).to_pylist(), batch.column(READ_ERROR).to_pylist()):
+            try:
+                if read_error is not None:
+                    reason, _, detail = read_error.partition(": ")
+                    raise RecordError(reason, detail)
+                *ids, truncated = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
+                status, fld, detail, kept = OK, None, None, None  # the raw text is only kept for the quarantine
+            except Exception as exc:  # noqa: BLE001  one record never stops the stage: it is quarantined with why
+                err = exc if isinstance(exc, RecordError) else RecordError(
+                    "unprocessable", f"{type(exc).__name__}: {exc}"[:500])
+                ids, truncated = ([], [], []), False
+                status, fld, detail, kept = err.reason, err.field, err.detail, record
+            for name, value in zip((STATUS, FIELD, DETAIL, RECORD, TRUNCATED), (status, fld, detail, kept, truncated)):
+                out[name].append(value)
+            for name, value in zip(TOKEN_COLUMNS, ids):
+                out[name].append(value)
+        ids_type = pa.list_(pa.int32())
+        return pa.table(
+            {
+                SOURCE: batch.column(SOURCE),
+                ROW: batch.column(ROW),
+                **{name: pa.array(out[name], pa.string()) for name in (STATUS, FIELD, DETAIL, RECORD)},
+                TRUNCATED: pa.array(out[TRUNCATED], pa.bool_()),
+                **{name: pa.array(out[name], ids_type) for name in TOKEN_COLUMNS},
+            }
+        )

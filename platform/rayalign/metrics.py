@@ -1,0 +1,101 @@
+"""What a logged row holds: every metric key written once, the way :mod:`rayalign.schema` writes the columns.
+
+Rank 0 appends one row per logging step to ``metrics.jsonl``::
+
+    key                          meaning
+    step, epoch, lr              the optimizer step (1-based), the epoch (0-based), the learning rate after it
+    loss                         the objective (rayalign.losses.objective), mean over the interval's pairs
+    rewards/chosen               β (log π_θ(y_w) − log π_ref(y_w)), mean over pairs (DPO's implicit reward)
+    rewards/rejected             β (log π_θ(y_l) − log π_ref(y_l))
+    rewards/margins              rewards/chosen − rewards/rejected
+    rewards/accuracies           share of pairs with h = δ_θ − δ_ref > 0 (what DPO's loss rewards)
+    logps/chosen, logps/rejected log π_θ(y|x) summed over the response tokens (per token with length_normalize)
+    pref/absolute_accuracy       share of pairs with δ_θ > 0: the policy prefers y_w outright
+    pref/frac_in_U               share with δ_ref < δ_θ < 0: better than the reference, still preferring y_l
+    pairs/s, tokens/s            throughput over the interval, every worker together (tokens: computed positions)
+    memory/peak_allocated_gib    rank 0's peak accelerator memory (GPU runs only)
+    eval/<key>                   the same statistics on the held-out pairs (no rates), when evaluated
+    alarm                        the pathology alarm's reason, on the rows where it holds
+    resumed_from_step            on the first row after a restore: the checkpoint's step
+
+A row goes four ways, each written once per row: rank 0's ``metrics.jsonl`` (what the driver copies from
+the final checkpoint), the progress relay to the console and the trackers (rayalign.train.progress), every
+checkpoint (the file up to that step), and Ray Train's report (checkpoints, held-out values for Tune).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal, Mapping
+
+STEP = "step"
+EPOCH = "epoch"
+LR = "lr"
+LOSS = "loss"
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
+REWARDS_MARGINS = "rewards/margins"
+REWARD_ACCURACY = "rewards/accuracies"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+ABSOLUTE_ACCURACY = "pref/absolute_accuracy"
+FRAC_IN_U = "pref/frac_in_U"
+PAIRS_PER_S = "pairs/s"
+TOKENS_PER_S = "tokens/s"
+PEAK_MEMORY_GIB = "memory/peak_allocated_gib"
+ALARM = "alarm"
+RESUMED_FROM_STEP = "resumed_from_step"
+EVAL_PREFIX = "eval/"
+
+# Each per-pair statistic once, in the order the interval meter sums them (rayalign.train.meter).
+PER_PAIR_KEYS = (REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARD_ACCURACY, LOGPS_CHOSEN, LOGPS_REJECTED,
+                 ABSOLUTE_ACCURACY, FRAC_IN_U)
+RATE_KEYS = (PAIRS_PER_S, TOKENS_PER_S)
+# Every logged row has these keys (besides step/epoch/lr bookkeeping).
+METRIC_KEYS = (LOSS, *PER_PAIR_KEYS, *RATE_KEYS)
+# What a run's summary reports first and last of (with the loss), and the sweep's table abbreviates.
+SUMMARY_KEYS = (REWARD_ACCURACY, ABSOLUTE_ACCURACY, FRAC_IN_U, REWARDS_MARGINS)
+SHORT_NAMES = {ABSOLUTE_ACCURACY: "abs_acc", REWARD_ACCURACY: "reward_acc", FRAC_IN_U: "frac_in_U"}
+
+
+def eval_key(key: str) -> str:
+    """The held-out twin of a training key: ``eval/<key>``."""
+    return EVAL_PREFIX + key
+
+
+# A sweep's objective: which held-out keys it may be, and which way is better.
+OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {eval_key(ABSOLUTE_ACCURACY): "max", eval_key(REWARD_ACCURACY): "max", eval_key(LOSS): "min",
+                   eval_key(FRAC_IN_U): "min"}
+DEFAULT_OBJECTIVE = eval_key(ABSOLUTE_ACCURACY)
+
+
+def as_eval(row: Mapping[str, float]) -> dict[str, float]:
+    """An interval's statistics as held-out keys (rates dropped: evaluation is not throughput)."""
+    return {eval_key(key): value for key, value in row.items() if key not in RATE_KEYS}
+
+
+def heldout(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The held-out values of a row (its ``eval/`` keys)."""
+    return {key: value for key, value in row.items() if is_eval(key)}
+
+
+def is_eval(key: str) -> bool:
+    return key.startswith(EVAL_PREFIX)
+
+
+def alarms(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every row's alarm as ``{"step", "reason"}``, in step order."""
+    return [{STEP: row[STEP], "reason": row[ALARM]} for row in rows if ALARM in row]
+
+
+class FirstAlarm:
+    """Hands on a row's alarm the first time one is seen, then never again: a consumer (console, tracker,
+    log) says it once, not on every later row where it still holds."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def of(self, row: Mapping[str, Any]) -> str | None:
+        if self.seen or ALARM not in row:
+            return None
+        self.seen = True
+        return row[ALARM]

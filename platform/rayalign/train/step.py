@@ -1,0 +1,123 @@
+"""The training step: pairs in, the objective's terms and one optimizer step out.
+
+:class:`PreferenceStep` is built once per worker (:meth:`PreferenceStep.of_plan`) from the settings that stay
+fixed for a run: the loss, the batching and packing, the pad id, the device, the attention implementation and
+where the reference comes from. Training, held-out evaluation, the GPU checks and ``bench/packing.py`` call
+the same object, so none of them writes the step again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from rayalign.config import LossConfig, TrainConfig
+from rayalign.distributed import Collective
+from rayalign.logprobs import split_pairs
+from rayalign.losses import ObjectiveTerms, PairLogps, objective
+from rayalign.packing import pack_pairs, row_width
+from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+from rayalign.train.batching import MicroBatching, take
+from rayalign.metrics import as_eval
+from rayalign.train.meter import IntervalMeter
+
+
+@dataclass(frozen=True)
+class ScoredMicroBatch:
+    """One forward pass: the objective's per-pair terms, and the positions it computed (``real_tokens``
+    without padding, a shared prompt once; ``computed_tokens`` with padding)."""
+
+    terms: ObjectiveTerms
+    real_tokens: int
+    computed_tokens: int
+
+
+def adapters_off_logps(policy, pairs) -> Tensor:
+    """The reference's response log-probs from the policy itself: its LoRA adapters disabled (the
+    frozen base weights), in eval mode, without gradients. ``policy``: a :class:`PolicyLogps` around
+    a PEFT model, or the DeepSpeed engine around one (ZeRO-3 gathers the base weights as for training)."""
+    module = getattr(policy, "module", policy)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), module.model.disable_adapter():
+            logps, _ = policy(pairs)
+    finally:
+        module.train(was_training)
+    return logps
+
+
+@dataclass(frozen=True)
+class PreferenceStep:
+    """Scores micro-batches with the configured objective and steps a DeepSpeed engine.
+
+    ``batching``: the run's ``train`` section (micro-batch size, token budget, packing layout and row width).
+    ``reference_in_worker``: batches carry no reference columns; the policy scores them with its adapters
+    off (``reference.backend: adapters_off``). Everything stays on ``device``; the loss maths is float32
+    whatever the model's dtype."""
+
+    loss: LossConfig
+    batching: TrainConfig
+    pad_id: int
+    device: torch.device
+    attention: str = "sdpa"
+    reference_in_worker: bool = False
+
+    def score(self, policy, batch: dict[str, Any]) -> ScoredMicroBatch:
+        """The objective's terms for one micro-batch (laid out as ``train.packing``). ``policy``: a
+        :class:`rayalign.logprobs.PolicyLogps`, or the DeepSpeed engine around one. The reference columns
+        (float64 from the actors) are cast to the log-probs' dtype on the device, with no host synchronisation."""
+        packing = self.batching.packing
+        pairs = pack_pairs(batch, packing.layout, self.pad_id, row_width(packing.row_tokens, self.attention))
+        computed = pairs.computed_tokens
+        pairs = pairs.to(self.device)
+        if self.reference_in_worker:
+            ref_chosen, ref_rejected = split_pairs(adapters_off_logps(policy, pairs))
+        logps, counts = policy(pairs)
+        if not self.reference_in_worker:
+            ref_chosen = torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=self.device).to(logps.dtype)
+            ref_rejected = torch.as_tensor(batch[REF_REJECTED_LOGPS], device=self.device).to(logps.dtype)
+        policy_chosen, policy_rejected = split_pairs(logps)
+        chosen_tokens, rejected_tokens = split_pairs(counts)
+        terms = objective(self.loss, PairLogps(policy_chosen, policy_rejected, ref_chosen=ref_chosen,
+                                               ref_rejected=ref_rejected, chosen_tokens=chosen_tokens,
+                                               rejected_tokens=rejected_tokens))
+        return ScoredMicroBatch(terms, pairs.real_tokens, computed)
+
+    def micro_batches(self, batch: dict[str, Any], agree_count: Callable[[int], int]) -> list[dict[str, Any]]:
+        """One optimizer step's ``batch`` as the forward passes it is split into (:mod:`rayalign.train.batching`);
+        ``agree_count``: the largest of every worker's pass count (an all-reduce max)."""
+        return [take(batch, group) for group in MicroBatching.of(self.batching).groups(batch, agree_count)]
+
+    def optimizer_step(self, engine, batch: dict[str, Any], agree_count: Callable[[int], int]) -> list[ScoredMicroBatch]:
+        """Forward and backward over the micro-batches of one step's ``batch``, then one DeepSpeed optimizer step.
+
+        The step's loss is the mean over its pairs whatever the micro-batches hold: each backward takes its
+        pairs' summed loss over the step's pair count (DeepSpeed averages the workers', which hold as many
+        pairs each). The accumulation boundary is set by hand because the micro-batch count varies by step."""
+        num_pairs = len(batch[PROMPT_IDS])
+        parts = self.micro_batches(batch, agree_count)
+        done = []
+        for index, part in enumerate(parts):
+            engine.set_gradient_accumulation_boundary(index == len(parts) - 1)
+            scored = self.score(engine, part)
+            engine.backward(scored.terms.loss.sum() / num_pairs, scale_wrt_gas=False)
+            done.append(scored)
+        engine.step()
+        return done
+
+    def evaluate(self, policy, batches: Iterable[dict[str, Any]], collective: Collective) -> dict[str, float]:
+        """The training metrics on the held-out ``batches`` (``eval/`` keys), averaged over every worker's share."""
+        meter = IntervalMeter(self.device)
+        start = time.perf_counter()
+        policy.eval()
+        with torch.no_grad():
+            for batch in batches:
+                scored = self.score(policy, batch)
+                meter.add(scored.terms, scored.real_tokens, self.loss.beta)
+        policy.train()
+        return as_eval(meter.reduce(start, all_reduce=collective.all_reduce_sum))
