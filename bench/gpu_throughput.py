@@ -54,9 +54,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -91,8 +92,9 @@ class ModelSpec:
 FULL = ModelSpec(layers=24, hidden=896, heads=14, kv_heads=2, mlp=4864, vocab=32_000, tokenizer_records=None)
 TINY = ModelSpec(layers=2, hidden=64, heads=2, kv_heads=1, mlp=128, vocab=512, tokenizer_records=300)
 # SmolLM2-135M-Instruct's shape (its config.json), random init: the real model's compute without its weights.
-SMOLLM2_135M = ModelSpec(layers=30, hidden=576, heads=9, kv_heads=3, mlp=1536, vocab=49_152, tokenizer_records=None,
-                         tie_embeddings=True)
+SMOLLM2_135M = ModelSpec(
+    layers=30, hidden=576, heads=9, kv_heads=3, mlp=1536, vocab=49_152, tokenizer_records=None, tie_embeddings=True
+)
 SHAPES = {"0.4b": FULL, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
 
 
@@ -282,8 +284,13 @@ def parameter_counts(model_dir: Path) -> dict[str, int]:
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     non_embedding = total - embedding.numel() + (head.numel() if head is embedding else 0)
-    return {"total": total, "input_embedding": embedding.numel(), "non_embedding": non_embedding,
-            "vocab": config.vocab_size, "tied_embeddings": head is embedding}
+    return {
+        "total": total,
+        "input_embedding": embedding.numel(),
+        "non_embedding": non_embedding,
+        "vocab": config.vocab_size,
+        "tied_embeddings": head is embedding,
+    }
 
 
 @dataclass
@@ -402,7 +409,9 @@ def measure_peak_flops(device: str, dtype_name: str) -> dict[str, Any]:
     }
 
 
-def steady(step_ends: list[float], start: float, step_pairs: list[int], step_tokens: list[int], warmup: int) -> dict[str, Any]:
+def steady(
+    step_ends: list[float], start: float, step_pairs: list[int], step_tokens: list[int], warmup: int
+) -> dict[str, Any]:
     """Rates over the steps after ``warmup``; ``step_ends[i]`` is when step i+1 ended, ``start`` when step 1 began."""
     if len(step_ends) <= warmup:
         raise RuntimeError(f"only {len(step_ends)} steps ran; more than --warmup={warmup} are needed")
@@ -495,8 +504,8 @@ class RowWatcher(threading.Thread):
 
 def run_rayalign(s: Setting, variant: str = "rayalign") -> dict[str, Any]:
     from rayalign.config import config_from_dict
-    from rayalign.storage import read_jsonl
     from rayalign.pipeline import run_train
+    from rayalign.storage import read_jsonl
 
     cuda = s.device == "cuda"
     tree = {
@@ -601,7 +610,8 @@ def run_rayalign(s: Setting, variant: str = "rayalign") -> dict[str, Any]:
             "model loaded in bfloat16, DeepSpeed bf16 on (ZeRO keeps fp32 master weights and Adam states)"
             if s.dtype == "bfloat16"
             else f"model in {s.dtype}"
-        ) + "; full-vocabulary logits, log-probs in float32; torch AdamW (foreach) under DeepSpeed ZeRO-2",
+        )
+        + "; full-vocabulary logits, log-probs in float32; torch AdamW (foreach) under DeepSpeed ZeRO-2",
     )
     if summary["data"]["ok"] != len(s.pairs):
         raise RuntimeError(f"rayalign kept {summary['data']['ok']} pairs, the bench tokenized {len(s.pairs)}")
@@ -634,9 +644,7 @@ def run_bare(s: Setting) -> dict[str, Any]:
         refs = [split_pairs(sequence_logps(model, b.to(device))[0]) for b in batches]
     refs = [(c.clone(), r.clone()) for c, r in refs]  # out of inference mode
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
     params = [p for p in model.parameters() if p.requires_grad]
     losses, ends, step_tokens = [], [], []
     sync(s.device)
@@ -788,7 +796,8 @@ def run_trl(s: Setting, precompute: bool) -> dict[str, Any]:
         gradient_checkpointing=bool(trainer.args.gradient_checkpointing),
         precision=(
             "model in bfloat16 with bf16 autocast (no fp32 master weights)" if args.bf16 else f"model in {s.dtype}"
-        ) + "; TRL's fused LM head (log-probs in chunks, no full logits); "
+        )
+        + "; TRL's fused LM head (log-probs in chunks, no full logits); "
         + str(getattr(trainer.args.optim, "value", trainer.args.optim)),
     )
     trainer.accelerator.free_memory()
@@ -841,7 +850,8 @@ def table(results: list[dict[str, Any]], peak: dict[str, Any] | None, device: di
             ratio = 1.0 if name == "rayalign" else block["ratios"].get(f"rayalign/{name}")
             mfu = r.get("mfu_real_tokens")
             lines.append(
-                f"| {block['micro_batch']} | {name} | {num(r['pairs_per_s'], '.2f')} | {num(r['real_tokens_per_s'], ',.0f')} "
+                f"| {block['micro_batch']} | {name} | {num(r['pairs_per_s'], '.2f')} "
+                f"| {num(r['real_tokens_per_s'], ',.0f')} "
                 f"| {num(mfu if mfu is None else 100 * mfu, '.2f')}% "
                 f"| {num(r.get('peak_memory_gib'), '.2f')} | {num(ratio, '.2f')} |"
             )
@@ -874,27 +884,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="CI-sized: tiny model, few pairs and steps, float32")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="model shape (random init): 0.4b (default), smollm2-135m, tiny (--tiny's)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="model shape (random init): 0.4b (default), smollm2-135m, tiny (--tiny's)",
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--work-dir", default=None, help="models, runs, caches, logs (default: runs/gpu-bench[-tiny])")
     parser.add_argument("--data", default=str(HH))
     parser.add_argument("--micro-batches", default=None, help="comma-separated pairs per micro-batch (16,64; tiny: 8)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per contender, warm-up included (30; tiny: 6)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per contender, warm-up included (30; tiny: 6)"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="first steps not measured (5; tiny: 2)")
     parser.add_argument("--max-length", type=int, default=None, help="512; tiny: 128")
     parser.add_argument("--max-prompt-length", type=int, default=None, help="256; tiny: 64")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="cuda: bfloat16; cpu: float32")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS),
-                        help=f"any of {','.join(KNOWN_CONTENDERS)} (default: {','.join(CONTENDERS)})")
+    parser.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"any of {','.join(KNOWN_CONTENDERS)} (default: {','.join(CONTENDERS)})",
+    )
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument(
-        "--trl-gradient-checkpointing", action="store_true",
+        "--trl-gradient-checkpointing",
+        action="store_true",
         help="TRL's own default; off here because rayalign and the bare loop keep all activations",
     )
     parser.add_argument(
-        "--rayalign-set", action="append", default=[], metavar="KEY=VALUE",
+        "--rayalign-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="a setting of rayalign's config, as `rayalign train --set` takes it (repeatable), e.g. "
         "model.attn_implementation=flex_attention or train.tokens_per_batch=16384",
     )
@@ -955,8 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        say("no GPU here (torch.cuda.is_available() is False): nothing measured, nothing written. "
-            "Run with --device cpu --tiny for the CPU form.")
+        say(
+            "no GPU here (torch.cuda.is_available() is False): nothing measured, nothing written. "
+            "Run with --device cpu --tiny for the CPU form."
+        )
         return 0
     with quiet_environment(args.device):
         return _run(args)
@@ -999,16 +1024,19 @@ def _run(args: argparse.Namespace) -> int:
             model_dir=model_dir,
             counts=parameter_counts(model_dir),
             tokenizer=load_tokenizer(model_dir),
-            data_cfg=DataConfig(paths=[str(data)], format="hh", max_length=args.max_length,
-                                max_prompt_length=args.max_prompt_length),
+            data_cfg=DataConfig(
+                paths=[str(data)], format="hh", max_length=args.max_length, max_prompt_length=args.max_prompt_length
+            ),
             records=read_records(data),
             data=data,
             work=work,
             log=log,
             started=started,
         )
-    say(f"model {model_dir.name}: {prep.counts['non_embedding'] / 1e6:.1f} M non-embedding parameters, "
-        f"vocab {prep.counts['vocab']} (tokenizer {len(prep.tokenizer)}) ({time.perf_counter() - started:.0f} s)")
+    say(
+        f"model {model_dir.name}: {prep.counts['non_embedding'] / 1e6:.1f} M non-embedding parameters, "
+        f"vocab {prep.counts['vocab']} (tokenizer {len(prep.tokenizer)}) ({time.perf_counter() - started:.0f} s)"
+    )
 
     started_ray = not ray.is_initialized()
     if started_ray:  # else: reuse the caller's cluster (a test's)
@@ -1027,7 +1055,9 @@ def _run(args: argparse.Namespace) -> int:
 
     def with_ratios(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for block in blocks:
-            block["ratios"] = add_derived(block["contenders"], prep.counts["non_embedding"], peak and peak["flops_per_s"])
+            block["ratios"] = add_derived(
+                block["contenders"], prep.counts["non_embedding"], peak and peak["flops_per_s"]
+            )
         return blocks
 
     def keep_so_far(block: dict[str, Any]) -> None:
@@ -1049,8 +1079,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "ok" else 1
 
 
-def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int,
-                    keep_so_far: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def measure_setting(
+    args: argparse.Namespace,
+    prep: Prepared,
+    micro_batch: int,
+    keep_so_far: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Every contender at one micro-batch size, on the same pairs; ``keep_so_far`` gets the block after each."""
     pairs = select_pairs(prep.records, micro_batch * args.steps, prep.tokenizer, prep.data_cfg)
     padded = 0
@@ -1059,15 +1093,28 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int,
         width = max(len(p) + max(len(c), len(r)) for p, c, r in zip(*cols.values()))
         padded += 2 * len(pairs.prompt_ids[a : a + micro_batch]) * width
     setting = Setting(
-        device=args.device, dtype=args.dtype, micro_batch=micro_batch, steps=args.steps, warmup=args.warmup,
-        lr=args.lr, beta=args.beta, max_grad_norm=1.0, max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length, model_dir=prep.model_dir, data=prep.data, pairs=pairs,
-        work=prep.work, trl_gradient_checkpointing=args.trl_gradient_checkpointing,
+        device=args.device,
+        dtype=args.dtype,
+        micro_batch=micro_batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        lr=args.lr,
+        beta=args.beta,
+        max_grad_norm=1.0,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        model_dir=prep.model_dir,
+        data=prep.data,
+        pairs=pairs,
+        work=prep.work,
+        trl_gradient_checkpointing=args.trl_gradient_checkpointing,
         rayalign_overrides=tuple(args.rayalign_set),
     )
-    say(f"micro-batch {micro_batch}: {len(pairs)} pairs from the first {pairs.records_read} records "
+    say(
+        f"micro-batch {micro_batch}: {len(pairs)} pairs from the first {pairs.records_read} records "
         f"({sum(pairs.quarantined.values())} quarantined), {pairs.real_tokens() / len(pairs):.1f} real tokens/pair, "
-        f"{1 - pairs.real_tokens() / padded:.0%} of the padded batches is padding")
+        f"{1 - pairs.real_tokens() / padded:.0%} of the padded batches is padding"
+    )
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         **{variant: (lambda v=variant: run_rayalign(setting, v)) for variant in RAYALIGN_VARIANTS},
         "bare": lambda: run_bare(setting),
@@ -1082,8 +1129,11 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int,
 
     for name in args.contenders:
         if name.startswith("trl") and missing_trl:
-            contenders[name] = {"status": "skipped", "reason": f"trl is not importable ({missing_trl})",
-                                "install": TRL_INSTALL}
+            contenders[name] = {
+                "status": "skipped",
+                "reason": f"trl is not importable ({missing_trl})",
+                "install": TRL_INSTALL,
+            }
             say(f"  {name}: skipped, trl is not installed ({TRL_INSTALL})")
             continue
         t0 = time.perf_counter()
@@ -1100,8 +1150,10 @@ def measure_setting(args: argparse.Namespace, prep: Prepared, micro_batch: int,
             say(f"  {name}: FAILED after {time.perf_counter() - t0:.0f} s: {result['reason'][:200]} (see {prep.log})")
         else:
             memory = f", peak {result['peak_memory_gib']:.2f} GiB" if result.get("peak_memory_gib") else ""
-            say(f"  {name}: {result['pairs_per_s']:.2f} pairs/s, {result['real_tokens_per_s']:,.0f} real tokens/s"
-                f"{memory} ({time.perf_counter() - t0:.0f} s)")
+            say(
+                f"  {name}: {result['pairs_per_s']:.2f} pairs/s, {result['real_tokens_per_s']:,.0f} real tokens/s"
+                f"{memory} ({time.perf_counter() - t0:.0f} s)"
+            )
         contenders[name] = result
         if keep_so_far is not None:
             keep_so_far(block(contenders))
@@ -1121,8 +1173,9 @@ def _setting_block(micro_batch: int, pairs: Pairs, padded: int, contenders: dict
     }
 
 
-def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[str, Any]], peak: dict | None,
-                 partial: bool = False) -> dict[str, Any]:
+def build_report(
+    args: argparse.Namespace, prep: Prepared, results: list[dict[str, Any]], peak: dict | None, partial: bool = False
+) -> dict[str, Any]:
     """The whole report; ``partial``: written after a contender, more to come (status "partial")."""
     cuda = args.device == "cuda"
     device = device_info(args.device)
@@ -1155,16 +1208,25 @@ def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[st
                 "max_prompt_length": args.max_prompt_length,
                 "truncation": prep.data_cfg.truncation,
                 "order": "file order, no shuffle (rayalign: data.shuffle false)",
-                "tokenized_by": "rayalign.data.parsing.parse_record + tokenizing.tokenize_pair, once; every contender computes on these ids",
+                "tokenized_by": "rayalign.data.parsing.parse_record + tokenizing.tokenize_pair, once; "
+                "every contender computes on these ids",
             },
             "micro_batches": args.micro_batches,
             "steps": args.steps,
             "warmup_steps": args.warmup,
-            "optimizer": {"type": "AdamW", "lr": args.lr, "betas": [0.9, 0.999], "weight_decay": 0.0,
-                          "schedule": "constant", "max_grad_norm": 1.0},
+            "optimizer": {
+                "type": "AdamW",
+                "lr": args.lr,
+                "betas": [0.9, 0.999],
+                "weight_decay": 0.0,
+                "schedule": "constant",
+                "max_grad_norm": 1.0,
+            },
             "loss": {"type": "dpo (sigmoid)", "beta": args.beta},
             "rayalign": {
-                "num_workers": 1, "zero_stage": 2, "log_every": 1,
+                "num_workers": 1,
+                "zero_stage": 2,
+                "log_every": 1,
                 "reference": "transformers backend, cached (reference.cache: true), scored before training",
                 "gpus_per_worker": 0.75 if cuda else None,
                 "reference_gpus_per_actor": 0.25 if cuda else None,
@@ -1175,10 +1237,13 @@ def build_report(args: argparse.Namespace, prep: Prepared, results: list[dict[st
                 "max_length": args.max_length,
                 "max_prompt_length": "no such DPOConfig field in TRL 1.16; pairs arrive truncated by rayalign's rule",
                 "gradient_checkpointing": args.trl_gradient_checkpointing,
-                "variants": {"trl_precomputed_ref": "precompute_ref_log_probs=True (no reference model in memory)",
-                             "trl": "precompute_ref_log_probs=False (reference model forward every step)"},
+                "variants": {
+                    "trl_precomputed_ref": "precompute_ref_log_probs=True (no reference model in memory)",
+                    "trl": "precompute_ref_log_probs=False (reference model forward every step)",
+                },
             },
-            "bare": "rayalign.packing padded batches, full float32 logits; reference log-probs scored before the timed loop; "
+            "bare": "rayalign.packing padded batches, full float32 logits; "
+            "reference log-probs scored before the timed loop; "
             "policy forward of chosen+rejected concatenated; -logsigmoid(beta*margin); clip 1.0; fused AdamW",
             "real_tokens": "non-padding tokens computed on: prompt+chosen plus prompt+rejected per pair",
             "mfu": "6 x non-embedding parameters x real tokens/s / measured peak FLOP/s",

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     if "--rank" in argv:
         i = argv.index("--rank")
-        rank, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
+        rank, argv = int(argv[i + 1]), argv[:i] + argv[i + 2 :]
     args = parse_args(argv)
     suffix = f"{args.device}{'-quick' if args.quick else ''}"
     if args.out.name.startswith("packing-"):
@@ -38,14 +38,29 @@ def main(argv: list[str] | None = None) -> int:
     # lora_adapters_off: reference.backend adapters_off, the reference scored in the step (one more
     # forward, no backward) instead of read from the actors' column.
     for name, lora_rank, in_step in (("full", None, False), ("lora", rank, False), ("lora_adapters_off", rank, True)):
-        job = Job("shared_prompt", args.device, args.dtype, str(model_dir), batches, references, 0,
-                  1e-4 if lora_rank is None else 1e-3, 0.1, args.row_tokens, args.chunk_tokens, args.warmup, lora_rank,
-                  in_step)
+        job = Job(
+            "shared_prompt",
+            args.device,
+            args.dtype,
+            str(model_dir),
+            batches,
+            references,
+            0,
+            1e-4 if lora_rank is None else 1e-3,
+            0.1,
+            args.row_tokens,
+            args.chunk_tokens,
+            args.warmup,
+            lora_rank,
+            in_step,
+        )
         r = _in_own_process(job)
         results[name] = {k: v for k, v in r.items() if k != "checked_logps"}
-        print(f"[bench] {name:>17}: {r['trainable_parameters'] / 1e6:8.3f} M trainable, optimizer state "
-              f"{r['optimizer_state_gib']:.3f} GiB, peak {r['peak_memory_gib']:.2f} GiB, {r['pairs_per_s']:.3f} pairs/s",
-              flush=True)
+        print(
+            f"[bench] {name:>17}: {r['trainable_parameters'] / 1e6:8.3f} M trainable, optimizer state "
+            f"{r['optimizer_state_gib']:.3f} GiB, peak {r['peak_memory_gib']:.2f} GiB, {r['pairs_per_s']:.3f} pairs/s",
+            flush=True,
+        )
     full, lora = results["full"], results["lora"]
     summary = {
         "full_trainable_parameters": full["trainable_parameters"],
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
     }
     return write_report(args, summary, model_dir, pairs, {"variants": results}, started)
+
 
 if __name__ == "__main__":
     sys.exit(main())

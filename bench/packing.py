@@ -116,16 +116,26 @@ def train_layout(job: Job) -> dict[str, Any]:
         model = with_adapters(model, LoraConfig(rank=job.lora_rank, alpha=2 * job.lora_rank))
     policy = PolicyLogps(model.to(device), job.chunk_tokens)
     # The training step itself (rayalign.train.step), one pass per step's pairs unless a token budget splits them.
-    batching = TrainConfig(micro_batch_size=len(job.batches[0]["prompt_ids"]), tokens_per_batch=job.tokens_per_batch,
-                           packing=PackingConfig(layout=job.layout, row_tokens=job.row_tokens,
-                                                 logps_chunk_tokens=job.chunk_tokens))
-    step = PreferenceStep(LossConfig(type="dpo", beta=job.beta), batching, pad_id, device, job.attention,
-                          reference_in_worker=job.reference_in_step)
+    batching = TrainConfig(
+        micro_batch_size=len(job.batches[0]["prompt_ids"]),
+        tokens_per_batch=job.tokens_per_batch,
+        packing=PackingConfig(layout=job.layout, row_tokens=job.row_tokens, logps_chunk_tokens=job.chunk_tokens),
+    )
+    step = PreferenceStep(
+        LossConfig(type="dpo", beta=job.beta),
+        batching,
+        pad_id,
+        device,
+        job.attention,
+        reference_in_worker=job.reference_in_step,
+    )
 
     policy.eval()
     with torch.no_grad():
-        checked = [policy(pack_pairs(b, job.layout, pad_id, row_tokens).to(device))[0].double().cpu().tolist()
-                   for b in job.batches[: job.check_batches]]
+        checked = [
+            policy(pack_pairs(b, job.layout, pad_id, row_tokens).to(device))[0].double().cpu().tolist()
+            for b in job.batches[: job.check_batches]
+        ]
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=job.lr, weight_decay=0.0)
@@ -155,10 +165,14 @@ def train_layout(job: Job) -> dict[str, Any]:
     timed = slice(job.warmup, None)
     elapsed = ends[-1] - (ends[job.warmup - 1] if job.warmup else start)
     pairs_timed = sum(len(b["prompt_ids"]) for b in job.batches[timed])
-    pair_tokens = sum(2 * len(p) + len(c) + len(r) for b in job.batches[timed]
-                      for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"]))
-    optimizer_state = sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                          for t in state.values() if torch.is_tensor(t))
+    pair_tokens = sum(
+        2 * len(p) + len(c) + len(r)
+        for b in job.batches[timed]
+        for p, c, r in zip(b["prompt_ids"], b["chosen_ids"], b["rejected_ids"])
+    )
+    optimizer_state = sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
     return {
         "layout": job.layout,
         "tokens_per_batch": job.tokens_per_batch,
@@ -169,7 +183,7 @@ def train_layout(job: Job) -> dict[str, Any]:
         "optimizer_state_gib": optimizer_state / 2**30,
         "pairs_per_s": pairs_timed / elapsed,
         "pair_tokens_per_s": pair_tokens / elapsed,
-        "computed_tokens_per_s": sum(computed[sum(passes[: job.warmup]):]) / elapsed,
+        "computed_tokens_per_s": sum(computed[sum(passes[: job.warmup]) :]) / elapsed,
         "padding_share": 1 - sum(real) / sum(computed),
         "computed_tokens_per_pair": sum(computed) / sum(len(b["prompt_ids"]) for b in job.batches),
         "peak_memory_gib": _peak_memory_gib(job.device),
@@ -197,8 +211,9 @@ def reference_logps(model_dir: Path, dtype: str, device: str, batches, row_token
     out = []
     with torch.no_grad():
         for b in batches:
-            chosen, rejected = split_pairs(sequence_logps(model, pack_pairs(b, "padded", pad_id, row_tokens).to(device),
-                                                          chunk_tokens)[0])
+            chosen, rejected = split_pairs(
+                sequence_logps(model, pack_pairs(b, "padded", pad_id, row_tokens).to(device), chunk_tokens)[0]
+            )
             out.append((chosen.cpu().tolist(), rejected.cpu().tolist()))
     return out
 
@@ -207,19 +222,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, max_length 256, 5 steps")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="default: bfloat16 on cuda, float32 on cpu"
+    )
     parser.add_argument("--micro-batch", type=int, default=None, help="pairs per step (default 8; GPU 64)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per layout (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rates")
     parser.add_argument("--max-length", type=int, default=None, help="data.max_length (default 512)")
     parser.add_argument("--row-tokens", type=int, default=None, help="train.packing.row_tokens (default: None)")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="train.packing.logps_chunk_tokens")
-    parser.add_argument("--attention", choices=("sdpa", "eager", "flex_attention"), default="sdpa",
-                        help="model.attn_implementation of every contender (flex_attention: GPU only)")
-    parser.add_argument("--tokens-per-batch", type=int, default=None,
-                        help="train.tokens_per_batch of the shared_prompt_budget contender (default: a quarter of "
-                        "the shared-prompt step's tokens, so a step takes about four passes)")
+    parser.add_argument(
+        "--attention",
+        choices=("sdpa", "eager", "flex_attention"),
+        default="sdpa",
+        help="model.attn_implementation of every contender (flex_attention: GPU only)",
+    )
+    parser.add_argument(
+        "--tokens-per-batch",
+        type=int,
+        default=None,
+        help="train.tokens_per_batch of the shared_prompt_budget contender (default: a quarter of "
+        "the shared-prompt step's tokens, so a step takes about four passes)",
+    )
     parser.add_argument("--data", default=str(HH))
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench-packing"))
     parser.add_argument("--out", default=None, help="JSON result (default bench/results/packing-<device>[-quick].json)")
@@ -256,13 +280,16 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
 
     spec = TINY if args.quick else SMALL
     model_dir = build_model_dir(spec, args.dtype, data, max(1024, 2 * args.max_length), Path(args.work_dir) / "models")
-    data_cfg = DataConfig(paths=[str(data)], format="hh", max_length=args.max_length,
-                          max_prompt_length=args.max_length // 2)
+    data_cfg = DataConfig(
+        paths=[str(data)], format="hh", max_length=args.max_length, max_prompt_length=args.max_length // 2
+    )
     pairs: Pairs = select_pairs(read_records(data), args.micro_batch * args.steps, load_tokenizer(model_dir), data_cfg)
     batches = [pairs.columns(i * args.micro_batch, (i + 1) * args.micro_batch) for i in range(args.steps)]
-    print(f"[bench] {model_dir.name}: {parameter_counts(model_dir)['total'] / 1e6:.1f} M parameters; "
-          f"{len(pairs)} HH pairs, {args.steps} steps × {args.micro_batch} pairs, {args.device} {args.dtype}",
-          flush=True)
+    print(
+        f"[bench] {model_dir.name}: {parameter_counts(model_dir)['total'] / 1e6:.1f} M parameters; "
+        f"{len(pairs)} HH pairs, {args.steps} steps × {args.micro_batch} pairs, {args.device} {args.dtype}",
+        flush=True,
+    )
     references = reference_logps(model_dir, args.dtype, args.device, batches, args.row_tokens, args.chunk_tokens)
     return Inputs(model_dir, pairs, batches, references)
 
@@ -274,23 +301,44 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     inputs = prepare_inputs(args)
     model_dir, pairs, batches, references = inputs.model_dir, inputs.pairs, inputs.batches, inputs.references
-    budget = args.tokens_per_batch or max(64, sum(sum(pair_tokens(b, "shared_prompt")) for b in batches)
-                                            // (4 * len(batches)))
+    budget = args.tokens_per_batch or max(
+        64, sum(sum(pair_tokens(b, "shared_prompt")) for b in batches) // (4 * len(batches))
+    )
     contenders = {layout: (layout, None) for layout in LAYOUTS} | {BUDGETED: ("shared_prompt", budget)}
     results = {}
     for name, (layout, tokens_per_batch) in contenders.items():
-        job = Job(layout, args.device, args.dtype, str(model_dir), batches, references, min(2, args.steps), 1e-5,
-                  0.1, args.row_tokens, args.chunk_tokens, args.warmup, tokens_per_batch=tokens_per_batch,
-                  attention=args.attention if layout != "padded" else "sdpa")
+        job = Job(
+            layout,
+            args.device,
+            args.dtype,
+            str(model_dir),
+            batches,
+            references,
+            min(2, args.steps),
+            1e-5,
+            0.1,
+            args.row_tokens,
+            args.chunk_tokens,
+            args.warmup,
+            tokens_per_batch=tokens_per_batch,
+            attention=args.attention if layout != "padded" else "sdpa",
+        )
         results[name] = _in_own_process(job)
         r = results[name]
-        print(f"[bench] {name:>20}: {r['pairs_per_s']:7.2f} pairs/s  {r['pair_tokens_per_s']:8.0f} pair tokens/s  "
-              f"{r['computed_tokens_per_pair']:6.0f} computed tokens/pair  padding {r['padding_share']:.0%}  "
-              f"{r['passes_per_step']:.1f} passes/step  peak {r['peak_memory_gib']:.2f} GiB", flush=True)
+        print(
+            f"[bench] {name:>20}: {r['pairs_per_s']:7.2f} pairs/s  {r['pair_tokens_per_s']:8.0f} pair tokens/s  "
+            f"{r['computed_tokens_per_pair']:6.0f} computed tokens/pair  padding {r['padding_share']:.0%}  "
+            f"{r['passes_per_step']:.1f} passes/step  peak {r['peak_memory_gib']:.2f} GiB",
+            flush=True,
+        )
 
     padded = results["padded"]
-    logp_diff = max(abs(a - b) for layout in LAYOUTS for batch_a, batch_b in
-                    zip(results[layout]["checked_logps"], padded["checked_logps"]) for a, b in zip(batch_a, batch_b))
+    logp_diff = max(
+        abs(a - b)
+        for layout in LAYOUTS
+        for batch_a, batch_b in zip(results[layout]["checked_logps"], padded["checked_logps"])
+        for a, b in zip(batch_a, batch_b)
+    )
     loss_diff = max(abs(a - b) for r in results.values() for a, b in zip(r["losses"], padded["losses"]))
     summary = {
         "padded_pairs_per_s": round(padded["pairs_per_s"], 3),
@@ -313,16 +361,27 @@ def main(argv: list[str] | None = None) -> int:
     return write_report(args, summary, model_dir, pairs, {"layouts": results}, started)
 
 
-def write_report(args: argparse.Namespace, summary: dict[str, Any], model_dir: Path, pairs: Pairs,
-                 results: dict[str, Any], started: float) -> int:
+def write_report(
+    args: argparse.Namespace,
+    summary: dict[str, Any],
+    model_dir: Path,
+    pairs: Pairs,
+    results: dict[str, Any],
+    started: float,
+) -> int:
     """The JSON result file (summary, settings, model, data, ``results``, machine, versions), then the
     summary as the last stdout line."""
     report = {
         "summary": summary,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "model": {"dir": model_dir.name, **parameter_counts(model_dir)},
-        "data": {"file": Path(args.data).name, "pairs": len(pairs), "records_read": pairs.records_read,
-                 "quarantined": pairs.quarantined, "truncated": pairs.truncated},
+        "data": {
+            "file": Path(args.data).name,
+            "pairs": len(pairs),
+            "records_read": pairs.records_read,
+            "quarantined": pairs.quarantined,
+            "truncated": pairs.truncated,
+        },
         **results,
         "machine": device_info(args.device),
         "versions": versions(),
@@ -333,6 +392,7 @@ def write_report(args: argparse.Namespace, summary: dict[str, Any], model_dir: P
     print(f"[bench] wrote {args.out}", flush=True)
     print(json.dumps(summary), flush=True)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

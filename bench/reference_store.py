@@ -64,12 +64,14 @@ def passes(work: Path, records: int, data: Path) -> list[dict]:
     grown = write_records(data, records + records // 10, work / "day2.jsonl")
 
     def config(path: Path):
-        return config_from_dict({
-            "model": {"tiny": {}},
-            "data": {"paths": [str(path)], "format": "hh", "max_length": 256, "max_prompt_length": 128},
-            "reference": {"cache": True, "cache_root": str(work / "refcache"), "batch_size": 32},
-            "output": {"root": str(work / "runs"), "name": "store-bench"},
-        })
+        return config_from_dict(
+            {
+                "model": {"tiny": {}},
+                "data": {"paths": [str(path)], "format": "hh", "max_length": 256, "max_prompt_length": 128},
+                "reference": {"cache": True, "cache_root": str(work / "refcache"), "batch_size": 32},
+                "output": {"root": str(work / "runs"), "name": "store-bench"},
+            }
+        )
 
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False, include_dashboard=False)
     try:
@@ -85,9 +87,18 @@ def passes(work: Path, records: int, data: Path) -> list[dict]:
             scored = scored.materialize()
             elapsed = time.perf_counter() - started
             assert scored.count() == report.ok
-            results.append({"pass": name, "pairs": report.ok, "found": store.found, "scored": store.scored,
-                            "seconds": round(elapsed, 2), "store_rows": store.store_rows,
-                            "store_bytes": store.store_bytes, "segments": store.segments})
+            results.append(
+                {
+                    "pass": name,
+                    "pairs": report.ok,
+                    "found": store.found,
+                    "scored": store.scored,
+                    "seconds": round(elapsed, 2),
+                    "store_rows": store.store_rows,
+                    "store_bytes": store.store_bytes,
+                    "segments": store.segments,
+                }
+            )
             say(f"{name}: {report.ok} pairs, {store.scored} scored, {store.found} found, {elapsed:.1f} s")
         return results
     finally:
@@ -114,9 +125,16 @@ def overhead(work: Path, rows: int) -> dict:
     started = time.perf_counter()
     digests = tokens_digests(batch.column(PROMPT_IDS), batch.column(CHOSEN_IDS), batch.column(REJECTED_IDS))
     digest_s = time.perf_counter() - started
-    table = pa.table({"tokens_digest": digests, "ref_chosen_logps": rng.normal(size=rows),
-                      "ref_rejected_logps": rng.normal(size=rows), "chosen_tokens": np.full(rows, 60, np.int32),
-                      "rejected_tokens": np.full(rows, 60, np.int32)}, schema=ROW_SCHEMA)
+    table = pa.table(
+        {
+            "tokens_digest": digests,
+            "ref_chosen_logps": rng.normal(size=rows),
+            "ref_rejected_logps": rng.normal(size=rows),
+            "chosen_tokens": np.full(rows, 60, np.int32),
+            "rejected_tokens": np.full(rows, 60, np.int32),
+        },
+        schema=ROW_SCHEMA,
+    )
     store = ReferenceStore.for_scorer(location(str(work / "overhead")), {"model": "bench", "precision": "float32"})
     started = time.perf_counter()
     for part in np.array_split(np.arange(rows), 10):
@@ -131,7 +149,9 @@ def overhead(work: Path, rows: int) -> dict:
     assert looked.num_rows == rows and pa.compute.sum(looked.column("_found_in_store")).as_py() == rows
     per_million = 1e6 / rows
     return {
-        "rows": rows, "segments": contents.segments, "store_bytes": contents.bytes,
+        "rows": rows,
+        "segments": contents.segments,
+        "store_bytes": contents.bytes,
         "bytes_per_row": round(contents.bytes / rows, 1),
         "per_million_rows_s": {
             "write": round(write_s * per_million, 2),
@@ -164,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             "command": [sys.executable, "bench/reference_store.py", *(argv if argv is not None else sys.argv[1:])],
             "device": {"type": "cpu", "cpu_count": os.cpu_count()},
             "versions": {"ray": ray.__version__, "torch": torch.__version__},
-            "settings": {"model": "tiny Llama (2 layers, hidden 64), float32, transformers reference",
-                         "data": str(args.data), "max_length": 256, "records": args.records},
+            "settings": {
+                "model": "tiny Llama (2 layers, hidden 64), float32, transformers reference",
+                "data": str(args.data),
+                "max_length": 256,
+                "records": args.records,
+            },
             "passes": results,
             "overhead": cost,
         }

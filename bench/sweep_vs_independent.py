@@ -50,11 +50,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rayalign-bench-"))
     rayalign = [sys.executable, "-m", "rayalign.cli"]
     common = [
-        "--config", str(CONFIG),
-        "--set", f"data.synthetic.num_pairs={args.pairs}",
-        "--set", f"reference.backend={args.backend}",
-        "--set", f"output.root={work / 'runs'}",
-        "--set", "ray.num_cpus=2",
+        "--config",
+        str(CONFIG),
+        "--set",
+        f"data.synthetic.num_pairs={args.pairs}",
+        "--set",
+        f"reference.backend={args.backend}",
+        "--set",
+        f"output.root={work / 'runs'}",
+        "--set",
+        "ray.num_cpus=2",
     ]
     space = "{loss.gamma: {values: [" + ", ".join(str(g) for g in args.gammas) + "]}}"
     sweep_args = ["--set", f"sweep.space={space}", "--set", "sweep.early_stopping=none"]
@@ -63,16 +68,37 @@ def main() -> None:
         for name, concurrent in (("sweep", 2), ("sweep_sequential", 1)):
             # A fresh cache root per sweep, so each one scores the reference once itself.
             walls[name] = timed(
-                rayalign + ["sweep", *common, *sweep_args, "--set", f"sweep.max_concurrent_trials={concurrent}",
-                            "--set", f"reference.cache_root={work / name / 'refcache'}",
-                            "--set", f"output.name={name}"],
+                rayalign
+                + [
+                    "sweep",
+                    *common,
+                    *sweep_args,
+                    "--set",
+                    f"sweep.max_concurrent_trials={concurrent}",
+                    "--set",
+                    f"reference.cache_root={work / name / 'refcache'}",
+                    "--set",
+                    f"output.name={name}",
+                ],
                 work / f"{name}.log",
             )
             print(f"{name}: {walls[name]:.1f} s", flush=True)
         start = time.perf_counter()
         for gamma in args.gammas:
-            timed(rayalign + ["train", *common, "--set", "reference.cache=false", "--set", f"loss.gamma={gamma}",
-                              "--set", f"output.name=train-gamma{gamma}"], work / f"train-{gamma}.log")
+            timed(
+                rayalign
+                + [
+                    "train",
+                    *common,
+                    "--set",
+                    "reference.cache=false",
+                    "--set",
+                    f"loss.gamma={gamma}",
+                    "--set",
+                    f"output.name=train-gamma{gamma}",
+                ],
+                work / f"train-{gamma}.log",
+            )
         walls["independent"] = time.perf_counter() - start
         print(f"independent: {walls['independent']:.1f} s", flush=True)
     finally:
@@ -92,12 +118,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     n = len(args.gammas)
-    print(f"\n| variant | wall (s) | independent / variant |\n|---|---:|---:|\n"
-          f"| `rayalign sweep`, {n} trials, 2 at a time, reference once | {walls['sweep']:.0f} | "
-          f"{result['independent_over_sweep']:.2f}× |\n"
-          f"| `rayalign sweep`, {n} trials, 1 at a time, reference once | {walls['sweep_sequential']:.0f} | "
-          f"{result['independent_over_sweep_sequential']:.2f}× |\n"
-          f"| {n} × `rayalign train`, each scoring the reference | {walls['independent']:.0f} | 1.00× |")
+    print(
+        f"\n| variant | wall (s) | independent / variant |\n|---|---:|---:|\n"
+        f"| `rayalign sweep`, {n} trials, 2 at a time, reference once | {walls['sweep']:.0f} | "
+        f"{result['independent_over_sweep']:.2f}× |\n"
+        f"| `rayalign sweep`, {n} trials, 1 at a time, reference once | {walls['sweep_sequential']:.0f} | "
+        f"{result['independent_over_sweep_sequential']:.2f}× |\n"
+        f"| {n} × `rayalign train`, each scoring the reference | {walls['independent']:.0f} | 1.00× |"
+    )
     print(f"results: {args.out}")
 
 

@@ -13,8 +13,8 @@ import torch
 
 from rayalign.config import DataConfig, RunConfig
 from rayalign.data.parsing import Pair
-from rayalign.data.tokenizing import tokenize_pair
 from rayalign.data.synthetic import generate
+from rayalign.data.tokenizing import tokenize_pair
 from rayalign.logprobs import sequence_logps, split_pairs
 from rayalign.models import load_causal_lm, load_tokenizer, resolve_run_model
 from rayalign.packing import pack_pairs

@@ -36,9 +36,9 @@ from biased_reference import biased_reference  # noqa: E402  # jobs/biased_refer
 from rayalign.config import load_config
 from rayalign.diagnostics.pathology import format_table, two_response_table
 from rayalign.diagnostics.report import plot_runs
+from rayalign.metrics import ABSOLUTE_ACCURACY, ALARM, FRAC_IN_U, LOSS, REWARD_ACCURACY, eval_key
 from rayalign.pipeline import run_train
 from rayalign.runtime import init_ray
-from rayalign.metrics import ABSOLUTE_ACCURACY, ALARM, FRAC_IN_U, LOSS, REWARD_ACCURACY, eval_key
 from rayalign.storage import METRICS_FILE, SUMMARY_FILE, read_jsonl, storage_root, upload
 
 HERE = Path(__file__).resolve().parent
@@ -119,10 +119,13 @@ def format_part_b(result: dict) -> str:
     ]
     for loss, runs in result["runs"].items():
         seeds = ",".join(str(r["seed"]) for r in runs)
-        cells = [_mean_sd([r[k] for r in runs]) for k in ("eval_loss", "eval_reward_acc", "eval_abs_acc", "eval_frac_in_U")]
+        cells = [
+            _mean_sd([r[k] for r in runs]) for k in ("eval_loss", "eval_reward_acc", "eval_abs_acc", "eval_frac_in_U")
+        ]
         alarms = ", ".join(f"{r['alarm_steps']}/{r['logged_steps']}" for r in runs)
         lines.append(
-            f"| {loss} | {seeds} | {_mean_sd([r['loss_first'] for r in runs])} → {_mean_sd([r['loss_last'] for r in runs])} "
+            f"| {loss} | {seeds} | {_mean_sd([r['loss_first'] for r in runs])} → "
+            f"{_mean_sd([r['loss_last'] for r in runs])} "
             f"| {' | '.join(cells)} | {alarms} |"
         )
     return "\n".join(lines)
@@ -134,8 +137,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--bias-steps", type=int, default=200)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override keys of jobs/configs/pathology-lm.yaml (e.g. output.root=/tmp/p)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override keys of jobs/configs/pathology-lm.yaml (e.g. output.root=/tmp/p)",
+    )
     args = parser.parse_args()
     seeds, epochs = ([args.seeds[0]], 1) if args.reduced else (args.seeds, args.epochs)
 

@@ -39,7 +39,8 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "sweep-gamma.yaml"
 def markdown_table(summary: dict) -> str:
     """One row per γ, in γ order: what the README shows."""
     lines = [
-        "| γ | status | steps | held-out abs pref acc (δ_θ > 0) | held-out reward acc | held-out frac in U | held-out loss |",
+        "| γ | status | steps | held-out abs pref acc (δ_θ > 0) | held-out reward acc | held-out frac in U "
+        "| held-out loss |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
 
@@ -58,8 +59,14 @@ def markdown_table(summary: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override keys of jobs/configs/sweep-gamma.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override keys of jobs/configs/sweep-gamma.yaml",
+    )
     parser.add_argument("--bias-steps", type=int, default=200, help="fine-tuning steps toward the wrong answers")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished sweep instead of resuming it")
     args = parser.parse_args()
@@ -76,8 +83,10 @@ def main() -> int:
     publish(cfg.output, results)
     print("\n" + format_sweep_table(summary))
     print("\n" + table)
-    print(f"\nresults: {summary['files']['csv']}  plot: {summary['files']['plot']}  "
-          f"best config: {summary['files']['best_config']}")
+    print(
+        f"\nresults: {summary['files']['csv']}  plot: {summary['files']['plot']}  "
+        f"best config: {summary['files']['best_config']}"
+    )
     return 1 if summary["interrupted"] else 0
 
 

@@ -39,7 +39,6 @@ def _session_gloo_group():
     """One one-process gloo group for the whole session: DeepSpeed keeps the first group it sees, so an engine
     built in a later group would use one torch no longer knows."""
     import torch
-
     from engines import launcher_env, one_process_group
 
     env = launcher_env()
@@ -83,8 +82,9 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available() or os.environ.get("RAYALIGN_GPU_TESTS_ON_CPU") == "1":
         return
-    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here); "
-                                     "`make gpu-check` runs it on a lent GPU")
+    no_gpu = pytest.mark.skip(
+        reason="needs a CUDA GPU (torch.cuda.is_available() is False here); `make gpu-check` runs it on a lent GPU"
+    )
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(no_gpu)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -62,8 +62,14 @@ def one_process_group(backend: str, device: torch.device, env: dict[str, str] | 
             dist.destroy_process_group()
 
 
-def deepspeed_engine(model_dir, train: TrainConfig, device: torch.device, dtype: str = "float32",
-                     lora: LoraConfig | None = None, lr: float = 1e-3):
+def deepspeed_engine(
+    model_dir,
+    train: TrainConfig,
+    device: torch.device,
+    dtype: str = "float32",
+    lora: LoraConfig | None = None,
+    lr: float = 1e-3,
+):
     """A real DeepSpeed engine around ``PolicyLogps`` on ``device`` (in a process group already set up)."""
     import deepspeed
 
@@ -81,8 +87,9 @@ def deepspeed_engine(model_dir, train: TrainConfig, device: torch.device, dtype:
     return engine
 
 
-def token_budget_against_fixed_micro_batches(model_dir, zero_stage: int, device: torch.device, agree_count,
-                                             atol: float = 1e-5) -> None:
+def token_budget_against_fixed_micro_batches(
+    model_dir, zero_stage: int, device: torch.device, agree_count, atol: float = 1e-5
+) -> None:
     """Same pairs per step (6), split 3 × 2, 1 × 6, or by a 120-token budget (several passes, a different
     count each step): the losses and the trained weights agree to float noise (``atol``)."""
     import deepspeed
@@ -93,8 +100,9 @@ def token_budget_against_fixed_micro_batches(model_dir, zero_stage: int, device:
     splits = {
         "3x2": TrainConfig(micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=zero_stage),
         "1x6": TrainConfig(micro_batch_size=6, zero_stage=zero_stage),
-        "budget": TrainConfig(micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=zero_stage,
-                              tokens_per_batch=120),
+        "budget": TrainConfig(
+            micro_batch_size=2, gradient_accumulation_steps=3, zero_stage=zero_stage, tokens_per_batch=120
+        ),
     }
 
     def gathered(engine) -> torch.Tensor:

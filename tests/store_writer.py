@@ -22,11 +22,15 @@ def main(config_path: str, out_path: str) -> None:
     data = prepare_data(cfg, cfg.output.run_dir, None)
     scored, report = scored_through_store(data.pairs, cfg, data.model)
     rows = scored.select_columns([SOURCE, ROW, REF_CHOSEN_LOGPS]).take_all()
-    Path(out_path).write_text(json.dumps({
-        "report": report.as_dict(),
-        "pairs": [[Path(r[SOURCE]).name, r[ROW]] for r in rows],
-        "ref_chosen_logps": {f"{Path(r[SOURCE]).name}:{r[ROW]}": r[REF_CHOSEN_LOGPS] for r in rows},
-    }))
+    Path(out_path).write_text(
+        json.dumps(
+            {
+                "report": report.as_dict(),
+                "pairs": [[Path(r[SOURCE]).name, r[ROW]] for r in rows],
+                "ref_chosen_logps": {f"{Path(r[SOURCE]).name}:{r[ROW]}": r[REF_CHOSEN_LOGPS] for r in rows},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

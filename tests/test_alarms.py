@@ -7,8 +7,8 @@ from rayalign.diagnostics.alarms import pathology_alarm, trend
 
 def rows(loss, abs_acc, frac_u):
     return [
-        {"step": i + 1, "loss": l, "pref/absolute_accuracy": a, "pref/frac_in_U": u}
-        for i, (l, a, u) in enumerate(zip(loss, abs_acc, frac_u))
+        {"step": i + 1, "loss": loss_value, "pref/absolute_accuracy": a, "pref/frac_in_U": u}
+        for i, (loss_value, a, u) in enumerate(zip(loss, abs_acc, frac_u))
     ]
 
 
@@ -46,10 +46,16 @@ def test_silent_on_healthy_and_on_short_or_flat_trajectories():
     stuck = rows(loss=[0.69] * 8, abs_acc=[0.3] * 8, frac_u=[0.5] * 8)
     assert pathology_alarm(stuck, window=8, min_change=0.02) is None
     # Below 0.5 but climbing out of it (CPO's early phase): not the failure mode.
-    recovering = rows(loss=[3.0 - 0.2 * i for i in range(8)], abs_acc=[0.1 + 0.05 * i for i in range(8)],
-                      frac_u=[0.8 - 0.05 * i for i in range(8)])
+    recovering = rows(
+        loss=[3.0 - 0.2 * i for i in range(8)],
+        abs_acc=[0.1 + 0.05 * i for i in range(8)],
+        frac_u=[0.8 - 0.05 * i for i in range(8)],
+    )
     assert pathology_alarm(recovering, window=8, min_change=0.02) is None
     # Noise below min_change does not count as a fall in accuracy.
-    noisy = rows(loss=[0.6 - 0.02 * i for i in range(8)], abs_acc=[0.8, 0.81, 0.79, 0.8, 0.8, 0.81, 0.79, 0.8],
-                 frac_u=[0.05, 0.04, 0.05, 0.05, 0.04, 0.05, 0.05, 0.04])
+    noisy = rows(
+        loss=[0.6 - 0.02 * i for i in range(8)],
+        abs_acc=[0.8, 0.81, 0.79, 0.8, 0.8, 0.81, 0.79, 0.8],
+        frac_u=[0.05, 0.04, 0.05, 0.05, 0.04, 0.05, 0.05, 0.04],
+    )
     assert pathology_alarm(noisy, window=8, min_change=0.02) is None

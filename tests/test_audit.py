@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 
+from conftest import make_config
+
 from rayalign.diagnostics.audit import audit_scored_pairs, format_audit, run_audit
 from rayalign.models import publish_model, resolve_run_model
 
-from conftest import make_config
-
 
 def scored_row(prompt, chosen, rejected, ref_c, ref_r):
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
-            "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r,
-            "chosen_tokens": len(chosen), "rejected_tokens": len(rejected)}
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        "ref_chosen_logps": ref_c,
+        "ref_rejected_logps": ref_r,
+        "chosen_tokens": len(chosen),
+        "rejected_tokens": len(rejected),
+    }
 
 
 def test_reference_and_length_statistics_by_construction():
     rows = [
-        scored_row([1, 2], [5, 6, 7], [8], -3.0, -1.0),     # δ_ref = -2.0 (prefers rejected, beyond margin 1)
-        scored_row([1, 3], [5], [8, 9], -1.0, -1.5),        # δ_ref = +0.5
+        scored_row([1, 2], [5, 6, 7], [8], -3.0, -1.0),  # δ_ref = -2.0 (prefers rejected, beyond margin 1)
+        scored_row([1, 3], [5], [8, 9], -1.0, -1.5),  # δ_ref = +0.5
         scored_row([1, 4], [5, 6], [8, 9, 10], -2.0, -1.5),  # δ_ref = -0.5 (prefers rejected, within margin)
         scored_row([1, 4], [5, 6], [8, 9, 10], -2.0, -1.5),  # exact duplicate of the row above
     ]
@@ -43,8 +49,9 @@ def test_audit_end_to_end_on_a_constructed_file(ray_cluster, tmp_path):
     lines = [json.dumps(r) for r in records] + ["{not json"]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    cfg = make_config(tmp_path, data={"paths": [str(path)], "synthetic": None, "max_quarantine_fraction": 0.2},
-                      audit={"margin": 2.0})
+    cfg = make_config(
+        tmp_path, data={"paths": [str(path)], "synthetic": None, "max_quarantine_fraction": 0.2}, audit={"margin": 2.0}
+    )
     out = tmp_path / "audit"
     report = run_audit(cfg, publish_model(resolve_run_model(cfg), None), [str(path)], out)
     assert report["pairs"] == 11

@@ -10,11 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_data import GOOD, read_quarantine, run_stage
 
 from rayalign.data.parsing import RecordError, parse_record
 from rayalign.errors import DataQualityError
-
-from test_data import GOOD, read_quarantine, run_stage
 
 pytestmark = pytest.mark.e2e
 GOOD_LINE = json.dumps(GOOD).encode()
@@ -115,7 +114,9 @@ def test_unreadable_inputs_are_one_line_errors_before_any_record_is_read(ray_clu
         run_stage(tmp_path, tiny_model_dir, [empty])
     table = pa.table({"question": ["q"], "answer": ["a"]})
     pq.write_table(table, tmp_path / "wrong.parquet")
-    with pytest.raises(DataQualityError, match=r"wrong.parquet: no 'chosen' or 'rejected' column \(the file has: answer, "):
+    with pytest.raises(
+        DataQualityError, match=r"wrong.parquet: no 'chosen' or 'rejected' column \(the file has: answer, "
+    ):
         run_stage(tmp_path, tiny_model_dir, [tmp_path / "wrong.parquet"])
 
 
@@ -139,7 +140,9 @@ def _malformed(rng: random.Random, i: int) -> bytes:
         text = json.dumps(good).encode()
         return text[: rng.randrange(1, len(text))]  # cut anywhere
     if kind == 2:
-        return json.dumps({**good, rng.choice(["prompt", "chosen", "rejected"]): rng.choice([None, 7, [], {}, 1.5])}).encode()
+        return json.dumps(
+            {**good, rng.choice(["prompt", "chosen", "rejected"]): rng.choice([None, 7, [], {}, 1.5])}
+        ).encode()
     if kind == 3:
         return json.dumps(good).encode().replace(b"Q", bytes([rng.randrange(0x80, 0x100)]))  # bad UTF-8
     if kind == 4:
@@ -155,16 +158,27 @@ def _malformed(rng: random.Random, i: int) -> bytes:
     if kind == 10:  # valid JSON, invalid text: a lone surrogate escape
         return json.dumps({**good, rng.choice(["prompt", "chosen", "rejected"]): "ok \ud83d then text"}).encode()
     if kind == 11:  # the tokenizer's special-token text already in the data
-        return json.dumps({"prompt": "<bos>" + good["prompt"], "chosen": good["chosen"] + "<eos>",
-                           "rejected": good["rejected"] + "<eos><eos>"}).encode()
-    return json.dumps({"chosen": "\n\nHuman: hi" * rng.randrange(1, 3), "rejected": "\n\nHuman: hi\n\nAssistant: x"}).encode()
+        return json.dumps(
+            {
+                "prompt": "<bos>" + good["prompt"],
+                "chosen": good["chosen"] + "<eos>",
+                "rejected": good["rejected"] + "<eos><eos>",
+            }
+        ).encode()
+    return json.dumps(
+        {"chosen": "\n\nHuman: hi" * rng.randrange(1, 3), "rejected": "\n\nHuman: hi\n\nAssistant: x"}
+    ).encode()
 
 
 def _storable(text: str | None) -> str | None:
     """Parquet holds UTF-8 only: a lone surrogate cannot be written there, so it goes in as its bytes' Latin-1."""
     if text is None:
         return None
-    return text.encode("utf-8", "surrogatepass").decode("latin-1") if any(0xD800 <= ord(c) < 0xE000 for c in text) else text
+    return (
+        text.encode("utf-8", "surrogatepass").decode("latin-1")
+        if any(0xD800 <= ord(c) < 0xE000 for c in text)
+        else text
+    )
 
 
 def test_fuzzed_files_lose_no_record(ray_cluster, tmp_path, tiny_model_dir):
@@ -183,21 +197,31 @@ def test_fuzzed_files_lose_no_record(ray_cluster, tmp_path, tiny_model_dir):
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             obj = {"chosen": raw.decode("latin-1"), "rejected": None}
         obj = obj if isinstance(obj, dict) else {"chosen": json.dumps(obj), "rejected": "r"}
-        rows.append({k: (_storable(v) if isinstance(v, str) or v is None else json.dumps(v)) for k, v in obj.items()
-                     if k in ("prompt", "chosen", "rejected")})
-    table = pa.Table.from_pylist([{"prompt": r.get("prompt"), "chosen": r.get("chosen"), "rejected": r.get("rejected")}
-                                  for r in rows])
+        rows.append(
+            {
+                k: (_storable(v) if isinstance(v, str) or v is None else json.dumps(v))
+                for k, v in obj.items()
+                if k in ("prompt", "chosen", "rejected")
+            }
+        )
+    table = pa.Table.from_pylist(
+        [{"prompt": r.get("prompt"), "chosen": r.get("chosen"), "rejected": r.get("rejected")} for r in rows]
+    )
     pq.write_table(table, tmp_path / "fuzz.parquet")
-    expected = {"fuzz.jsonl": sum(1 for r in records[:120] if r.strip()),
-                "fuzz.jsonl.gz": sum(1 for r in records[120:240] if r.strip()), "fuzz.parquet": len(rows)}
+    expected = {
+        "fuzz.jsonl": sum(1 for r in records[:120] if r.strip()),
+        "fuzz.jsonl.gz": sum(1 for r in records[120:240] if r.strip()),
+        "fuzz.parquet": len(rows),
+    }
     checked = []
     for name, count in expected.items():
         work = tmp_path / f"stage-{name.replace('.', '-')}"
         work.mkdir()
         try:
             # A low max_record_bytes: some of the huge-field records are over it (quarantined as too_large).
-            _, report = run_stage(work, tiny_model_dir, [tmp_path / name], max_quarantine_fraction=1.0,
-                                  max_record_bytes=60_000)
+            _, report = run_stage(
+                work, tiny_model_dir, [tmp_path / name], max_quarantine_fraction=1.0, max_record_bytes=60_000
+            )
         except DataQualityError as err:  # a one-line error is an allowed outcome; a traceback is not
             assert "\n" not in str(err)
             continue
@@ -228,33 +252,42 @@ def _last_line(stderr: str) -> str:
 
 def _data_config(tmp_path: Path, lines: list[bytes], **data) -> Path:
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    cfg = {"model": {"tiny": {}}, "data": {"paths": [str(tmp_path / "in.jsonl")], "max_length": 64,
-                                           "max_prompt_length": 32, **data},
-           "train": {"micro_batch_size": 2}, "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
-           "output": {"root": str(tmp_path / "runs"), "name": "bad"}}
+    cfg = {
+        "model": {"tiny": {}},
+        "data": {"paths": [str(tmp_path / "in.jsonl")], "max_length": 64, "max_prompt_length": 32, **data},
+        "train": {"micro_batch_size": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "output": {"root": str(tmp_path / "runs"), "name": "bad"},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(cfg))
     return path
 
 
 def test_validate_counts_without_training_and_ends_with_json(ray_cluster, tmp_path, capsys):
-    config = _data_config(tmp_path, [_good(i) for i in range(6)] + [b'{"prompt": 1}', b"\xff"],
-                          max_quarantine_fraction=0.5)
+    config = _data_config(
+        tmp_path, [_good(i) for i in range(6)] + [b'{"prompt": 1}', b"\xff"], max_quarantine_fraction=0.5
+    )
     code, out, err = _cli(capsys, "validate", "--config", str(config), "--json")
     counts = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and counts["records"] == 8 and counts["usable"] == 6 and counts["ok"] is True
     assert counts["quarantined_by_reason"] == {"bad_utf8": 1, "not_a_string": 1} and counts["optimizer_steps"] == 3
     assert "[rayalign] data: 8 records, 6 usable" in out and not (tmp_path / "runs" / "bad" / "model").exists()
 
-    code, out, err = _cli(capsys, "validate", "--config", str(config), "--json", "--set", "data.max_quarantine_fraction=0.1")
+    code, out, err = _cli(
+        capsys, "validate", "--config", str(config), "--json", "--set", "data.max_quarantine_fraction=0.1"
+    )
     assert code == 2 and json.loads(out.strip().splitlines()[-1])["ok"] is False
     assert "above data.max_quarantine_fraction" in _last_line(err) and "Traceback" not in err
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["train.gradient_accumulation_steps=64"], "usable pairs are not enough for one optimizer step"),
-    (["data.max_quarantine_fraction=1.0", "data.format=hh"], "none of the 6 records is usable"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.gradient_accumulation_steps=64"], "usable pairs are not enough for one optimizer step"),
+        (["data.max_quarantine_fraction=1.0", "data.format=hh"], "none of the 6 records is usable"),
+    ],
+)
 def test_too_few_pairs_stop_train_and_audit_with_one_line(ray_cluster, tmp_path, capsys, overrides, message):
     config = _data_config(tmp_path, [_good(i) for i in range(6)])
     for command in ("train", "audit"):
@@ -269,7 +302,8 @@ def test_too_few_pairs_stop_train_and_audit_with_one_line(ray_cluster, tmp_path,
 
 def test_a_diverging_run_stops_and_saves_no_model(ray_cluster, tmp_path, capsys):
     config = _data_config(tmp_path, [_good(i) for i in range(16)])
-    code, out, err = _cli(capsys, "train", "--config", str(config), "--set", "train.learning_rate=1e30",
-                          "--set", "train.max_grad_norm=0")
+    code, out, err = _cli(
+        capsys, "train", "--config", str(config), "--set", "train.learning_rate=1e30", "--set", "train.max_grad_norm=0"
+    )
     assert code == 1 and "training diverged and was stopped, no model was saved" in _last_line(err)
     assert not (tmp_path / "runs" / "bad" / "model").exists()

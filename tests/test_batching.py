@@ -9,12 +9,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import make_config
+from engines import PAD, pairs_batch, token_budget_against_fixed_micro_batches
 
 from rayalign.packing import pack_pairs
 from rayalign.train.batching import micro_batch_groups, pair_tokens, take
-
-from conftest import make_config
-from engines import PAD, pairs_batch, token_budget_against_fixed_micro_batches
 
 
 @pytest.mark.parametrize("layout", ["shared_prompt", "packed"])
@@ -61,10 +60,12 @@ def test_take_picks_rows_of_numpy_and_list_columns():
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_a_token_budget_takes_the_same_optimizer_steps_as_fixed_micro_batches(tiny_model_dir, process_group,
-                                                                              zero_stage):
-    token_budget_against_fixed_micro_batches(tiny_model_dir, zero_stage, torch.device("cpu"),
-                                             agree_count=lambda count: count)
+def test_a_token_budget_takes_the_same_optimizer_steps_as_fixed_micro_batches(
+    tiny_model_dir, process_group, zero_stage
+):
+    token_budget_against_fixed_micro_batches(
+        tiny_model_dir, zero_stage, torch.device("cpu"), agree_count=lambda count: count
+    )
 
 
 def test_the_preflight_lays_the_sample_out_as_the_workers_will(tmp_path):
@@ -73,15 +74,18 @@ def test_the_preflight_lays_the_sample_out_as_the_workers_will(tmp_path):
     batch = pairs_batch(16, seed=4)
     rows = [{k: batch[k][i].tolist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(16)]
     two_workers = {"scaling": {"num_workers": 2}}
-    fixed = layout_cost(rows, make_config(tmp_path, train={"micro_batch_size": 4, "gradient_accumulation_steps": 2},
-                                          **two_workers), PAD)
+    fixed = layout_cost(
+        rows, make_config(tmp_path, train={"micro_batch_size": 4, "gradient_accumulation_steps": 2}, **two_workers), PAD
+    )
     assert fixed.passes_per_step == 2 and fixed.tokens_per_batch is None and "4 pairs per pass" in fixed.line()
     assert fixed.computed_tokens_per_pair["shared_prompt"] < fixed.computed_tokens_per_pair["padded"]
     budget = {"micro_batch_size": 4, "gradient_accumulation_steps": 2, "tokens_per_batch": 100}
     cost = layout_cost(rows, make_config(tmp_path, train=budget, **two_workers), PAD)
-    first, second = ({k: [r[k] for r in rows[i:i + 8]] for k in rows[0]} for i in (0, 8))
+    first, second = ({k: [r[k] for r in rows[i : i + 8]] for k in rows[0]} for i in (0, 8))
     expected = sum(len(micro_batch_groups(pair_tokens(s, "shared_prompt"), 4, 100)) for s in (first, second)) / 2
     assert cost.passes_per_step == expected > 2 and "passes of ≤100 tokens per step" in cost.line()
     real = sum(pair_tokens(first, "shared_prompt") + pair_tokens(second, "shared_prompt")) / 16
-    assert cost.computed_tokens_per_pair["shared_prompt"] * (1 - cost.padding_share["shared_prompt"]) == pytest.approx(real)
+    assert cost.computed_tokens_per_pair["shared_prompt"] * (1 - cost.padding_share["shared_prompt"]) == pytest.approx(
+        real
+    )
     assert cost.tokens_per_step == pytest.approx(cost.computed_tokens_per_pair["shared_prompt"] * 8 * 2)

@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 import torch
+from engines import deepspeed_engine
 from ray.train import Checkpoint
 
-from engines import deepspeed_engine
 from rayalign.config import TrainConfig
 from rayalign.train.checkpoint import DEEPSPEED_TAG, restore
 

@@ -19,8 +19,9 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -54,7 +55,9 @@ BOOT_INSTALL = re.compile(r"\b(pip3?|uv|conda|mamba|micromamba|pipx|easy_install
 
 def pinned_ray_version() -> str:
     # A regex, not tomllib: the project supports Python 3.10.
-    m = re.search(r'^\s*"ray(\[[^\]]*\])?==([0-9][0-9.]*[0-9])"', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    m = re.search(
+        r'^\s*"ray(\[[^\]]*\])?==([0-9][0-9.]*[0-9])"', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M
+    )
     assert m, "pyproject.toml does not pin ray==X.Y.Z"
     return m.group(2)
 
@@ -87,7 +90,7 @@ def is_service_account(doc: Any) -> bool:
 
 def service_accounts() -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for path, doc in all_docs():
+    for _path, doc in all_docs():
         if is_service_account(doc):
             name = doc["metadata"]["name"]
             assert name not in out, f"ServiceAccount {name} defined twice"
@@ -173,8 +176,14 @@ def is_gpu_node_type(node_type: dict) -> bool:
 
 def launcher_commands(config: dict) -> list[tuple[str, str]]:
     """Every command the launcher runs on a node (on the host or in the container), labelled."""
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     out = [(key, c) for key in keys for c in config.get(key) or []]
     for name, node_type in config["available_node_types"].items():
         for key in ("initialization_commands", "worker_setup_commands"):
@@ -190,16 +199,23 @@ def launcher_images(config: dict) -> dict[str, str]:
         if name == config["head_node_type"]:
             out[name] = docker.get("head_image") or docker.get("image", "")
         else:
-            out[name] = ((node_type.get("docker") or {}).get("worker_image") or docker.get("worker_image")
-                         or docker.get("image", ""))
+            out[name] = (
+                (node_type.get("docker") or {}).get("worker_image")
+                or docker.get("worker_image")
+                or docker.get("image", "")
+            )
     return out
 
 
 def project_image_tag_ok(image: str) -> bool:
     """The image built from clusters/docker/Dockerfile: `<registry>/rayalign:<version>-ray<pinned Ray>-...`."""
     name, _, tag = image.rpartition(":")
-    return (name.rpartition("/")[2] == "rayalign" and "/" in name and "/" not in tag
-            and f"ray{pinned_ray_version()}" in tag.split("-"))
+    return (
+        name.rpartition("/")[2] == "rayalign"
+        and "/" in name
+        and "/" not in tag
+        and f"ray{pinned_ray_version()}" in tag.split("-")
+    )
 
 
 def load_json(path: Path) -> dict:
@@ -228,8 +244,20 @@ def ray_start_commands(config: dict) -> list[tuple[str, str]]:
 
 
 def test_all_definitions_exist():
-    for path in (START_SH, STOP_SH, LOCAL_AUTOSCALING_YAML, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE,
-                 SERVICEACCOUNT_YAML, BUCKET_POLICY, AUTOSCALER_POLICY, EC2_TRUST_POLICY, CLUSTERS / "README.md"):
+    for path in (
+        START_SH,
+        STOP_SH,
+        LOCAL_AUTOSCALING_YAML,
+        AWS_YAML,
+        RAYCLUSTER_YAML,
+        RAYJOB_YAML,
+        DOCKERFILE,
+        SERVICEACCOUNT_YAML,
+        BUCKET_POLICY,
+        AUTOSCALER_POLICY,
+        EC2_TRUST_POLICY,
+        CLUSTERS / "README.md",
+    ):
         assert path.is_file(), f"missing {path.relative_to(REPO)}"
 
 
@@ -243,7 +271,9 @@ def test_every_yaml_parses_to_a_known_definition():
             f"{path}: document is neither a Ray cluster launcher config, a ray.io resource nor a "
             f"ServiceAccount (kind={doc.get('kind')!r}); Secrets and other objects must not live here"
         )
-        kinds.append("local-autoscaling" if is_local_autoscaling(doc) else "launcher" if is_launcher(doc) else doc["kind"])
+        kinds.append(
+            "local-autoscaling" if is_local_autoscaling(doc) else "launcher" if is_launcher(doc) else doc["kind"]
+        )
     assert {"local-autoscaling", "launcher", "RayCluster", "RayJob", "ServiceAccount"} <= set(kinds), kinds
 
 
@@ -399,7 +429,9 @@ def test_launcher_every_node_has_an_instance_profile(item):
     profiles = {}
     for name, node_type in cfg["available_node_types"].items():
         profile = node_type["node_config"].get("IamInstanceProfile")
-        assert isinstance(profile, dict) and set(profile) == {"Arn"}, f"{name}: IamInstanceProfile: {{Arn: ...}} missing"
+        assert isinstance(profile, dict) and set(profile) == {"Arn"}, (
+            f"{name}: IamInstanceProfile: {{Arn: ...}} missing"
+        )
         m = arn.match(profile["Arn"])
         assert m, f"{name}: not an instance-profile ARN: {profile['Arn']}"
         profiles[name] = m.group(2)
@@ -453,10 +485,13 @@ def test_bucket_policy_is_least_privilege():
 def test_autoscaler_policy_is_scoped_to_this_cluster():
     """The head's extra rights: describe EC2, launch/tag/terminate only instances tagged with this
     cluster's name, pass only the worker role; no wildcard action, no S3 (that is bucket-policy.json)."""
-    (_, cfg), = [(p, d) for p, d in LAUNCHERS if p == AWS_YAML]
+    ((_, cfg),) = [(p, d) for p, d in LAUNCHERS if p == AWS_YAML]
     region, cluster = cfg["provider"]["region"], cfg["cluster_name"]
-    worker_profiles = {t["node_config"]["IamInstanceProfile"]["Arn"].rpartition("/")[2]
-                       for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]}
+    worker_profiles = {
+        t["node_config"]["IamInstanceProfile"]["Arn"].rpartition("/")[2]
+        for n, t in cfg["available_node_types"].items()
+        if n != cfg["head_node_type"]
+    }
     policy = load_json(AUTOSCALER_POLICY)
     assert policy.get("Version") == "2012-10-17"
     granted: dict[str, list[dict]] = {}
@@ -479,8 +514,9 @@ def test_autoscaler_policy_is_scoped_to_this_cluster():
         cond = st.get("Condition", {}).get("StringEquals")
         assert cond in (cluster_tag, {"ec2:CreateAction": "RunInstances"}), f"ec2:CreateTags unscoped: {st}"
     launches = [st for st in granted["ec2:RunInstances"] if any(":instance/" in r for r in as_list(st["Resource"]))]
-    assert launches and all(st.get("Condition", {}).get("StringEquals") == {"aws:RequestTag/ray-cluster-name": cluster}
-                            for st in launches), "instances launched must carry this cluster's tag"
+    assert launches and all(
+        st.get("Condition", {}).get("StringEquals") == {"aws:RequestTag/ray-cluster-name": cluster} for st in launches
+    ), "instances launched must carry this cluster's tag"
     (pass_role,) = granted["iam:PassRole"]
     roles = {r.rpartition("/")[2] for r in as_list(pass_role["Resource"])}
     assert roles == worker_profiles, f"iam:PassRole must name the worker role only ({worker_profiles}), got {roles}"
@@ -559,7 +595,7 @@ def test_kuberay_no_literal_credentials(item):
         if isinstance(node, dict) and "name" in node and ("value" in node or "valueFrom" in node):
             if SECRET_ENV_NAME.search(str(node["name"])):
                 assert "value" not in node, f"env {node['name']} has a literal value"
-                assert set((node.get("valueFrom") or {})) <= {"secretKeyRef"}, node
+                assert set(node.get("valueFrom") or {}) <= {"secretKeyRef"}, node
         if isinstance(node, dict):
             assert "stringData" not in node, "inline Secret data"
 
@@ -597,13 +633,13 @@ def test_kuberay_pods_mount_memory_backed_dev_shm(item):
     spec = cluster_spec(item[1])
     for label, group in pod_groups(spec):
         pod = group["template"]["spec"]
-        in_memory = {v["name"] for v in pod.get("volumes") or []
-                     if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+        in_memory = {v["name"] for v in pod.get("volumes") or [] if (v.get("emptyDir") or {}).get("medium") == "Memory"}
         assert in_memory, f"{label}: no emptyDir volume with medium: Memory"
         for c in pod["containers"]:
             shm = [m for m in c.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"]
             assert len(shm) == 1 and shm[0]["name"] in in_memory, (
-                f"{label}/{c.get('name')}: /dev/shm is not an in-memory emptyDir mount: {shm}")
+                f"{label}/{c.get('name')}: /dev/shm is not an in-memory emptyDir mount: {shm}"
+            )
 
 
 @pytest.mark.parametrize("item", KUBERAY_CLUSTERS, ids=doc_id)
@@ -648,8 +684,10 @@ def test_kuberay_has_a_cpu_only_worker_group(item):
     for g in spec["workerGroupSpecs"]:
         if is_gpu_worker_group(g) or float(str((g.get("rayStartParams") or {}).get("num-gpus", 0))) > 0:
             continue
-        cpus = [str(((c.get("resources") or {}).get("requests") or {}).get("cpu", "0"))
-                for c in g["template"]["spec"]["containers"]]
+        cpus = [
+            str(((c.get("resources") or {}).get("requests") or {}).get("cpu", "0"))
+            for c in g["template"]["spec"]["containers"]
+        ]
         if any((float(x[:-1]) / 1000 if x.endswith("m") else float(x)) > 0 for x in cpus):
             cpu_groups.append(g)
     assert cpu_groups, "no CPU-only worker group"
@@ -674,7 +712,7 @@ def test_rayjob_runs_a_rayalign_sweep_and_cleans_up():
 
 
 def test_rayjob_cluster_matches_raycluster():
-    (_, cluster), = kuberay_docs("RayCluster")
+    ((_, cluster),) = kuberay_docs("RayCluster")
     for _, job in kuberay_docs("RayJob"):
         assert job["spec"]["rayClusterSpec"] == cluster["spec"], "rayjob-sweep.yaml drifted from raycluster.yaml"
 
@@ -720,7 +758,9 @@ def test_job_commands_under_clusters_pass_a_storage_uri():
             scheme = value.partition("://")[0] if "://" in value else None
             assert scheme in ("s3", "gs", "gcs", "file"), f"{rel}: output.storage={value} is not a storage URI"
             if rel.parts[0] in ("aws", "kuberay"):
-                assert scheme in ("s3", "gs", "gcs"), f"{rel}: output.storage={value}: use the bucket every node reaches"
+                assert scheme in ("s3", "gs", "gcs"), (
+                    f"{rel}: output.storage={value}: use the bucket every node reaches"
+                )
     assert {"aws", "kuberay", "local"} <= set(found), found
 
 
@@ -744,7 +784,9 @@ def test_every_vllm_requirement_under_clusters_has_an_upper_bound():
             assert bounded and "*" not in spec, f"{path.relative_to(CLUSTERS)}: {name}{spec.strip()} has no upper bound"
         for line in text.splitlines():
             if re.search(r"\b(pip3?|uv)\b.*\binstall\b", line) and re.search(r"\[[^\]]*\bvllm\b", line):
-                assert _requirement_specs(line), f"{path.relative_to(CLUSTERS)}: installs [vllm] unbounded: {line.strip()}"
+                assert _requirement_specs(line), (
+                    f"{path.relative_to(CLUSTERS)}: installs [vllm] unbounded: {line.strip()}"
+                )
     assert seen, "no vllm requirement found (the Dockerfile installs vLLM)"
 
 
@@ -839,9 +881,7 @@ def stub_env(tmp_path):
 
 
 def run_script(script: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30, cwd=REPO
-    )
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30, cwd=REPO)
 
 
 def calls(log: Path) -> list[dict[str, str]]:
@@ -958,8 +998,9 @@ def test_local_start_failure_keeps_the_running_clusters_record(stub_env, tmp_pat
 
 def test_local_stop_never_runs_ray_stop():
     """`ray stop` stops every Ray cluster of the user on the machine, not only start.sh's."""
-    code = "\n".join(line for line in STOP_SH.read_text(encoding="utf-8").splitlines()
-                     if not line.lstrip().startswith("#"))
+    code = "\n".join(
+        line for line in STOP_SH.read_text(encoding="utf-8").splitlines() if not line.lstrip().startswith("#")
+    )
     assert not re.search(r"\bray\s+stop\b|RAY_BIN|find-ray\.sh", code)
     assert not re.search(r"\b(pkill|killall)\b", code)
 
@@ -1037,8 +1078,9 @@ def _is_loopback(ip: str) -> bool:
 def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_path):
     """start.sh's head binds every port to 127.0.0.1; stop.sh stops it, its job entrypoints
     included, and leaves another Ray cluster of the same user on this machine running."""
-    import psutil
     import tempfile
+
+    import psutil
 
     repo_ray = REPO / ".venv" / "bin" / "ray"
     ray_bin = str(repo_ray) if repo_ray.exists() else "ray"
@@ -1056,19 +1098,52 @@ def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_
     other_env = {**env, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     try:
         started = subprocess.run(
-            ["bash", str(START_SH), "--num-cpus", "1", "--port", str(port),
-             "--dashboard-port", str(dashboard_port), "--temp-dir", str(ours_dir)],
-            env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+            [
+                "bash",
+                str(START_SH),
+                "--num-cpus",
+                "1",
+                "--port",
+                str(port),
+                "--dashboard-port",
+                str(dashboard_port),
+                "--temp-dir",
+                str(ours_dir),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         ours_sid = int((ours_dir / f"rayalign-head-{port}.sid").read_text(encoding="utf-8"))
 
         for attempt in (1, 2):  # Ray gives a raylet 30 s to register: a busy 2-core machine may miss it
             other = subprocess.Popen(
-                [ray_bin, "start", "--head", "--port", str(other_port), "--temp-dir", str(other_dir),
-                 "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats",
-                 "--node-ip-address", "127.0.0.1", "--ray-client-server-port", str(_free_port())],
-                env=other_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                start_new_session=True)
+                [
+                    ray_bin,
+                    "start",
+                    "--head",
+                    "--port",
+                    str(other_port),
+                    "--temp-dir",
+                    str(other_dir),
+                    "--num-cpus",
+                    "1",
+                    "--include-dashboard=false",
+                    "--disable-usage-stats",
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--ray-client-server-port",
+                    str(_free_port()),
+                ],
+                env=other_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
             other_sid = other.pid
             out, _ = other.communicate(timeout=120)
             if other.returncode == 0 or attempt == 2 or "timed out during startup" not in out:
@@ -1093,8 +1168,9 @@ def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_
                 if "No available agent" not in str(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        while not (entrypoint := [p for p in psutil.process_iter(["cmdline"])
-                                  if p.info["cmdline"] == ["sleep", marker]]):
+        while not (
+            entrypoint := [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", marker]]
+        ):
             status = client.get_job_status(job_id)
             assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(job_id)
             assert time.monotonic() < deadline, f"job entrypoint not running after 60 s ({status})"
@@ -1119,7 +1195,12 @@ def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_
 
         stopped = subprocess.run(
             ["bash", str(STOP_SH), "--port", str(port), "--temp-dir", str(ours_dir)],
-            env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert "ray stop" not in stopped.stdout
         assert _gone(ours + entrypoint), [p for p in ours + entrypoint if p.is_running()]
@@ -1128,11 +1209,22 @@ def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_
 
         # The other cluster lives on and answers.
         assert other_gcs[0].is_running() and other_gcs[0].status() != psutil.STATUS_ZOMBIE
-        status = subprocess.run([ray_bin, "status", "--address", f"127.0.0.1:{other_port}"],
-                                env=other_env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [ray_bin, "status", "--address", f"127.0.0.1:{other_port}"],
+            env=other_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
-        again = subprocess.run(["bash", str(STOP_SH), "--port", str(port), "--temp-dir", str(ours_dir)],
-                               env=env, capture_output=True, text=True, timeout=30, cwd=REPO)
+        again = subprocess.run(
+            ["bash", str(STOP_SH), "--port", str(port), "--temp-dir", str(ours_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+        )
         assert again.returncode == 0 and "no rayalign head on port" in again.stdout
     finally:
         # Never `ray stop`: kill each cluster by its own session (a no-op when stopped).
@@ -1148,8 +1240,18 @@ def test_local_head_listens_on_loopback_only_and_stop_spares_other_clusters(tmp_
 
 def test_readme_covers_every_definition():
     text = (CLUSTERS / "README.md").read_text(encoding="utf-8")
-    for path in (START_SH, STOP_SH, AWS_YAML, RAYCLUSTER_YAML, RAYJOB_YAML, DOCKERFILE, SERVICEACCOUNT_YAML,
-                 BUCKET_POLICY, AUTOSCALER_POLICY, EC2_TRUST_POLICY):
+    for path in (
+        START_SH,
+        STOP_SH,
+        AWS_YAML,
+        RAYCLUSTER_YAML,
+        RAYJOB_YAML,
+        DOCKERFILE,
+        SERVICEACCOUNT_YAML,
+        BUCKET_POLICY,
+        AUTOSCALER_POLICY,
+        EC2_TRUST_POLICY,
+    ):
         assert str(path.relative_to(CLUSTERS)) in text, f"README does not describe {path.name}"
     assert re.search(r"^#+\s*Security", text, re.MULTILINE)
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
+
 from rayalign import metrics
 
 PACKAGE = REPO / "platform" / "rayalign"
@@ -24,8 +25,12 @@ def _functions(path: Path):
 
 
 def test_no_function_in_train_takes_more_than_four_parameters():
-    long = {f"{path.name}:{name}": params for path in sorted((PACKAGE / "train").glob("*.py"))
-            for name, params in _functions(path) if len(params) > 4}
+    long = {
+        f"{path.name}:{name}": params
+        for path in sorted((PACKAGE / "train").glob("*.py"))
+        for name, params in _functions(path)
+        if len(params) > 4
+    }
     assert not long, long
 
 
@@ -40,10 +45,15 @@ def test_no_test_or_bench_reaches_into_the_workers_private_names():
 
 def test_the_packing_bench_calls_the_training_step():
     tree = ast.parse((REPO / "bench" / "packing.py").read_text())
-    imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module == "rayalign.train.step" for a in node.names}
-    called = {node.func.attr for node in ast.walk(tree)
-              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    imported = {
+        a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "rayalign.train.step"
+        for a in node.names
+    }
+    called = {
+        node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+    }
     assert "PreferenceStep" in imported and {"score", "micro_batches"} <= called
 
 
@@ -53,8 +63,11 @@ _WORD_KEYS = {metrics.LOSS, metrics.STEP, metrics.EPOCH, metrics.LR}
 
 
 def _metric_literals(path: Path) -> list[str]:
-    named = {value for key, value in vars(metrics).items()
-             if key.isupper() and isinstance(value, str) and value not in _WORD_KEYS}
+    named = {
+        value
+        for key, value in vars(metrics).items()
+        if key.isupper() and isinstance(value, str) and value not in _WORD_KEYS
+    }
     named.discard(metrics.EVAL_PREFIX)
     tree = ast.parse(path.read_text())
     found = []
@@ -106,13 +119,14 @@ def test_no_import_cycle_type_checking_included():
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    graph = {name: {m for m in _module_imports(path, name) if m in modules and m != name}
-             for name, path in modules.items()}
+    graph = {
+        name: {m for m in _module_imports(path, name) if m in modules and m != name} for name, path in modules.items()
+    }
     cycles, done = [], set()
 
     def visit(name, trail):
         if name in trail:
-            cycles.append(" -> ".join(trail[trail.index(name):] + [name]))
+            cycles.append(" -> ".join(trail[trail.index(name) :] + [name]))
             return
         if name in done:
             return
@@ -127,8 +141,10 @@ def test_no_import_cycle_type_checking_included():
 
 def test_validate_needs_neither_torch_nor_ray_train():
     """What `rayalign validate` imports to read, count and plan the steps."""
-    probe = ("import sys; import rayalign.cli; from rayalign.data.stage import prepare_data; "
-             "from rayalign.data.records import count_training_pairs; from rayalign.train.steps import step_plan; "
-             "print(sorted(m for m in ('torch', 'ray.train', 'deepspeed') if m in sys.modules))")
+    probe = (
+        "import sys; import rayalign.cli; from rayalign.data.stage import prepare_data; "
+        "from rayalign.data.records import count_training_pairs; from rayalign.train.steps import step_plan; "
+        "print(sorted(m for m in ('torch', 'ray.train', 'deepspeed') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

@@ -1,10 +1,9 @@
 """Config loading: YAML + overrides, and errors that name the key."""
 
 import pytest
+from conftest import REPO
 
 from rayalign.config import ConfigError, config_from_dict, load_config
-
-from conftest import REPO
 
 BASE = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
 
@@ -34,12 +33,19 @@ def test_overrides_are_typed():
         (["model.tiny.hidden_size=48"], "head size"),
         (["data.max_prompt_length=1000"], "max_prompt_length must be smaller"),
         (["model.attn_implementation=flex_attention"], "flex_attention trains on GPUs only"),
-        (["train.tokens_per_batch=2048", "train.packing.layout=padded"],
-         "train.tokens_per_batch needs train.packing.layout shared_prompt or packed"),
-        (["loss.type=ipo", "loss.label_smoothing=0.1"], "loss.label_smoothing=0.1 is conservative DPO's label-noise rate"),
+        (
+            ["train.tokens_per_batch=2048", "train.packing.layout=padded"],
+            "train.tokens_per_batch needs train.packing.layout shared_prompt or packed",
+        ),
+        (
+            ["loss.type=ipo", "loss.label_smoothing=0.1"],
+            "loss.label_smoothing=0.1 is conservative DPO's label-noise rate",
+        ),
         (["loss.type=hinge", "loss.label_smoothing=0.1"], "loss.type hinge ignores it"),
-        (["loss.gamma=1.0"], "loss.gamma=1 is CPO's target margin γ: loss.type dpo ignores it (remove it, or use "
-                             "loss.type cpo)"),
+        (
+            ["loss.gamma=1.0"],
+            "loss.gamma=1 is CPO's target margin γ: loss.type dpo ignores it (remove it, or use loss.type cpo)",
+        ),
         (["loss.type=cpo_clip", "loss.alpha=2"], "loss.alpha=2 is CPO's constraint weight α: loss.type cpo_clip"),
         (["loss.type=ipo", "loss.tau=4"], "loss.type ipo ignores it"),
     ],
@@ -68,8 +74,15 @@ def test_missing_sections_and_bad_yaml(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("override,key", [("loss.beta=.inf", "loss.beta"), ("train.learning_rate=.inf", "train.learning_rate"),
-                                          ("loss.gamma=.nan", "loss.gamma"), ("train.max_grad_norm=.inf", "train.max_grad_norm")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("loss.beta=.inf", "loss.beta"),
+        ("train.learning_rate=.inf", "train.learning_rate"),
+        ("loss.gamma=.nan", "loss.gamma"),
+        ("train.max_grad_norm=.inf", "train.max_grad_norm"),
+    ],
+)
 def test_non_finite_numbers_are_refused(override, key):
     with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number"):
         config_from_dict(BASE, [override])
@@ -109,9 +122,7 @@ def test_a_package_model_path_takes_one_top_level_name(name):
 
 def test_supply_chain_floors_and_what_a_job_never_uploads():
     import tomllib
-
     import yaml
-
     from conftest import REPO
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -123,9 +134,21 @@ def test_supply_chain_floors_and_what_a_job_never_uploads():
 
 def test_credentials_in_the_mlflow_uri_are_refused_and_never_echoed():
     with pytest.raises(ConfigError) as err:
-        config_from_dict({**BASE, "output": {**BASE.get("output", {}),
-                                             "tracking": {"mlflow_tracking_uri": "https://alice:s3cret@mlflow.example"}}})
-    assert "MLFLOW_TRACKING_USERNAME" in str(err.value) and "s3cret" not in str(err.value) and "alice" not in str(err.value)
-    ok = config_from_dict({**BASE, "output": {**BASE.get("output", {}),
-                                              "tracking": {"mlflow_tracking_uri": "https://mlflow.example"}}})
+        config_from_dict(
+            {
+                **BASE,
+                "output": {
+                    **BASE.get("output", {}),
+                    "tracking": {"mlflow_tracking_uri": "https://alice:s3cret@mlflow.example"},
+                },
+            }
+        )
+    assert (
+        "MLFLOW_TRACKING_USERNAME" in str(err.value)
+        and "s3cret" not in str(err.value)
+        and "alice" not in str(err.value)
+    )
+    ok = config_from_dict(
+        {**BASE, "output": {**BASE.get("output", {}), "tracking": {"mlflow_tracking_uri": "https://mlflow.example"}}}
+    )
     assert ok.output.tracking.mlflow_tracking_uri == "https://mlflow.example"

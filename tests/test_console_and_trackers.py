@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import REPO
 from tracker_readers import mlflow_history, mlflow_runs, tensorboard_scalars, tensorboard_tags, wandb_offline_runs
 
@@ -82,9 +81,14 @@ def piped_run(tmp_path_factory):
         time.sleep(1)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
-    return {"stdout": stdout, "stderr": stderr, "listening": listening, "gloo_interfaces": gloo_interfaces,
-            "root": out / "runs",
-            "run_dir": out / "runs" / "tiny-dpo"}
+    return {
+        "stdout": stdout,
+        "stderr": stderr,
+        "listening": listening,
+        "gloo_interfaces": gloo_interfaces,
+        "root": out / "runs",
+        "run_dir": out / "runs" / "tiny-dpo",
+    }
 
 
 def test_console_is_short_and_the_log_holds_rays_output(piped_run):
@@ -169,8 +173,10 @@ def test_trackers_hold_what_metrics_jsonl_holds(piped_run):
 def test_the_log_is_private_and_never_written_through_a_planted_link(tmp_path):
     """A fresh process each (the console takes over its file descriptors): the log is created 0600, and a
     symbolic link in its place is refused in one line, the link's target left untouched."""
-    script = ("import sys; from pathlib import Path; from rayalign.console import Console; "
-              "c = Console(); c.capture(Path(sys.argv[1])); c.close()")
+    script = (
+        "import sys; from pathlib import Path; from rayalign.console import Console; "
+        "c = Console(); c.capture(Path(sys.argv[1])); c.close()"
+    )
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], check=True, capture_output=True)
     assert (tmp_path / "run" / "logs" / "rayalign.log").stat().st_mode & 0o777 == 0o600
 
@@ -188,8 +194,10 @@ def test_job_scripts_bind_a_cluster_they_start_to_loopback_before_importing_ray(
     """The setting only counts if it is made before Ray is imported; the scripts import Ray through rayalign."""
     from conftest import REPO
 
-    probe = (f"import os, sys; sys.path.insert(0, {str(REPO / 'jobs')!r}); import {script}; "
-             "print(os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'), 'ray' in sys.modules)")
+    probe = (
+        f"import os, sys; sys.path.insert(0, {str(REPO / 'jobs')!r}); import {script}; "
+        "print(os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'), 'ray' in sys.modules)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SHARED_DATA, make_config
 
 from rayalign.config import DataConfig
 from rayalign.data.parsing import Pair, RecordError, parse_record
@@ -16,8 +17,6 @@ from rayalign.data.records import prepare_pairs
 from rayalign.data.tokenizing import tokenize_pair
 from rayalign.errors import DataQualityError
 from rayalign.models import load_tokenizer, publish_model
-
-from conftest import SHARED_DATA, make_config
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -148,8 +147,10 @@ def test_conversational_uses_chat_template(ray_cluster, tiny_model_dir, tmp_path
     pairs, report = run_stage(tmp_path, tiny_model_dir, [path], format="conversational", max_quarantine_fraction=0.5)
     assert report.quarantined == {"prompt_mismatch": 1}
     tok = load_tokenizer(tiny_model_dir)
-    expected = tok(tok.apply_chat_template(explicit["prompt"], add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False).input_ids
+    expected = tok(
+        tok.apply_chat_template(explicit["prompt"], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    ).input_ids
     rows = pairs.take_all()
     assert len(rows) == 2
     for row in rows:
@@ -203,16 +204,28 @@ def test_special_token_text_in_the_data_is_not_doubled(tiny_model_dir):
     assert prompt[0] == tokenizer.bos_token_id != prompt[1]
     assert chosen[-1] == rejected[-1] == tokenizer.eos_token_id
     assert chosen[-2] != tokenizer.eos_token_id and rejected[-2] != tokenizer.eos_token_id
-    assert (prompt, chosen, rejected) == tuple(tokenize_pair(parse_record(json.dumps(plain), "pairs"), tokenizer, cfg)[:3])
+    assert (prompt, chosen, rejected) == tuple(
+        tokenize_pair(parse_record(json.dumps(plain), "pairs"), tokenizer, cfg)[:3]
+    )
 
 
-@pytest.mark.parametrize("record, reason, field", [
-    ('{"prompt": "a", "chosen": "ok \\ud83d then text", "rejected": "b"}', "bad_text", "chosen"),
-    ('{"prompt": [{"role": "user", "content": "\\udc00"}], "chosen": [{"role": "assistant", "content": "x"}], '
-     '"rejected": [{"role": "assistant", "content": "y"}]}', "bad_text", "prompt"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c", "extra": ' + "[" * 5000 + "]" * 5000 + "}",
-     "too_deeply_nested", None),
-])
+@pytest.mark.parametrize(
+    "record, reason, field",
+    [
+        ('{"prompt": "a", "chosen": "ok \\ud83d then text", "rejected": "b"}', "bad_text", "chosen"),
+        (
+            '{"prompt": [{"role": "user", "content": "\\udc00"}], "chosen": [{"role": "assistant", "content": "x"}], '
+            '"rejected": [{"role": "assistant", "content": "y"}]}',
+            "bad_text",
+            "prompt",
+        ),
+        (
+            '{"prompt": "a", "chosen": "b", "rejected": "c", "extra": ' + "[" * 5000 + "]" * 5000 + "}",
+            "too_deeply_nested",
+            None,
+        ),
+    ],
+)
 def test_valid_json_that_is_not_usable_text_is_one_quarantined_record(record, reason, field):
     with pytest.raises(RecordError) as err:
         parse_record(record, "auto")

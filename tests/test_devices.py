@@ -19,8 +19,8 @@ from rayalign.config import LossConfig, TrainConfig, config_from_dict
 from rayalign.distributed import Collective, backend_device
 from rayalign.logprobs import PolicyLogps
 from rayalign.losses import ObjectiveTerms
-from rayalign.train.meter import IntervalMeter
 from rayalign.runtime import ClusterResourceError, ResourceDemand, check_resources
+from rayalign.train.meter import IntervalMeter
 from rayalign.train.step import PreferenceStep
 from rayalign.train.worker import deepspeed_config
 
@@ -50,11 +50,18 @@ def nccl_like(monkeypatch):
 def _meta_model(dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64,
-                         # transformers' SDPA mask reads the padding mask on the host to pick a fast path;
-                         # that is its sync, not ours, and a meta tensor has nothing to read.
-                         attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        # transformers' SDPA mask reads the padding mask on the host to pick a fast path;
+        # that is its sync, not ours, and a meta tensor has nothing to read.
+        attn_implementation="eager",
+    )
     with torch.device(META):
         return LlamaForCausalLM(config).to(dtype)
 
@@ -97,7 +104,8 @@ def test_evaluation_reaches_the_all_reduce_on_the_workers_device(nccl_like):
     collective = Collective.of_worker_group(META)
     with pytest.raises(ReachedCollective):
         PreferenceStep(LossConfig(), TrainConfig(), pad_id=0, device=META).evaluate(
-            PolicyLogps(model), [_batch(3), _batch(2)], collective)
+            PolicyLogps(model), [_batch(3), _batch(2)], collective
+        )
     assert [t.device for t in nccl_like] == [META]
     assert model.training  # back in training mode after evaluating
 
@@ -142,17 +150,23 @@ def test_gpu_defaults_bf16_and_the_reference_on_the_gpu():
     assert deepspeed_config(gpu.train, gpu.model.dtype)["bf16"]["enabled"] is True
     cpu = _cfg()
     assert cpu.model.dtype == "float32" and cpu.reference.vllm.dtype == "float32"
-    assert cpu.reference.gpus_per_actor == 0.0 and deepspeed_config(cpu.train, cpu.model.dtype)["bf16"]["enabled"] is False
-    explicit = _cfg(model={"tiny": {}, "dtype": "float32"}, scaling={"use_gpu": True, "num_workers": 1},
-                    reference={"vllm": {"dtype": "auto"}})
+    assert (
+        cpu.reference.gpus_per_actor == 0.0 and deepspeed_config(cpu.train, cpu.model.dtype)["bf16"]["enabled"] is False
+    )
+    explicit = _cfg(
+        model={"tiny": {}, "dtype": "float32"},
+        scaling={"use_gpu": True, "num_workers": 1},
+        reference={"vllm": {"dtype": "auto"}},
+    )
     assert explicit.model.dtype == "float32" and explicit.reference.vllm.dtype == "auto"
     # The resolved values are what config.yaml records, and reading it back gives the same run.
     assert config_from_dict(gpu.model_dump()).model_dump() == gpu.model_dump()
 
 
 def test_one_gpu_shared_by_the_reference_actor_and_the_train_worker():
-    shared = _cfg(scaling={"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.75},
-                  reference={"gpus_per_actor": 0.25})
+    shared = _cfg(
+        scaling={"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.75}, reference={"gpus_per_actor": 0.25}
+    )
     demand = ResourceDemand.of_run(shared)
     assert demand.gpus == 1.0
     check_resources(demand, {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
@@ -181,9 +195,9 @@ def test_fractional_gpus_for_several_nccl_workers_are_refused():
 
 
 def test_the_one_gpu_example_fits_one_gpu():
-    from rayalign.config import load_config
-
     from conftest import REPO
+
+    from rayalign.config import load_config
 
     cfg = load_config(REPO / "jobs/configs/hh-dpo-1gpu.yaml")
     assert cfg.scaling.use_gpu and cfg.model.dtype == "bfloat16"
@@ -193,12 +207,23 @@ def test_the_one_gpu_example_fits_one_gpu():
 @pytest.mark.e2e
 def test_cli_refuses_a_gpu_run_on_a_cluster_without_gpus(ray_cluster, tmp_path, capsys):
     """On the real local cluster (2 CPUs, no GPU): one line, exit 2, before any stage starts."""
-    from rayalign.cli import main
-
     from conftest import REPO
 
-    code = main(["train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"), "--set", "scaling.use_gpu=true",
-                 "--set", "scaling.num_workers=1", "--set", f"output.root={tmp_path}"])
+    from rayalign.cli import main
+
+    code = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "jobs/configs/tiny-dpo.yaml"),
+            "--set",
+            "scaling.use_gpu=true",
+            "--set",
+            "scaling.num_workers=1",
+            "--set",
+            f"output.root={tmp_path}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]  # before it: only the tiny model's build progress

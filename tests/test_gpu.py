@@ -14,6 +14,8 @@ import os
 
 import pytest
 import torch
+from conftest import REPO
+from engines import PAD, deepspeed_engine, one_process_group, pairs_batch, token_budget_against_fixed_micro_batches
 
 from rayalign.config import LoraConfig, LossConfig, TrainConfig
 from rayalign.distributed import Collective
@@ -22,9 +24,6 @@ from rayalign.losses import PairLogps, objective
 from rayalign.models import load_causal_lm
 from rayalign.packing import pack_pairs, row_width
 from rayalign.train.step import PreferenceStep
-
-from conftest import REPO
-from engines import PAD, deepspeed_engine, one_process_group, pairs_batch, token_budget_against_fixed_micro_batches
 
 pytestmark = pytest.mark.gpu
 
@@ -49,7 +48,9 @@ def _dpo_step(policy: PolicyLogps, batch, device) -> tuple[torch.Tensor, torch.T
     logps, counts = policy(pairs)
     ref_chosen = torch.as_tensor(batch["ref_chosen_logps"], device=device, dtype=torch.float32)
     ref_rejected = torch.as_tensor(batch["ref_rejected_logps"], device=device, dtype=torch.float32)
-    terms = objective(LossConfig(beta=0.1), PairLogps(*split_pairs(logps), ref_chosen, ref_rejected, *split_pairs(counts)))
+    terms = objective(
+        LossConfig(beta=0.1), PairLogps(*split_pairs(logps), ref_chosen, ref_rejected, *split_pairs(counts))
+    )
     loss = terms.loss.mean()
     loss.backward()
     grad = torch.cat([p.grad.flatten().float() for p in policy.parameters() if p.grad is not None])
@@ -78,8 +79,10 @@ def test_flex_attention_forward_and_backward_equal_the_padded_sdpa_layout(tiny_m
     response log-probs and the same gradients of every weight (float32)."""
     batch = pairs_batch(6, seed=23)
     results = {}
-    for name, attention, lay, width in (("sdpa padded", "sdpa", "padded", None),
-                                        ("flex", "flex_attention", layout, row_width(None, "flex_attention"))):
+    for name, attention, lay, width in (
+        ("sdpa padded", "sdpa", "padded", None),
+        ("flex", "flex_attention", layout, row_width(None, "flex_attention")),
+    ):
         policy = PolicyLogps(load_causal_lm(tiny_model_dir, attn_implementation=attention), chunk_tokens=16).to(device)
         pairs = pack_pairs(batch, lay, PAD, width).to(device)
         if name == "flex":
@@ -101,8 +104,9 @@ def test_flex_attention_forward_and_backward_equal_the_padded_sdpa_layout(tiny_m
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_a_token_budget_under_nccl_takes_the_same_steps_as_fixed_micro_batches(tiny_model_dir, device,
-                                                                               process_group, zero_stage):
+def test_a_token_budget_under_nccl_takes_the_same_steps_as_fixed_micro_batches(
+    tiny_model_dir, device, process_group, zero_stage
+):
     """The CPU test's comparison (test_batching) on the GPU under NCCL, the pass count agreed by a real
     all-reduce on the worker's device."""
     agree = Collective.of_worker_group(device).all_reduce_max
@@ -113,8 +117,9 @@ def test_lora_with_the_adapters_off_reference_trains_from_log_2(tiny_model_dir, 
     """reference.backend adapters_off on the GPU in bf16 under DeepSpeed: the policy starts as its own
     reference (LoRA's B is zero), so the first loss is log 2 exactly; then the adapters train it down."""
     train = TrainConfig(micro_batch_size=4, zero_stage=2)
-    engine = deepspeed_engine(tiny_model_dir, train, device, dtype="bfloat16", lora=LoraConfig(rank=8, alpha=16),
-                              lr=1e-2)
+    engine = deepspeed_engine(
+        tiny_model_dir, train, device, dtype="bfloat16", lora=LoraConfig(rank=8, alpha=16), lr=1e-2
+    )
     batch = {key: value for key, value in pairs_batch(4, seed=25).items() if not key.startswith("ref_")}
     losses = []
     for _ in range(8):
@@ -139,10 +144,18 @@ def test_the_reference_actor_and_a_train_worker_share_one_gpu(ray_cluster, tmp_p
     if not ON_CPU and gpus < 1:
         pytest.skip(f"the test's Ray cluster sees {gpus} GPUs")
     overrides = {
-        "scaling.use_gpu": not ON_CPU, "scaling.num_workers": 1, "scaling.cpus_per_worker": 0.5,
-        "scaling.gpus_per_worker": 0.75, "reference.gpus_per_actor": 0.0 if ON_CPU else 0.25,
-        "reference.cpus_per_actor": 0.5, "reference.cache": False, "train.max_steps": 6, "train.log_every": 1,
-        "train.epochs": 1, "output.root": str(tmp_path), "output.name": "one-gpu",
+        "scaling.use_gpu": not ON_CPU,
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": 0.5,
+        "scaling.gpus_per_worker": 0.75,
+        "reference.gpus_per_actor": 0.0 if ON_CPU else 0.25,
+        "reference.cpus_per_actor": 0.5,
+        "reference.cache": False,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+        "train.epochs": 1,
+        "output.root": str(tmp_path),
+        "output.name": "one-gpu",
     }
     args = ["train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml")]
     for key, value in overrides.items():

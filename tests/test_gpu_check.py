@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import REPO, SHARED_DATA
 
 pytestmark = pytest.mark.e2e
@@ -30,9 +29,20 @@ def cpu_check(ray_cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu-check")
     out = work / "gpu-check.json"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    done = subprocess.run(["make", "--no-print-directory", "gpu-check", f"GPU_CHECK_OUT={out}",
-                           f"GPU_CHECK_ARGS=--work-dir {work / 'work'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "gpu-check",
+            f"GPU_CHECK_OUT={out}",
+            f"GPU_CHECK_ARGS=--work-dir {work / 'work'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return done, (json.loads(out.read_text()) if out.is_file() else None)
 
 
@@ -44,7 +54,10 @@ def test_gpu_check_runs_its_cpu_form_and_exits_0(cpu_check):
     assert "no GPU here" in done.stdout and report["table"] in done.stdout
     assert report["form"] == "cpu" and report["status"] == "ok" and report["device"]["type"] == "cpu"
     assert {name: part["status"] for name, part in report["parts"].items()} == {
-        "gpu_tests": "ok", "train": "ok", "throughput": "ok"}
+        "gpu_tests": "ok",
+        "train": "ok",
+        "throughput": "ok",
+    }
     assert all(part["wall_s"] <= part["budget_s"] for part in report["parts"].values())
 
     # Every GPU test is collected and skips with its reason.
@@ -94,7 +107,9 @@ def test_the_throughput_bench_measures_every_contender_on_the_same_data(cpu_chec
         # over the measured steps (same batches, same order), as the bench counted them itself.
         assert result["data_pairs"] == block["pairs"], name
         assert result["data_real_tokens_per_pair"] == pytest.approx(block["real_tokens_per_pair"], rel=1e-9), name
-        assert result["real_tokens_per_pair"] == pytest.approx(contenders["bare"]["real_tokens_per_pair"], rel=1e-9), name
+        assert result["real_tokens_per_pair"] == pytest.approx(contenders["bare"]["real_tokens_per_pair"], rel=1e-9), (
+            name
+        )
         # Policy = reference at the first step: every DPO loss starts at log 2.
         assert result["loss_first"] == pytest.approx(0.6931, abs=1e-3), name
     rayalign = contenders["rayalign"]
@@ -114,12 +129,16 @@ def test_the_bench_knows_the_smollm2_shape_and_rayaligns_layouts():
 
     sys.modules[spec.name] = bench  # dataclasses look their module up by name
     spec.loader.exec_module(bench)
-    args = bench.parse_args(["--device", "cpu", "--shape", "smollm2-135m", "--contenders", "rayalign,rayalign_flex,bare"])
+    args = bench.parse_args(
+        ["--device", "cpu", "--shape", "smollm2-135m", "--contenders", "rayalign,rayalign_flex,bare"]
+    )
     assert args.shape == "smollm2-135m" and args.contenders == ["rayalign", "rayalign_flex", "bare"]
     smol = bench.SHAPES["smollm2-135m"]
     assert (smol.layers, smol.hidden, smol.heads, smol.kv_heads, smol.mlp, smol.vocab) == (30, 576, 9, 3, 1536, 49152)
     assert smol.tie_embeddings and bench.parse_args(["--tiny"]).shape == "tiny"
-    assert bench.RAYALIGN_VARIANTS["rayalign_flex"] == ("model.attn_implementation=flex_attention",
-                                                        "train.packing.layout=packed")
+    assert bench.RAYALIGN_VARIANTS["rayalign_flex"] == (
+        "model.attn_implementation=flex_attention",
+        "train.packing.layout=packed",
+    )
     with pytest.raises(SystemExit):
         bench.parse_args(["--contenders", "rayalign,nope"])

@@ -26,8 +26,9 @@ TAG_COMMIT = "b" * 40
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> Path:
-    spec = TinyModelConfig(hidden_size=32, num_attention_heads=1, num_hidden_layers=1, intermediate_size=32,
-                           max_position_embeddings=64)
+    spec = TinyModelConfig(
+        hidden_size=32, num_attention_heads=1, num_hidden_layers=1, intermediate_size=32, max_position_embeddings=64
+    )
     return build_tiny_model(spec, tmp_path_factory.mktemp("built") / "tiny")
 
 
@@ -148,19 +149,32 @@ def test_local_looking_paths_stay_local_path_errors(offline_cache, tmp_path, pat
 def test_cli_on_an_uncached_hub_id_exits_2_with_one_line(offline_cache, tmp_path):
     """`validate` resolves the model before it starts Ray, so this fails without a cluster."""
     config = tmp_path / "config.yaml"
-    config.write_text(json.dumps({
-        "model": {"path": "tiny-org/not-fetched"},
-        "data": {"synthetic": {"num_pairs": 8}, "max_length": 64, "max_prompt_length": 32},
-        "output": {"root": str(tmp_path / "runs"), "name": "hub"},
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"path": "tiny-org/not-fetched"},
+                "data": {"synthetic": {"num_pairs": 8}, "max_length": 64, "max_prompt_length": 32},
+                "output": {"root": str(tmp_path / "runs"), "name": "hub"},
+            }
+        )
+    )
     # The subprocess inherits HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE=1 from offline_cache.
-    done = subprocess.run([sys.executable, "-m", "rayalign", "validate", "--config", str(config), "--json"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "rayalign", "validate", "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr
     # rayalign's own message is the last line (libraries may log to stderr before it).
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        "rayalign: error: model.path: hub model 'tiny-org/not-fetched' (revision main) is not in the Hugging Face cache"
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "rayalign: error: model.path: hub model 'tiny-org/not-fetched' (revision main) "
+            "is not in the Hugging Face cache"
+        )
     )
     assert [line for line in done.stderr.splitlines() if "rayalign: error" in line][0].endswith(
         "or set model.path to a local directory"

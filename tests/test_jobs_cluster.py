@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from conftest import REPO
 
 pytestmark = pytest.mark.cluster
@@ -73,8 +72,15 @@ def head(tmp_path_factory):
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     start = [
-        "bash", str(REPO / "clusters/local/start.sh"), "--autoscaling",
-        "--port", str(gcs_port), "--dashboard-port", str(dashboard_port), "--temp-dir", str(temp_dir),
+        "bash",
+        str(REPO / "clusters/local/start.sh"),
+        "--autoscaling",
+        "--port",
+        str(gcs_port),
+        "--dashboard-port",
+        str(dashboard_port),
+        "--temp-dir",
+        str(temp_dir),
     ]
     log = base / "start.log"
     with log.open("w") as out:
@@ -86,9 +92,21 @@ def head(tmp_path_factory):
         yield Head(f"http://127.0.0.1:{dashboard_port}", token_file)
     finally:
         # stop.sh stops only the cluster start.sh started on this port, in this temp dir.
-        subprocess.run(["bash", str(REPO / "clusters/local/stop.sh"), "--force", "--port", str(gcs_port),
-                        "--temp-dir", str(temp_dir)], env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        subprocess.run(
+            [
+                "bash",
+                str(REPO / "clusters/local/stop.sh"),
+                "--force",
+                "--port",
+                str(gcs_port),
+                "--temp-dir",
+                str(temp_dir),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +152,17 @@ def tiny_job(head, tmp_path_factory):
         time.sleep(3)
     done.set()
     watcher.join()
-    print(f"\n[jobs] {job_id}: {status} in {time.monotonic() - deadline + JOB_TIMEOUT_S:.0f} s, "
-          f"peak worker nodes {peak['workers']}")
+    print(
+        f"\n[jobs] {job_id}: {status} in {time.monotonic() - deadline + JOB_TIMEOUT_S:.0f} s, "
+        f"peak worker nodes {peak['workers']}"
+    )
     return {
-        "client": client, "job_id": job_id, "status": status, "logs": client.get_job_logs(job_id),
-        "storage": out / "storage" / "job-dpo", "peak_workers": peak["workers"],
+        "client": client,
+        "job_id": job_id,
+        "status": status,
+        "logs": client.get_job_logs(job_id),
+        "storage": out / "storage" / "job-dpo",
+        "peak_workers": peak["workers"],
     }
 
 
@@ -174,7 +198,7 @@ def test_autoscaler_adds_nodes_for_the_job_and_removes_them_when_idle(head, tiny
     # Two trainers of 2 CPUs each on a head with none: at least two worker nodes were added.
     assert tiny_job["peak_workers"] >= 2
     started = time.monotonic()
-    while (alive := head.worker_nodes()):
+    while alive := head.worker_nodes():
         waited = time.monotonic() - started
         assert waited < IDLE_REMOVAL_TIMEOUT_S, f"{len(alive)} worker nodes still alive {waited:.0f} s after the job"
         time.sleep(2)

@@ -79,10 +79,10 @@ def test_qlora_is_refused_without_a_gpu_and_without_adapters():
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("zero_stage, reference", [(2, "transformers"), (3, "adapters_off")])
 def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_path, zero_stage, reference):
+    from conftest import make_config
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from conftest import make_config
     from rayalign.pipeline import run_train
     from rayalign.storage import read_jsonl
 
@@ -105,8 +105,11 @@ def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_p
     model_dir = cfg.output.run_dir / "model"
     base = AutoModelForCausalLM.from_pretrained(summary["files"]["base_model"])
     merged = AutoModelForCausalLM.from_pretrained(model_dir)
-    adapted = {n for n, _ in base.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                   "up_proj", "down_proj"))}
+    adapted = {
+        n
+        for n, _ in base.named_modules()
+        if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    }
     base_state, merged_state = base.state_dict(), merged.state_dict()
     for name, tensor in base_state.items():
         if name.rsplit(".", 1)[0] in adapted:
@@ -131,9 +134,18 @@ def test_lora_trains_only_the_adapters_and_exports_both_forms(ray_cluster, tmp_p
 def test_a_sweep_can_search_adapter_settings():
     from rayalign.config import with_values
 
-    base = {"model": {"tiny": {}, "lora": {"rank": 8}}, "data": {"synthetic": {}, "eval_fraction": 0.2},
-            "sweep": {"space": {"model.lora.rank": {"values": [4, 16]}, "model.lora.alpha": {"values": [8, 32]},
-                                "train.learning_rate": {"values": [1e-4, 1e-3]}}, "early_stopping": "none"}}
+    base = {
+        "model": {"tiny": {}, "lora": {"rank": 8}},
+        "data": {"synthetic": {}, "eval_fraction": 0.2},
+        "sweep": {
+            "space": {
+                "model.lora.rank": {"values": [4, 16]},
+                "model.lora.alpha": {"values": [8, 32]},
+                "train.learning_rate": {"values": [1e-4, 1e-3]},
+            },
+            "early_stopping": "none",
+        },
+    }
     cfg = config_from_dict(base)
     trial = with_values(cfg.model_dump(exclude={"sweep"}), {"model.lora.rank": 4, "model.lora.alpha": 8.0})
     assert trial.model.lora.rank == 4 and trial.model.lora.alpha == 8.0

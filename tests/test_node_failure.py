@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import make_config
 
 pytestmark = pytest.mark.cluster
@@ -83,8 +82,14 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
             tmp_path,
             model={"tiny": {}, "lora": {"rank": 4} if lora else None},
             data={"synthetic": {"num_pairs": NUM_PAIRS}},
-            train={"micro_batch_size": MICRO_BATCH, "epochs": EPOCHS, "log_every": 1,
-                   "checkpoint_every": CHECKPOINT_EVERY, "max_failures": 2, "learning_rate": 1e-2 if lora else 1e-4},
+            train={
+                "micro_batch_size": MICRO_BATCH,
+                "epochs": EPOCHS,
+                "log_every": 1,
+                "checkpoint_every": CHECKPOINT_EVERY,
+                "max_failures": 2,
+                "learning_rate": 1e-2 if lora else 1e-4,
+            },
             # One CPU per trainer: the head (1 CPU) holds at most one, so one is on a worker node.
             scaling={"num_workers": 2, "cpus_per_worker": 1},
             ray={"address": cluster.address},
@@ -100,9 +105,11 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
         cluster.shutdown()
 
     assert killed, "training ended before a node could be killed"
-    print(f"\n[node-failure] killed node at step {killed['at_step']} (last step logged before the restore: "
-          f"{killed.get('last_step_before_restore')}), resumed from {summary['resumed_from_steps']}, "
-          f"finished at step {summary['steps']} in {summary['wall_seconds']} s")
+    print(
+        f"\n[node-failure] killed node at step {killed['at_step']} (last step logged before the restore: "
+        f"{killed.get('last_step_before_restore')}), resumed from {summary['resumed_from_steps']}, "
+        f"finished at step {summary['steps']} in {summary['wall_seconds']} s"
+    )
     planned = EPOCHS * STEPS_PER_EPOCH
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     # Every step exactly once, up to the planned count: the rows after the checkpoint that were

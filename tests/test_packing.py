@@ -76,8 +76,11 @@ def test_every_layout_equals_each_sequence_scored_alone_in_float32(model, layout
     with torch.no_grad():
         per_token = response_token_logps(model, pack_pairs(batch, layout, PAD, row_tokens=48), chunk_tokens=7)
         sums, counts = sequence_logps(model, pack_pairs(batch, layout, PAD, row_tokens=48), chunk_tokens=7)
-        expected = [_alone(model, batch["prompt_ids"][i], batch[column][i])
-                    for column in ("chosen_ids", "rejected_ids") for i in range(6)]
+        expected = [
+            _alone(model, batch["prompt_ids"][i], batch[column][i])
+            for column in ("chosen_ids", "rejected_ids")
+            for i in range(6)
+        ]
     assert counts.tolist() == [len(e) for e in expected]
     assert torch.allclose(per_token, torch.cat(expected), atol=1e-5, rtol=0)
     assert torch.allclose(sums, torch.stack([e.sum() for e in expected]), atol=1e-5, rtol=0)
@@ -90,8 +93,10 @@ def test_layouts_agree_in_bfloat16(tiny_model_dir):
     one_row = row_width(None, "flex_attention")
     with torch.no_grad():
         sums = {layout: sequence_logps(model, pack_pairs(batch, layout, PAD))[0] for layout in LAYOUTS}
-        sums |= {f"flex {layout}": sequence_logps(flex, pack_pairs(batch, layout, PAD, one_row))[0]
-                 for layout in ("packed", "shared_prompt")}
+        sums |= {
+            f"flex {layout}": sequence_logps(flex, pack_pairs(batch, layout, PAD, one_row))[0]
+            for layout in ("packed", "shared_prompt")
+        }
     for layout in ("packed", "shared_prompt", "flex packed", "flex shared_prompt"):
         # bf16 keeps 8 bits of mantissa: the layouts differ only in the order of the attention sums.
         assert torch.allclose(sums[layout], sums["padded"], rtol=2e-2, atol=0.1), layout
@@ -129,8 +134,13 @@ def test_flex_attention_scores_a_whole_micro_batch_in_one_row(tiny_model_dir, mo
     assert pairs.input_ids.shape[0] == 1 and pairs.computed_tokens == pairs.real_tokens
     with torch.no_grad():
         per_token = response_token_logps(flex, pairs, chunk_tokens=7)
-        expected = torch.cat([_alone(model, p, r) for column in ("chosen_ids", "rejected_ids")
-                              for p, r in zip(batch["prompt_ids"], batch[column])])
+        expected = torch.cat(
+            [
+                _alone(model, p, r)
+                for column in ("chosen_ids", "rejected_ids")
+                for p, r in zip(batch["prompt_ids"], batch[column])
+            ]
+        )
     # 1e-5 per token, as for the other layouts (the compiled CPU kernel sums in another order than SDPA).
     assert torch.allclose(per_token, expected, atol=1e-5, rtol=0)
     assert row_width(None, "sdpa") is None and row_width(48, "flex_attention") == 48
@@ -153,8 +163,9 @@ def test_a_short_training_run_follows_the_same_loss_curve_in_every_layout(tiny_m
         curves[layout] = []
         for batch, (ref_chosen, ref_rejected) in zip(batches, refs):
             logps, counts = policy(pack_pairs(batch, layout, PAD, row_tokens=40))
-            terms = objective(LossConfig(beta=0.5), PairLogps(*split_pairs(logps), ref_chosen, ref_rejected,
-                                                              *split_pairs(counts)))
+            terms = objective(
+                LossConfig(beta=0.5), PairLogps(*split_pairs(logps), ref_chosen, ref_rejected, *split_pairs(counts))
+            )
             terms.loss.mean().backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -35,9 +35,7 @@ def test_dpo_matches_closed_form():
     for key in ("delta", "pi_chosen", "population_loss"):
         assert got[key] == pytest.approx(want[key], abs=1e-3)
     assert got["delta"] == pytest.approx(want["delta"], abs=1e-6)
-    assert (got["delta"], got["pi_chosen"], got["population_loss"]) == pytest.approx(
-        (-1.350, 0.206, 0.611), abs=1e-3
-    )
+    assert (got["delta"], got["pi_chosen"], got["population_loss"]) == pytest.approx((-1.350, 0.206, 0.611), abs=1e-3)
     assert got["delta_ref"] == pytest.approx(DELTA_REF)
 
 

@@ -11,21 +11,27 @@ import sys
 
 import pyarrow as pa
 import pytest
+from conftest import REPO, make_config
 
+from rayalign.data.records import prepare_pairs
 from rayalign.models import publish_model, resolve_model_dir
 from rayalign.reference.store import ROW_SCHEMA, ReferenceStore, scored_through_store, tokens_digests
-from rayalign.data.records import prepare_pairs
 from rayalign.storage import location
-
-from conftest import REPO, make_config
 
 
 def _rows(start: int, stop: int, value: float = 0.0) -> pa.Table:
     keys = tokens_digests([[i] for i in range(start, stop)], [[1]] * (stop - start), [[2]] * (stop - start))
     n = stop - start
-    return pa.table({"tokens_digest": keys, "ref_chosen_logps": [value - i for i in range(start, stop)],
-                     "ref_rejected_logps": [value] * n, "chosen_tokens": [1] * n, "rejected_tokens": [1] * n},
-                    schema=ROW_SCHEMA)
+    return pa.table(
+        {
+            "tokens_digest": keys,
+            "ref_chosen_logps": [value - i for i in range(start, stop)],
+            "ref_rejected_logps": [value] * n,
+            "chosen_tokens": [1] * n,
+            "rejected_tokens": [1] * n,
+        },
+        schema=ROW_SCHEMA,
+    )
 
 
 def test_readers_take_the_union_of_committed_segments_one_row_per_key(tmp_path):
@@ -58,7 +64,8 @@ def test_a_damaged_segment_is_ignored_with_one_warning(tmp_path, caplog, damage)
         contents = store.read()
     assert contents.rows.num_rows == 10 and contents.ignored == (first.name,)
     assert [r.message for r in caplog.records if r.levelno == logging.WARNING] == [
-        next(r.message for r in caplog.records if first.name in r.message)]
+        next(r.message for r in caplog.records if first.name in r.message)
+    ]
     assert "scored again" in caplog.text
 
 
@@ -67,16 +74,21 @@ def _jsonl(path, count: int):
     with path.open("w") as f:
         for i in range(count):
             a, b = divmod(i, 10)
-            f.write(json.dumps({"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": f"{a + b + 1}"})
-                    + "\n")
+            f.write(
+                json.dumps({"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}", "rejected": f"{a + b + 1}"})
+                + "\n"
+            )
     return path
 
 
 @pytest.mark.e2e
 def test_new_pairs_are_the_only_ones_scored_and_another_precision_scores_everything(ray_cluster, tmp_path):
     cache = str(tmp_path / "refcache")
-    cfg = make_config(tmp_path, data={"paths": [str(_jsonl(tmp_path / "day1.jsonl", 60))], "synthetic": None},
-                      reference={"cache": True, "cache_root": cache})
+    cfg = make_config(
+        tmp_path,
+        data={"paths": [str(_jsonl(tmp_path / "day1.jsonl", 60))], "synthetic": None},
+        reference={"cache": True, "cache_root": cache},
+    )
     model = publish_model(resolve_model_dir(cfg.model, tmp_path / "models"), None)
     (tmp_path / "run").mkdir()
     pairs, _, _ = prepare_pairs(cfg, list(cfg.data.paths), model, tmp_path / "run")
@@ -84,8 +96,11 @@ def test_new_pairs_are_the_only_ones_scored_and_another_precision_scores_everyth
     assert (first.found, first.scored, first.store_rows, first.segments) == (0, 60, 60, 1)
 
     # A day of new pairs, 10% more, in another file (other name, same tokens for the first 60).
-    grown = make_config(tmp_path, data={"paths": [str(_jsonl(tmp_path / "day2.jsonl", 66))], "synthetic": None},
-                        reference={"cache": True, "cache_root": cache})
+    grown = make_config(
+        tmp_path,
+        data={"paths": [str(_jsonl(tmp_path / "day2.jsonl", 66))], "synthetic": None},
+        reference={"cache": True, "cache_root": cache},
+    )
     grown_pairs, _, _ = prepare_pairs(grown, list(grown.data.paths), model, tmp_path / "run")
     scored, second = scored_through_store(grown_pairs, grown, model)
     assert (second.found, second.scored, second.store_rows, second.segments) == (60, 6, 66, 2)
@@ -98,14 +113,21 @@ def test_new_pairs_are_the_only_ones_scored_and_another_precision_scores_everyth
     assert all(r["ref_chosen_logps"] == before[r["row"]] for r in rows if r["row"] <= 60)  # read, not rescored
 
     # The same pairs under another precision are another reference: everything is scored again.
-    bf16 = make_config(tmp_path, data={"paths": [str(tmp_path / "day2.jsonl")], "synthetic": None},
-                       reference={"cache": True, "cache_root": cache}, model={"dtype": "bfloat16"})
+    bf16 = make_config(
+        tmp_path,
+        data={"paths": [str(tmp_path / "day2.jsonl")], "synthetic": None},
+        reference={"cache": True, "cache_root": cache},
+        model={"dtype": "bfloat16"},
+    )
     _, third = scored_through_store(grown_pairs, bf16, model)
     assert third.key != first.key and (third.found, third.scored) == (0, 66)
 
     # A shorter max_length changes the ids of the pairs it truncates: only those are scored again.
-    short = make_config(tmp_path, data={"paths": [str(tmp_path / "day2.jsonl")], "synthetic": None, "max_length": 20,
-                                        "max_prompt_length": 19}, reference={"cache": True, "cache_root": cache})
+    short = make_config(
+        tmp_path,
+        data={"paths": [str(tmp_path / "day2.jsonl")], "synthetic": None, "max_length": 20, "max_prompt_length": 19},
+        reference={"cache": True, "cache_root": cache},
+    )
     short_pairs, short_report, _ = prepare_pairs(short, list(short.data.paths), model, tmp_path / "run")
     _, fourth = scored_through_store(short_pairs, short, model)
     assert fourth.key == first.key and 0 < fourth.scored == short_report.truncated < short_report.ok
@@ -125,21 +147,37 @@ def test_two_processes_scoring_the_same_pairs_at_once_each_get_every_pair_once(r
     import ray
 
     data = _jsonl(tmp_path / "pairs.jsonl", 48)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     procs, outs = [], []
     for name in ("a", "b"):
-        tree = {"model": {"tiny": {}}, "data": {"paths": [str(data)], "max_length": 64, "max_prompt_length": 32},
-                "reference": {"cache": True, "cache_root": str(tmp_path / "refcache"), "batch_size": 8,
-                              "cpus_per_actor": 0.25},
-                "ray": {"data_cpus_per_task": 0.1},
-                "output": {"root": str(tmp_path / "runs"), "name": name}}
+        tree = {
+            "model": {"tiny": {}},
+            "data": {"paths": [str(data)], "max_length": 64, "max_prompt_length": 32},
+            "reference": {
+                "cache": True,
+                "cache_root": str(tmp_path / "refcache"),
+                "batch_size": 8,
+                "cpus_per_actor": 0.25,
+            },
+            "ray": {"data_cpus_per_task": 0.1},
+            "output": {"root": str(tmp_path / "runs"), "name": name},
+        }
         config = tmp_path / f"{name}.json"
         config.write_text(json.dumps(tree))
         outs.append(tmp_path / f"{name}-out.json")
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "store_writer.py"), str(config),
-                                       str(outs[-1])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "store_writer.py"), str(config), str(outs[-1])],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for proc in procs:
         output, _ = proc.communicate(timeout=540)
         assert proc.returncode == 0, output[-3000:]

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import ray
-
 from conftest import REPO, make_config
+
 from rayalign.cli import _load_configs, build_parser
 from rayalign.config import ConfigError
 from rayalign.pipeline import run_train
@@ -89,9 +89,14 @@ def test_a_name_held_by_another_process_is_refused(tmp_path):
     cfg = make_config(tmp_path)
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(cfg.to_yaml())
-    second = [sys.executable, "-c", "import sys; from rayalign.config import load_config; "
-              "from rayalign.run_dir import held_run_name\n"
-              "with held_run_name(load_config(sys.argv[1]).output): pass", str(config_file)]
+    second = [
+        sys.executable,
+        "-c",
+        "import sys; from rayalign.config import load_config; "
+        "from rayalign.run_dir import held_run_name\n"
+        "with held_run_name(load_config(sys.argv[1]).output): pass",
+        str(config_file),
+    ]
     with held_run_name(cfg.output):
         refused = subprocess.run(second, capture_output=True, text=True, cwd=REPO)
     assert refused.returncode == 1 and "another run named 'test' is running from this machine" in refused.stderr
@@ -106,16 +111,23 @@ def _steps(run_dir) -> list[dict]:
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, tmp_path):
-    sections = {"train": {"micro_batch_size": 8, "epochs": 2, "checkpoint_every": 2, "log_every": 1},
-                "scaling": {"num_workers": 1}}
+    sections = {
+        "train": {"micro_batch_size": 8, "epochs": 2, "checkpoint_every": 2, "log_every": 1},
+        "scaling": {"num_workers": 1},
+    }
     cfg = make_config(tmp_path, **sections)
     config_file = tmp_path / "run.yaml"
     config_file.write_text(cfg.to_yaml())
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = tmp_path / "train.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", "train", "--config", str(config_file)],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rayalign.cli", "train", "--config", str(config_file)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 400
             # Step 3 logged: the checkpoint of step 2 was registered (the next step waits for that).
@@ -132,8 +144,13 @@ def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, t
             if proc.poll() is None:
                 proc.kill()
 
-    refused = subprocess.run([sys.executable, "-m", "rayalign.cli", "train", "--config", str(config_file)],
-                             cwd=REPO, env=env, capture_output=True, text=True)
+    refused = subprocess.run(
+        [sys.executable, "-m", "rayalign.cli", "train", "--config", str(config_file)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and "with a checkpoint" in refused.stderr and "--resume" in refused.stderr
     summary = run_train(make_config(tmp_path, **sections, output={"if_exists": "resume"}))
     rows = _steps(cfg.output.run_dir)

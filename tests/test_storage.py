@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, make_config
+
 from rayalign.config import ConfigError, config_from_dict
 from rayalign.storage import is_same_place, location, publish, read_text, remove, run_location, upload
 
@@ -26,8 +26,11 @@ def test_storage_uris_refuse_credentials_and_unknown_schemes(key):
             return {**base, "data": {"paths": [value]}}
         return {**base, section: {name: value}}
 
-    with pytest.raises(ConfigError, match=r"credentials in a storage URI \(s3://bucket\.\.\.\) are refused: .*"
-                                          r"AWS_ACCESS_KEY_ID") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"credentials in a storage URI \(s3://bucket\.\.\.\) are refused: .*"
+        r"AWS_ACCESS_KEY_ID",
+    ) as err:
         config_from_dict(tree("s3://AKIA123:hunter2@bucket/runs"))
     assert "hunter2" not in str(err.value) and "AKIA123" not in str(err.value)
     with pytest.raises(ConfigError, match=r"unknown storage scheme 'ftp'"):
@@ -39,8 +42,13 @@ def test_storage_uris_refuse_credentials_and_unknown_schemes(key):
 
 def test_an_endpoint_with_credentials_is_refused_without_showing_them():
     with pytest.raises(ConfigError, match=r"host:port only \('\*\*\*@minio:9000'\)") as err:
-        config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
-                          "output": {"s3": {"endpoint": "user:hunter2@minio:9000"}}})
+        config_from_dict(
+            {
+                "model": {"tiny": {}},
+                "data": {"synthetic": {}},
+                "output": {"s3": {"endpoint": "user:hunter2@minio:9000"}},
+            }
+        )
     assert "hunter2" not in str(err.value)
 
 
@@ -58,34 +66,61 @@ def test_a_new_run_clears_the_previous_runs_results_in_storage(tmp_path):
 
 
 def test_a_storage_uri_as_output_root_names_the_storage(tmp_path):
-    cfg = config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
-                            "output": {"root": "s3://bucket/runs/", "name": "x", "s3": {"endpoint": "127.0.0.1:9000"}}})
-    assert (cfg.output.storage, cfg.output.root, cfg.output.run_storage) == ("s3://bucket/runs", "runs", "s3://bucket/runs/x")
+    cfg = config_from_dict(
+        {
+            "model": {"tiny": {}},
+            "data": {"synthetic": {}},
+            "output": {"root": "s3://bucket/runs/", "name": "x", "s3": {"endpoint": "127.0.0.1:9000"}},
+        }
+    )
+    assert (cfg.output.storage, cfg.output.root, cfg.output.run_storage) == (
+        "s3://bucket/runs",
+        "runs",
+        "s3://bucket/runs/x",
+    )
     assert cfg.output.is_remote and cfg.reference.cache_root is None
     stored = run_location(cfg.output)
     assert (stored.path, stored.fs.type_name, stored.is_local) == ("bucket/runs/x", "s3", False)
     # The endpoint travels with the filesystem; credentials never do (each node reads its environment).
     assert stored.fs.__reduce__()[1][0]["endpoint_override"] == "127.0.0.1:9000"
     assert stored.fs.__reduce__()[1][0]["access_key"] is None
-    local = config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
-                              "output": {"root": f"file://{tmp_path}/runs"}})
+    local = config_from_dict(
+        {"model": {"tiny": {}}, "data": {"synthetic": {}}, "output": {"root": f"file://{tmp_path}/runs"}}
+    )
     assert local.output.storage is None and local.output.run_dir == tmp_path / "runs" / "run"
     with pytest.raises(ConfigError, match="set only output.storage"):
-        config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
-                          "output": {"root": "s3://a/runs", "storage": "s3://b/runs"}})
+        config_from_dict(
+            {
+                "model": {"tiny": {}},
+                "data": {"synthetic": {}},
+                "output": {"root": "s3://a/runs", "storage": "s3://b/runs"},
+            }
+        )
     with pytest.raises(ConfigError, match="host:port only"):
-        config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}},
-                          "output": {"s3": {"endpoint": "http://127.0.0.1:9000"}}})
+        config_from_dict(
+            {"model": {"tiny": {}}, "data": {"synthetic": {}}, "output": {"s3": {"endpoint": "http://127.0.0.1:9000"}}}
+        )
 
 
 def test_a_sweep_kept_in_object_storage_refuses_tracker_stores_its_trials_cannot_reach():
-    tree = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2}, "loss": {"type": "cpo"},
-            "sweep": {"space": {"loss.gamma": {"values": [0.5, 1.0]}}, "early_stopping": "none"},
-            "output": {"storage": "s3://bucket/runs", "trackers": ["mlflow", "tensorboard"]}}
-    with pytest.raises(ConfigError, match=r"output.trackers: mlflow needs a tracking server .*; tensorboard writes "
-                                          r"event files on each trial's node"):
+    tree = {
+        "model": {"tiny": {}},
+        "data": {"synthetic": {}, "eval_fraction": 0.2},
+        "loss": {"type": "cpo"},
+        "sweep": {"space": {"loss.gamma": {"values": [0.5, 1.0]}}, "early_stopping": "none"},
+        "output": {"storage": "s3://bucket/runs", "trackers": ["mlflow", "tensorboard"]},
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"output.trackers: mlflow needs a tracking server .*; tensorboard writes "
+        r"event files on each trial's node",
+    ):
         config_from_dict(tree)
-    tree["output"] = {**tree["output"], "trackers": ["mlflow"], "tracking": {"mlflow_tracking_uri": "http://mlflow:5000"}}
+    tree["output"] = {
+        **tree["output"],
+        "trackers": ["mlflow"],
+        "tracking": {"mlflow_tracking_uri": "http://mlflow:5000"},
+    }
     config_from_dict(tree)  # a tracking server every node reaches
     tree["output"] = {"storage": "/shared/runs", "trackers": ["mlflow", "tensorboard"]}
     config_from_dict(tree)  # a shared mount: the stores beside it are shared too
@@ -179,8 +214,11 @@ def test_the_storage_check_names_the_node_and_what_it_cannot_reach(ray_cluster, 
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     check_storage(cfg, model, [str(data)])  # one machine: every node sees everything
     assert not list((tmp_path / "store" / PROBE_DIR).iterdir())  # no probe is left behind
-    with pytest.raises(StorageError, match=r"^data.paths: .*/gone.jsonl is not visible from node \S+ \(\w{8}\): "
-                                           r"the nodes do not share this filesystem: set output.storage"):
+    with pytest.raises(
+        StorageError,
+        match=r"^data.paths: .*/gone.jsonl is not visible from node \S+ \(\w{8}\): "
+        r"the nodes do not share this filesystem: set output.storage",
+    ):
         check_storage(cfg, model, [str(tmp_path / "gone.jsonl")])
     lost = ModelSource(tmp_path / "nowhere", "nowhere-0")
     with pytest.raises(StorageError, match=r"^model: .*/nowhere is not visible from node \S+ \(\w{8}\)"):
@@ -204,7 +242,11 @@ def test_run_files_are_replaced_whole_never_written_in_place(tmp_path):
 
     in_place = re.compile(r"\.write_text\(|\.write_bytes\(|\.open\([\"']w|savefig\((?!f,)")
     package = REPO / "platform" / "rayalign"
-    offenders = [f"{path.relative_to(package)}:{number}" for path in package.rglob("*.py")
-                 if path.name not in ("storage.py", "models.py")  # the writers themselves (staging folders)
-                 for number, line in enumerate(path.read_text().splitlines(), 1) if in_place.search(line)]
+    offenders = [
+        f"{path.relative_to(package)}:{number}"
+        for path in package.rglob("*.py")
+        if path.name not in ("storage.py", "models.py")  # the writers themselves (staging folders)
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if in_place.search(line)
+    ]
     assert offenders == []

@@ -13,10 +13,10 @@ import time
 import pytest
 import ray
 import yaml
-from ray.util.state import list_actors
-
 from conftest import REPO, make_config
+from ray.util.state import list_actors
 from tracker_readers import mlflow_runs, wandb_offline_runs
+
 from rayalign.config import ConfigError, config_from_dict, load_config
 from rayalign.pipeline import run_train
 from rayalign.tune.sweep import _searcher, run_sweep
@@ -50,11 +50,19 @@ def sweep_config(tmp_path, sweep: dict, **sections):
 
 
 def test_sweep_config_errors_name_the_key():
-    base = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2}, "monitor": {"eval_every": 2},
-            "loss": {"type": "cpo"}}
-    with pytest.raises(ConfigError, match=r"sweep.space.loss.gamma = 2.0 is not a valid setting: .*loss.type dpo ignores"):
+    base = {
+        "model": {"tiny": {}},
+        "data": {"synthetic": {}, "eval_fraction": 0.2},
+        "monitor": {"eval_every": 2},
+        "loss": {"type": "cpo"},
+    }
+    with pytest.raises(
+        ConfigError, match=r"sweep.space.loss.gamma = 2.0 is not a valid setting: .*loss.type dpo ignores"
+    ):
         config_from_dict({**base, "loss": {"type": "dpo"}, "sweep": {"space": {"loss.gamma": {"values": [0.0, 2.0]}}}})
-    with pytest.raises(ConfigError, match=r"sweep.space.loss.gama = 0.0 is not a valid setting: loss.gama: unknown key"):
+    with pytest.raises(
+        ConfigError, match=r"sweep.space.loss.gama = 0.0 is not a valid setting: loss.gama: unknown key"
+    ):
         config_from_dict({**base, "sweep": {"space": {"loss.gama": {"values": [0.0]}}}})
     with pytest.raises(ConfigError, match=r"loss.beta: Input should be greater than 0"):
         config_from_dict({**base, "sweep": {"space": {"loss.beta": {"values": [-1.0]}}}})
@@ -67,8 +75,12 @@ def test_sweep_config_errors_name_the_key():
     cfg = config_from_dict({**base, "sweep": {"space": {"loss.gamma": {"uniform": [0, 2]}}, "search": "optuna"}})
     assert cfg.sweep.objective == "eval/pref/absolute_accuracy" and cfg.sweep.objective_mode == "max"
     assert type(_searcher(cfg.sweep)).__name__ == "OptunaSearch"
-    assert config_from_dict({**base, "sweep": {"space": {"loss.gamma": {"values": [0]}}, "objective": "eval/loss"}}
-                            ).sweep.objective_mode == "min"
+    assert (
+        config_from_dict(
+            {**base, "sweep": {"space": {"loss.gamma": {"values": [0]}}, "objective": "eval/loss"}}
+        ).sweep.objective_mode
+        == "min"
+    )
 
 
 def test_fresh_never_deletes_a_directory_that_is_not_a_sweeps(tmp_path):
@@ -94,14 +106,18 @@ def _max_concurrent(trials: list[dict]) -> int:
 
 @pytest.mark.timeout(900)
 def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path):
-    cfg = sweep_config(tmp_path, {
-        "space": {"loss.gamma": {"values": [0.0, 1.0, 2.0, 4.0]}},
-        "max_concurrent_trials": 2,
-        # On this easy task every γ ties on held-out accuracy early on, and ASHA stops no one on a
-        # tie; CPO's loss grows with γ, so the held-out loss makes ASHA's decisions certain.
-        "objective": "eval/loss",
-        "asha": {"grace_period": 2, "reduction_factor": 2},
-    }, output={"trackers": ["mlflow", "tensorboard", "wandb"], "tracking": {"wandb_mode": "offline"}})
+    cfg = sweep_config(
+        tmp_path,
+        {
+            "space": {"loss.gamma": {"values": [0.0, 1.0, 2.0, 4.0]}},
+            "max_concurrent_trials": 2,
+            # On this easy task every γ ties on held-out accuracy early on, and ASHA stops no one on a
+            # tie; CPO's loss grows with γ, so the held-out loss makes ASHA's decisions certain.
+            "objective": "eval/loss",
+            "asha": {"grace_period": 2, "reduction_factor": 2},
+        },
+        output={"trackers": ["mlflow", "tensorboard", "wandb"], "tracking": {"wandb_mode": "offline"}},
+    )
     before = reference_actor_starts()
     summary = run_sweep(cfg)
 
@@ -129,8 +145,9 @@ def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path
     mlflow = {r.info.run_name: r for r in mlflow_runs(f"sqlite:///{root / 'mlflow.db'}", "rayalign")}
     assert set(mlflow) == {"sweep", *gammas}
     parent = mlflow["sweep"].info.run_id
-    assert {"summary.json", "sweep_results.csv"} <= {a.path for a in __import__("mlflow").MlflowClient(
-        f"sqlite:///{root / 'mlflow.db'}").list_artifacts(parent)}
+    assert {"summary.json", "sweep_results.csv"} <= {
+        a.path for a in __import__("mlflow").MlflowClient(f"sqlite:///{root / 'mlflow.db'}").list_artifacts(parent)
+    }
     for trial_id, gamma in gammas.items():
         assert mlflow[trial_id].data.tags["mlflow.parentRunId"] == parent
         assert float(mlflow[trial_id].data.params["loss.gamma"]) == gamma
@@ -175,13 +192,17 @@ def _last_step(run_dir) -> int:
 
 @pytest.mark.timeout(900)
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    cfg = sweep_config(tmp_path, {
-        "space": {"loss.gamma": {"values": [0.0, 2.0]}},
-        "max_concurrent_trials": 1,  # one after the other: trial 2 starts only once trial 1 is finished
-        "early_stopping": "none",
-    }, train={"epochs": 3, "checkpoint_every": 2},  # long enough to interrupt mid-trial
+    cfg = sweep_config(
+        tmp_path,
+        {
+            "space": {"loss.gamma": {"values": [0.0, 2.0]}},
+            "max_concurrent_trials": 1,  # one after the other: trial 2 starts only once trial 1 is finished
+            "early_stopping": "none",
+        },
+        train={"epochs": 3, "checkpoint_every": 2},  # long enough to interrupt mid-trial
         # Tune's state in the storage path, as on a cluster whose head may not come back.
-        output={"storage": f"file://{tmp_path / 'store'}"})
+        output={"storage": f"file://{tmp_path / 'store'}"},
+    )
     config_file = tmp_path / "sweep.yaml"
     config_file.write_text(cfg.to_yaml())
     trials_dir = cfg.output.run_dir / "trials"
@@ -197,10 +218,17 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = tmp_path / "sweep.log"  # a file, not a pipe: Ray's progress output would fill a pipe and block
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", "sweep", "--config", str(config_file)],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rayalign.cli", "sweep", "--config", str(config_file)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            _wait_for(lambda: len(finished()) == 1 and len(checkpointed()) == 2, 600, "the second trial's checkpoint", proc)
+            _wait_for(
+                lambda: len(finished()) == 1 and len(checkpointed()) == 2, 600, "the second trial's checkpoint", proc
+            )
             (interrupted,) = set(checkpointed()) - set(finished())
             interrupted_at = _last_step(interrupted)
             proc.send_signal(signal.SIGINT)

@@ -5,26 +5,51 @@ test_console_and_trackers.py (a real run) and test_sweep.py (a real sweep)."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import make_config
+from tracker_readers import mlflow_history, mlflow_runs, tensorboard_scalars, tensorboard_tags, wandb_offline_runs
+
 from rayalign.diagnostics.report import plot_runs
 from rayalign.storage import METRICS_FILE, append_jsonl
 from rayalign.tracking import SweepMembership, finish_sweep_parent, open_sweep_parent, open_trackers
-from tracker_readers import mlflow_history, mlflow_runs, tensorboard_scalars, tensorboard_tags, wandb_offline_runs
 
 ROWS = [
-    {"step": 1, "epoch": 0, "lr": 1e-3, "loss": 0.69, "rewards/accuracies": 0.5, "pref/absolute_accuracy": 0.4,
-     "pref/frac_in_U": 0.1, "rewards/margins": 0.0, "pairs/s": 10.0},
-    {"step": 2, "epoch": 0, "lr": 1e-3, "loss": 0.60, "rewards/accuracies": 0.7, "pref/absolute_accuracy": 0.3,
-     "pref/frac_in_U": 0.3, "rewards/margins": 0.2, "pairs/s": 11.0, "eval/loss": 0.65,
-     "alarm": "loss fell by 0.090 over 2 logged steps while frac_in_U rose by 0.200"},
+    {
+        "step": 1,
+        "epoch": 0,
+        "lr": 1e-3,
+        "loss": 0.69,
+        "rewards/accuracies": 0.5,
+        "pref/absolute_accuracy": 0.4,
+        "pref/frac_in_U": 0.1,
+        "rewards/margins": 0.0,
+        "pairs/s": 10.0,
+    },
+    {
+        "step": 2,
+        "epoch": 0,
+        "lr": 1e-3,
+        "loss": 0.60,
+        "rewards/accuracies": 0.7,
+        "pref/absolute_accuracy": 0.3,
+        "pref/frac_in_U": 0.3,
+        "rewards/margins": 0.2,
+        "pairs/s": 11.0,
+        "eval/loss": 0.65,
+        "alarm": "loss fell by 0.090 over 2 logged steps while frac_in_U rose by 0.200",
+    },
 ]
 
 
 def _config(tmp_path, **tracking):
-    return make_config(tmp_path, output={"root": str(tmp_path / "runs"), "name": "unit",
-                                         "trackers": ["mlflow", "tensorboard", "wandb"],
-                                         "tracking": {"wandb_mode": "offline", **tracking}})
+    return make_config(
+        tmp_path,
+        output={
+            "root": str(tmp_path / "runs"),
+            "name": "unit",
+            "trackers": ["mlflow", "tensorboard", "wandb"],
+            "tracking": {"wandb_mode": "offline", **tracking},
+        },
+    )
 
 
 def _run_dir_with_plot(cfg):
@@ -76,12 +101,19 @@ def test_a_failed_run_is_marked_failed(tmp_path):
 
 
 def test_sweep_trials_are_runs_grouped_under_the_sweep(tmp_path):
-    sweep_cfg = make_config(tmp_path, data={"synthetic": {}, "eval_fraction": 0.25}, monitor={"eval_every": 1},
-                            loss={"type": "cpo"},
-                            output={"root": str(tmp_path / "runs"), "name": "gamma-sweep",
-                                    "trackers": ["mlflow", "tensorboard", "wandb"],
-                                    "tracking": {"wandb_mode": "offline"}},
-                            sweep={"space": {"loss.gamma": {"values": [0.0, 2.0]}}})
+    sweep_cfg = make_config(
+        tmp_path,
+        data={"synthetic": {}, "eval_fraction": 0.25},
+        monitor={"eval_every": 1},
+        loss={"type": "cpo"},
+        output={
+            "root": str(tmp_path / "runs"),
+            "name": "gamma-sweep",
+            "trackers": ["mlflow", "tensorboard", "wandb"],
+            "tracking": {"wandb_mode": "offline"},
+        },
+        sweep={"space": {"loss.gamma": {"values": [0.0, 2.0]}}},
+    )
     parent = open_sweep_parent(sweep_cfg)
     for trial, gamma in (("t1", 0.0), ("t2", 2.0)):
         trial_cfg = sweep_cfg.model_copy(update={"output": sweep_cfg.output.model_copy(update={"name": trial})})
@@ -112,10 +144,14 @@ def test_the_sweep_closes_the_runs_of_trials_tune_ended_mid_run(tmp_path):
     """A trial ASHA stops either dies before it can close its run (left RUNNING) or sees the stop as an
     error (FAILED); the sweep marks both KILLED. An errored trial left open becomes FAILED; a completed
     trial and a trial that closed itself as failed keep their status."""
-    sweep_cfg = make_config(tmp_path, data={"synthetic": {}, "eval_fraction": 0.25}, monitor={"eval_every": 1},
-                            loss={"type": "cpo"},
-                            output={"root": str(tmp_path / "runs"), "name": "gamma-sweep", "trackers": ["mlflow"]},
-                            sweep={"space": {"loss.gamma": {"values": [0.0, 2.0]}}})
+    sweep_cfg = make_config(
+        tmp_path,
+        data={"synthetic": {}, "eval_fraction": 0.25},
+        monitor={"eval_every": 1},
+        loss={"type": "cpo"},
+        output={"root": str(tmp_path / "runs"), "name": "gamma-sweep", "trackers": ["mlflow"]},
+        sweep={"space": {"loss.gamma": {"values": [0.0, 2.0]}}},
+    )
     parent = open_sweep_parent(sweep_cfg)
     ends = {"killed": None, "stopped_saw_error": True, "errored_open": None, "errored_closed": True, "done": False}
     for trial, failed in ends.items():
@@ -123,15 +159,30 @@ def test_the_sweep_closes_the_runs_of_trials_tune_ended_mid_run(tmp_path):
         trackers = open_trackers(trial_cfg, SweepMembership("gamma-sweep", {"loss.gamma": 0.0}, parent))
         if failed is not None:
             trackers.finish(failed=failed)
-    statuses = {"killed": "stopped_early", "stopped_saw_error": "stopped_early", "errored_open": "error",
-                "errored_closed": "error", "done": "completed"}
+    statuses = {
+        "killed": "stopped_early",
+        "stopped_saw_error": "stopped_early",
+        "errored_open": "error",
+        "errored_closed": "error",
+        "done": "completed",
+    }
     summary = {"interrupted": False, "trials": [{"trial_id": t, "status": s} for t, s in statuses.items()]}
     finish_sweep_parent(sweep_cfg, parent, summary, [])
 
     runs = {r.info.run_name: r for r in mlflow_runs(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", "rayalign")}
     assert {name: r.info.status for name, r in runs.items()} == {
-        "gamma-sweep": "FINISHED", "killed": "KILLED", "stopped_saw_error": "KILLED", "errored_open": "FAILED",
-        "errored_closed": "FAILED", "done": "FINISHED"}
+        "gamma-sweep": "FINISHED",
+        "killed": "KILLED",
+        "stopped_saw_error": "KILLED",
+        "errored_open": "FAILED",
+        "errored_closed": "FAILED",
+        "done": "FINISHED",
+    }
     assert {name: r.data.tags.get("rayalign.trial_status") for name, r in runs.items()} == {
-        "gamma-sweep": None, "killed": "stopped_early", "stopped_saw_error": "stopped_early",
-        "errored_open": "error", "errored_closed": None, "done": None}
+        "gamma-sweep": None,
+        "killed": "stopped_early",
+        "stopped_saw_error": "stopped_early",
+        "errored_open": "error",
+        "errored_closed": None,
+        "done": None,
+    }

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import make_config
 
-from rayalign.storage import read_jsonl
 from rayalign.metrics import METRIC_KEYS
 from rayalign.pipeline import run_train
-
-from conftest import make_config
+from rayalign.storage import read_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -70,9 +69,16 @@ def test_zero3_shared_prompt_with_activation_checkpointing_and_a_token_budget(ra
     cfg = make_config(
         tmp_path,
         data={"synthetic": {"num_pairs": 48}},
-        train={"micro_batch_size": 4, "gradient_accumulation_steps": 2, "tokens_per_batch": 50, "zero_stage": 3,
-               "log_every": 1, "learning_rate": 3e-3, "gradient_checkpointing": True,
-               "packing": {"row_tokens": 64, "logps_chunk_tokens": 16}},
+        train={
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "tokens_per_batch": 50,
+            "zero_stage": 3,
+            "log_every": 1,
+            "learning_rate": 3e-3,
+            "gradient_checkpointing": True,
+            "packing": {"row_tokens": 64, "logps_chunk_tokens": 16},
+        },
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
     )
     summary = run_train(cfg)
@@ -106,12 +112,22 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     from rayalign.reference.stage import split_scored
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i}: {i}+1=?", "chosen": f" {i + 1}", "rejected": f" {i + 2}"})
-                            + "\n" for i in range(40)))
-    sections = dict(train={"micro_batch_size": 4, "zero_stage": 0, "log_every": 1},
-                    monitor={"eval_every": 2}, scaling={"num_workers": 2, "cpus_per_worker": 0.5})
-    cfg = make_config(tmp_path, data={"paths": [str(data)], "synthetic": None,
-                                      "eval_fraction": _fraction_holding_out(40, "pairs.jsonl", 1)}, **sections)
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}: {i}+1=?", "chosen": f" {i + 1}", "rejected": f" {i + 2}"}) + "\n"
+            for i in range(40)
+        )
+    )
+    sections = dict(
+        train={"micro_batch_size": 4, "zero_stage": 0, "log_every": 1},
+        monitor={"eval_every": 2},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+    )
+    cfg = make_config(
+        tmp_path,
+        data={"paths": [str(data)], "synthetic": None, "eval_fraction": _fraction_holding_out(40, "pairs.jsonl", 1)},
+        **sections,
+    )
     summary = run_train(cfg)
     assert summary["reference"]["heldout_pairs"] == 1
     rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
@@ -124,8 +140,11 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     assert summary["heldout"]["eval/loss"] == rows[-1]["eval/loss"]
     assert "eval/pairs/s" not in rows[-1]
 
-    empty = make_config(tmp_path, data={"paths": [str(data)], "synthetic": None,
-                                        "eval_fraction": _fraction_holding_out(40, "pairs.jsonl", 0)}, **sections)
+    empty = make_config(
+        tmp_path,
+        data={"paths": [str(data)], "synthetic": None, "eval_fraction": _fraction_holding_out(40, "pairs.jsonl", 0)},
+        **sections,
+    )
     rows = ray.data.from_items([{"source": str(data), "row": row, "prompt_ids": [1]} for row in range(1, 41)])
     with pytest.raises(ConfigError, match=r"data.eval_fraction=.* selects none of the 40 usable pairs"):
         split_scored(empty, rows, None, 40)
@@ -136,4 +155,3 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     assert main(["validate", "--config", str(config), "--json"]) == 0
     announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert announced["optimizer_steps"] == summary["planned_steps"] == summary["steps"]
-

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_config
 
 from rayalign.config import LossConfig, TrainConfig
 from rayalign.errors import DataQualityError
@@ -15,8 +16,6 @@ from rayalign.losses import PairLogps, objective
 from rayalign.train.step import PreferenceStep
 from rayalign.train.steps import StepPlan, step_plan
 from rayalign.train.worker import lr_schedule
-
-from conftest import make_config
 
 
 def test_planned_steps_split_the_pairs_across_workers_and_accumulation():
@@ -58,8 +57,8 @@ def test_heldout_split_is_stable_disjoint_and_keyed_by_file_name(ray_cluster, tm
 
 def test_scoring_a_batch_applies_the_objective_to_policy_and_reference_log_probs(tiny_model_dir):
     from rayalign.logprobs import PolicyLogps, sequence_logps, split_pairs
-    from rayalign.packing import pack_pairs
     from rayalign.models import load_causal_lm
+    from rayalign.packing import pack_pairs
 
     model = load_causal_lm(tiny_model_dir).eval()
     batch = {
@@ -72,7 +71,8 @@ def test_scoring_a_batch_applies_the_objective_to_policy_and_reference_log_probs
     loss_cfg = LossConfig(type="cpo", beta=0.5, gamma=1.0, nll_weight=0.2)
     with torch.no_grad():
         scored = PreferenceStep(loss_cfg, TrainConfig(), pad_id=0, device=torch.device("cpu")).score(
-            PolicyLogps(model), batch)
+            PolicyLogps(model), batch
+        )
         terms, tokens = scored.terms, scored.real_tokens
         logps, counts = sequence_logps(model, pack_pairs(batch, "padded", pad_id=0))
     assert tokens == (3 + 2 + 1) + (2 + 1 + 3)  # the default shared-prompt layout computes each prompt once

@@ -8,19 +8,17 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import make_config
 from ray.util.state import list_actors
 
 from rayalign.config import ModelConfig, TinyModelConfig
-from rayalign.storage import read_jsonl
+from rayalign.data.stage import data_paths
 from rayalign.metrics import METRIC_KEYS
 from rayalign.models import publish_model, resolve_model_dir
-from rayalign.data.stage import data_paths
 from rayalign.pipeline import run_train
-from rayalign.reference.store import ReferenceStore, scorer_identity
-from rayalign.storage import location
 from rayalign.reference.check import compare, run_refcheck
-
-from conftest import make_config
+from rayalign.reference.store import ReferenceStore, scorer_identity
+from rayalign.storage import location, read_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +60,9 @@ def test_vllm_pipeline_cache_hit_and_refcheck(ray_cluster, tmp_path):
     assert (again["key"], again["path"], again["hit"]) == (stored["key"], stored["path"], True)
     assert again["found"] == stored["scored"] == 64 and again["scored"] == 0
     # The synthetic data repeats some pairs: the store keeps one row per distinct token sequence.
-    distinct = {(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(cfg.output.run_dir / "data" / "synthetic.jsonl")}
+    distinct = {
+        (r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(cfg.output.run_dir / "data" / "synthetic.jsonl")
+    }
     assert stored["store_rows"] == again["store_rows"] == len(distinct) < 64
     assert vllm_actor_starts() == starts + 1
     assert read_jsonl(cfg.output.run_dir / "metrics.jsonl")[0]["loss"] == pytest.approx(rows[0]["loss"], abs=1e-6)
@@ -77,8 +77,14 @@ def test_vllm_pipeline_cache_hit_and_refcheck(ray_cluster, tmp_path):
 
 
 def test_refcheck_flags_a_real_difference():
-    a = {"source": "f", "row": 1, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0,
-         "chosen_token_logps": [-0.5, -0.5], "rejected_token_logps": [-2.0]}
+    a = {
+        "source": "f",
+        "row": 1,
+        "ref_chosen_logps": -1.0,
+        "ref_rejected_logps": -2.0,
+        "chosen_token_logps": [-0.5, -0.5],
+        "rejected_token_logps": [-2.0],
+    }
     b = {**a, "ref_chosen_logps": -1.01, "chosen_token_logps": [-0.5, -0.51]}
     report = compare([a], [b], tolerance=1e-4)
     assert not report["passed"] and report["max_abs_diff_per_token"] == pytest.approx(0.01)

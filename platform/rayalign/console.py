@@ -81,8 +81,10 @@ class Console:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         except OSError as err:
             if path.is_symlink():
-                raise ConfigError(f"{path} is a symbolic link; rayalign does not write its log through one "
-                                  "(remove it, or set another output.root)") from None
+                raise ConfigError(
+                    f"{path} is a symbolic link; rayalign does not write its log through one "
+                    "(remove it, or set another output.root)"
+                ) from None
             raise ConfigError(f"cannot write the log {path}: {err.strerror}") from None
         os.fchmod(fd, 0o600)  # a log left by an earlier version keeps its mode otherwise
         os.dup2(fd, 1)
@@ -149,8 +151,7 @@ class TrainingProgress:
 
             # A terminal that reports no size (0 columns) gets 100: tqdm would draw an empty bar.
             width = shutil.get_terminal_size((100, 24)).columns
-            self.bar = tqdm(total=total_steps, desc=run_name, unit="step", file=console.stream, ncols=width,
-                            leave=True)
+            self.bar = tqdm(total=total_steps, desc=run_name, unit="step", file=console.stream, ncols=width, leave=True)
 
     def show(self, row: dict[str, Any]) -> None:
         if self.bar is not None:

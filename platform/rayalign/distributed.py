@@ -35,7 +35,7 @@ class Collective:
     device: torch.device
 
     @classmethod
-    def of_worker_group(cls, compute_device: torch.device | str) -> "Collective":
+    def of_worker_group(cls, compute_device: torch.device | str) -> Collective:
         """For the initialized process group (Ray Train set it up) of a worker computing on ``compute_device``."""
         import torch.distributed as dist
 

@@ -50,9 +50,7 @@ def dpo(
     ε = label_smoothing is the conservative-DPO label-noise rate (ε = 0: plain DPO).
     """
     h, _, _ = margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
-        -beta * h
-    )
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
 def ipo(
@@ -64,7 +62,7 @@ def ipo(
 ) -> Tensor:
     """Identity Preference Optimization (Azar et al., 2023), eq. 17.
 
-        L = (h − 1/(2β))²
+    L = (h − 1/(2β))²
     """
     h, _, _ = margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return (h - 1 / (2 * beta)) ** 2
@@ -79,7 +77,7 @@ def hinge(
 ) -> Tensor:
     """SLiC-style hinge loss on the implicit reward margin.
 
-        L = max(0, 1 − βh)
+    L = max(0, 1 − βh)
     """
     h, _, _ = margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return torch.relu(1 - beta * h)

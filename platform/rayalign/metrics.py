@@ -25,7 +25,8 @@ checkpoint (the file up to that step), and Ray Train's report (checkpoints, held
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 STEP = "step"
 EPOCH = "epoch"
@@ -47,8 +48,16 @@ RESUMED_FROM_STEP = "resumed_from_step"
 EVAL_PREFIX = "eval/"
 
 # Each per-pair statistic once, in the order the interval meter sums them (rayalign.train.meter).
-PER_PAIR_KEYS = (REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARD_ACCURACY, LOGPS_CHOSEN, LOGPS_REJECTED,
-                 ABSOLUTE_ACCURACY, FRAC_IN_U)
+PER_PAIR_KEYS = (
+    REWARDS_CHOSEN,
+    REWARDS_REJECTED,
+    REWARDS_MARGINS,
+    REWARD_ACCURACY,
+    LOGPS_CHOSEN,
+    LOGPS_REJECTED,
+    ABSOLUTE_ACCURACY,
+    FRAC_IN_U,
+)
 RATE_KEYS = (PAIRS_PER_S, TOKENS_PER_S)
 # Every logged row has these keys (besides step/epoch/lr bookkeeping).
 METRIC_KEYS = (LOSS, *PER_PAIR_KEYS, *RATE_KEYS)
@@ -63,8 +72,12 @@ def eval_key(key: str) -> str:
 
 
 # A sweep's objective: which held-out keys it may be, and which way is better.
-OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {eval_key(ABSOLUTE_ACCURACY): "max", eval_key(REWARD_ACCURACY): "max", eval_key(LOSS): "min",
-                   eval_key(FRAC_IN_U): "min"}
+OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
+    eval_key(ABSOLUTE_ACCURACY): "max",
+    eval_key(REWARD_ACCURACY): "max",
+    eval_key(LOSS): "min",
+    eval_key(FRAC_IN_U): "min",
+}
 DEFAULT_OBJECTIVE = eval_key(ABSOLUTE_ACCURACY)
 
 

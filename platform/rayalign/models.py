@@ -40,13 +40,9 @@ def build_byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
-    )
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
     tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
 
@@ -215,13 +211,17 @@ def node_cache_dir() -> Path:
 
 
 def _model_files(model_dir: Path) -> list[Path]:
-    return sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != MODEL_MANIFEST)
+    return sorted(
+        p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != MODEL_MANIFEST
+    )
 
 
 def content_digest(model_dir: Path) -> str:
     """sha256 over every file's relative name and contents. Each file's digest is remembered in this
     node's cache by (size, mtime), so a large model is read once, not before every run."""
-    memo_path = node_cache_dir() / "digests" / f"{hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]}.json"
+    memo_path = (
+        node_cache_dir() / "digests" / f"{hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:24]}.json"
+    )
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):

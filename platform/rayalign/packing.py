@@ -23,8 +23,9 @@ flex attention a block mask of the same rule, under which a whole micro-batch is
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -114,8 +115,9 @@ class PackedPairs:
 
         rows, width = segment.shape
         # Compiled, the rule is evaluated block by block: the dense L×L mask is never formed (as transformers does).
-        return create_block_mask(may_attend, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=segment.device,
-                                 _compile=True)
+        return create_block_mask(
+            may_attend, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=segment.device, _compile=True
+        )
 
     def to(self, device: torch.device | str) -> PackedPairs:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -161,8 +163,11 @@ def _segments(batch: Mapping[str, Sequence[Sequence[int]]], layout: Layout) -> l
     b = len(prompts)
     if layout == "shared_prompt":
         return [_shared_segment(prompts[i], chosen[i], rejected[i], i, b) for i in range(b)]
-    return [_plain_segment(prompts[i], responses[i], s * b + i)
-            for s, responses in enumerate((chosen, rejected)) for i in range(b)]
+    return [
+        _plain_segment(prompts[i], responses[i], s * b + i)
+        for s, responses in enumerate((chosen, rejected))
+        for i in range(b)
+    ]
 
 
 def _rows(segments: list[_Segment], layout: Layout, row_tokens: int | None) -> list[list[int]]:
@@ -219,5 +224,6 @@ def pack_pairs(
     counts = torch.bincount(sequence, minlength=len(batch[PROMPT_IDS]) * 2)
     real_tokens = sum(len(s.ids) for s in segments)
 
-    return PackedPairs(input_ids, position_ids, segment_of, part_of, layout, predictor, target, sequence, counts,
-                       real_tokens)
+    return PackedPairs(
+        input_ids, position_ids, segment_of, part_of, layout, predictor, target, sequence, counts, real_tokens
+    )

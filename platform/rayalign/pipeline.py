@@ -31,8 +31,8 @@ from rayalign.config import RunConfig
 from rayalign.console import Console
 from rayalign.data.stage import prepare_data
 from rayalign.reference.stage import score_into_cache, score_reference
-from rayalign.runtime import ResourceDemand
 from rayalign.run_dir import claimed_run_dir
+from rayalign.runtime import ResourceDemand
 from rayalign.storage import write_local
 from rayalign.train.stage import TrainingHooks, preflight, train_stage
 from rayalign.train.trainer import TrainingInputs
@@ -52,8 +52,12 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         if ref.in_worker:
             log.info("reference: in the training workers, LoRA adapters off (no actors)")
         else:
-            log.info("reference: %s, %d actor(s)%s", ref.backend, ref.num_actors,
-                     ", through the cache" if ref.cache else ", streamed into training")
+            log.info(
+                "reference: %s, %d actor(s)%s",
+                ref.backend,
+                ref.num_actors,
+                ", through the cache" if ref.cache else ", streamed into training",
+            )
         scored = score_reference(cfg, data)
         s = cfg.scaling
         log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")

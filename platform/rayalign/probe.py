@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 PROBE_DIR = "_probe"
 NODE_TIMEOUT_S = 120.0
-NOT_SHARED_HINT = ("the nodes do not share this filesystem: set output.storage to a URI every node reaches "
-                   "(s3://bucket/runs, gs://bucket/runs; output.s3 for an S3-compatible server)")
+NOT_SHARED_HINT = (
+    "the nodes do not share this filesystem: set output.storage to a URI every node reaches "
+    "(s3://bucket/runs, gs://bucket/runs; output.s3 for an S3-compatible server)"
+)
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,9 @@ def check_storage(cfg: RunConfig, model: ModelSource, data_paths: list[str]) -> 
         probe = ray.remote(_probe_node)
         nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
         pending = {
-            probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-            .remote(places, model, data_paths, cfg.output.s3): node_id
+            probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(
+                places, model, data_paths, cfg.output.s3
+            ): node_id
             for node_id in nodes
         }
         done, late = ray.wait(list(pending), num_returns=len(pending), timeout=NODE_TIMEOUT_S)
@@ -87,8 +90,9 @@ def check_storage(cfg: RunConfig, model: ModelSource, data_paths: list[str]) -> 
         problems = [p for p in ray.get(done) if p]
         if problems:
             raise StorageError(problems[0])
-        log.info("storage: %s reached from the driver and %d node(s)", ", ".join(p.place.uri for p in places),
-                 len(nodes))
+        log.info(
+            "storage: %s reached from the driver and %d node(s)", ", ".join(p.place.uri for p in places), len(nodes)
+        )
     finally:
         for shared in places:
             remove(shared.driver_probe)
@@ -100,7 +104,10 @@ def _write_read_delete(shared: SharedPlace, who: str, keep: bool = False) -> str
     try:
         write_text(mine, shared.token)
         if read_text(mine) != shared.token:
-            return f"{shared.label}: {shared.place.uri} cannot be used from {who}: a probe written there read back different"
+            return (
+                f"{shared.label}: {shared.place.uri} cannot be used from {who}: "
+                "a probe written there read back different"
+            )
         if not keep:
             remove(mine)
     except Exception as exc:  # any filesystem's error, as the user will see it at run time

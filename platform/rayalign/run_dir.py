@@ -18,16 +18,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 from filelock import FileLock, Timeout
 
 from rayalign.config import ConfigError
 from rayalign.storage import (
-    METRICS_FILE, MODEL_DIR, QUARANTINE_FILE, RAY_TRAIN_DIR, RAY_TRAIN_RUN, RUN_PLOT, SCORED_DIR, SUMMARY_FILE,
-    Location, is_same_place, location, prepare_run_dir, remove, run_location,
+    METRICS_FILE,
+    MODEL_DIR,
+    QUARANTINE_FILE,
+    RAY_TRAIN_DIR,
+    RAY_TRAIN_RUN,
+    RUN_PLOT,
+    SCORED_DIR,
+    SUMMARY_FILE,
+    Location,
+    is_same_place,
+    location,
+    prepare_run_dir,
+    remove,
+    run_location,
 )
 
 if TYPE_CHECKING:
@@ -37,8 +50,16 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_DIR = "data"  # the synthetic task a run writes (rayalign.data.stage)
 # Everything `rayalign train` writes into its run directory and its storage (config.yaml is rewritten anyway).
-TRAINING_OUTPUTS = (METRICS_FILE, SUMMARY_FILE, QUARANTINE_FILE, SCORED_DIR, MODEL_DIR, RUN_PLOT, RAY_TRAIN_DIR,
-                    SYNTHETIC_DIR)
+TRAINING_OUTPUTS = (
+    METRICS_FILE,
+    SUMMARY_FILE,
+    QUARANTINE_FILE,
+    SCORED_DIR,
+    MODEL_DIR,
+    RUN_PLOT,
+    RAY_TRAIN_DIR,
+    SYNTHETIC_DIR,
+)
 
 
 @contextlib.contextmanager
@@ -52,8 +73,10 @@ def held_run_name(output: OutputConfig) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise ConfigError(f"{output.run_dir}: another run named {output.name!r} is running from this machine (it "
-                          "holds the lock beside the run directory); wait for it, or set another output.name") from None
+        raise ConfigError(
+            f"{output.run_dir}: another run named {output.name!r} is running from this machine (it "
+            "holds the lock beside the run directory); wait for it, or set another output.name"
+        ) from None
     try:
         yield
     finally:
@@ -82,11 +105,15 @@ def _clear_earlier_run(cfg: RunConfig) -> None:
     holds = f"{output.run_dir} holds"
     if finished and policy != "replace":
         nothing = "; a finished run has nothing to resume" if policy == "resume" else ""
-        raise ConfigError(f"{holds} a finished training run ({finished}){nothing}: set another output.name, or "
-                          "replace it with --replace (output.if_exists: replace)")
+        raise ConfigError(
+            f"{holds} a finished training run ({finished}){nothing}: set another output.name, or "
+            "replace it with --replace (output.if_exists: replace)"
+        )
     if checkpoint and policy == "refuse":
-        raise ConfigError(f"{holds} an unfinished training run with a checkpoint ({checkpoint}): continue it with "
-                          "--resume (output.if_exists: resume), start over with --replace, or set another output.name")
+        raise ConfigError(
+            f"{holds} an unfinished training run with a checkpoint ({checkpoint}): continue it with "
+            "--resume (output.if_exists: resume), start over with --replace, or set another output.name"
+        )
     if checkpoint and policy == "resume":
         log.info("resuming %s from %s", output.name, checkpoint)
     keep = (RAY_TRAIN_DIR,) if policy == "resume" else ()
@@ -100,6 +127,7 @@ def _checkpoint(run: Location) -> str | None:
     """The latest checkpoint of the run's Ray Train run, if any: the one a resume continues from."""
     train_run = run / RAY_TRAIN_DIR / RAY_TRAIN_RUN
     infos = train_run.fs.get_file_info(pafs.FileSelector(train_run.path, allow_not_found=True))
-    names = sorted(i.base_name for i in infos
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    names = sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
     return (train_run / names[-1]).uri if names else None

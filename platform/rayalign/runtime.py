@@ -35,7 +35,9 @@ class ResourceDemand:
     parts: str
 
     @classmethod
-    def of_run(cls, cfg: RunConfig, reference: bool = True, train: bool = True, per_trial_cpus: float = 0.0) -> "ResourceDemand":
+    def of_run(
+        cls, cfg: RunConfig, reference: bool = True, train: bool = True, per_trial_cpus: float = 0.0
+    ) -> ResourceDemand:
         """Peak demand of the reference actors and/or Ray Train workers (+ a Tune trial's own CPUs).
 
         Streamed into training, the reference actors run while the workers train, so the two add
@@ -47,8 +49,11 @@ class ResourceDemand:
         ref_cpus, ref_gpus = ref.num_actors * ref.cpus_per_actor, ref.num_actors * (ref.gpus_per_actor or 0.0)
         train_cpus = per_trial_cpus + s.num_workers * s.cpus_per_worker
         train_gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
-        ref_part = f"{ref.num_actors} reference actor(s) × ({ref.cpus_per_actor:g} CPU, {ref.gpus_per_actor or 0:g} GPU)"
-        train_part = f"{s.num_workers} train worker(s) × ({s.cpus_per_worker:g} CPU, {s.gpus_per_worker if s.use_gpu else 0:g} GPU)"
+        ref_part = (
+            f"{ref.num_actors} reference actor(s) × ({ref.cpus_per_actor:g} CPU, {ref.gpus_per_actor or 0:g} GPU)"
+        )
+        gpus = s.gpus_per_worker if s.use_gpu else 0
+        train_part = f"{s.num_workers} train worker(s) × ({s.cpus_per_worker:g} CPU, {gpus:g} GPU)"
         if per_trial_cpus:
             train_part += f" + {per_trial_cpus:g} CPU for the trial"
         if not train:
@@ -114,8 +119,10 @@ def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:
             secure_local_token()
             ray.init(**sizing)
             if cfg.loopback_only and ray.util.get_node_ip_address() != "127.0.0.1":
-                log.warning("Ray was imported before rayalign could keep the local cluster on 127.0.0.1; "
-                            "its ports listen on every interface")
+                log.warning(
+                    "Ray was imported before rayalign could keep the local cluster on 127.0.0.1; "
+                    "its ports listen on every interface"
+                )
     if demand is not None:
         check_resources(demand, ray.cluster_resources(), may_grow=bool(address))
 

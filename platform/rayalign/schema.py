@@ -22,16 +22,16 @@ A scored row, for example::
      "chosen_tokens": 2, "rejected_tokens": 1}
 
 Inside the data stage, before the quarantine is split off, rows also carry the raw ``record`` (kept only
-when rejected), a ``read_error`` when it could not be read as text, its ``status`` (``ok`` or the rejection reason), the ``field`` and ``detail`` of the
-rejection, and whether the pair was ``truncated``; only the columns above leave the stage.
+when rejected), a ``read_error`` when it could not be read as text, its ``status`` (``ok`` or the rejection
+reason), the ``field`` and ``detail`` of the rejection, and whether the pair was ``truncated``; only the
+columns above leave the stage.
 
 (``source``, ``row``) identifies a pair across stages (the held-out split hashes it; refcheck joins on it).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
-
+from collections.abc import Mapping, Sequence
 
 SOURCE = "source"
 ROW = "row"

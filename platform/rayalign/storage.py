@@ -29,9 +29,10 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
@@ -94,8 +95,11 @@ def location(where: str, s3: S3Config | None = None) -> Location:
         options: dict[str, Any] = {}
         if s3 is not None and s3.endpoint is not None:
             options.update(endpoint_override=s3.endpoint, scheme=s3.scheme)
-        region = (s3.region if s3 is not None else None) or os.environ.get("AWS_REGION") or os.environ.get(
-            "AWS_DEFAULT_REGION")
+        region = (
+            (s3.region if s3 is not None else None)
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+        )
         if not region and "endpoint_override" not in options:
             region = _bucket_region(rest.split("/", 1)[0])
         if region:

@@ -66,7 +66,9 @@ class MlflowRun:
     def __init__(self, cfg: RunConfig, run_id: str):
         import mlflow
 
-        self.client = mlflow.MlflowClient(tracking_uri=cfg.output.tracking.mlflow_tracking_uri or default_mlflow_uri(cfg))
+        self.client = mlflow.MlflowClient(
+            tracking_uri=cfg.output.tracking.mlflow_tracking_uri or default_mlflow_uri(cfg)
+        )
         self.run_id = run_id
         self.first_alarm = FirstAlarm()
 
@@ -190,8 +192,9 @@ class WandbRun:
         import wandb
 
         if summary is not None:
-            self.run.summary.update({f"summary/{k}": v for k, v in flat_params(summary).items()
-                                     if isinstance(v, (int, float, str, bool))})
+            self.run.summary.update(
+                {f"summary/{k}": v for k, v in flat_params(summary).items() if isinstance(v, (int, float, str, bool))}
+            )
         images = {f"plots/{path.stem}": wandb.Image(str(path)) for path in files if path.suffix == ".png"}
         if images:
             self.run.log(images)
@@ -252,8 +255,11 @@ def open_sweep_parent(cfg: RunConfig) -> str | None:
     """The sweep's own MLflow run, which its trials name as parent; None without MLflow."""
     if "mlflow" not in cfg.output.trackers:
         return None
-    sweep = {"sweep.objective": cfg.sweep.objective, "sweep.mode": cfg.sweep.objective_mode,
-             **{f"sweep.space.{k}": json.dumps(v.model_dump(mode="json")) for k, v in cfg.sweep.space.items()}}
+    sweep = {
+        "sweep.objective": cfg.sweep.objective,
+        "sweep.mode": cfg.sweep.objective_mode,
+        **{f"sweep.space.{k}": json.dumps(v.model_dump(mode="json")) for k, v in cfg.sweep.space.items()},
+    }
     return MlflowRun.start(cfg, cfg.output.name, sweep, {"rayalign.sweep": cfg.output.name}).run_id
 
 

@@ -118,8 +118,10 @@ def _check_hostname_is_loopback() -> None:
     except OSError as err:
         pytest.fail(f"host name {name!r} does not resolve ({err}): add it to /etc/hosts as 127.0.0.1")
     if not address.startswith("127."):
-        pytest.fail(f"host name {name!r} resolves to {address}, not to the loopback interface: Ray drivers "
-                    f"in this network namespace would not find their node (add '127.0.0.1 {name}' to /etc/hosts)")
+        pytest.fail(
+            f"host name {name!r} resolves to {address}, not to the loopback interface: Ray drivers "
+            f"in this network namespace would not find their node (add '127.0.0.1 {name}' to /etc/hosts)"
+        )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -210,8 +212,17 @@ class Node:
 class IsolatedCluster:
     """A running cluster; see the module docstring. ``env`` is what a driver subprocess needs."""
 
-    def __init__(self, *, base: Path, log_dir: Path, driver_root: Path, node_cache: Path,
-                 node_env: dict[str, str], ray: str, python: str):
+    def __init__(
+        self,
+        *,
+        base: Path,
+        log_dir: Path,
+        driver_root: Path,
+        node_cache: Path,
+        node_env: dict[str, str],
+        ray: str,
+        python: str,
+    ):
         self.base = base  # short: Ray's Unix socket paths (<temp dir>/session_*/sockets/*) must fit in 107 chars
         self.log_dir = log_dir  # each node's `ray start` output, kept after the session
         self.driver_root = driver_root
@@ -277,8 +288,9 @@ class IsolatedCluster:
         def registered(alive: list[dict]) -> bool:
             for node in nodes:
                 if not node.alive:
-                    raise RuntimeError(f"`ray start` of {node.name} exited with {node.process.returncode}:\n"
-                                       f"{_log_tail(node.log)}")
+                    raise RuntimeError(
+                        f"`ray start` of {node.name} exited with {node.process.returncode}:\n{_log_tail(node.log)}"
+                    )
             return all(any(node.matches(n) for n in alive) for node in nodes)
 
         alive = self._watch_nodes(registered, "nodes " + ", ".join(n.name for n in nodes) + " alive", timeout_s)
@@ -319,8 +331,14 @@ class IsolatedCluster:
                 time.sleep(0.5)
         """)
         with tempfile.TemporaryFile("w+") as err:
-            watcher = subprocess.Popen([self._python, "-c", code], env=self.env, stdout=subprocess.PIPE,
-                                       stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+            watcher = subprocess.Popen(
+                [self._python, "-c", code],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             try:
                 pending = b""
                 while time.monotonic() < deadline and watcher.poll() is None:
@@ -329,7 +347,7 @@ class IsolatedCluster:
                         continue
                     chunk = os.read(watcher.stdout.fileno(), 1 << 20)
                     *lines, pending = (pending + chunk).split(b"\n")
-                    states = [json.loads(line[len(b"NODES="):]) for line in lines if line.startswith(b"NODES=")]
+                    states = [json.loads(line[len(b"NODES=") :]) for line in lines if line.startswith(b"NODES=")]
                     if states:
                         alive = states[-1]
                         if done(alive):
@@ -341,8 +359,9 @@ class IsolatedCluster:
             self._fail_waiting(what, alive, f"(driver exit {watcher.returncode}):\n{err.read()[-3000:]}")
 
     def _fail_waiting(self, what: str, alive: list[dict] | None, problem: str):
-        logs = "\n".join(f"--- {n.name} ({'running' if n.alive else 'exited'}):\n{_log_tail(n.log, 2000)}"
-                         for n in self.nodes)
+        logs = "\n".join(
+            f"--- {n.name} ({'running' if n.alive else 'exited'}):\n{_log_tail(n.log, 2000)}" for n in self.nodes
+        )
         seen = "no answer" if alive is None else f"{len(alive)} alive nodes"
         raise RuntimeError(f"timed out waiting for {what}: {seen} {problem}\n{logs}")
 
@@ -381,23 +400,40 @@ class IsolatedCluster:
         # Each node is a machine of its own: an empty node_cache, and worker nodes see nothing of
         # what the driver writes under driver_root.
         hidden = (self.node_cache,) if head else (self.node_cache, self.driver_root)
-        args = [self._ray, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                f"--temp-dir={temp_dir}", f"--object-store-memory={OBJECT_STORE_BYTES}",
-                # Not Ray's fixed 52365: several nodes share 127.0.0.1.
-                "--dashboard-agent-listen-port=0"]
+        args = [
+            self._ray,
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={temp_dir}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
+            # Not Ray's fixed 52365: several nodes share 127.0.0.1.
+            "--dashboard-agent-listen-port=0",
+        ]
         if head:
-            args += ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     f"--ray-client-server-port={free_port()}"]
+            args += [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--num-cpus=0",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+            ]
         else:
             args += [f"--address={self.address}", f"--num-cpus={WORKER_CPUS}"]
         mounts = " && ".join(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(d))}" for d in hidden)
-        script = f"{mounts} && exec \"$@\""
+        script = f'{mounts} && exec "$@"'
         with log.open("w") as out:
             process = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                env=self._start_env(), cwd=temp_dir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self._start_env(),
+                cwd=temp_dir,
             )
         return Node(name=name, temp_dir=temp_dir, log=log, process=process, hidden=hidden)
 
@@ -420,8 +456,9 @@ class IsolatedCluster:
         deadline = time.monotonic() + timeout_s
         while True:
             if not self.head.alive:
-                raise RuntimeError(f"ray start --head exited with {self.head.process.returncode}:\n"
-                                   f"{_log_tail(self.head.log)}")
+                raise RuntimeError(
+                    f"ray start --head exited with {self.head.process.returncode}:\n{_log_tail(self.head.log)}"
+                )
             with socket.socket() as s:
                 s.settimeout(1)
                 if s.connect_ex(("127.0.0.1", self.gcs_port)) == 0:
@@ -442,8 +479,9 @@ class IsolatedCluster:
             except OSError as err:
                 last = err
             time.sleep(0.5)
-        raise RuntimeError(f"the dashboard at {self.dashboard_url} did not answer in time ({last}):\n"
-                           f"{_log_tail(self.head.log)}")
+        raise RuntimeError(
+            f"the dashboard at {self.dashboard_url} did not answer in time ({last}):\n{_log_tail(self.head.log)}"
+        )
 
     def stop(self) -> None:
         """Kill every process this cluster started (worker nodes first), never `ray stop`."""
@@ -486,8 +524,15 @@ def isolated_cluster(s3_server, tmp_path_factory):
     }
     log_dir = tmp / "logs"
     log_dir.mkdir()
-    cluster = IsolatedCluster(base=base, log_dir=log_dir, driver_root=driver_root, node_cache=node_cache,
-                              node_env=node_env, ray=ray, python=python)
+    cluster = IsolatedCluster(
+        base=base,
+        log_dir=log_dir,
+        driver_root=driver_root,
+        node_cache=node_cache,
+        node_env=node_env,
+        ray=ray,
+        python=python,
+    )
     started = time.monotonic()
     with _environ(RAY_AUTH_TOKEN=token, RAY_AUTH_MODE="token", RAYALIGN_CACHE_DIR=str(node_cache)):
         try:

@@ -150,8 +150,13 @@ class S3Server:
         """A pyarrow S3FileSystem with this server's endpoint and credentials."""
         import pyarrow.fs as pafs
 
-        kwargs = dict(endpoint_override=self.host_port, scheme="http", access_key=self.access_key,
-                      secret_key=self.secret_key, region=self.region)
+        kwargs = dict(
+            endpoint_override=self.host_port,
+            scheme="http",
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+        )
         kwargs.update(options)
         return pafs.S3FileSystem(**kwargs)
 
@@ -209,13 +214,18 @@ def start_s3_server(root: Path, weed: str) -> S3Server:
     (root / "data").mkdir()
     access_key = "AK" + secrets.token_hex(9).upper()
     secret_key = secrets.token_urlsafe(30)
-    identity = {"name": "harness", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    identity = {
+        "name": "harness",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
     (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
     (root / "s3.json").chmod(0o600)
 
-    ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer",
-                                             "filer.grpc", "s3", "s3.grpc")}
+    ports = {
+        name: free_port()
+        for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+    }
     # weed runs with this folder bind-mounted on /tmp (a mount namespace of its own): its gRPC
     # Unix sockets, whose paths are fixed (/tmp/seaweedfs-<server>-grpc-<port>.sock), and its
     # logs then land here, and never meet another SeaweedFS on this machine.
@@ -224,13 +234,23 @@ def start_s3_server(root: Path, weed: str) -> S3Server:
     # once /tmp is covered. weed is one static binary.
     shutil.copy2(weed, root / "weed")
     args = [
-        f"{tmp}/weed", "server",
-        f"-dir={tmp}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
-        "-volume.max=100", "-master.volumeSizeLimitMB=64",
-        "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}",
+        f"{tmp}/weed",
+        "server",
+        f"-dir={tmp}/data",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={ports['master.grpc']}",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={ports['volume.grpc']}",
+        "-volume.max=100",
+        "-master.volumeSizeLimitMB=64",
+        "-filer",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={ports['filer.grpc']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={ports['s3.grpc']}",
         f"-s3.config={tmp}/s3.json",
     ]
     flags = _weed_flags(weed, "server")
@@ -244,16 +264,25 @@ def start_s3_server(root: Path, weed: str) -> S3Server:
     with log.open("w") as out:
         process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", str(root), *args],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
             env={**os.environ, "TMPDIR": tmp},
         )
-    server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3']}", access_key=access_key, secret_key=secret_key,
-                      bucket=BUCKET, region=REGION, data_dir=root / "data", log=log, process=process)
+    server = S3Server(
+        endpoint=f"http://127.0.0.1:{ports['s3']}",
+        access_key=access_key,
+        secret_key=secret_key,
+        bucket=BUCKET,
+        region=REGION,
+        data_dir=root / "data",
+        log=log,
+        process=process,
+    )
     try:
         _wait_for_s3(server, time.monotonic() + S3_START_TIMEOUT_S)
     except BaseException:
         kill_session(process)
         raise
     return server
-
-

@@ -52,8 +52,9 @@ def test_cluster_is_a_cpu_less_head_and_two_worker_nodes(isolated_cluster, drive
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{isolated_cluster.dashboard_url}/api/version", timeout=10)
     assert refused.value.code in (401, 403)
-    request = urllib.request.Request(f"{isolated_cluster.dashboard_url}/api/version",
-                                     headers=isolated_cluster.auth_headers)
+    request = urllib.request.Request(
+        f"{isolated_cluster.dashboard_url}/api/version", headers=isolated_cluster.auth_headers
+    )
     with urllib.request.urlopen(request, timeout=10) as reply:
         assert reply.status == 200
 
@@ -92,8 +93,12 @@ def test_worker_nodes_see_neither_the_driver_files_nor_each_others_cache(isolate
         return os.path.exists(path)
 
     tags = [f"node{i}-{uuid.uuid4().hex}" for i in range(len(worker_node_ids))]
-    seen = ray.get([look_and_write.options(**_on(node)).remote(str(driver_file), str(isolated_cluster.driver_root), tag)
-                    for node, tag in zip(worker_node_ids, tags)])
+    seen = ray.get(
+        [
+            look_and_write.options(**_on(node)).remote(str(driver_file), str(isolated_cluster.driver_root), tag)
+            for node, tag in zip(worker_node_ids, tags)
+        ]
+    )
     for node, tag, result in zip(worker_node_ids, tags, seen):
         assert result["node"] == node
         assert result["cache_dir"] == str(isolated_cluster.node_cache)
@@ -106,19 +111,24 @@ def test_worker_nodes_see_neither_the_driver_files_nor_each_others_cache(isolate
     # Neither node sees the other's cache file, and the driver sees neither.
     first, second = seen[0]["mine"], seen[1]["mine"]
     head = isolated_cluster.head.node_id
-    crossed = ray.get([sees.options(**_on(worker_node_ids[0])).remote(second),
-                       sees.options(**_on(worker_node_ids[1])).remote(first),
-                       sees.options(**_on(worker_node_ids[0])).remote(first),
-                       # The head has a node_cache of its own too, but sees driver_root (by design:
-                       # it stands for the machine `ray job submit` runs the entrypoint on).
-                       sees.options(num_cpus=0, **_on(head)).remote(first),
-                       sees.options(num_cpus=0, **_on(head)).remote(str(driver_file))])
+    crossed = ray.get(
+        [
+            sees.options(**_on(worker_node_ids[0])).remote(second),
+            sees.options(**_on(worker_node_ids[1])).remote(first),
+            sees.options(**_on(worker_node_ids[0])).remote(first),
+            # The head has a node_cache of its own too, but sees driver_root (by design:
+            # it stands for the machine `ray job submit` runs the entrypoint on).
+            sees.options(num_cpus=0, **_on(head)).remote(first),
+            sees.options(num_cpus=0, **_on(head)).remote(str(driver_file)),
+        ]
+    )
     assert crossed == [False, False, True, False, True]
     assert not os.path.exists(first) and not os.path.exists(second)
 
 
 def test_every_worker_node_writes_and_reads_s3_with_credentials_from_its_environment(
-        s3_server, driver, worker_node_ids):
+    s3_server, driver, worker_node_ids
+):
     ray = driver
     prefix = f"harness/{uuid.uuid4().hex}"
 
@@ -143,11 +153,13 @@ def test_every_worker_node_writes_and_reads_s3_with_credentials_from_its_environ
         return {"wrote": payload, "read": back, "other": other, "has_key": "AWS_ACCESS_KEY_ID" in os.environ}
 
     keys = [f"{prefix}/{node}.txt" for node in worker_node_ids]
-    first = ray.get(roundtrip.options(**_on(worker_node_ids[0])).remote(
-        s3_server.host_port, s3_server.bucket, keys[0], None))
+    first = ray.get(
+        roundtrip.options(**_on(worker_node_ids[0])).remote(s3_server.host_port, s3_server.bucket, keys[0], None)
+    )
     # The second node reads what the first wrote: S3 is the storage the nodes share.
-    second = ray.get(roundtrip.options(**_on(worker_node_ids[1])).remote(
-        s3_server.host_port, s3_server.bucket, keys[1], keys[0]))
+    second = ray.get(
+        roundtrip.options(**_on(worker_node_ids[1])).remote(s3_server.host_port, s3_server.bucket, keys[1], keys[0])
+    )
     for node, result in zip(worker_node_ids, (first, second)):
         assert result["has_key"]
         assert result["read"] == result["wrote"] == f"from {node}".encode()
@@ -164,8 +176,9 @@ def test_s3_refuses_requests_without_valid_credentials(s3_server):
     key = f"{s3_server.bucket}/harness/secret-{uuid.uuid4().hex}.txt"
     with s3_server.filesystem().open_output_stream(key) as out:
         out.write(b"secret")
-    anonymous = pafs.S3FileSystem(endpoint_override=s3_server.host_port, scheme="http", region=s3_server.region,
-                                  anonymous=True)
+    anonymous = pafs.S3FileSystem(
+        endpoint_override=s3_server.host_port, scheme="http", region=s3_server.region, anonymous=True
+    )
     wrong = s3_server.filesystem(secret_key="not-the-secret")
     for fs in (anonymous, wrong):
         with pytest.raises(OSError, match=DENIED):
@@ -178,8 +191,9 @@ def test_s3_refuses_requests_without_valid_credentials(s3_server):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{s3_server.endpoint}/{key}", timeout=10)
     assert refused.value.code == 403
-    assert s3_server.filesystem().get_file_info(f"{s3_server.bucket}/harness/anonymous.txt").type == \
-        pafs.FileType.NotFound
+    assert (
+        s3_server.filesystem().get_file_info(f"{s3_server.bucket}/harness/anonymous.txt").type == pafs.FileType.NotFound
+    )
 
 
 def test_a_lost_worker_node_is_seen_dead_and_a_new_isolated_one_joins(isolated_cluster, driver):

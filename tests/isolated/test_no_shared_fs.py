@@ -34,11 +34,15 @@ def rayalign(cluster, s3_server, *args: str, storage: bool = True, timeout: floa
     machine, with the run kept in the S3 server."""
     where = [f"output.root={cluster.driver_root}/runs"]
     if storage:
-        where += [f"output.storage={s3_server.uri('runs')}", f"output.s3.endpoint={s3_server.host_port}",
-                  "output.s3.scheme=http"]
+        where += [
+            f"output.storage={s3_server.uri('runs')}",
+            f"output.s3.endpoint={s3_server.host_port}",
+            "output.s3.scheme=http",
+        ]
     argv = [sys.executable, "-m", "rayalign", *args, *(x for kv in where for x in ("--set", kv))]
-    return subprocess.run(argv, cwd=cluster.driver_root, env=cluster.env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        argv, cwd=cluster.driver_root, env=cluster.env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read(s3, path: str) -> bytes:
@@ -61,15 +65,25 @@ def train_workers_nodes(cluster) -> set[str]:
     with cluster.connect():
         from ray.util.state import list_actors
 
-        actors = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                             limit=1000)
+        actors = list_actors(
+            address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000
+        )
     return {a["node_id"] for a in actors}
 
 
 def test_a_local_output_root_the_nodes_cannot_see_is_refused_in_one_line(isolated_cluster, s3_server):
     """Today's failure, as a new user meets it: no output.storage on a cluster whose nodes share no disk."""
-    result = rayalign(isolated_cluster, s3_server, "train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"),
-                      "--set", "output.name=local-root", storage=False, timeout=300)
+    result = rayalign(
+        isolated_cluster,
+        s3_server,
+        "train",
+        "--config",
+        str(REPO / "jobs/configs/tiny-dpo.yaml"),
+        "--set",
+        "output.name=local-root",
+        storage=False,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("rayalign: error:")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -79,9 +93,17 @@ def test_a_local_output_root_the_nodes_cannot_see_is_refused_in_one_line(isolate
 
 
 def test_credentials_in_the_storage_uri_are_refused_before_anything_starts(isolated_cluster, s3_server):
-    result = rayalign(isolated_cluster, s3_server, "train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"),
-                      "--set", f"output.storage=s3://{s3_server.access_key}:{s3_server.secret_key}@rayalign/runs",
-                      storage=False, timeout=60)
+    result = rayalign(
+        isolated_cluster,
+        s3_server,
+        "train",
+        "--config",
+        str(REPO / "jobs/configs/tiny-dpo.yaml"),
+        "--set",
+        f"output.storage=s3://{s3_server.access_key}:{s3_server.secret_key}@rayalign/runs",
+        storage=False,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "credentials in a storage URI" in result.stderr and "AWS_ACCESS_KEY_ID" in result.stderr
     assert s3_server.secret_key not in result.stderr + result.stdout
@@ -91,25 +113,57 @@ def test_a_job_trains_on_two_nodes_and_keeps_everything_in_s3(isolated_cluster, 
     """`ray job submit` with jobs/runtime-env.yaml, ZeRO-2, one worker on each worker node: the model, the
     synthetic data, the checkpoints and every output go through the S3 server; no worker node reads the
     driver's disk (the job's driver runs on the head, in a copy of this repository)."""
-    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", isolated_cluster.dashboard_url,
-              "--runtime-env", "jobs/runtime-env.yaml", "--",
-              "python", "-m", "rayalign", "train", "--config", "jobs/configs/tiny-dpo.yaml",
-              "--set", "output.name=dpo-s3", "--set", "train.epochs=1", "--set", "train.max_steps=4",
-              "--set", "data.synthetic.num_pairs=160", "--set", "data.eval_fraction=0.2",
-              "--set", "monitor.eval_every=4",
-              # 1.5 CPUs each on nodes of 2: Ray Train cannot put both workers on one node.
-              "--set", "scaling.cpus_per_worker=1.5",
-              "--set", f"output.storage={s3_server.uri('runs')}", "--set", f"output.s3.endpoint={s3_server.host_port}",
-              "--set", "output.s3.scheme=http"]
-    result = subprocess.run(submit, cwd=REPO, env=isolated_cluster.env, capture_output=True, text=True,
-                            timeout=COMMAND_TIMEOUT_S)
-    assert result.returncode == 0 and "succeeded" in result.stdout.lower(), result.stdout[-3000:] + result.stderr[-3000:]
+    submit = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        isolated_cluster.dashboard_url,
+        "--runtime-env",
+        "jobs/runtime-env.yaml",
+        "--",
+        "python",
+        "-m",
+        "rayalign",
+        "train",
+        "--config",
+        "jobs/configs/tiny-dpo.yaml",
+        "--set",
+        "output.name=dpo-s3",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "data.synthetic.num_pairs=160",
+        "--set",
+        "data.eval_fraction=0.2",
+        "--set",
+        "monitor.eval_every=4",
+        # 1.5 CPUs each on nodes of 2: Ray Train cannot put both workers on one node.
+        "--set",
+        "scaling.cpus_per_worker=1.5",
+        "--set",
+        f"output.storage={s3_server.uri('runs')}",
+        "--set",
+        f"output.s3.endpoint={s3_server.host_port}",
+        "--set",
+        "output.s3.scheme=http",
+    ]
+    result = subprocess.run(
+        submit, cwd=REPO, env=isolated_cluster.env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+    )
+    assert result.returncode == 0 and "succeeded" in result.stdout.lower(), (
+        result.stdout[-3000:] + result.stderr[-3000:]
+    )
     run = "runs/dpo-s3"
     summary = json.loads(read(s3, f"{run}/summary.json"))
     assert summary["steps"] == 4 and summary["heldout"] is not None
     rows = [json.loads(line) for line in read(s3, f"{run}/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
-    assert summary["files"]["storage"] == s3_server.uri(run) and summary["files"]["model"] == s3_server.uri(f"{run}/model")
+    assert summary["files"]["storage"] == s3_server.uri(run) and summary["files"]["model"] == s3_server.uri(
+        f"{run}/model"
+    )
     model_files = listing(s3, f"{run}/model")
     assert "config.json" in model_files and "model.safetensors" in model_files
     assert yaml.safe_load(read(s3, f"{run}/config.yaml"))["output"]["storage"] == s3_server.uri("runs")
@@ -124,24 +178,51 @@ def test_a_job_trains_on_two_nodes_and_keeps_everything_in_s3(isolated_cluster, 
     assert len(train_workers_nodes(isolated_cluster)) == 2
     # The report reads the run straight from storage.
     png = isolated_cluster.driver_root / "dpo-s3.png"
-    shown = subprocess.run([sys.executable, "-m", "rayalign", "report", s3_server.uri(run), "--out", str(png),
-                            "--s3-endpoint", s3_server.host_port, "--s3-scheme", "http"],
-                           env=isolated_cluster.env, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rayalign",
+            "report",
+            s3_server.uri(run),
+            "--out",
+            str(png),
+            "--s3-endpoint",
+            s3_server.host_port,
+            "--s3-scheme",
+            "http",
+        ],
+        env=isolated_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shown.returncode == 0 and png.stat().st_size > 10_000, shown.stderr[-2000:]
     assert "dpo-s3 (dpo)" in shown.stdout
 
 
 def test_validate_and_audit_read_data_from_s3_and_keep_their_quarantine_there(isolated_cluster, s3_server, s3):
-    lines = [json.dumps({"prompt": f"Q: {i}+1=?\nA:", "chosen": f" {i + 1}", "rejected": f" {i + 2}"}) for i in range(40)]
+    lines = [
+        json.dumps({"prompt": f"Q: {i}+1=?\nA:", "chosen": f" {i + 1}", "rejected": f" {i + 2}"}) for i in range(40)
+    ]
     lines.insert(7, "{not json")
     with s3.open_output_stream("rayalign/data/pairs.jsonl") as f:
         f.write(("\n".join(lines) + "\n").encode())
-    data = ["--set", f"data.paths=[{s3_server.uri('data/pairs.jsonl')}]", "--set", "data.synthetic=null",
-            "--set", "data.max_quarantine_fraction=0.1"]
+    data = [
+        "--set",
+        f"data.paths=[{s3_server.uri('data/pairs.jsonl')}]",
+        "--set",
+        "data.synthetic=null",
+        "--set",
+        "data.max_quarantine_fraction=0.1",
+    ]
     tiny = str(REPO / "jobs/configs/tiny-dpo.yaml")
 
-    result = ok(rayalign(isolated_cluster, s3_server, "validate", "--config", tiny, "--json", *data,
-                         "--set", "output.name=checked"))
+    result = ok(
+        rayalign(
+            isolated_cluster, s3_server, "validate", "--config", tiny, "--json", *data, "--set", "output.name=checked"
+        )
+    )
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert (counts["records"], counts["usable"], counts["quarantined"]) == (41, 40, 1)
     assert counts["quarantine_path"] == s3_server.uri("runs/checked/validate/quarantine.jsonl")
@@ -161,21 +242,44 @@ def test_two_reference_passes_at_once_share_one_store_in_s3(isolated_cluster, s3
     from rayalign.reference.store import ReferenceStore
     from rayalign.storage import Location
 
-    lines = [json.dumps({"prompt": f"Q: {i}*3=?\nA:", "chosen": f" {i * 3}", "rejected": f" {i * 3 + 1}"})
-             for i in range(64)]  # 64 pairs, each its own tokens
+    lines = [
+        json.dumps({"prompt": f"Q: {i}*3=?\nA:", "chosen": f" {i * 3}", "rejected": f" {i * 3 + 1}"}) for i in range(64)
+    ]  # 64 pairs, each its own tokens
     with s3.open_output_stream("rayalign/data/store-pairs.jsonl") as f:
         f.write(("\n".join(lines) + "\n").encode())
 
     def command(name: str) -> list[str]:
-        where = [f"output.root={isolated_cluster.driver_root}/runs", f"output.storage={s3_server.uri('runs')}",
-                 f"output.s3.endpoint={s3_server.host_port}", "output.s3.scheme=http", f"output.name={name}",
-                 f"data.paths=[{s3_server.uri('data/store-pairs.jsonl')}]", "data.synthetic=null",
-                 "reference.cpus_per_actor=0.5"]
-        return [sys.executable, "-m", "rayalign", "reference", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml"),
-                *(x for kv in where for x in ("--set", kv))]
+        where = [
+            f"output.root={isolated_cluster.driver_root}/runs",
+            f"output.storage={s3_server.uri('runs')}",
+            f"output.s3.endpoint={s3_server.host_port}",
+            "output.s3.scheme=http",
+            f"output.name={name}",
+            f"data.paths=[{s3_server.uri('data/store-pairs.jsonl')}]",
+            "data.synthetic=null",
+            "reference.cpus_per_actor=0.5",
+        ]
+        return [
+            sys.executable,
+            "-m",
+            "rayalign",
+            "reference",
+            "--config",
+            str(REPO / "jobs/configs/tiny-dpo.yaml"),
+            *(x for kv in where for x in ("--set", kv)),
+        ]
 
-    procs = [subprocess.Popen(command(name), cwd=isolated_cluster.driver_root, env=isolated_cluster.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("ref-a", "ref-b")]
+    procs = [
+        subprocess.Popen(
+            command(name),
+            cwd=isolated_cluster.driver_root,
+            env=isolated_cluster.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("ref-a", "ref-b")
+    ]
     for proc in procs:
         output, _ = proc.communicate(timeout=COMMAND_TIMEOUT_S)
         assert proc.returncode == 0, output[-3000:]
@@ -189,12 +293,34 @@ def test_two_reference_passes_at_once_share_one_store_in_s3(isolated_cluster, s3
 
 
 def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cluster, s3_server, s3):
-    ok(rayalign(isolated_cluster, s3_server, "sweep", "--config", str(REPO / "jobs/configs/tiny-cpo.yaml"),
-                "--set", "output.name=sweep-s3", "--set", "train.epochs=1", "--set", "train.max_steps=2",
-                "--set", "data.synthetic.num_pairs=96", "--set", "data.eval_fraction=0.25",
-                "--set", "monitor.eval_every=2", "--set", "scaling.num_workers=1", "--set", "scaling.cpus_per_worker=1",
-                "--set", "sweep={space: {loss.gamma: {values: [0.5, 2.0]}}, early_stopping: none, "
-                         "max_concurrent_trials: 2, trial_cpus: 0.1}"))
+    ok(
+        rayalign(
+            isolated_cluster,
+            s3_server,
+            "sweep",
+            "--config",
+            str(REPO / "jobs/configs/tiny-cpo.yaml"),
+            "--set",
+            "output.name=sweep-s3",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "data.synthetic.num_pairs=96",
+            "--set",
+            "data.eval_fraction=0.25",
+            "--set",
+            "monitor.eval_every=2",
+            "--set",
+            "scaling.num_workers=1",
+            "--set",
+            "scaling.cpus_per_worker=1",
+            "--set",
+            "sweep={space: {loss.gamma: {values: [0.5, 2.0]}}, early_stopping: none, "
+            "max_concurrent_trials: 2, trial_cpus: 0.1}",
+        )
+    )
     summary = json.loads(read(s3, "runs/sweep-s3/sweep_summary.json"))
     assert summary["counts"]["completed"] == 2
     for trial in summary["trials"]:
@@ -215,15 +341,33 @@ def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster
     in common) takes its place: it fetches the model from S3 and the workers restore from there."""
     run, config = "runs/lost-node", str(REPO / "jobs/configs/tiny-dpo.yaml")
     argv = [sys.executable, "-m", "rayalign", "train", "--config", config]
-    for kv in (f"output.root={isolated_cluster.driver_root}/runs", f"output.storage={s3_server.uri('runs')}",
-               f"output.s3.endpoint={s3_server.host_port}", "output.s3.scheme=http", "output.name=lost-node",
-               "train.zero_stage=3", "train.epochs=1", "train.max_steps=30", "train.checkpoint_every=3",
-               "train.log_every=1", "train.max_failures=1", "data.synthetic.num_pairs=1000",
-               # Scored once into the cache in S3: the restarted workers read the pairs from there again.
-               "reference.cache=true", "scaling.cpus_per_worker=1.5"):
+    for kv in (
+        f"output.root={isolated_cluster.driver_root}/runs",
+        f"output.storage={s3_server.uri('runs')}",
+        f"output.s3.endpoint={s3_server.host_port}",
+        "output.s3.scheme=http",
+        "output.name=lost-node",
+        "train.zero_stage=3",
+        "train.epochs=1",
+        "train.max_steps=30",
+        "train.checkpoint_every=3",
+        "train.log_every=1",
+        "train.max_failures=1",
+        "data.synthetic.num_pairs=1000",
+        # Scored once into the cache in S3: the restarted workers read the pairs from there again.
+        "reference.cache=true",
+        "scaling.cpus_per_worker=1.5",
+    ):
         argv += ["--set", kv]
-    proc = subprocess.Popen(argv, cwd=isolated_cluster.driver_root, env=isolated_cluster.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        argv,
+        cwd=isolated_cluster.driver_root,
+        env=isolated_cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     seen: list[str] = []
     try:
         # A worker starts step 4 only once the controller has registered step 3's checkpoint (in S3):

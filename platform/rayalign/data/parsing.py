@@ -63,9 +63,7 @@ def _parse_conversational(obj: dict) -> Pair:
     if obj.get("prompt") is not None:
         prompt = _check_messages(obj["prompt"], "prompt")
         if len(chosen) != 1 or len(rejected) != 1:
-            raise RecordError(
-                "bad_messages", "with an explicit prompt, chosen and rejected must each be one message"
-            )
+            raise RecordError("bad_messages", "with an explicit prompt, chosen and rejected must each be one message")
     else:
         if chosen[:-1] != rejected[:-1]:
             raise RecordError("prompt_mismatch", "chosen and rejected dialogues differ before the final turn", "chosen")
@@ -88,7 +86,9 @@ def _parse_hh(obj: dict) -> Pair:
     rejected_prompt, rejected = _split_hh(_require_str(obj, "rejected"), "rejected")
     if chosen_prompt != rejected_prompt:
         raise RecordError(
-            "prompt_mismatch", "the dialogue before the last Assistant turn differs between chosen and rejected", "rejected"
+            "prompt_mismatch",
+            "the dialogue before the last Assistant turn differs between chosen and rejected",
+            "rejected",
         )
     for key, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
@@ -141,5 +141,8 @@ def _check_encodable(pair: Pair) -> None:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise RecordError("bad_text", f"not valid Unicode text: {err.reason} ({text[err.start]!r}) at "
-                                  f"character {err.start}", name) from None
+                raise RecordError(
+                    "bad_text",
+                    f"not valid Unicode text: {err.reason} ({text[err.start]!r}) at character {err.start}",
+                    name,
+                ) from None

@@ -11,8 +11,8 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -124,8 +124,12 @@ class PreferenceFileDatasource(FileBasedDatasource):
     @staticmethod
     def _table(path: str, rows: list[int], records: list[str], errors: list[str | None]) -> pa.Table:
         return pa.Table.from_arrays(
-            [pa.array([path] * len(rows)), pa.array(rows, pa.int64()), pa.array(records, pa.string()),
-             pa.array(errors, pa.string())],
+            [
+                pa.array([path] * len(rows)),
+                pa.array(rows, pa.int64()),
+                pa.array(records, pa.string()),
+                pa.array(errors, pa.string()),
+            ],
             schema=_RAW_SCHEMA,
         )
 
@@ -135,15 +139,19 @@ class PreferenceFileDatasource(FileBasedDatasource):
         try:
             for line_no, line in enumerate(_byte_lines(stream, self.max_record_bytes), start=1):
                 if isinstance(line, TooLarge):
-                    record, error = _decode(line.head)[0], (
-                        f"too_large: {line.size} bytes, over data.max_record_bytes={self.max_record_bytes} "
-                        f"(the first {len(line.head)} kept)")
+                    record, error = (
+                        _decode(line.head)[0],
+                        (
+                            f"too_large: {line.size} bytes, over data.max_record_bytes={self.max_record_bytes} "
+                            f"(the first {len(line.head)} kept)"
+                        ),
+                    )
                     rows.append(line_no)
                     records.append(record)
                     errors.append(error)
                     continue
                 if line_no == 1 and line.startswith(UTF8_BOM):
-                    line = line[len(UTF8_BOM):]
+                    line = line[len(UTF8_BOM) :]
                 if not line.strip():
                     continue
                 record, error = _decode(line)
@@ -156,8 +164,10 @@ class PreferenceFileDatasource(FileBasedDatasource):
         except ReadDamage as exc:
             rows.append(line_no + 1)
             records.append("")
-            errors.append(f"damaged_file: the file cannot be read past line {line_no} ({exc}); "
-                          f"the {line_no} lines before were read")
+            errors.append(
+                f"damaged_file: the file cannot be read past line {line_no} ({exc}); "
+                f"the {line_no} lines before were read"
+            )
         if rows:
             yield self._table(path, rows, records, errors)
 
@@ -173,9 +183,15 @@ class PreferenceFileDatasource(FileBasedDatasource):
             if not data.removeprefix(UTF8_BOM).lstrip().startswith(b"["):  # JSON Lines named .json: read as such
                 yield from self._read_jsonl(_Rejoined(data, stream), path)
                 return
-            yield self._table(path, [0], [""], [
-                f"too_large: a .json array over {MAX_JSON_ARRAY_BYTES} bytes is parsed whole; write it as JSON "
-                "Lines (.jsonl), which is read a record at a time"])
+            yield self._table(
+                path,
+                [0],
+                [""],
+                [
+                    f"too_large: a .json array over {MAX_JSON_ARRAY_BYTES} bytes is parsed whole; write it as JSON "
+                    "Lines (.jsonl), which is read a record at a time"
+                ],
+            )
             return
         data = data.removeprefix(UTF8_BOM)
         if not data.lstrip().startswith(b"["):
@@ -191,9 +207,10 @@ class PreferenceFileDatasource(FileBasedDatasource):
             yield self._table(path, [0], [text[:10_000]], [error])
             return
         for start in range(0, len(items), _RAW_ROWS_PER_BLOCK):
-            block = items[start:start + _RAW_ROWS_PER_BLOCK]
-            yield self._table(path, list(range(start, start + len(block))), [json.dumps(r) for r in block],
-                              [None] * len(block))
+            block = items[start : start + _RAW_ROWS_PER_BLOCK]
+            yield self._table(
+                path, list(range(start, start + len(block))), [json.dumps(r) for r in block], [None] * len(block)
+            )
 
     def _read_parquet(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         parquet = pq.ParquetFile(f)  # a random-access file: row group by row group
@@ -240,7 +257,8 @@ def _files_under(place: Location) -> Iterator[tuple[str, bool]]:
     base = place.path.rstrip("/") + "/"
     for info in place.fs.get_file_info(pafs.FileSelector(place.path, recursive=True)):
         if info.type == pafs.FileType.File and not any(
-                part.startswith(".") for part in info.path.removeprefix(base).split("/")):
+            part.startswith(".") for part in info.path.removeprefix(base).split("/")
+        ):
             yield info.path, False
 
 
@@ -251,8 +269,9 @@ def input_files(paths: list[str], fmt: str = "auto", s3: S3Config | None = None)
     Raises DataQualityError with one line otherwise."""
     places = [location(p, s3) for p in paths]
     if len({type(place.fs) for place in places}) > 1:
-        raise DataQualityError(f"data.paths: all files must be in one place (all local, or all in one storage), "
-                               f"got {', '.join(paths)}")
+        raise DataQualityError(
+            f"data.paths: all files must be in one place (all local, or all in one storage), got {', '.join(paths)}"
+        )
     fs = places[0].fs if places else pafs.LocalFileSystem()
     files: list[str] = []
     not_data = links_outside = 0
@@ -313,5 +332,6 @@ class _Rejoined:
 def read_preference_files(inputs: InputFiles, num_cpus: float, max_record_bytes: int) -> Dataset:
     """A Ray Dataset of ``{source, row, record, read_error}``, one row per input record; the read tasks
     open the files through ``inputs.fs`` on whichever node they run."""
-    return ray.data.read_datasource(PreferenceFileDatasource(inputs.files, max_record_bytes, filesystem=inputs.fs),
-                                    num_cpus=num_cpus)
+    return ray.data.read_datasource(
+        PreferenceFileDatasource(inputs.files, max_record_bytes, filesystem=inputs.fs), num_cpus=num_cpus
+    )

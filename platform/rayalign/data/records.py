@@ -25,7 +25,6 @@ A record that cannot be used is never dropped silently: it is written to
 when the quarantined fraction exceeds ``data.max_quarantine_fraction``.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -45,6 +44,7 @@ from rayalign.errors import DataQualityError
 from rayalign.models import ModelSource
 from rayalign.schema import DETAIL, FIELD, OK, PAIR_KEY, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
 from rayalign.storage import QUARANTINE_FILE, publish, replaced_whole, stored_twin
+
 
 def _only(status_is_ok: bool):
     def keep(batch: pa.Table) -> pa.Table:
@@ -82,8 +82,9 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
     return counts
 
 
-def prepare_pairs(cfg: RunConfig, paths: list[str], model: ModelSource, run_dir: Path
-                  ) -> tuple[Dataset, DataReport, InputFiles]:
+def prepare_pairs(
+    cfg: RunConfig, paths: list[str], model: ModelSource, run_dir: Path
+) -> tuple[Dataset, DataReport, InputFiles]:
     """Read, validate and tokenize; write the quarantine (kept in the run's storage too); return usable
     pairs (in file order), counts and the files read.
 
@@ -96,19 +97,17 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], model: ModelSource, run_dir:
     records = read_preference_files(inputs, num_cpus, cfg.data.max_record_bytes)
     if cfg.data.limit is not None:
         records = records.limit(cfg.data.limit)
-    prepared = (
-        records.map_batches(
-            PairTokenizer,
-            fn_constructor_kwargs={"model": model, "data_cfg": cfg.data},
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=1),
-            num_cpus=num_cpus,
-        )
-        .materialize()
-    )
+    prepared = records.map_batches(
+        PairTokenizer,
+        fn_constructor_kwargs={"model": model, "data_cfg": cfg.data},
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=num_cpus,
+    ).materialize()
     quarantine = run_dir / QUARANTINE_FILE
-    report = DataReport(quarantine_path=str(stored_twin(cfg.output, quarantine)), files=inputs.files,
-                        skipped_files=inputs.skipped)
+    report = DataReport(
+        quarantine_path=str(stored_twin(cfg.output, quarantine)), files=inputs.files, skipped_files=inputs.skipped
+    )
     for batch in prepared.select_columns([STATUS, TRUNCATED], num_cpus=num_cpus).iter_batches(batch_format="pyarrow"):
         report.total += batch.num_rows
         report.ok += pc.sum(pc.equal(batch.column(STATUS), OK)).as_py() or 0
@@ -123,12 +122,14 @@ def prepare_pairs(cfg: RunConfig, paths: list[str], model: ModelSource, run_dir:
         raise DataQualityError(
             f"{report.num_quarantined} of {report.total} records ({report.quarantined_fraction:.1%}) were "
             f"quarantined, above data.max_quarantine_fraction={cfg.data.max_quarantine_fraction:.1%}. "
-            f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}", report
+            f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}",
+            report,
         )
     if report.ok == 0:
         raise DataQualityError(
             f"none of the {report.total} records is usable (reasons: {report.as_dict()['quarantined_by_reason']}); "
-            f"see {report.quarantine_path}", report
+            f"see {report.quarantine_path}",
+            report,
         )
     usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)
     return usable.select_columns([*PAIR_KEY, *TOKEN_COLUMNS], num_cpus=num_cpus), report, inputs
@@ -139,7 +140,6 @@ def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:
     if not cfg.data.shuffle:
         return pairs
     return pairs.random_shuffle(seed=cfg.data.seed, num_cpus=cfg.ray.data_cpus_per_task)
-
 
 
 def count_training_pairs(pairs: Dataset, cfg: RunConfig, num_pairs: int) -> int:

@@ -58,9 +58,17 @@ class DataReport:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantined.items())) or "none"
         left_out = self.skipped_files
         kinds = [f"{left_out.not_data} not .jsonl/.json/.gz/.parquet"] * bool(left_out.not_data) + [
-            f"{left_out.links_outside} links to outside the directory"] * bool(left_out.links_outside)
-        skipped = (f"; {left_out.total} files skipped ({', '.join(kinds)}): " + ", ".join(left_out.examples)
-                   + (", ..." if left_out.total > len(left_out.examples) else "")) if left_out.total else ""
+            f"{left_out.links_outside} links to outside the directory"
+        ] * bool(left_out.links_outside)
+        skipped = (
+            (
+                f"; {left_out.total} files skipped ({', '.join(kinds)}): "
+                + ", ".join(left_out.examples)
+                + (", ..." if left_out.total > len(left_out.examples) else "")
+            )
+            if left_out.total
+            else ""
+        )
         return (
             f"data: {self.total} records, {self.ok} usable, {self.truncated} truncated, "
             f"{self.num_quarantined} quarantined ({reasons}) -> {self.quarantine_path}{skipped}"

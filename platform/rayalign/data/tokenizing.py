@@ -8,7 +8,7 @@ import pyarrow as pa
 from rayalign.config import DataConfig
 from rayalign.data.parsing import Pair, RecordError, parse_record
 from rayalign.models import ModelSource
-from rayalign.schema import DETAIL, OK, FIELD, READ_ERROR, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
+from rayalign.schema import DETAIL, FIELD, OK, READ_ERROR, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
 
 
 def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], list[int], bool]:
@@ -90,8 +90,11 @@ class PairTokenizer:
                 *ids, truncated = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
                 status, fld, detail, kept = OK, None, None, None  # the raw text is only kept for the quarantine
             except Exception as exc:  # noqa: BLE001  one record never stops the stage: it is quarantined with why
-                err = exc if isinstance(exc, RecordError) else RecordError(
-                    "unprocessable", f"{type(exc).__name__}: {exc}"[:500])
+                err = (
+                    exc
+                    if isinstance(exc, RecordError)
+                    else RecordError("unprocessable", f"{type(exc).__name__}: {exc}"[:500])
+                )
                 ids, truncated = ([], [], []), False
                 status, fld, detail, kept = err.reason, err.field, err.detail, record
             for name, value in zip((STATUS, FIELD, DETAIL, RECORD, TRUNCATED), (status, fld, detail, kept, truncated)):

@@ -18,7 +18,8 @@ a flat noisy metric does not trigger it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS
 

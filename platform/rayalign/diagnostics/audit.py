@@ -41,6 +41,7 @@ from rayalign.schema import (
 )
 from rayalign.storage import replaced_whole, write_local
 
+
 def _digest(ids) -> str:
     return hashlib.sha1(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
@@ -73,8 +74,10 @@ def audit_scored_pairs(rows: list[dict[str, Any]], margin: float) -> dict[str, A
     chosen_len = np.array([int(r[CHOSEN_TOKENS]) for r in rows])
     rejected_len = np.array([int(r[REJECTED_TOKENS]) for r in rows])
     per_token = np.array(
-        [r[REF_CHOSEN_LOGPS] / max(c, 1) - r[REF_REJECTED_LOGPS] / max(j, 1)
-         for r, c, j in zip(rows, chosen_len, rejected_len)]
+        [
+            r[REF_CHOSEN_LOGPS] / max(c, 1) - r[REF_REJECTED_LOGPS] / max(j, 1)
+            for r, c, j in zip(rows, chosen_len, rejected_len)
+        ]
     )
     prompt_len = np.array([len(r[PROMPT_IDS]) for r in rows])
 
@@ -122,12 +125,19 @@ def plot_audit(report: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     hist = ref["histogram"]
     edges = np.array(hist["edges"])
-    axes[0].bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge",
-                color=["tab:red" if e < 0 else "tab:blue" for e in edges[:-1]])
+    axes[0].bar(
+        edges[:-1],
+        hist["counts"],
+        width=np.diff(edges),
+        align="edge",
+        color=["tab:red" if e < 0 else "tab:blue" for e in edges[:-1]],
+    )
     axes[0].axvline(0, color="k", lw=1)
     axes[0].axvline(-ref["margin"], color="tab:red", ls="--", lw=1, label=f"−margin ({ref['margin']})")
-    axes[0].set_title(f"δ_ref = log π_ref(y_w) − log π_ref(y_l)\n{ref['frac_prefers_rejected']:.1%} prefer rejected, "
-                      f"{ref['frac_prefers_rejected_by_margin']:.1%} by > margin")
+    axes[0].set_title(
+        f"δ_ref = log π_ref(y_w) − log π_ref(y_l)\n{ref['frac_prefers_rejected']:.1%} prefer rejected, "
+        f"{ref['frac_prefers_rejected_by_margin']:.1%} by > margin"
+    )
     axes[0].set_xlabel("δ_ref (nats)")
     axes[0].legend()
     for key, ax, title in (("prompt", axes[1], "prompt length"), ("response", axes[2], "response length")):
@@ -168,15 +178,17 @@ def format_audit(report: dict[str, Any]) -> str:
     ref, data = report["reference"], report["data"]
     d, q = ref["delta_ref"], data["quarantine"]
     reasons = ", ".join(f"{k}={v}" for k, v in q["quarantined_by_reason"].items()) or "none"
-    return "\n".join([
-        f"audit: {report['pairs']} scored pairs ({q['total']} records, {q['quarantined']} quarantined: {reasons})",
-        f"  reference prefers the REJECTED response in {ref['frac_prefers_rejected']:.1%} of pairs "
-        f"({ref['frac_prefers_rejected_by_margin']:.1%} by more than {ref['margin']} nats; "
-        f"{ref['frac_prefers_rejected_per_token']:.1%} per token)",
-        f"  δ_ref median {d.get('median', float('nan')):.3f}, p05 {d.get('p05', float('nan')):.3f}, "
-        f"p95 {d.get('p95', float('nan')):.3f}",
-        f"  duplicates: {data['exact_duplicates']} exact, {data['near_duplicates']} near; "
-        f"identical responses: {data['identical_responses']}",
-        f"  length bias: chosen longer in {data['chosen_longer_fraction']:.1%} of pairs "
-        f"(rejected longer in {data['rejected_longer_fraction']:.1%})",
-    ])
+    return "\n".join(
+        [
+            f"audit: {report['pairs']} scored pairs ({q['total']} records, {q['quarantined']} quarantined: {reasons})",
+            f"  reference prefers the REJECTED response in {ref['frac_prefers_rejected']:.1%} of pairs "
+            f"({ref['frac_prefers_rejected_by_margin']:.1%} by more than {ref['margin']} nats; "
+            f"{ref['frac_prefers_rejected_per_token']:.1%} per token)",
+            f"  δ_ref median {d.get('median', float('nan')):.3f}, p05 {d.get('p05', float('nan')):.3f}, "
+            f"p95 {d.get('p95', float('nan')):.3f}",
+            f"  duplicates: {data['exact_duplicates']} exact, {data['near_duplicates']} near; "
+            f"identical responses: {data['identical_responses']}",
+            f"  length bias: chosen longer in {data['chosen_longer_fraction']:.1%} of pairs "
+            f"(rejected longer in {data['rejected_longer_fraction']:.1%})",
+        ]
+    )

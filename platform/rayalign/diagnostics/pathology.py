@@ -41,9 +41,7 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-def population_loss(
-    cfg: LossConfig, delta: Tensor, ref_prob_chosen: float = 0.1, label_prob: float = 0.7
-) -> Tensor:
+def population_loss(cfg: LossConfig, delta: Tensor, ref_prob_chosen: float = 0.1, label_prob: float = 0.7) -> Tensor:
     """L(δ) = q·ℓ(y_w ≻ y_l) + (1−q)·ℓ(y_l ≻ y_w), elementwise over ``delta``.
 
     Log-probs: log π(y_w) = log σ(δ), log π(y_l) = log σ(−δ),
@@ -76,9 +74,7 @@ def _bisect(past: Callable[[float], bool], lo: float, hi: float, tol: float) -> 
     return lo, hi
 
 
-def two_response_optimum(
-    cfg: LossConfig, ref_prob_chosen: float = 0.1, label_prob: float = 0.7
-) -> dict[str, float]:
+def two_response_optimum(cfg: LossConfig, ref_prob_chosen: float = 0.1, label_prob: float = 0.7) -> dict[str, float]:
     """Minimise L(δ) over δ ∈ [−30, 30]; returns delta, pi_chosen = σ(δ*), loss, delta_ref.
 
     Every platform loss is convex in h = δ − δ_ref, and h is affine in δ, so L' is

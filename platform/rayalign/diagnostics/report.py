@@ -22,7 +22,15 @@ from matplotlib.lines import Line2D
 
 from rayalign.config import S3Config
 from rayalign.metrics import (
-    ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS, REWARD_ACCURACY, REWARDS_CHOSEN, REWARDS_REJECTED, STEP, eval_key, is_eval,
+    ABSOLUTE_ACCURACY,
+    FRAC_IN_U,
+    LOSS,
+    REWARD_ACCURACY,
+    REWARDS_CHOSEN,
+    REWARDS_REJECTED,
+    STEP,
+    eval_key,
+    is_eval,
 )
 from rayalign.storage import RUN_PLOT, read_jsonl, replaced_whole, write_local
 
@@ -142,8 +150,15 @@ def _draw_panel(ax: Axes, runs: list[Run], colors: list[str], key: str, title: s
         for alarm in run.alarms:
             ax.axvline(alarm[STEP], color="red", linewidth=1.0, alpha=0.7)
             # A tick in the run's colour says whose alarm it is when several runs share a panel.
-            ax.plot(alarm[STEP], 1.0, marker="v", color=color, markeredgecolor="red",
-                    transform=ax.get_xaxis_transform(), clip_on=False)
+            ax.plot(
+                alarm[STEP],
+                1.0,
+                marker="v",
+                color=color,
+                markeredgecolor="red",
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+            )
     if chance:
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1.2)
     ax.set_title(title, fontsize=11, pad=9)  # room for the alarm ticks above the axes
@@ -198,8 +213,7 @@ def format_runs_table(run_dirs: list[Path]) -> str:
     runs = [load_run(Path(d)) for d in run_dirs]
     header = ["run", *(title for _, title in TABLE_COLUMNS), "steps"]
     body = [
-        [r.label, *(_first_last(r.rows, key) for key, _ in TABLE_COLUMNS), str(r.rows[-1].get(STEP, "-"))]
-        for r in runs
+        [r.label, *(_first_last(r.rows, key) for key, _ in TABLE_COLUMNS), str(r.rows[-1].get(STEP, "-"))] for r in runs
     ]
     return format_table(header, body)
 
@@ -224,11 +238,13 @@ def plot_sweep(trials: list[dict[str, Any]], x_key: str, objective: str, out: Pa
     FigureCanvasAgg(fig)
     final_ax, curve_ax = fig.subplots(1, 2)
     for status, marker in SWEEP_MARKERS.items():
-        points = [(t["params"][x_key], t["objective"]) for t in trials
-                  if t["status"] == status and t["objective"] is not None]
+        points = [
+            (t["params"][x_key], t["objective"]) for t in trials if t["status"] == status and t["objective"] is not None
+        ]
         if points:
-            final_ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker, s=60,
-                             label=status.replace("_", " "))
+            final_ax.scatter(
+                [x for x, _ in points], [y for _, y in points], marker=marker, s=60, label=status.replace("_", " ")
+            )
     final_ax.set_xlabel(x_key)
     final_ax.set_ylabel(f"{objective} (last measured)")
     final_ax.set_title(f"{objective} vs {x_key}")
@@ -237,8 +253,14 @@ def plot_sweep(trials: list[dict[str, Any]], x_key: str, objective: str, out: Pa
         steps = [step for step, _ in trial["objective_history"]]
         values = [value for _, value in trial["objective_history"]]
         if steps:
-            curve_ax.plot(steps, values, marker="o", markersize=3, color=f"C{i % 10}",
-                          label=f"{x_key.split('.')[-1]}={_format_param(trial['params'][x_key])}")
+            curve_ax.plot(
+                steps,
+                values,
+                marker="o",
+                markersize=3,
+                color=f"C{i % 10}",
+                label=f"{x_key.split('.')[-1]}={_format_param(trial['params'][x_key])}",
+            )
     curve_ax.set_xlabel("step")
     curve_ax.set_ylabel(objective)
     curve_ax.set_title("held-out objective during training")

@@ -35,6 +35,7 @@ from rayalign.schema import (
     pair_sequences,
 )
 
+
 def _attach(batch: dict[str, np.ndarray], token_logps: list[np.ndarray], per_token: bool) -> dict[str, np.ndarray]:
     """Add reference columns; ``token_logps`` holds B chosen then B rejected response arrays."""
     half = len(token_logps) // 2
@@ -53,8 +54,15 @@ class TransformersReferenceScorer:
     """Scores pairs with a Hugging Face causal LM, no gradients, in eval mode: the training forward
     pass (same layout, same chunked head, :mod:`rayalign.logprobs`) without its backward."""
 
-    def __init__(self, model: ModelSource, dtype: str, on_gpu: bool, packing: PackingConfig, attn_implementation: str,
-                 per_token: bool = False):
+    def __init__(
+        self,
+        model: ModelSource,
+        dtype: str,
+        on_gpu: bool,
+        packing: PackingConfig,
+        attn_implementation: str,
+        per_token: bool = False,
+    ):
         import torch
 
         from rayalign.models import load_causal_lm, load_tokenizer
@@ -113,7 +121,9 @@ class VllmReferenceScorer:
         responses = []
         for out, seq, prompt_len in zip(outputs, sequences, prompt_lens):
             logprobs = out.prompt_logprobs  # entry t: {token_id: Logprob} for token t (None at t=0)
-            responses.append(np.array([logprobs[t][seq[t]].logprob for t in range(response_start(prompt_len), len(seq))]))
+            responses.append(
+                np.array([logprobs[t][seq[t]].logprob for t in range(response_start(prompt_len), len(seq))])
+            )
         return _attach(batch, responses, self.per_token)
 
 
@@ -128,12 +138,20 @@ def scorer_for(
         engine = cfg.reference.vllm
         # vLLM counts the one generated token it insists on: a max_length sequence needs +1.
         max_model_len = engine.max_model_len or cfg.data.max_length + 1
-        return VllmReferenceScorer, {"model": model, "engine": engine, "max_model_len": max_model_len,
-                                     "per_token": per_token}
-    return TransformersReferenceScorer, {"model": model, "dtype": cfg.model.dtype,
-                                         "on_gpu": bool(cfg.reference.gpus_per_actor), "packing": cfg.train.packing,
-                                         "attn_implementation": cfg.model.attn_implementation,
-                                         "per_token": per_token}
+        return VllmReferenceScorer, {
+            "model": model,
+            "engine": engine,
+            "max_model_len": max_model_len,
+            "per_token": per_token,
+        }
+    return TransformersReferenceScorer, {
+        "model": model,
+        "dtype": cfg.model.dtype,
+        "on_gpu": bool(cfg.reference.gpus_per_actor),
+        "packing": cfg.train.packing,
+        "attn_implementation": cfg.model.attn_implementation,
+        "per_token": per_token,
+    }
 
 
 def _actor_runtime_env(cfg: RunConfig, backend: str) -> dict[str, Any] | None:

@@ -74,8 +74,7 @@ def compare(vllm_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], t
     }
 
 
-def run_refcheck(cfg: RunConfig, model: ModelSource, paths: list[str], num_pairs: int, out_dir: Path
-                 ) -> dict[str, Any]:
+def run_refcheck(cfg: RunConfig, model: ModelSource, paths: list[str], num_pairs: int, out_dir: Path) -> dict[str, Any]:
     """Score ``num_pairs`` pairs with vLLM and with the training forward; write refcheck.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs, _, _ = prepare_pairs(cfg, paths, model, out_dir)

@@ -12,9 +12,8 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ray.data import Dataset
-
 import ray
+from ray.data import Dataset
 
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.records import shuffled, split_heldout
@@ -52,8 +51,14 @@ def score_into_cache(cfg: RunConfig, data: PreparedData) -> tuple[Dataset, Store
     """Every pair of ``data`` with its reference scores, through the reference store (whatever
     ``reference.cache`` says): read where stored, scored and appended where not."""
     scored, report = scored_through_store(data.pairs, cfg, data.model)
-    log.info("reference store: %d pairs found, %d scored; the store holds %d rows (%.1f MB) in %s", report.found,
-             report.scored, report.store_rows, report.store_bytes / 1e6, report.path)
+    log.info(
+        "reference store: %d pairs found, %d scored; the store holds %d rows (%.1f MB) in %s",
+        report.found,
+        report.scored,
+        report.store_rows,
+        report.store_bytes / 1e6,
+        report.path,
+    )
     return scored, report
 
 
@@ -66,8 +71,12 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
     if cfg.reference.in_worker:  # the training workers add it, each step, with the adapters off
         train, heldout = split_heldout(data.pairs, cfg)
         num_train = train.count() if heldout is not None else data.report.ok
-        return ScoredPairs(shuffled(train, cfg), num_train, kept_heldout(heldout, cfg, data.report.ok),
-                           ReferenceSource(cfg.reference.backend))
+        return ScoredPairs(
+            shuffled(train, cfg),
+            num_train,
+            kept_heldout(heldout, cfg, data.report.ok),
+            ReferenceSource(cfg.reference.backend),
+        )
     if cfg.reference.cache:
         scored, report = score_into_cache(cfg, data)
         if cfg.train.max_failures > 0:
@@ -119,6 +128,8 @@ def kept_heldout(heldout: Dataset | None, cfg: RunConfig, num_pairs: int) -> Dat
         return None
     heldout = heldout.materialize()
     if heldout.count() == 0:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} selects none of the {num_pairs} usable pairs "
-                          "for the held-out split: raise it, or set it to 0 to train without one")
+        raise ConfigError(
+            f"data.eval_fraction={cfg.data.eval_fraction} selects none of the {num_pairs} usable pairs "
+            "for the held-out split: raise it, or set it to 0 to train without one"
+        )
     return heldout

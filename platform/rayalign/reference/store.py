@@ -65,13 +65,15 @@ STORE_DIR = "refstore"
 # each predicted from the prompt and the response before it. A change of this rule must change this name.
 SCORED_POSITIONS = "response tokens, each given the prompt and the response before it (v1)"
 DIGEST_BYTES = 16
-ROW_SCHEMA = pa.schema([
-    pa.field(TOKENS_DIGEST, pa.binary(DIGEST_BYTES)),
-    pa.field(REF_CHOSEN_LOGPS, pa.float64()),
-    pa.field(REF_REJECTED_LOGPS, pa.float64()),
-    pa.field(CHOSEN_TOKENS, pa.int32()),
-    pa.field(REJECTED_TOKENS, pa.int32()),
-])
+ROW_SCHEMA = pa.schema(
+    [
+        pa.field(TOKENS_DIGEST, pa.binary(DIGEST_BYTES)),
+        pa.field(REF_CHOSEN_LOGPS, pa.float64()),
+        pa.field(REF_REJECTED_LOGPS, pa.float64()),
+        pa.field(CHOSEN_TOKENS, pa.int32()),
+        pa.field(REJECTED_TOKENS, pa.int32()),
+    ]
+)
 _FOUND = "_found_in_store"  # a working column of the lookup, never leaves this module
 
 
@@ -100,7 +102,7 @@ def tokens_digests(prompts, chosens, rejecteds) -> list[bytes]:
         for offsets, values in sequences:
             start, stop = offsets[row], offsets[row + 1]
             h.update(int(stop - start).to_bytes(8, "little"))
-            h.update(values[8 * start: 8 * stop])
+            h.update(values[8 * start : 8 * stop])
         digests.append(h.digest())
     return digests
 
@@ -154,8 +156,9 @@ class ReferenceStore:
                 name, rows, length, digest = record["segment"], record["rows"], record["bytes"], record["sha256"]
             except (ValueError, KeyError, TypeError):
                 ignored.append(commit.name)
-                log.warning("reference store: ignoring %s (not a commit record); its rows will be scored again",
-                            commit.uri)
+                log.warning(
+                    "reference store: ignoring %s (not a commit record); its rows will be scored again", commit.uri
+                )
                 continue
             data = read_bytes(self.where / "segments" / name)
             problem = None
@@ -173,8 +176,11 @@ class ReferenceStore:
                     problem = f"unreadable: {err}"
             if problem:
                 ignored.append(name)
-                log.warning("reference store: ignoring segment %s (%s); its rows will be scored again",
-                            (self.where / "segments" / name).uri, problem)
+                log.warning(
+                    "reference store: ignoring segment %s (%s); its rows will be scored again",
+                    (self.where / "segments" / name).uri,
+                    problem,
+                )
                 continue
             tables.append(table)
             size += length
@@ -191,15 +197,20 @@ class ReferenceStore:
         data = buffer.getvalue()
         name = f"{segment_id}.parquet"
         write_bytes(self.where / "segments" / name, data)
-        write_text(self.where / "commits" / f"{segment_id}.json", json.dumps(
-            {"segment": name, "rows": rows.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+        write_text(
+            self.where / "commits" / f"{segment_id}.json",
+            json.dumps(
+                {"segment": name, "rows": rows.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            ),
+        )
         return len(data)
 
     def _commits(self) -> list[Location]:
         folder = self.where / "commits"
         infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
-        names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File
-                       and info.base_name.endswith(".json"))
+        names = sorted(
+            info.base_name for info in infos if info.type == pafs.FileType.File and info.base_name.endswith(".json")
+        )
         return [folder / name for name in names]
 
 
@@ -207,7 +218,9 @@ def _first_per_key(rows: pa.Table) -> pa.Table:
     if rows.num_rows == 0:
         return rows
     digests = rows.column(TOKENS_DIGEST).combine_chunks()  # fixed-size binary: one buffer of 16-byte keys
-    keys = np.frombuffer(digests.buffers()[1], dtype=f"S{DIGEST_BYTES}", count=len(digests), offset=digests.offset * DIGEST_BYTES)
+    keys = np.frombuffer(
+        digests.buffers()[1], dtype=f"S{DIGEST_BYTES}", count=len(digests), offset=digests.offset * DIGEST_BYTES
+    )
     _, first = np.unique(keys, return_index=True)
     return rows.take(pa.array(np.sort(first)))
 
@@ -215,8 +228,10 @@ def _first_per_key(rows: pa.Table) -> pa.Table:
 def _look_up(batch: pa.Table, known: ray.ObjectRef | pa.Table) -> pa.Table:
     """Add each pair's key, the stored reference columns where the store has it, and whether it had it."""
     rows = ray.get(known) if isinstance(known, ray.ObjectRef) else known
-    digests = pa.array(tokens_digests(batch.column(PROMPT_IDS), batch.column(CHOSEN_IDS), batch.column(REJECTED_IDS)),
-                       pa.binary(DIGEST_BYTES))
+    digests = pa.array(
+        tokens_digests(batch.column(PROMPT_IDS), batch.column(CHOSEN_IDS), batch.column(REJECTED_IDS)),
+        pa.binary(DIGEST_BYTES),
+    )
     at = pc.index_in(digests, value_set=rows.column(TOKENS_DIGEST))
     found = pc.is_valid(at)
     batch = batch.append_column(TOKENS_DIGEST, digests).append_column(_FOUND, found)
@@ -243,7 +258,8 @@ def scored_through_store(pairs: Dataset, cfg: RunConfig, model: ModelSource) -> 
     # Every task with the run's fractional CPUs (select/drop default to a whole CPU, which training's workers
     # may hold: such a task would never be scheduled).
     misses = looked.map_batches(_keep(False), batch_format="pyarrow", num_cpus=num_cpus).drop_columns(
-        [_FOUND, *REFERENCE_COLUMNS], num_cpus=num_cpus)
+        [_FOUND, *REFERENCE_COLUMNS], num_cpus=num_cpus
+    )
     num_missing = misses.count()
     found = looked.count() - num_missing
     rows, appended_bytes = known.rows, 0
@@ -257,9 +273,15 @@ def scored_through_store(pairs: Dataset, cfg: RunConfig, model: ModelSource) -> 
         looked = _with_scores(pairs, rows, num_cpus)
     scored = looked.drop_columns([_FOUND, TOKENS_DIGEST], num_cpus=num_cpus)
     report = StoreReport(
-        key=store.key, path=store.where.uri, hit=num_missing == 0, found=found, scored=num_missing,
-        store_rows=rows.num_rows, store_bytes=known.bytes + appended_bytes,
-        segments=known.segments + bool(num_missing), ignored_segments=len(known.ignored),
+        key=store.key,
+        path=store.where.uri,
+        hit=num_missing == 0,
+        found=found,
+        scored=num_missing,
+        store_rows=rows.num_rows,
+        store_bytes=known.bytes + appended_bytes,
+        segments=known.segments + bool(num_missing),
+        ignored_segments=len(known.ignored),
     )
     return scored.materialize(), report  # all scored before training starts; nothing left to schedule then
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,10 @@ def pair_tokens(batch: Mapping[str, Sequence[Sequence[int]]], layout: str) -> li
     if layout not in ("shared_prompt", "packed"):
         raise ValueError(f"a token budget needs a packed layout, not {layout!r}")
     prompt_copies = 1 if layout == "shared_prompt" else 2
-    return [prompt_copies * len(p) + len(c) + len(r)
-            for p, c, r in zip(batch[PROMPT_IDS], batch[CHOSEN_IDS], batch[REJECTED_IDS])]
+    return [
+        prompt_copies * len(p) + len(c) + len(r)
+        for p, c, r in zip(batch[PROMPT_IDS], batch[CHOSEN_IDS], batch[REJECTED_IDS])
+    ]
 
 
 def _balanced(tokens: Sequence[int], count: int) -> list[list[int]]:
@@ -68,7 +71,9 @@ def _split_fullest(groups: list[list[int]], tokens: Sequence[int], count: int) -
 
 
 def micro_batch_groups(
-    tokens: Sequence[int], micro_batch_size: int, tokens_per_batch: int | None,
+    tokens: Sequence[int],
+    micro_batch_size: int,
+    tokens_per_batch: int | None,
     agree: Callable[[int], int] = lambda count: count,
 ) -> list[list[int]]:
     """The micro-batches of one optimizer step's pairs, as indices into them (each in the pairs' order).
@@ -103,8 +108,9 @@ class MicroBatching:
         """The run's own: ``train.packing.layout``, ``train.micro_batch_size``, ``train.tokens_per_batch``."""
         return cls(train.packing.layout, train.micro_batch_size, train.tokens_per_batch)
 
-    def groups(self, batch: Mapping[str, Sequence[Sequence[int]]], agree: Callable[[int], int] = lambda count: count
-               ) -> list[list[int]]:
+    def groups(
+        self, batch: Mapping[str, Sequence[Sequence[int]]], agree: Callable[[int], int] = lambda count: count
+    ) -> list[list[int]]:
         """:func:`micro_batch_groups` of one step's ``batch``, its pairs' tokens counted under a budget."""
         tokens = pair_tokens(batch, self.layout) if self.tokens_per_batch else [0] * len(batch[PROMPT_IDS])
         return micro_batch_groups(tokens, self.micro_batch_size, self.tokens_per_batch, agree)
@@ -113,8 +119,10 @@ class MicroBatching:
 def take(batch: Mapping[str, Any], indices: Sequence[int]) -> dict[str, Any]:
     """The rows ``indices`` of a columnar batch (numpy arrays or lists)."""
     picked = np.asarray(indices, dtype=np.int64)
-    return {key: (column[picked] if isinstance(column, np.ndarray) else [column[i] for i in indices])
-            for key, column in batch.items()}
+    return {
+        key: (column[picked] if isinstance(column, np.ndarray) else [column[i] for i in indices])
+        for key, column in batch.items()
+    }
 
 
 def heldout_share(batches: Iterable[Mapping[str, Any]], rank: int, world_size: int) -> Iterator[dict[str, Any]]:
@@ -124,8 +132,11 @@ def heldout_share(batches: Iterable[Mapping[str, Any]], rank: int, world_size: i
     evaluate nothing.)"""
     for batch in batches:
         keys = zip(batch[SOURCE], batch[ROW])
-        mine = [i for i, (source, row) in enumerate(keys)
-                if zlib.crc32(f"{PurePath(str(source)).name}:{int(row)}".encode()) % world_size == rank]
+        mine = [
+            i
+            for i, (source, row) in enumerate(keys)
+            if zlib.crc32(f"{PurePath(str(source)).name}:{int(row)}".encode()) % world_size == rank
+        ]
         if mine:
             yield take(batch, mine)
 
@@ -149,8 +160,11 @@ class LayoutCost:
 
     def line(self) -> str:
         per_pair = self.computed_tokens_per_pair
-        passes = (f"{self.passes_per_step:.1f} passes of ≤{self.tokens_per_batch} tokens per step"
-                  if self.tokens_per_batch else f"{self.micro_batch_size} pairs per pass")
+        passes = (
+            f"{self.passes_per_step:.1f} passes of ≤{self.tokens_per_batch} tokens per step"
+            if self.tokens_per_batch
+            else f"{self.micro_batch_size} pairs per pass"
+        )
         return (
             f"layout {self.layout} ({self.attention} attention, {passes}): {per_pair[self.layout]:.0f} tokens "
             f"computed per pair, {self.padding_share[self.layout]:.0%} of them padding; padded would compute "
@@ -165,7 +179,7 @@ def layout_cost(rows: Sequence[Mapping[str, Sequence[int]]], cfg: RunConfig, pad
     pairs), and count."""
     train, attention, num_workers = cfg.train, cfg.model.attn_implementation, cfg.scaling.num_workers
     per_step = pairs_per_step(train)
-    steps = [{k: [r[k] for r in rows[i:i + per_step]] for k in TOKEN_COLUMNS} for i in range(0, len(rows), per_step)]
+    steps = [{k: [r[k] for r in rows[i : i + per_step]] for k in TOKEN_COLUMNS} for i in range(0, len(rows), per_step)]
     computed, padding, passes = {}, {}, {}
     for layout in LAYOUTS:
         budget = None if layout == "padded" else train.tokens_per_batch
@@ -173,10 +187,23 @@ def layout_cost(rows: Sequence[Mapping[str, Sequence[int]]], cfg: RunConfig, pad
         for step in steps:
             for group in MicroBatching(layout, train.micro_batch_size, budget).groups(step):
                 packed = pack_pairs(take(step, group), layout, pad_id, row_width(train.packing.row_tokens, attention))
-                total, real, micro_batches = total + packed.computed_tokens, real + packed.real_tokens, micro_batches + 1
+                total, real, micro_batches = (
+                    total + packed.computed_tokens,
+                    real + packed.real_tokens,
+                    micro_batches + 1,
+                )
         computed[layout] = total / max(len(rows), 1)
         padding[layout] = 1 - real / total if total else 0.0
         passes[layout] = micro_batches / max(len(steps), 1)
     in_use = train.packing.layout
-    return LayoutCost(in_use, attention, len(rows), train.micro_batch_size, train.tokens_per_batch, passes[in_use],
-                      computed, padding, computed[in_use] * per_step * num_workers)
+    return LayoutCost(
+        in_use,
+        attention,
+        len(rows),
+        train.micro_batch_size,
+        train.tokens_per_batch,
+        passes[in_use],
+        computed,
+        padding,
+        computed[in_use] * per_step * num_workers,
+    )

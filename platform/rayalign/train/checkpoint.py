@@ -11,10 +11,11 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray.train
 from ray.train import Checkpoint
@@ -25,8 +26,7 @@ from rayalign.storage import METRICS_FILE, Location, read_jsonl, upload
 DEEPSPEED_TAG = "deepspeed"
 
 
-def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = None, adapters_only: bool = False
-           ) -> None:
+def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = None, adapters_only: bool = False) -> None:
     """Report to Ray Train (a barrier across workers); with ``engine``, also checkpoint it, together
     with rank 0's ``metrics_path``. ``adapters_only``: leave the frozen base weights out (LoRA: they are
     the starting weights, loaded again on restore)."""
@@ -45,8 +45,9 @@ def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = Non
     ray.train.report({STEP: metrics[STEP]})
 
 
-def restore(engine, checkpoint: Checkpoint, metrics_path: Path | None, adapters_only: bool = False
-            ) -> list[dict[str, Any]]:
+def restore(
+    engine, checkpoint: Checkpoint, metrics_path: Path | None, adapters_only: bool = False
+) -> list[dict[str, Any]]:
     """Load the engine (weights, optimizer, scheduler, step) from ``checkpoint``; with ``metrics_path`` (rank 0)
     also put ``metrics.jsonl`` back as it was at that step and return its rows (the alarm's history)."""
     with checkpoint.as_directory() as ckpt_dir, weights_only_loads(engine):
@@ -86,7 +87,8 @@ def weights_only_loads(engine) -> Iterator[None]:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
             raise pickle.UnpicklingError(
                 f"{path}: not restored, it holds {found.group(1) if found else 'an object'}, which only a checkpoint "
-                "tampered with would (a checkpoint holds tensors and DeepSpeed's own settings)") from None
+                "tampered with would (a checkpoint holds tensors and DeepSpeed's own settings)"
+            ) from None
 
     checkpoints.load = load  # an instance attribute: only this engine's reads change
     try:

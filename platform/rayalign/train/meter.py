@@ -9,15 +9,25 @@ fall forever).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from rayalign.losses import ObjectiveTerms, margins
 from rayalign.metrics import (
-    ABSOLUTE_ACCURACY, FRAC_IN_U, LOGPS_CHOSEN, LOGPS_REJECTED, LOSS, PAIRS_PER_S, PER_PAIR_KEYS, REWARD_ACCURACY,
-    REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED, TOKENS_PER_S,
+    ABSOLUTE_ACCURACY,
+    FRAC_IN_U,
+    LOGPS_CHOSEN,
+    LOGPS_REJECTED,
+    LOSS,
+    PAIRS_PER_S,
+    PER_PAIR_KEYS,
+    REWARD_ACCURACY,
+    REWARDS_CHOSEN,
+    REWARDS_MARGINS,
+    REWARDS_REJECTED,
+    TOKENS_PER_S,
 )
 
 

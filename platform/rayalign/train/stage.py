@@ -14,26 +14,26 @@ from ray.train import TrainingFailedError
 from rayalign.config import RunConfig
 from rayalign.console import Console, TrainingProgress
 from rayalign.data.stage import PreparedData
+from rayalign.diagnostics.report import plot_runs
 from rayalign.errors import TrainingDiverged, TrainingIncomplete
+from rayalign.metrics import LOSS, RESUMED_FROM_STEP, STEP, SUMMARY_KEYS, alarms, eval_key, heldout
 from rayalign.models import ModelSource, load_tokenizer
 from rayalign.storage import (
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_DIR,
-    RAY_TRAIN_DIR,
     QUARANTINE_FILE,
+    RAY_TRAIN_DIR,
     SUMMARY_FILE,
     read_jsonl,
     run_location,
     upload,
     write_local,
 )
-from rayalign.train.checkpoint import read_checkpoint_file
-from rayalign.diagnostics.report import plot_runs
 from rayalign.tracking import SweepMembership, open_trackers
 from rayalign.train.batching import LayoutCost, layout_cost
+from rayalign.train.checkpoint import read_checkpoint_file
 from rayalign.train.progress import relayed_progress
-from rayalign.metrics import LOSS, RESUMED_FROM_STEP, STEP, SUMMARY_KEYS, alarms, eval_key, heldout
 from rayalign.train.steps import step_plan
 from rayalign.train.trainer import TrainingInputs, fit, worker_plan
 
@@ -152,17 +152,29 @@ def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = T
         summary["reference"]["heldout_pairs"] = scored.heldout.count()
     write_local(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     plot = plot_runs([run_dir])
-    for path in (run_dir / CONFIG_FILE, run_dir / QUARANTINE_FILE, run_dir / METRICS_FILE, run_dir / SUMMARY_FILE, plot):
+    for path in (
+        run_dir / CONFIG_FILE,
+        run_dir / QUARANTINE_FILE,
+        run_dir / METRICS_FILE,
+        run_dir / SUMMARY_FILE,
+        plot,
+    ):
         if path.exists():
             upload(path, run_location(cfg.output) / path.name)
     if summary["steps"] < planned:
         trackers.finish(summary, [plot, run_dir / METRICS_FILE], failed=True)
         raise TrainingIncomplete(
             f"training ended at step {summary['steps']} of the {planned} planned: the workers' data ran out"
-            + (f" after a restore from step {summary['resumed_from_steps'][-1]}" if summary["resumed_from_steps"]
-               else " after a restart of the workers" if cfg.train.max_failures else "")
+            + (
+                f" after a restore from step {summary['resumed_from_steps'][-1]}"
+                if summary["resumed_from_steps"]
+                else " after a restart of the workers"
+                if cfg.train.max_failures
+                else ""
+            )
             + ". A reference streamed into training is not read again when Ray Train restarts the workers: "
             "set reference.cache: true when using train.max_failures, so that a restart re-reads the scored "
-            f"pairs from storage. The run's files (summary.json says complete: false) are in {cfg.output.run_storage}")
+            f"pairs from storage. The run's files (summary.json says complete: false) are in {cfg.output.run_storage}"
+        )
     trackers.finish(summary, [plot, run_dir / METRICS_FILE])
     return summary

@@ -9,8 +9,9 @@ the same object, so none of them writes the step again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,10 +20,10 @@ from rayalign.config import LossConfig, TrainConfig
 from rayalign.distributed import Collective
 from rayalign.logprobs import split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
+from rayalign.metrics import as_eval
 from rayalign.packing import pack_pairs, row_width
 from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.train.batching import MicroBatching, take
-from rayalign.metrics import as_eval
 from rayalign.train.meter import IntervalMeter
 
 
@@ -83,9 +84,17 @@ class PreferenceStep:
             ref_rejected = torch.as_tensor(batch[REF_REJECTED_LOGPS], device=self.device).to(logps.dtype)
         policy_chosen, policy_rejected = split_pairs(logps)
         chosen_tokens, rejected_tokens = split_pairs(counts)
-        terms = objective(self.loss, PairLogps(policy_chosen, policy_rejected, ref_chosen=ref_chosen,
-                                               ref_rejected=ref_rejected, chosen_tokens=chosen_tokens,
-                                               rejected_tokens=rejected_tokens))
+        terms = objective(
+            self.loss,
+            PairLogps(
+                policy_chosen,
+                policy_rejected,
+                ref_chosen=ref_chosen,
+                ref_rejected=ref_rejected,
+                chosen_tokens=chosen_tokens,
+                rejected_tokens=rejected_tokens,
+            ),
+        )
         return ScoredMicroBatch(terms, pairs.real_tokens, computed)
 
     def micro_batches(self, batch: dict[str, Any], agree_count: Callable[[int], int]) -> list[dict[str, Any]]:
@@ -93,7 +102,9 @@ class PreferenceStep:
         ``agree_count``: the largest of every worker's pass count (an all-reduce max)."""
         return [take(batch, group) for group in MicroBatching.of(self.batching).groups(batch, agree_count)]
 
-    def optimizer_step(self, engine, batch: dict[str, Any], agree_count: Callable[[int], int]) -> list[ScoredMicroBatch]:
+    def optimizer_step(
+        self, engine, batch: dict[str, Any], agree_count: Callable[[int], int]
+    ) -> list[ScoredMicroBatch]:
         """Forward and backward over the micro-batches of one step's ``batch``, then one DeepSpeed optimizer step.
 
         The step's loss is the mean over its pairs whatever the micro-batches hold: each backward takes its

@@ -43,6 +43,8 @@ def step_plan(train: TrainConfig, num_workers: int, num_pairs: int) -> StepPlan:
         )
     total = min(total, train.max_steps) if train.max_steps else total
     if train.warmup_steps >= total > 0 and train.warmup_steps > 0:
-        raise ConfigError(f"train.warmup_steps={train.warmup_steps} is not below the run's {total} optimizer steps: "
-                          "the learning rate would never reach train.learning_rate (lower train.warmup_steps)")
+        raise ConfigError(
+            f"train.warmup_steps={train.warmup_steps} is not below the run's {total} optimizer steps: "
+            "the learning rate would never reach train.learning_rate (lower train.warmup_steps)"
+        )
     return StepPlan(total, per_epoch)

@@ -176,13 +176,20 @@ class TrainingWorker:
         saved = ray.train.get_checkpoint()
         restored = Restored([], None)
         if saved is not None:
-            history = checkpoint.restore(engine, saved, metrics_path if rank == 0 else None,
-                                         adapters_only=plan.lora is not None)
+            history = checkpoint.restore(
+                engine, saved, metrics_path if rank == 0 else None, adapters_only=plan.lora is not None
+            )
             restored = Restored(history, engine.global_steps)
         elif rank == 0:  # rank 0 may be on another node than the driver, which cleared its own copy
             metrics_path.unlink(missing_ok=True)
-        step = PreferenceStep(plan.loss, t, load_tokenizer(model_dir).pad_token_id, torch.device(engine.device),
-                              plan.attn_implementation, plan.reference_in_worker)
+        step = PreferenceStep(
+            plan.loss,
+            t,
+            load_tokenizer(model_dir).pad_token_id,
+            torch.device(engine.device),
+            plan.attn_implementation,
+            plan.reference_in_worker,
+        )
         return cls(plan, engine, step, restored)
 
     def train(self) -> None:
@@ -191,8 +198,12 @@ class TrainingWorker:
         # Where the data stands after a restore: whole epochs done, then steps of this epoch done.
         start_epoch, skip = divmod(engine.global_steps, plan.steps.per_epoch)
         if self.resumed_from is not None:
-            logger.info("resumed from the checkpoint at step %d: epoch %d, skipping %d steps",
-                        self.resumed_from, start_epoch, skip)
+            logger.info(
+                "resumed from the checkpoint at step %d: epoch %d, skipping %d steps",
+                self.resumed_from,
+                start_epoch,
+                skip,
+            )
         for epoch in range(start_epoch, plan.train.epochs):
             if engine.global_steps >= plan.steps.total:
                 return
@@ -226,8 +237,11 @@ class TrainingWorker:
         row.update(self.meter.reduce(self.interval_start, all_reduce=self.collective.all_reduce_sum))
         check_finite(row)
         if evaluate:
-            batches = heldout_share(self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size,
-                                                                 batch_format="numpy"), self.rank, self.world_size)
+            batches = heldout_share(
+                self.eval_shard.iter_batches(batch_size=plan.train.micro_batch_size, batch_format="numpy"),
+                self.rank,
+                self.world_size,
+            )
             row.update(self.step.evaluate(self.engine, batches, self.collective))
         row.update(_peak_memory(self.device))
         self.interval_start = time.perf_counter()
@@ -265,8 +279,13 @@ class TrainingWorker:
         if self.checkpointed_step != self.engine.global_steps:
             self.save_checkpoint()
         plan = self.plan
-        export = checkpoint.ModelExport(plan.model.local_dir(), Path(plan.run_dir) / MODEL_DIR, plan.model_storage,
-                                        plan.train.zero_stage, merge_adapters=plan.lora is not None and plan.lora.export_merged)
+        export = checkpoint.ModelExport(
+            plan.model.local_dir(),
+            Path(plan.run_dir) / MODEL_DIR,
+            plan.model_storage,
+            plan.train.zero_stage,
+            merge_adapters=plan.lora is not None and plan.lora.export_merged,
+        )
         checkpoint.export_hf_model(self.engine, export, self.rank)
 
 

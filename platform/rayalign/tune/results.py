@@ -14,8 +14,8 @@ from typing import Any
 from ray import tune
 
 from rayalign.config import RunConfig, SweepConfig, with_values
-from rayalign.metrics import ABSOLUTE_ACCURACY, OBJECTIVE_MODES, SHORT_NAMES, STEP
 from rayalign.diagnostics.report import format_table, plot_sweep
+from rayalign.metrics import ABSOLUTE_ACCURACY, OBJECTIVE_MODES, SHORT_NAMES, STEP
 from rayalign.storage import Location, replaced_whole, write_local
 
 # Columns of the results table besides the searched keys; the objective comes first.
@@ -23,19 +23,22 @@ FINAL_METRICS = tuple(OBJECTIVE_MODES)
 TRIAL_STATUSES = ("completed", "stopped_early", "unfinished", "error")  # the table's order
 
 
-def collect_trials(results, tune_dir: Location, sweep: SweepConfig, planned: int, trials_storage: str
-                   ) -> list[dict[str, Any]]:
+def collect_trials(
+    results, tune_dir: Location, sweep: SweepConfig, planned: int, trials_storage: str
+) -> list[dict[str, Any]]:
     """One row per trial of Tune's ``results``, best completed trial first."""
     # Trial states as saved for resuming: an interrupted sweep leaves trials RUNNING or PENDING.
-    saved_status = {t.trial_id: t.status
-                    for t in tune.ExperimentAnalysis(tune_dir.path, storage_filesystem=tune_dir.fs).trials}
+    saved_status = {
+        t.trial_id: t.status for t in tune.ExperimentAnalysis(tune_dir.path, storage_filesystem=tune_dir.fs).trials
+    }
     trials = [trial_row(result, saved_status, sweep, planned, trials_storage) for result in results]
     trials.sort(key=lambda t: sort_key(t, sweep))
     return trials
 
 
-def trial_row(result, saved_status: dict[str, str], sweep: SweepConfig, planned: int, trials_storage: str
-               ) -> dict[str, Any]:
+def trial_row(
+    result, saved_status: dict[str, str], sweep: SweepConfig, planned: int, trials_storage: str
+) -> dict[str, Any]:
     """Status, parameters and final metrics of one trial, from Tune's record of its reports (not
     from the trial's run directory, which is on whichever node the trial ran)."""
     history = result.metrics_dataframe
@@ -90,8 +93,14 @@ def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _results_table(trials: list[dict[str, Any]], keys: list[str]) -> tuple[list[str], list[list[Any]]]:
     header = ["trial_id", "status", *keys, "steps", *FINAL_METRICS, "train/pref/absolute_accuracy"]
     rows = [
-        [t["trial_id"], t["status"], *(t["params"][k] for k in keys), t["steps"],
-         *(t["metrics"][m] for m in FINAL_METRICS), t["train_absolute_accuracy"]]
+        [
+            t["trial_id"],
+            t["status"],
+            *(t["params"][k] for k in keys),
+            t["steps"],
+            *(t["metrics"][m] for m in FINAL_METRICS),
+            t["train_absolute_accuracy"],
+        ]
         for t in trials
     ]
     return header, rows
@@ -122,9 +131,10 @@ def write_results(cfg: RunConfig, sweep_dir: Path, trials: list[dict[str, Any]])
         )
         best_path = sweep_dir / "best_config.yaml"
         point = ", ".join(f"{k}={v}" for k, v in best["params"].items())
-        write_local(best_path,
+        write_local(
+            best_path,
             f"# Best trial {best['trial_id']} of sweep {cfg.output.name}: {sweep.objective} = "
-            f"{best['objective']:.4f} ({point})\n#   rayalign train --config {best_path}\n" + best_cfg.to_yaml()
+            f"{best['objective']:.4f} ({point})\n#   rayalign train --config {best_path}\n" + best_cfg.to_yaml(),
         )
 
     x_key = "loss.gamma" if "loss.gamma" in keys else keys[0]

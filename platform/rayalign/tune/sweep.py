@@ -40,16 +40,30 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
-from rayalign.metrics import STEP
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
-from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
-from rayalign.runtime import ResourceDemand
+from rayalign.metrics import STEP
 from rayalign.models import ModelSource
+from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.run_dir import held_run_name
-from rayalign.storage import CONFIG_FILE, cache_location, prepare_run_dir, read_text, remove, run_location, upload, write_local
+from rayalign.runtime import ResourceDemand
+from rayalign.storage import (
+    CONFIG_FILE,
+    cache_location,
+    prepare_run_dir,
+    read_text,
+    remove,
+    run_location,
+    upload,
+    write_local,
+)
 from rayalign.tracking import (
-    SweepMembership, default_mlflow_uri, finish_sweep_parent, open_sweep_parent, tensorboard_root, wandb_root,
+    SweepMembership,
+    default_mlflow_uri,
+    finish_sweep_parent,
+    open_sweep_parent,
+    tensorboard_root,
+    wandb_root,
 )
 from rayalign.train.stage import TrainingHooks, preflight, train_stage
 from rayalign.train.steps import step_plan
@@ -87,16 +101,31 @@ class TrialLines(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         value = (trial.last_result or {}).get(self.objective)
         searched = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-        log.info("trial %s (%s): %s = %s", trial.trial_id, searched, self.objective,
-                 "n/a" if value is None else f"{value:.4f}")
+        log.info(
+            "trial %s (%s): %s = %s",
+            trial.trial_id,
+            searched,
+            self.objective,
+            "n/a" if value is None else f"{value:.4f}",
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         log.warning("trial %s failed; see its error in the log", trial.trial_id)
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, model: ModelSource,
-              scored: Dataset, num_scored: int, source: ReferenceSource, data_report: dict[str, Any],
-              cost: dict[str, Any], sweep: SweepMembership) -> None:
+def run_trial(
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    objective: str,
+    model: ModelSource,
+    scored: Dataset,
+    num_scored: int,
+    source: ReferenceSource,
+    data_report: dict[str, Any],
+    cost: dict[str, Any],
+    sweep: SweepMembership,
+) -> None:
     """One Tune trial: train on the sweep's reference-scored pairs with the trial's settings."""
     started = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
@@ -105,8 +134,14 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], objective: str, m
     # The trial's run directory is its own: a trial that Tune restores (resumed sweep, errored trial) finds its
     # Ray Train run there and continues from its last checkpoint.
     inputs = TrainingInputs(model, split_scored(cfg, scored, source, num_scored), data_report, cost, started)
-    train_stage(cfg, inputs, TrainingHooks(callbacks=(HeldoutReportCallback(objective),),
-                                           sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent)))
+    train_stage(
+        cfg,
+        inputs,
+        TrainingHooks(
+            callbacks=(HeldoutReportCallback(objective),),
+            sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent),
+        ),
+    )
 
 
 def trial_dirname(trial) -> str:
@@ -200,8 +235,9 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
         tuner = _tuner(cfg, shared, steps, resuming, membership)
         log.info("%d trial(s) of %d steps each; one line per finished trial", _num_trials(cfg.sweep), steps)
-        trials = collect_trials(tuner.fit(), run_location(cfg.output) / TUNE_DIR, cfg.sweep, steps,
-                                f"{cfg.output.run_storage}/{TRIALS_DIR}")
+        trials = collect_trials(
+            tuner.fit(), run_location(cfg.output) / TUNE_DIR, cfg.sweep, steps, f"{cfg.output.run_storage}/{TRIALS_DIR}"
+        )
         summary = _write_summary(cfg, shared, trials, steps, time.perf_counter() - started)
         files = [Path(path) for key, path in summary["files"].items() if key != "tune" and path]
         finish_sweep_parent(cfg, membership.mlflow_parent, summary, files)
@@ -242,8 +278,10 @@ def _check_is_a_sweep_dir(path: Path) -> None:
         return
     marks = [name for name in (TUNE_DIR, TRIALS_DIR, SUMMARY_FILE) if (path / name).exists()]
     if not marks:
-        raise ConfigError(f"--fresh would delete {path}, which is not a sweep directory (no {TUNE_DIR}/, "
-                          f"{TRIALS_DIR}/ or {SUMMARY_FILE} in it): set another output.name, or remove it yourself")
+        raise ConfigError(
+            f"--fresh would delete {path}, which is not a sweep directory (no {TUNE_DIR}/, "
+            f"{TRIALS_DIR}/ or {SUMMARY_FILE} in it): set another output.name, or remove it yourself"
+        )
 
 
 def _score_once(cfg: RunConfig) -> SharedScores:
@@ -267,8 +305,7 @@ def _score_once(cfg: RunConfig) -> SharedScores:
     return SharedScores(data, cost, scored, num_train, source, scored_now=not cache.hit)
 
 
-def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, membership: SweepMembership
-           ) -> tune.Tuner:
+def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, membership: SweepMembership) -> tune.Tuner:
     """Tune's tuner over ``run_trial``, each trial with the shared scores; restored when resuming."""
     sweep, sweep_dir = cfg.sweep, cfg.output.run_dir
     stored = run_location(cfg.output)
@@ -288,8 +325,13 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, mem
         {"cpu": sweep.trial_cpus},
     )
     if resuming:
-        return tune.Tuner.restore((stored / TUNE_DIR).path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=stored.fs)
+        return tune.Tuner.restore(
+            (stored / TUNE_DIR).path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=stored.fs,
+        )
     return tune.Tuner(
         trainable,
         param_space={key: _tune_domain(dim, sweep.search) for key, dim in sweep.space.items()},
@@ -303,13 +345,18 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, mem
             max_concurrent_trials=sweep.max_concurrent_trials if sweep.search == "optuna" else None,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=stored.path, storage_filesystem=stored.fs,
-                                      callbacks=[TrialLines(sweep.objective)]),
+        run_config=ray.tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=stored.path,
+            storage_filesystem=stored.fs,
+            callbacks=[TrialLines(sweep.objective)],
+        ),
     )
 
 
-def _write_summary(cfg: RunConfig, shared: SharedScores, trials: list[dict[str, Any]], steps: int, wall_s: float
-                   ) -> dict[str, Any]:
+def _write_summary(
+    cfg: RunConfig, shared: SharedScores, trials: list[dict[str, Any]], steps: int, wall_s: float
+) -> dict[str, Any]:
     """Results table, best config, plot and ``sweep_summary.json``, locally and in storage."""
     sweep, sweep_dir = cfg.sweep, cfg.output.run_dir
     unfinished = sum(t["status"] == "unfinished" for t in trials)
@@ -322,8 +369,10 @@ def _write_summary(cfg: RunConfig, shared: SharedScores, trials: list[dict[str, 
         "early_stopping": sweep.early_stopping,
         "planned_steps": steps,
         "interrupted": unfinished > 0,
-        "counts": {status: sum(t["status"] == status for t in trials)
-                   for status in ("completed", "stopped_early", "error", "unfinished")},
+        "counts": {
+            status: sum(t["status"] == status for t in trials)
+            for status in ("completed", "stopped_early", "error", "unfinished")
+        },
         "searched": list(sweep.space),
         "reference": {**shared.source.as_dict(), "scored_now": shared.scored_now},
         "data": shared.data.report.as_dict(),
