@@ -33,18 +33,31 @@ bind_local_cluster_to_loopback(RayConfig())
 
 from biased_reference import biased_reference  # noqa: E402  # jobs/biased_reference.py, beside this script
 
+from rayalign.cli import add_overrides
 from rayalign.config import load_config
 from rayalign.diagnostics.pathology import format_table, two_response_table
 from rayalign.diagnostics.report import plot_runs
-from rayalign.metrics import ABSOLUTE_ACCURACY, ALARM, FRAC_IN_U, LOSS, REWARD_ACCURACY, eval_key
+from rayalign.metrics import ABSOLUTE_ACCURACY, ALARM, FRAC_IN_U, LOSS, REWARD_ACCURACY, STEP, eval_key
 from rayalign.pipeline import run_train
 from rayalign.runtime import init_ray
 from rayalign.storage import METRICS_FILE, SUMMARY_FILE, read_jsonl, storage_root, upload
 
 HERE = Path(__file__).resolve().parent
 LM_CONFIG = HERE / "configs" / "pathology-lm.yaml"
-# CPO: the target margin γ = 1 nat, the constraint at full weight (α = 1) and smoothness τ = 1.
+# CPO: the target margin γ = 1 nat, the constraint at full weight (α = 1) and smoothness τ = 1, β as DPO's.
 CPO_LOSS = ["loss.type=cpo", "loss.gamma=1.0", "loss.alpha=1.0", "loss.tau=1.0"]
+# What each run of part (b) sets: DPO alone; CPO from the start; DPO that switches to the same CPO when the
+# pathology alarm fires (monitor.on_alarm: switch); DPO that stops there and exports its best held-out model.
+VARIANTS = {
+    "dpo": ["loss.type=dpo"],
+    "cpo": CPO_LOSS,
+    "switch": [
+        "loss.type=dpo",
+        "monitor.on_alarm=switch",
+        "monitor.switch_to={type: cpo, beta: 1.0, gamma: 1.0, alpha: 1.0, tau: 1.0}",
+    ],
+    "stop": ["loss.type=dpo", "monitor.on_alarm=stop"],
+}
 
 
 def part_a() -> tuple[list[dict], str]:
@@ -73,18 +86,23 @@ def _run_summary(run_dir: Path, tail: int = 4) -> dict:
         "eval_frac_in_U": heldout[eval_key(FRAC_IN_U)],
         "alarm_steps": sum(ALARM in r for r in rows),
         "logged_steps": len(rows),
+        "action_steps": [a[STEP] for a in summary["actions"]],
+        # A stop (or monitor.keep_best) exports the best held-out model: its value, not the last evaluation's.
+        "exported_abs_acc": summary["exported"].get("value", heldout[eval_key(ABSOLUTE_ACCURACY)]),
     }
 
 
-def part_b(seeds: list[int], epochs: int, bias_steps: int, overrides: list[str]) -> dict:
+def part_b(
+    seeds: list[int], epochs: int, bias_steps: int, overrides: list[str], variants: tuple[str, ...] = tuple(VARIANTS)
+) -> dict:
     base = load_config(LM_CONFIG, overrides + [f"train.epochs={epochs}"])
     out_root = Path(base.output.root).expanduser().resolve()
     init_ray(base.ray)
     biased = biased_reference(base, steps=bias_steps)
-    runs: dict[str, list[dict]] = {"dpo": [], "cpo": []}
-    run_dirs: dict[str, list[Path]] = {"dpo": [], "cpo": []}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    run_dirs: dict[str, list[Path]] = {name: [] for name in variants}
     for seed in seeds:
-        for loss in ("dpo", "cpo"):
+        for loss in variants:
             cfg = load_config(
                 LM_CONFIG,
                 overrides
@@ -92,7 +110,7 @@ def part_b(seeds: list[int], epochs: int, bias_steps: int, overrides: list[str])
                     f"train.epochs={epochs}",
                     "model.tiny=null",
                     f"model.path={biased}",
-                    *(CPO_LOSS if loss == "cpo" else ["loss.type=dpo"]),
+                    *VARIANTS[loss],
                     f"train.seed={seed}",
                     f"data.seed={seed}",
                     f"output.name={loss}-seed{seed}",
@@ -101,7 +119,7 @@ def part_b(seeds: list[int], epochs: int, bias_steps: int, overrides: list[str])
             run_train(cfg)
             run_dirs[loss].append(cfg.output.run_dir)
             runs[loss].append({"seed": seed, **_run_summary(cfg.output.run_dir)})
-    figure = plot_runs([run_dirs["dpo"][0], run_dirs["cpo"][0]], out_root / "dpo-vs-cpo.png")
+    figure = plot_runs([dirs[0] for dirs in run_dirs.values()], out_root / "dpo-vs-cpo.png")  # the first seed
     return {"reference": str(biased), "bias_steps": bias_steps, "epochs": epochs, "runs": runs, "figure": str(figure)}
 
 
@@ -113,20 +131,21 @@ def _mean_sd(values: list[float]) -> str:
 def format_part_b(result: dict) -> str:
     """Mean ± sd over seeds; train columns average the first/last 4 steps, held-out is the final evaluation."""
     lines = [
-        "| loss | seeds | train loss first → last | held-out loss | held-out reward acc "
-        "| held-out abs pref acc (δ_θ > 0) | held-out frac in U | steps with alarm |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | seeds | train loss first → last | held-out loss | held-out reward acc "
+        "| held-out abs pref acc (δ_θ > 0) | held-out frac in U | exported model's held-out abs acc "
+        "| steps with alarm | action at step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for loss, runs in result["runs"].items():
         seeds = ",".join(str(r["seed"]) for r in runs)
-        cells = [
-            _mean_sd([r[k] for r in runs]) for k in ("eval_loss", "eval_reward_acc", "eval_abs_acc", "eval_frac_in_U")
-        ]
+        keys = ("eval_loss", "eval_reward_acc", "eval_abs_acc", "eval_frac_in_U", "exported_abs_acc")
+        cells = [_mean_sd([r[k] for r in runs]) for k in keys]
         alarms = ", ".join(f"{r['alarm_steps']}/{r['logged_steps']}" for r in runs)
+        acted = ", ".join(",".join(map(str, r["action_steps"])) or "-" for r in runs)
         lines.append(
             f"| {loss} | {seeds} | {_mean_sd([r['loss_first'] for r in runs])} → "
             f"{_mean_sd([r['loss_last'] for r in runs])} "
-            f"| {' | '.join(cells)} | {alarms} |"
+            f"| {' | '.join(cells)} | {alarms} | {acted} |"
         )
     return "\n".join(lines)
 
@@ -137,14 +156,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--bias-steps", type=int, default=200)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override keys of jobs/configs/pathology-lm.yaml (e.g. output.root=/tmp/p)",
-    )
+    add_overrides(parser, of="keys of jobs/configs/pathology-lm.yaml")
     args = parser.parse_args()
     seeds, epochs = ([args.seeds[0]], 1) if args.reduced else (args.seeds, args.epochs)
 

@@ -27,6 +27,7 @@ bind_local_cluster_to_loopback(RayConfig())
 
 from biased_reference import biased_reference  # noqa: E402  # jobs/biased_reference.py, beside this script
 
+from rayalign.cli import add_overrides
 from rayalign.config import load_config
 from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS, REWARD_ACCURACY, eval_key
 from rayalign.runtime import init_ray
@@ -59,14 +60,7 @@ def markdown_table(summary: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override keys of jobs/configs/sweep-gamma.yaml",
-    )
+    add_overrides(parser, of="keys of jobs/configs/sweep-gamma.yaml")
     parser.add_argument("--bias-steps", type=int, default=200, help="fine-tuning steps toward the wrong answers")
     parser.add_argument("--fresh", action="store_true", help="discard an unfinished sweep instead of resuming it")
     args = parser.parse_args()

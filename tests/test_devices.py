@@ -258,3 +258,21 @@ def test_a_token_budget_agrees_its_pass_count_on_the_workers_device(nccl_like):
     with pytest.raises(ReachedCollective):
         micro_batch_groups(pair_tokens(_batch(), "shared_prompt"), 3, tokens_per_batch=16, agree=agree)
     assert [(t.device, t.dtype) for t in nccl_like] == [(META, torch.int64)]
+
+
+def test_an_alarms_decision_reaches_every_rank_through_the_collective_on_the_workers_device(nccl_like):
+    """Rank 0 asks to switch; the code goes through the all-reduce on the worker's device (a CUDA-only mistake
+    here would hang a GPU run), and a rank that is not rank 0 takes part too."""
+    from rayalign.config import MonitorConfig
+    from rayalign.metrics import ALARM
+    from rayalign.train.actions import AlarmResponse
+
+    monitor = MonitorConfig(on_alarm="switch", switch_to={"type": "cpo", "gamma": 1.0})
+    response = AlarmResponse(monitor, Collective.of_worker_group(META))
+    for rank in (0, 1):
+        with pytest.raises(ReachedCollective):
+            response.agree({ALARM: "the loss fell while ..."}, rank)
+    assert [t.device for t in nccl_like] == [META, META]
+    # Warn only: no collective at all, so no rank waits on another at every logged step.
+    assert AlarmResponse(MonitorConfig(), Collective.of_worker_group(META)).agree({ALARM: "x"}, 0) == 0
+    assert len(nccl_like) == 2

@@ -22,25 +22,43 @@ def load_job(monkeypatch):
 
 def test_part_a_table(monkeypatch):
     rows, table = load_job(monkeypatch).part_a()
-    dpo = next(r for r in rows if r["loss"] == "dpo")
+    dpo = next(r for r in rows if r["loss_type"] == "dpo")
     assert dpo["delta"] == pytest.approx(-1.350, abs=1e-3) and not dpo["prefers_chosen"]
-    assert any(r["loss"] == "cpo" and r["prefers_chosen"] for r in rows)
+    assert any(r["loss_type"] == "cpo" and r["prefers_chosen"] for r in rows)
     assert table.startswith("| loss |")
 
 
 @pytest.mark.timeout(900)
-def test_part_b_reduced(ray_cluster, tmp_path, monkeypatch):
+def test_part_b_reduced_with_the_alarm_acting(ray_cluster, tmp_path, monkeypatch):
+    """One seed, two epochs: DPO alone, DPO that switches to CPO when the alarm fires, DPO that stops there."""
     job = load_job(monkeypatch)
-    result = job.part_b(seeds=[0], epochs=1, bias_steps=200, overrides=[f"output.root={tmp_path}"])
-    dpo, cpo = result["runs"]["dpo"][0], result["runs"]["cpo"][0]
-    for loss in ("dpo", "cpo"):
-        first = json.loads((tmp_path / f"{loss}-seed0" / "metrics.jsonl").read_text().splitlines()[0])
-        # At step 1 the policy is the reference, which prefers the wrong answer: it "agrees" only with
-        # the ~20% of pairs whose labels were flipped.
-        assert first["pref/absolute_accuracy"] < 0.45
-    # On the held-out split after one epoch, DPO still prefers the wrong answers on most pairs and CPO
-    # does better on both counts. (DPO's loss falling over a full run is shown by the full job's table.)
-    assert dpo["eval_abs_acc"] < 0.5
-    assert cpo["eval_abs_acc"] > dpo["eval_abs_acc"] and cpo["eval_frac_in_U"] < dpo["eval_frac_in_U"]
-    assert (tmp_path / "dpo-vs-cpo.png").is_file()
-    assert "| dpo |" in job.format_part_b(result)
+    result = job.part_b(
+        seeds=[0],
+        epochs=2,
+        bias_steps=200,
+        # CI size: the alarm looks back over 4 logged steps instead of 8, so a switch leaves CPO 10 of 14 steps.
+        overrides=[f"output.root={tmp_path}", "monitor.alarm_window=4", "monitor.eval_every=2"],
+        variants=("dpo", "switch", "stop"),
+    )
+    (dpo,), (switch,), (stop,) = (result["runs"][name] for name in ("dpo", "switch", "stop"))
+    first = json.loads((tmp_path / "dpo-seed0" / "metrics.jsonl").read_text().splitlines()[0])
+    # At step 1 the policy is the reference, which prefers the wrong answer: it "agrees" only with the ~20% of
+    # pairs whose labels were flipped.
+    assert first["pref/absolute_accuracy"] < 0.45
+    # DPO ends preferring the wrong answer on most held-out pairs while the alarm fires; switched to CPO at the
+    # alarm, the same run ends preferring the right one.
+    assert dpo["eval_abs_acc"] < 0.3 and dpo["alarm_steps"] > 0 and dpo["action_steps"] == []
+    assert switch["action_steps"] and switch["eval_abs_acc"] > 0.5 > dpo["eval_abs_acc"]
+    switched = json.loads((tmp_path / "switch-seed0" / "summary.json").read_text())
+    assert switched["actions"][0]["action"].startswith("switched to cpo") and switched["complete"]
+    # Stopped at the alarm: the exported model is the best held-out one seen before it.
+    stopped = json.loads((tmp_path / "stop-seed0" / "summary.json").read_text())
+    (action,) = stopped["actions"]
+    assert stopped["stopped_on_alarm"] and stopped["steps"] == action["step"] < stopped["planned_steps"]
+    rows = [json.loads(line) for line in (tmp_path / "stop-seed0" / "metrics.jsonl").read_text().splitlines()]
+    before = [r["eval/pref/absolute_accuracy"] for r in rows if "eval/loss" in r and r["step"] < action["step"]]
+    exported = stopped["exported"]
+    assert exported["model"] == "best" and exported["value"] == max(before) and exported["step"] < action["step"]
+    assert stop["exported_abs_acc"] == max(before)
+    assert (tmp_path / "stop-seed0" / "model" / "model.safetensors").is_file()
+    assert "| switch |" in job.format_part_b(result)

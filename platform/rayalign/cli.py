@@ -17,11 +17,12 @@ from rayalign.errors import ClusterResourceError, DataQualityError, StorageError
 from rayalign.runtime import bind_local_cluster_to_loopback
 
 USER_ERRORS = (ConfigError, DataQualityError, FileNotFoundError, ClusterResourceError, StorageError)
+STOPPED_ON_ALARM = 3  # the exit status of `rayalign train` when a run stopped on an alarm (monitor.on_alarm: stop)
 
 
 def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.diagnostics.report import format_runs_table
-    from rayalign.metrics import STEP
+    from rayalign.metrics import ACTION, STEP
     from rayalign.pipeline import run_train
 
     summaries = []
@@ -34,8 +35,19 @@ def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     for s in summaries:
         for alarm in s["alarms"][:1]:
             console.print(f"PATHOLOGY ALARM in {s['run']} (first at step {alarm[STEP]}): {alarm['reason']}")
+        for alarm in s["displacement_alarms"][:1]:
+            console.print(f"LIKELIHOOD DISPLACEMENT in {s['run']} (first at step {alarm[STEP]}): {alarm['reason']}")
+        for action in s["actions"]:
+            console.print(f"{s['run']}: {action[ACTION]} at step {action[STEP]}")
+        exported = s["exported"]
+        if exported["model"] == "best":
+            console.print(
+                f"{s['run']}: exported the best model by {exported['key']} "
+                f"({exported['value']:.4f}, step {exported[STEP]})"
+            )
     console.print("details: summary.json and report.png in each run directory")
-    return 0
+    # A script tells a run stopped on an alarm (3) from a finished one (0) and a failed one (1, 2).
+    return STOPPED_ON_ALARM if any(s["stopped_on_alarm"] for s in summaries) else 0
 
 
 def _sweep(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
@@ -186,17 +198,22 @@ def _shutdown_ray() -> None:
     ray.shutdown()
 
 
-def _config_arguments(parser: argparse.ArgumentParser, help: str = "YAML config", repeat: bool = False) -> None:
-    """``--config FILE`` and ``--set KEY=VALUE``, the same for every command that reads a config."""
-    parser.add_argument("--config", action="append" if repeat else "store", required=True, metavar="FILE", help=help)
+def add_overrides(parser: argparse.ArgumentParser, of: str = "a config key") -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, as every command and job script takes it."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set loss.beta=0.2 (value parsed as YAML)",
+        help=f"override {of}, e.g. --set loss.beta=0.2 (value parsed as YAML)",
     )
+
+
+def _config_arguments(parser: argparse.ArgumentParser, help: str = "YAML config", repeat: bool = False) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE``, the same for every command that reads a config."""
+    parser.add_argument("--config", action="append" if repeat else "store", required=True, metavar="FILE", help=help)
+    add_overrides(parser)
     parser.add_argument(
         "--verbose",
         "-v",

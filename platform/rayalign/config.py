@@ -416,6 +416,9 @@ class TrainConfig(_Section):
         return self
 
 
+AlarmAction = Literal["warn", "stop", "switch"]
+
+
 class MonitorConfig(_Section):
     """Watching for DPO's failure mode during training (see rayalign.diagnostics.alarms)."""
 
@@ -426,6 +429,55 @@ class MonitorConfig(_Section):
     eval_every: int | None = Field(
         None, ge=1, description="Evaluate the held-out split every N steps (always at the end)."
     )
+    on_alarm: AlarmAction = Field(
+        "warn",
+        description="When the pathology alarm fires (the loss falls while absolute preference stays wrong): warn "
+        "and go on; stop (every rank at the same step, the best held-out model exported, exit status 3); or "
+        "switch to monitor.switch_to for the rest of the run.",
+    )
+    on_displacement: AlarmAction = Field(
+        "warn",
+        description="When likelihood displacement is seen (the chosen responses' log-probs fall below the "
+        "reference's while the loss falls): warn, stop or switch, as on_alarm.",
+    )
+    switch_to: LossConfig | None = Field(
+        None,
+        description="The loss the run continues with after an alarm whose action is switch (e.g. type cpo with "
+        "its gamma, or dpo with an nll_weight, the RPO remedy).",
+    )
+    keep_best: str | None = Field(
+        None,
+        description="A held-out key (eval/pref/absolute_accuracy, eval/loss, ...): the model with its best value "
+        "is kept in the run's storage beside the checkpoints and exported instead of the last one. A stop "
+        "always exports the best model seen before the alarm (by eval/pref/absolute_accuracy unless set).",
+    )
+
+    @property
+    def actions(self) -> set[str]:
+        return {self.on_alarm, self.on_displacement}
+
+    @property
+    def best_key(self) -> str | None:
+        """The held-out key the best model is chosen by, if one is kept."""
+        return self.keep_best or (DEFAULT_OBJECTIVE if "stop" in self.actions else None)
+
+    @model_validator(mode="after")
+    def _actions_have_what_they_need(self) -> MonitorConfig:
+        if "switch" in self.actions and self.switch_to is None:
+            raise ValueError(
+                "monitor.on_alarm/on_displacement: switch needs monitor.switch_to, the loss section to "
+                "continue with (e.g. {type: cpo, gamma: 1.0})"
+            )
+        if self.keep_best is not None and self.keep_best not in OBJECTIVE_MODES:
+            raise ValueError(
+                f"monitor.keep_best: {self.keep_best!r} is not a held-out key; one of {', '.join(OBJECTIVE_MODES)}"
+            )
+        if self.best_key is not None and self.eval_every is None:
+            raise ValueError(
+                "monitor.keep_best (and on_alarm/on_displacement: stop, which exports the best held-out "
+                "model) compares held-out evaluations: set monitor.eval_every"
+            )
+        return self
 
 
 class AuditConfig(_Section):
@@ -732,6 +784,11 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _sweep_needs(self) -> RunConfig:
+        if self.monitor.best_key is not None and self.data.eval_fraction == 0:
+            raise ValueError(
+                f"monitor: keeping the best model by {self.monitor.best_key} needs held-out pairs: set "
+                "data.eval_fraction > 0"
+            )
         if self.sweep is None:
             return self
         if self.data.eval_fraction == 0:

@@ -16,6 +16,8 @@ Rank 0 appends one row per logging step to ``metrics.jsonl``::
     memory/peak_allocated_gib    rank 0's peak accelerator memory (GPU runs only)
     eval/<key>                   the same statistics on the held-out pairs (no rates), when evaluated
     alarm                        the pathology alarm's reason, on the rows where it holds
+    displacement                 the likelihood-displacement alarm's reason, on the rows where it holds
+    action                       what the run did about an alarm, on the row it did it (stop, switch to ...)
     resumed_from_step            on the first row after a restore: the checkpoint's step
 
 A row goes four ways, each written once per row: rank 0's ``metrics.jsonl`` (what the driver copies from
@@ -44,6 +46,8 @@ PAIRS_PER_S = "pairs/s"
 TOKENS_PER_S = "tokens/s"
 PEAK_MEMORY_GIB = "memory/peak_allocated_gib"
 ALARM = "alarm"
+DISPLACEMENT = "displacement"
+ACTION = "action"
 RESUMED_FROM_STEP = "resumed_from_step"
 EVAL_PREFIX = "eval/"
 
@@ -100,15 +104,21 @@ def alarms(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{STEP: row[STEP], "reason": row[ALARM]} for row in rows if ALARM in row]
 
 
+def actions(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every action the run took on an alarm, as ``{"step", "action"}``, in step order."""
+    return [{STEP: row[STEP], ACTION: row[ACTION]} for row in rows if ACTION in row]
+
+
 class FirstAlarm:
-    """Hands on a row's alarm the first time one is seen, then never again: a consumer (console, tracker,
-    log) says it once, not on every later row where it still holds."""
+    """Hands on each alarm's reason (pathology, displacement) the first time it is seen, then never again: a
+    consumer (console, tracker, log) says it once, not on every later row where it still holds."""
 
     def __init__(self) -> None:
-        self.seen = False
+        self.seen: set[str] = set()
 
     def of(self, row: Mapping[str, Any]) -> str | None:
-        if self.seen or ALARM not in row:
-            return None
-        self.seen = True
-        return row[ALARM]
+        for key in (ALARM, DISPLACEMENT):
+            if key in row and key not in self.seen:
+                self.seen.add(key)
+                return row[key]
+        return None

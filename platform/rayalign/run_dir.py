@@ -27,6 +27,7 @@ from filelock import FileLock, Timeout
 
 from rayalign.config import ConfigError
 from rayalign.storage import (
+    BEST_DIR,
     METRICS_FILE,
     MODEL_DIR,
     QUARANTINE_FILE,
@@ -59,6 +60,7 @@ TRAINING_OUTPUTS = (
     RUN_PLOT,
     RAY_TRAIN_DIR,
     SYNTHETIC_DIR,
+    BEST_DIR,
 )
 
 
@@ -116,7 +118,7 @@ def _clear_earlier_run(cfg: RunConfig) -> None:
         )
     if checkpoint and policy == "resume":
         log.info("resuming %s from %s", output.name, checkpoint)
-    keep = (RAY_TRAIN_DIR,) if policy == "resume" else ()
+    keep = (RAY_TRAIN_DIR, BEST_DIR) if policy == "resume" else ()
     for place in places:
         for name in TRAINING_OUTPUTS:
             if name not in keep:

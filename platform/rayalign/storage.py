@@ -48,6 +48,7 @@ SCORED_DIR = "scored"  # the run's reference-scored pairs, kept for restarts (tr
 MODEL_DIR = "model"  # the trained policy, Hugging Face format
 RUN_PLOT = "report.png"
 RAY_TRAIN_DIR = "ray"  # Ray Train's storage path
+BEST_DIR = "best"  # the best held-out model so far (monitor.keep_best), a DeepSpeed checkpoint
 RAY_TRAIN_RUN = "train"  # the Ray Train run's name in it: one per run directory, so a resumed run finds it
 
 

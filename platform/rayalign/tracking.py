@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rayalign.config import RunConfig
-from rayalign.metrics import STEP, FirstAlarm
+from rayalign.metrics import ACTION, STEP, FirstAlarm
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class MlflowRun:
         alarm = self.first_alarm.of(row)
         if alarm:
             self.client.set_tag(self.run_id, "pathology_alarm", f"step {row[STEP]}: {alarm}")
+        if ACTION in row:
+            self.client.set_tag(self.run_id, "alarm_action", f"step {row[STEP]}: {row[ACTION]}")
 
     def finish(self, summary: dict[str, Any] | None, files: list[Path], failed: bool) -> None:
         if summary is not None:
@@ -140,6 +142,8 @@ class TensorBoardRun:
         alarm = self.first_alarm.of(row)
         if alarm:
             self.writer.add_text("pathology_alarm", alarm, row[STEP])
+        if ACTION in row:
+            self.writer.add_text("alarm_action", row[ACTION], row[STEP])
         self.last.update(step_metrics(row))
         self.writer.flush()
 
@@ -187,6 +191,8 @@ class WandbRun:
         if alarm:
             self.run.summary["pathology_alarm"] = f"step {row[STEP]}: {alarm}"
             self.run.tags = (*self.run.tags, "pathology-alarm")
+        if ACTION in row:
+            self.run.summary["alarm_action"] = f"step {row[STEP]}: {row[ACTION]}"
 
     def finish(self, summary: dict[str, Any] | None, files: list[Path], failed: bool) -> None:
         import wandb

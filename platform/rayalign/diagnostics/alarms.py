@@ -1,4 +1,6 @@
-"""Live pathology alarm: the loss is falling but the policy still prefers the rejected responses.
+"""Live alarms on rank 0's logged rows: the pathology alarm (the loss is falling but the policy still prefers the
+rejected responses) and likelihood displacement (:func:`displacement_alarm`). What a run does when one fires is
+``monitor.on_alarm`` / ``monitor.on_displacement`` (rayalign.train.worker).
 
 DPO's loss can keep falling inside U = {δ_ref < δ_θ < 0}: the policy improves on
 the reference yet still prefers y_l. Over the last ``window`` logged steps the
@@ -21,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS
+from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS, REWARDS_CHOSEN
 
 
 def trend(values: Sequence[float]) -> float:
@@ -55,3 +57,24 @@ def pathology_alarm(rows: Sequence[dict[str, Any]], window: int, min_change: flo
     if not symptoms:
         return None
     return f"loss fell by {-loss_change:.3f} over {window} logged steps while " + "; ".join(symptoms)
+
+
+def displacement_alarm(rows: Sequence[dict[str, Any]], window: int, min_change: float) -> str | None:
+    """Likelihood displacement on the last ``window`` rows: the loss falls while the chosen responses become less
+    likely under the policy than under the reference (``rewards/chosen`` = β(log π_θ(y_w) − log π_ref(y_w)) ends
+    negative and falls by more than ``min_change``). DPO can lower both responses' likelihood as long as the
+    rejected one falls faster (Razin et al., 2025, "Unintentional Unalignment"; Pal et al., 2024, "Smaug"); the
+    usual remedy is an NLL term on the chosen response (``loss.nll_weight``). None when the rows look healthy."""
+    if len(rows) < window:
+        return None
+    recent = rows[-window:]
+    loss_change = trend([r[LOSS] for r in recent])
+    chosen = [r[REWARDS_CHOSEN] for r in recent]
+    chosen_change = trend(chosen)
+    if loss_change >= -min_change or chosen[-1] >= 0 or chosen_change >= -min_change:
+        return None
+    return (
+        f"loss fell by {-loss_change:.3f} over {window} logged steps while the chosen responses' reward fell by "
+        f"{-chosen_change:.3f} to {chosen[-1]:.3f}: the policy makes the chosen answers less likely than the "
+        "reference does (likelihood displacement)"
+    )

@@ -23,6 +23,7 @@ from matplotlib.lines import Line2D
 from rayalign.config import S3Config
 from rayalign.metrics import (
     ABSOLUTE_ACCURACY,
+    ACTION,
     FRAC_IN_U,
     LOSS,
     REWARD_ACCURACY,
@@ -159,6 +160,9 @@ def _draw_panel(ax: Axes, runs: list[Run], colors: list[str], key: str, title: s
                 transform=ax.get_xaxis_transform(),
                 clip_on=False,
             )
+        for row in run.rows:
+            if ACTION in row:  # what the run did about an alarm (monitor.on_alarm): switch or stop
+                ax.axvline(row[STEP], color="purple", linestyle="--", linewidth=1.2, alpha=0.8)
     if chance:
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1.2)
     ax.set_title(title, fontsize=11, pad=9)  # room for the alarm ticks above the axes
@@ -175,6 +179,9 @@ def _legend_handles(runs: list[Run], colors: list[str]) -> list[Line2D]:
     handles.append(Line2D([], [], color="gray", linestyle=":", label="0.5 (chance)"))
     if any(r.alarms for r in runs):
         handles.append(Line2D([], [], color="red", linewidth=1.0, label="alarm (summary.json)"))
+    actions = sorted({row[ACTION].split(" (")[0] for r in runs for row in r.rows if ACTION in row})
+    if actions:
+        handles.append(Line2D([], [], color="purple", linestyle="--", label=f"action: {', '.join(actions)}"))
     return handles
 
 

@@ -7,6 +7,7 @@ both back; the data position is recomputed from the step (see :mod:`rayalign.tra
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,9 +22,10 @@ import ray.train
 from ray.train import Checkpoint
 
 from rayalign.metrics import STEP
-from rayalign.storage import METRICS_FILE, Location, read_jsonl, upload
+from rayalign.storage import METRICS_FILE, Location, download, read_jsonl, read_text, remove, upload, write_text
 
 DEEPSPEED_TAG = "deepspeed"
+BEST_RECORD = "best.json"
 
 
 def report(metrics: dict[str, Any], engine=None, metrics_path: Path | None = None, adapters_only: bool = False) -> None:
@@ -149,3 +151,56 @@ def export_hf_model(engine, export: ModelExport, rank: int) -> None:
             shutil.rmtree(out_dir, ignore_errors=True)
             staging.rename(out_dir)
             upload(out_dir, storage)
+
+
+@dataclass(frozen=True)
+class BestModel:
+    """The best model by a held-out key (``monitor.keep_best``), kept in the run's storage beside Ray Train's
+    checkpoints, which keep only the latest: ``<where>/step-<N>/`` holds a DeepSpeed checkpoint of every rank, and
+    ``<where>/best.json``, written last, says which step it is and its value (a folder without it is not kept).
+
+    ``mode``: "max" or "min", the key's better direction. ``adapters_only``: LoRA, without the frozen base."""
+
+    where: Location
+    key: str
+    mode: str
+    adapters_only: bool = False
+
+    def record(self) -> dict[str, Any] | None:
+        """``best.json``: ``{"step", "key", "value", "dir"}``, or None while nothing is kept."""
+        text = read_text(self.where / BEST_RECORD)
+        return None if text is None else json.loads(text)
+
+    def improves(self, value: float, record: dict[str, Any] | None) -> bool:
+        if record is None:
+            return True
+        return value > record["value"] if self.mode == "max" else value < record["value"]
+
+    def keep(self, engine, row: dict[str, Any], collective) -> None:
+        """Save ``engine`` as the best model (every rank calls it: each saves its shards), ``row`` being the
+        logged row whose held-out value made it the best; ``collective`` (the worker group's) orders the commit
+        after every rank's upload."""
+        import torch.distributed as dist
+
+        folder = f"step-{row[STEP]}"
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, exclude_frozen_parameters=self.adapters_only)
+            upload(Path(tmp), self.where / folder)
+        collective.all_reduce_max(0)  # a barrier on the group's device: every rank's shards are in storage
+        if dist.get_rank() != 0:
+            return
+        previous = self.record()
+        write_text(
+            self.where / BEST_RECORD,
+            json.dumps({STEP: row[STEP], "key": self.key, "value": row[self.key], "dir": folder}),
+        )
+        if previous is not None and previous["dir"] != folder:
+            remove(self.where / previous["dir"])
+
+    def restore_into(self, engine) -> dict[str, Any]:
+        """Load the best model into ``engine`` (every rank calls it); returns its record."""
+        record = self.record()
+        with tempfile.TemporaryDirectory() as tmp:
+            download(self.where / record["dir"], Path(tmp))
+            restore(engine, Checkpoint.from_directory(tmp), None, adapters_only=self.adapters_only)
+        return record

@@ -16,7 +16,18 @@ from rayalign.console import Console, TrainingProgress
 from rayalign.data.stage import PreparedData
 from rayalign.diagnostics.report import plot_runs
 from rayalign.errors import TrainingDiverged, TrainingIncomplete
-from rayalign.metrics import LOSS, RESUMED_FROM_STEP, STEP, SUMMARY_KEYS, alarms, eval_key, heldout
+from rayalign.metrics import (
+    ACTION,
+    DISPLACEMENT,
+    LOSS,
+    RESUMED_FROM_STEP,
+    STEP,
+    SUMMARY_KEYS,
+    actions,
+    alarms,
+    eval_key,
+    heldout,
+)
 from rayalign.models import ModelSource, load_tokenizer
 from rayalign.storage import (
     CONFIG_FILE,
@@ -35,7 +46,7 @@ from rayalign.train.batching import LayoutCost, layout_cost
 from rayalign.train.checkpoint import read_checkpoint_file
 from rayalign.train.progress import relayed_progress
 from rayalign.train.steps import step_plan
-from rayalign.train.trainer import TrainingInputs, fit, worker_plan
+from rayalign.train.trainer import TrainingInputs, best_model, fit, worker_plan
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,15 @@ def summarize(cfg: RunConfig, model: ModelSource, data_report: dict[str, Any], w
     resumed = [r[RESUMED_FROM_STEP] for r in rows if RESUMED_FROM_STEP in r]
     evaluated = [r for r in rows if eval_key(LOSS) in r]
     storage = cfg.output.run_storage
+    taken = actions(rows)
+    stopped = next((a for a in taken if a[ACTION] == "stopped"), None)
+    best = best_model(cfg)
+    best_record = best.record() if best is not None else None
+    exported = (
+        {"model": "best", **best_record}
+        if best_record is not None and (cfg.monitor.keep_best or stopped)
+        else {"model": "last", STEP: rows[-1][STEP]}
+    )
     return {
         "run": cfg.output.name,
         "loss_type": cfg.loss.type,
@@ -85,6 +105,10 @@ def summarize(cfg: RunConfig, model: ModelSource, data_report: dict[str, Any], w
         "loss_decreased": last[LOSS] < first[LOSS],
         "pathology_alarm": bool(alarms(rows)),
         "alarms": alarms(rows),
+        "displacement_alarms": [{STEP: r[STEP], "reason": r[DISPLACEMENT]} for r in rows if DISPLACEMENT in r],
+        "actions": taken,
+        "stopped_on_alarm": stopped is not None,
+        "exported": exported,
         "resumed_from_steps": resumed,
         "heldout": heldout(evaluated[-1]) if evaluated else None,
         "data": data_report,
@@ -161,7 +185,7 @@ def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = T
     ):
         if path.exists():
             upload(path, run_location(cfg.output) / path.name)
-    if summary["steps"] < planned:
+    if summary["steps"] < planned and not summary["stopped_on_alarm"]:
         trackers.finish(summary, [plot, run_dir / METRICS_FILE], failed=True)
         raise TrainingIncomplete(
             f"training ended at step {summary['steps']} of the {planned} planned: the workers' data ran out"

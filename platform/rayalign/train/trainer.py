@@ -11,9 +11,11 @@ from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayalign.config import RunConfig
+from rayalign.metrics import OBJECTIVE_MODES
 from rayalign.models import ModelSource
 from rayalign.reference.stage import ScoredPairs
-from rayalign.storage import MODEL_DIR, RAY_TRAIN_DIR, RAY_TRAIN_RUN, run_location
+from rayalign.storage import BEST_DIR, MODEL_DIR, RAY_TRAIN_DIR, RAY_TRAIN_RUN, run_location
+from rayalign.train.checkpoint import BestModel
 from rayalign.train.steps import StepPlan
 from rayalign.train.worker import WorkerPlan, train_loop_per_worker
 
@@ -30,6 +32,15 @@ class TrainingInputs:
     started: float  # time.perf_counter() when the run began: summary.json's wall_seconds
 
 
+def best_model(cfg: RunConfig) -> BestModel | None:
+    """Where the run keeps its best held-out model, when ``monitor`` asks for one (keep_best, or a stop)."""
+    key = cfg.monitor.best_key
+    if key is None:
+        return None
+    where = run_location(cfg.output) / BEST_DIR
+    return BestModel(where, key, OBJECTIVE_MODES[key], adapters_only=cfg.model.lora is not None)
+
+
 def worker_plan(cfg: RunConfig, inputs: TrainingInputs, steps: StepPlan, progress: Any = None) -> WorkerPlan:
     """What every worker of the run is given (its config sections, the step plan). ``progress``: a
     ProgressBoard's handle that rank 0 posts its logged rows to."""
@@ -43,6 +54,7 @@ def worker_plan(cfg: RunConfig, inputs: TrainingInputs, steps: StepPlan, progres
         monitor=cfg.monitor,
         run_dir=str(cfg.output.run_dir),
         model_storage=run_location(cfg.output) / MODEL_DIR,
+        best_model=best_model(cfg),
         steps=steps,
         has_eval=inputs.scored.heldout is not None,
         reference_in_worker=cfg.reference.in_worker,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,13 @@ import torch
 
 from rayalign.config import LoraConfig, LossConfig, MonitorConfig, TrainConfig
 from rayalign.console import step_line
-from rayalign.diagnostics.alarms import pathology_alarm
 from rayalign.distributed import Collective
 from rayalign.errors import TrainingDiverged
 from rayalign.logprobs import PolicyLogps, ResponseHead
-from rayalign.metrics import ALARM, EPOCH, LOSS, LR, PEAK_MEMORY_GIB, RESUMED_FROM_STEP, STEP, FirstAlarm
+from rayalign.metrics import ACTION, EPOCH, LOSS, LR, PEAK_MEMORY_GIB, RESUMED_FROM_STEP, STEP, FirstAlarm
 from rayalign.models import ModelSource
 from rayalign.storage import METRICS_FILE, MODEL_DIR, Location, append_jsonl
-from rayalign.train import checkpoint
+from rayalign.train import actions, checkpoint
 from rayalign.train.batching import heldout_share
 from rayalign.train.meter import IntervalMeter
 from rayalign.train.step import PreferenceStep
@@ -71,6 +70,7 @@ class WorkerPlan:
     monitor: MonitorConfig
     run_dir: str  # local run directory (metrics.jsonl on rank 0's node)
     model_storage: Location  # where rank 0 keeps the exported model
+    best_model: checkpoint.BestModel | None  # where the best held-out model is kept (monitor.best_key), if it is
     steps: StepPlan
     has_eval: bool
     reference_in_worker: bool = False  # reference.backend adapters_off: scored here, adapters disabled
@@ -140,6 +140,9 @@ class TrainingWorker:
         self.meter = IntervalMeter(self.device)
         self.interval_start: float | None = None  # set at the first batch: start-up is not throughput
         self.resumed_from = restored.from_step
+        self.stopped = False  # an alarm asked to stop: every rank ends at the same step
+        self.response = actions.AlarmResponse(plan.monitor, self.collective)
+        self.best_record = plan.best_model.record() if plan.best_model is not None else None
         self.checkpointed_step = engine.global_steps
         self.last_row: dict[str, Any] = {STEP: engine.global_steps}
         self.shard = ray.train.get_dataset_shard("train")
@@ -190,7 +193,18 @@ class TrainingWorker:
             plan.attn_implementation,
             plan.reference_in_worker,
         )
-        return cls(plan, engine, step, restored)
+        worker = cls(plan, engine, step, restored)
+        if worker.response.acts and saved is not None:
+            # A restored run goes on with the loss that was active at its checkpoint; rank 0's history says which.
+            switched = actions.SWITCH if actions.was_switched(restored.history) else actions.WARN
+            if worker.collective.all_reduce_max(switched if rank == 0 else actions.WARN) == actions.SWITCH:
+                worker.switch()
+        return worker
+
+    def switch(self) -> None:
+        """Train on with ``monitor.switch_to`` (every rank at the same step)."""
+        self.step = replace(self.step, loss=self.plan.monitor.switch_to)
+        self.response.switched = True
 
     def train(self) -> None:
         """Epochs of optimizer steps until the planned step count; after a restore, resume mid-epoch."""
@@ -213,7 +227,7 @@ class TrainingWorker:
                 if skip <= index < plan.steps.per_epoch:
                     self.train_step(batch)
                     self.log_step(epoch)
-                    if engine.global_steps >= plan.steps.total:
+                    if engine.global_steps >= plan.steps.total or self.stopped:
                         return
             skip = 0
 
@@ -221,7 +235,7 @@ class TrainingWorker:
         """One optimizer step on this worker's ``batch`` of pairs (:meth:`PreferenceStep.optimizer_step`), metered."""
         self.interval_start = self.interval_start or time.perf_counter()
         for scored in self.step.optimizer_step(self.engine, batch, self.collective.all_reduce_max):
-            self.meter.add(scored.terms, scored.real_tokens, self.plan.loss.beta)
+            self.meter.add(scored.terms, scored.real_tokens, self.step.loss.beta)
 
     def log_step(self, epoch: int) -> None:
         """After an optimizer step: log (every ``train.log_every``), evaluate, checkpoint, as due."""
@@ -246,8 +260,25 @@ class TrainingWorker:
         row.update(_peak_memory(self.device))
         self.interval_start = time.perf_counter()
         if self.rank == 0:
+            self.history.append(row)
+            row.update(actions.alarms_of(self.history, plan.monitor))
+            alarm = self.first_alarm.of(row)
+            if alarm:
+                logger.warning("PATHOLOGY ALARM at step %d: %s", row[STEP], alarm)
+        action = self.response.agree(row, self.rank)
+        if evaluate and action != actions.STOP:  # a stop exports the best model seen before its alarm
+            self._keep_if_best(row)
+        if action == actions.SWITCH:
+            self.switch()
+        elif action == actions.STOP:
+            self.stopped = True
+        if self.rank == 0:
+            if action != actions.WARN:
+                row[ACTION] = actions.describe(action, plan.monitor)
+                logger.warning("step %d: %s", step, row[ACTION])
             self._record(row)
         self.last_row = row
+        done = done or self.stopped
         # Only what a consumer needs goes to Ray Train (checkpoints; held-out metrics for Tune):
         # a worker blocks in report() until the controller, polling every 2 s, took the last one,
         # so reporting every logged step would cap training at one step per 2 s.
@@ -256,15 +287,17 @@ class TrainingWorker:
         elif evaluate:
             checkpoint.report(row)
 
+    def _keep_if_best(self, row: dict[str, Any]) -> None:
+        """Keep the model as the best one when ``row``'s held-out value beats the best so far (every rank sees the
+        same reduced value, so every rank decides alike and saves its shards)."""
+        best = self.plan.best_model
+        if best is None or not best.improves(row[best.key], self.best_record):
+            return
+        best.keep(self.engine, row, self.collective)
+        self.best_record = {STEP: row[STEP], "key": best.key, "value": row[best.key]}
+
     def _record(self, row: dict[str, Any]) -> None:
-        """Rank 0: the alarm, the metrics file, the log line."""
-        monitor = self.plan.monitor
-        self.history.append(row)
-        alarm = pathology_alarm(self.history, monitor.alarm_window, monitor.alarm_min_change)
-        if alarm:
-            row[ALARM] = alarm
-            if self.first_alarm.of(row):
-                logger.warning("PATHOLOGY ALARM at step %d: %s", row[STEP], alarm)
+        """Rank 0: the metrics file, the progress relay, the log line."""
         append_jsonl(self.metrics_path, row)
         if self.plan.progress is not None:
             self.plan.progress.post.remote(row)  # not awaited: the next step does not wait on the driver
@@ -275,10 +308,13 @@ class TrainingWorker:
         self.checkpointed_step = self.last_row[STEP]
 
     def save(self) -> None:
-        """The final checkpoint (if the stream ended before the planned step count) and the HF export."""
+        """The final checkpoint (if the stream ended before the planned step count) and the HF export: of the
+        best held-out model when one is kept by ``monitor.keep_best`` or the run stopped on an alarm."""
         if self.checkpointed_step != self.engine.global_steps:
             self.save_checkpoint()
         plan = self.plan
+        if plan.best_model is not None and self.best_record is not None and (plan.monitor.keep_best or self.stopped):
+            plan.best_model.restore_into(self.engine)
         export = checkpoint.ModelExport(
             plan.model.local_dir(),
             Path(plan.run_dir) / MODEL_DIR,
