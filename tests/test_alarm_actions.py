@@ -59,3 +59,10 @@ def test_actions_name_what_they_need(tmp_path):
     assert stop.monitor.best_key == "eval/pref/absolute_accuracy"
     kept = make_config(tmp_path, data={"eval_fraction": 0.25}, monitor={"keep_best": "eval/loss", "eval_every": 2})
     assert kept.monitor.best_key == "eval/loss"
+
+
+def test_a_restored_history_says_whether_the_run_had_switched():
+    monitor = MonitorConfig(on_alarm="switch", switch_to={"type": "cpo", "gamma": 1.0})
+    switched = [{"step": 1}, {"step": 2, "action": actions.describe(actions.SWITCH, monitor)}, {"step": 3}]
+    assert actions.was_switched(switched) and not actions.was_switched(switched[:1])
+    assert not actions.was_switched([{"step": 2, "action": actions.describe(actions.STOP, monitor)}])

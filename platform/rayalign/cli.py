@@ -127,6 +127,25 @@ def _audit(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     return 0
 
 
+def _evaluate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
+    from rayalign.evaluation.stage import EVALUATE_DIR, run_evaluate
+    from rayalign.metrics import GENERATION_PREFIX
+
+    (cfg,) = configs
+    console.capture(cfg.output.run_dir / EVALUATE_DIR)
+    report = run_evaluate(cfg, args.policy)
+    _shutdown_ray()
+    console.print(
+        "\n".join(
+            f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}"
+            for key, value in report.items()
+            if key.startswith(GENERATION_PREFIX)
+        )
+    )
+    console.print(f"details: {report['files']['evaluation']} and generations.jsonl beside it")
+    return 0
+
+
 def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
     from rayalign.data.records import count_training_pairs
@@ -281,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(validate)
     validate.add_argument("--json", action="store_true", help="end with one JSON line of the counts")
     validate.set_defaults(func=_validate)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="generate with the policy and the reference on the held-out prompts, score, compare"
+    )
+    _config_arguments(evaluate)
+    evaluate.add_argument("--policy", metavar="DIR", help="a model or run directory (default: the run's model/)")
+    evaluate.set_defaults(func=_evaluate)
 
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -480,6 +480,47 @@ class MonitorConfig(_Section):
         return self
 
 
+class GenerationConfig(_Section):
+    """``rayalign evaluate``: what the policy and the reference write for the same prompts, scored
+    (rayalign.evaluation). Both generate with the same settings."""
+
+    prompts: str | None = Field(
+        None,
+        description="A JSONL/Parquet file of records with a `prompt` string (other fields reach the verifier); "
+        "None: the run's held-out prompts (data.eval_fraction).",
+    )
+    max_prompts: int = Field(64, ge=1, description="Prompts evaluated (the first ones).")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding.")
+    num_samples: int = Field(1, ge=1, description="Responses per prompt (with temperature > 0); scores averaged.")
+    seed: int = 0
+    verifier: str | None = Field(
+        None,
+        description="`arithmetic` (the synthetic task's checkable answers), or `module:function`, a callable "
+        "(prompt, response, record) -> float. A verifier that raises on one response marks that response, not "
+        "the run.",
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier_names_a_function(cls, value: str | None) -> str | None:
+        if value is None or value == "arithmetic":
+            return value
+        module, _, function = value.partition(":")
+        if not re.fullmatch(r"[A-Za-z_][\w.]*", module) or not re.fullmatch(r"[A-Za-z_]\w*", function):
+            raise ValueError(f"{value!r} is not `arithmetic` nor `module:function`")
+        return value
+
+
+class EvalConfig(_Section):
+    """Evaluation by generation (``rayalign evaluate``)."""
+
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
 class AuditConfig(_Section):
     """``rayalign audit``: what counts as the reference preferring the rejected response strongly."""
 
@@ -735,6 +776,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -15,6 +15,8 @@ Rank 0 appends one row per logging step to ``metrics.jsonl``::
     pairs/s, tokens/s            throughput over the interval, every worker together (tokens: computed positions)
     memory/peak_allocated_gib    rank 0's peak accelerator memory (GPU runs only)
     eval/<key>                   the same statistics on the held-out pairs (no rates), when evaluated
+    eval/gen/<name>              generation-based evaluation (rayalign evaluate): each side's mean verifier
+                                 score and response length, the policy's win/tie/loss shares and win rate
     alarm                        the pathology alarm's reason, on the rows where it holds
     displacement                 the likelihood-displacement alarm's reason, on the rows where it holds
     action                       what the run did about an alarm, on the row it did it (stop, switch to ...)
@@ -50,6 +52,7 @@ DISPLACEMENT = "displacement"
 ACTION = "action"
 RESUMED_FROM_STEP = "resumed_from_step"
 EVAL_PREFIX = "eval/"
+GENERATION_PREFIX = EVAL_PREFIX + "gen/"
 
 # Each per-pair statistic once, in the order the interval meter sums them (rayalign.train.meter).
 PER_PAIR_KEYS = (
@@ -83,6 +86,11 @@ OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
     eval_key(FRAC_IN_U): "min",
 }
 DEFAULT_OBJECTIVE = eval_key(ABSOLUTE_ACCURACY)
+
+
+def gen_key(name: str) -> str:
+    """A generation-based evaluation key: ``eval/gen/<name>``."""
+    return GENERATION_PREFIX + name
 
 
 def as_eval(row: Mapping[str, float]) -> dict[str, float]:

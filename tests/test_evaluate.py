@@ -1,0 +1,60 @@
+"""`rayalign evaluate`: what the policy and the reference write, scored by a verifier, compared per prompt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO, make_config
+
+from rayalign.evaluation.scoring import arithmetic, load_verifier, score, win_rate
+
+
+def test_the_arithmetic_verifier_checks_the_sum():
+    assert arithmetic("Q: 3+4=?\nA:", " 7", {}) == 1.0
+    assert arithmetic("Q: 3+4=?\nA:", " 8 or 7", {}) == 0.0  # the first number is the answer
+    assert arithmetic("Q: 3+4=?\nA:", " seven", {}) == 0.0
+    with pytest.raises(ValueError, match="not an arithmetic prompt"):
+        arithmetic("Tell me a joke", "7", {})
+
+
+def test_a_verifier_that_raises_marks_that_response_only():
+    marked = score(load_verifier("json:loads"), "Q: 1+1=?\nA:", "not json", {})
+    assert marked.score is None and marked.error.startswith("TypeError")
+    assert score(load_verifier("arithmetic"), "Q: 1+1=?\nA:", " 2", {}).score == 1.0
+
+
+def test_the_win_rate_counts_ties_half_and_has_a_bootstrap_interval():
+    wins = win_rate([1, 1, 0, 1], [0, 1, 0, 0])
+    assert (wins.win, wins.tie, wins.loss, wins.win_rate) == (0.5, 0.5, 0.0, 0.75)
+    assert wins.win_rate_low <= 0.75 <= wins.win_rate_high and wins.win_rate_high <= 1.0
+    assert win_rate([1] * 20, [0] * 20).win_rate_low == 1.0
+    with pytest.raises(ValueError, match="no prompt was scored"):
+        win_rate([], [])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_policy_that_learned_the_sums_beats_the_reference(ray_cluster, tmp_path, monkeypatch, tiny_model_dir):
+    """The policy is the tiny model fine-tuned on the correct answers; the reference is the tiny model itself."""
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    from biased_reference import bias_toward_rejected
+
+    from rayalign.data.synthetic import arithmetic_pairs
+    from rayalign.evaluation.stage import run_evaluate
+
+    correct = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in arithmetic_pairs(64, seed=0)]
+    policy = bias_toward_rejected(tiny_model_dir, correct, tmp_path / "policy", steps=150, lr=3e-3, seed=0)
+    cfg = make_config(
+        tmp_path,
+        data={"synthetic": {"num_pairs": 64}, "eval_fraction": 0.5},
+        eval={"generation": {"verifier": "arithmetic", "max_prompts": 16, "max_new_tokens": 3}},
+    )
+    report = run_evaluate(cfg, str(policy))
+    assert report["eval/gen/prompts"] == 16 and report["eval/gen/unscored_prompts"] == 0
+    assert report["eval/gen/policy_score"] > report["eval/gen/reference_score"]
+    assert report["eval/gen/win_rate"] > 0.5 and report["eval/gen/win_rate_low"] <= report["eval/gen/win_rate"]
+    rows = [json.loads(line) for line in (cfg.output.run_dir / "evaluate" / "generations.jsonl").open()]
+    assert len(rows) == 16 and rows[0]["prompt"].startswith("Q: ")
+    assert {"response", "tokens", "score"} <= set(rows[0]["policy"][0]) and len(rows[0]["reference"]) == 1
+    assert (cfg.output.run_dir / "evaluate" / "evaluation.json").is_file()
