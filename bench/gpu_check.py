@@ -195,6 +195,7 @@ def train_part(work: Path, data: Path, cuda: bool) -> tuple[Part, str]:
         "data.paths": f"[{data}]",
         "output.root": str(work / "runs"),
         "output.name": "hh-dpo-1gpu",
+        "output.if_exists": "replace",  # a check run again replaces the last one
         "train.max_steps": 30 if cuda else 3,
         # 800 records are enough pairs for 30 steps of 16 and a held-out split, and bound the data stage.
         "data.limit": 800 if cuda else 48,

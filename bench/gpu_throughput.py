@@ -547,7 +547,12 @@ def run_rayalign(s: Setting, variant: str = "rayalign") -> dict[str, Any]:
             "cpus_per_worker": 1.0 if cuda else 0.5,
             **({"gpus_per_worker": 0.75} if cuda else {}),
         },
-        "output": {"root": str(s.work / "runs"), "name": f"{variant}-mb{s.micro_batch}".replace("_", "-")},
+        # A bench run replaces the same contender's run of an earlier bench invocation.
+        "output": {
+            "root": str(s.work / "runs"),
+            "name": f"{variant}-mb{s.micro_batch}".replace("_", "-"),
+            "if_exists": "replace",
+        },
     }
     overrides = [*RAYALIGN_VARIANTS[variant], *s.rayalign_overrides]
     cfg = config_from_dict(tree, overrides, origin="bench/gpu_throughput.py")

@@ -114,6 +114,7 @@ def part_b(
                     f"train.seed={seed}",
                     f"data.seed={seed}",
                     f"output.name={loss}-seed{seed}",
+                    "output.if_exists=replace",  # the job's own runs: running it again replaces them
                 ],
             )
             run_train(cfg)
