@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import make_config
+from conftest import REPO, make_config
 
 pytestmark = pytest.mark.cluster
 
@@ -61,13 +61,32 @@ def _kill_a_trainer_node(cluster, metrics_path, killed: dict) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, lora):
-    """Full fine-tuning, and LoRA (whose checkpoints hold the adapters only, the base loaded again)."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full-switched", "lora"])
+def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, lora, monkeypatch):
+    """Full fine-tuning that switched from DPO to CPO on the pathology alarm before the node loss (the restored
+    run must go on with CPO), and LoRA (whose checkpoints hold the adapters only, the base loaded again)."""
     import ray
     from ray.cluster_utils import Cluster
 
     from rayalign.pipeline import run_train
+
+    switched = {}
+    if not lora:
+        # A reference that prefers the wrong answers: at step 2 the policy has moved from it into U, and the
+        # alarm (window 2, any change) switches the run to CPO before the first checkpoint (step 4).
+        monkeypatch.syspath_prepend(str(REPO / "jobs"))
+        from biased_reference import biased_reference
+
+        reference = biased_reference(make_config(tmp_path, data={"synthetic": {"num_pairs": NUM_PAIRS}}), steps=100)
+        switched = {
+            "model": {"tiny": None, "path": str(reference)},
+            "monitor": {
+                "alarm_window": 2,
+                "alarm_min_change": 0.0,
+                "on_alarm": "switch",
+                "switch_to": {"type": "cpo", "gamma": 4.0},
+            },
+        }
 
     store = 200 * 1024**2
     cluster = Cluster(
@@ -80,7 +99,7 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
         cluster.wait_for_nodes()
         cfg = make_config(
             tmp_path,
-            model={"tiny": {}, "lora": {"rank": 4} if lora else None},
+            model=switched.pop("model", {"tiny": {}, "lora": {"rank": 4} if lora else None}),
             data={"synthetic": {"num_pairs": NUM_PAIRS}},
             train={
                 "micro_batch_size": MICRO_BATCH,
@@ -93,6 +112,7 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
             # One CPU per trainer: the head (1 CPU) holds at most one, so one is on a worker node.
             scaling={"num_workers": 2, "cpus_per_worker": 1},
             ray={"address": cluster.address},
+            **switched,
         )
         metrics_path = cfg.output.run_dir / "metrics.jsonl"
         killed: dict = {}
@@ -129,6 +149,14 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
     assert 0 <= killed["last_step_before_restore"] - resumed <= CHECKPOINT_EVERY, killed
     if not lora:
         assert (cfg.output.run_dir / "model" / "model.safetensors").exists()
+        # Switched at the alarm before the checkpoint it resumed from, and still CPO after the restore: with γ = 4
+        # and β = 0.1 CPO's loss near the reference is about −log σ(−0.1·softplus(4 − δ_ref)) ≥ 0.91 (δ_ref ≤ 0),
+        # where DPO's is below log 2 (the alarm fired on its falling loss).
+        ((action_step, action),) = [(row["step"], row["action"]) for row in rows if "action" in row]
+        assert action.startswith("switched to cpo") and action_step < resumed, (action_step, resumed)
+        (after,) = [row for row in rows if row.get("resumed_from_step") is not None]
+        assert after["loss"] > 0.8 and rows[action_step - 1]["loss"] < 0.7, (after, rows[action_step - 1])
+        assert summary["actions"] == [{"step": action_step, "action": action}]
         return
     assert (cfg.output.run_dir / "model" / "adapter" / "adapter_model.safetensors").exists()
     # The adapters came back from the checkpoint: freshly initialised ones would make the policy the
