@@ -97,6 +97,8 @@ def test_console_is_short_and_the_log_holds_rays_output(piped_run):
     assert len(lines) <= MAX_CONSOLE_LINES, f"{len(lines)} lines on the console"
     rows = [json.loads(line) for line in (piped_run["run_dir"] / "metrics.jsonl").open()]
     total = rows[-1]["step"]
+    # The demo's DPO run from an unbiased reference: no likelihood displacement, nothing acted on.
+    assert not [r for r in rows if "displacement" in r or "action" in r]
     # One line per logged step (not a terminal), each with the numbers a person watches.
     step_lines = [line for line in lines if line.startswith("[rayalign] step ")]
     assert [line.split()[2] for line in step_lines] == [f"{r['step']}/{total}" for r in rows]

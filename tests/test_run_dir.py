@@ -83,6 +83,7 @@ def test_the_cli_flags_set_if_exists():
         assert cfg.output.if_exists == policy
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--config", config, "--replace", "--resume"])
+    assert _load_configs(parser.parse_args(["report", "runs/a"])) == []  # a command without --config or --set
 
 
 def test_a_name_held_by_another_process_is_refused(tmp_path):

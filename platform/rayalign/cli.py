@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_configs(args: argparse.Namespace) -> list[RunConfig]:
     """Every config the command names, validated before Ray starts: a typo fails in a second."""
     paths = getattr(args, "config", None) or []
-    overrides = args.overrides + ([f"output.if_exists={args.if_exists}"] if getattr(args, "if_exists", None) else [])
+    overrides = getattr(args, "overrides", [])  # `report` takes no config
+    overrides = overrides + ([f"output.if_exists={args.if_exists}"] if getattr(args, "if_exists", None) else [])
     return [load_config(path, overrides) for path in ([paths] if isinstance(paths, str) else paths)]
 
 
