@@ -30,32 +30,32 @@ def test_part_a_table(monkeypatch):
 
 @pytest.mark.timeout(900)
 def test_part_b_reduced_with_the_alarm_acting(ray_cluster, tmp_path, monkeypatch):
-    """One seed, two epochs: DPO alone, DPO that switches to CPO when the alarm fires, DPO that stops there."""
+    """One seed, two epochs: DPO that switches to CPO when the alarm fires, and DPO that stops there. Until the
+    alarm both are plain DPO (the full job's table has DPO alone over 3 seeds)."""
     job = load_job(monkeypatch)
     result = job.part_b(
-        seeds=[0],
-        epochs=2,
-        bias_steps=200,
-        overrides=[f"output.root={tmp_path}"],
-        variants=("dpo", "switch", "stop"),
+        seeds=[0], epochs=2, bias_steps=200, overrides=[f"output.root={tmp_path}"], variants=("switch", "stop")
     )
-    (dpo,), (switch,), (stop,) = (result["runs"][name] for name in ("dpo", "switch", "stop"))
-    first = json.loads((tmp_path / "dpo-seed0" / "metrics.jsonl").read_text().splitlines()[0])
+    (switch,), (stop,) = (result["runs"][name] for name in ("switch", "stop"))
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / f"{name}-seed0" / "metrics.jsonl").read_text().splitlines()]
+        for name in ("switch", "stop")
+    }
     # At step 1 the policy is the reference, which prefers the wrong answer: it "agrees" only with the ~20% of
     # pairs whose labels were flipped.
-    assert first["pref/absolute_accuracy"] < 0.45
-    # DPO ends preferring the wrong answer on most held-out pairs while the alarm fires; switched to CPO at the
-    # alarm, the same run ends preferring the right one.
-    assert dpo["eval_abs_acc"] < 0.3 and dpo["alarm_steps"] > 0 and dpo["action_steps"] == []
-    assert switch["action_steps"] and switch["eval_abs_acc"] > 0.5 > dpo["eval_abs_acc"]
+    assert rows["switch"][0]["pref/absolute_accuracy"] < 0.45
+    # DPO prefers the wrong answer on most held-out pairs when the alarm fires; switched to CPO there, the same
+    # run ends preferring the right one.
     switched = json.loads((tmp_path / "switch-seed0" / "summary.json").read_text())
-    assert switched["actions"][0]["action"].startswith("switched to cpo") and switched["complete"]
+    ((step, action),) = [(a["step"], a["action"]) for a in switched["actions"]]
+    at_alarm = next(r for r in rows["switch"] if r["step"] == step)
+    assert action.startswith("switched to cpo") and switched["complete"]
+    assert at_alarm["eval/pref/absolute_accuracy"] < 0.3 and switch["eval_abs_acc"] > 0.5
     # Stopped at the alarm: the exported model is the best held-out one seen before it.
     stopped = json.loads((tmp_path / "stop-seed0" / "summary.json").read_text())
     (action,) = stopped["actions"]
     assert stopped["stopped_on_alarm"] and stopped["steps"] == action["step"] < stopped["planned_steps"]
-    rows = [json.loads(line) for line in (tmp_path / "stop-seed0" / "metrics.jsonl").read_text().splitlines()]
-    before = [r["eval/pref/absolute_accuracy"] for r in rows if "eval/loss" in r and r["step"] < action["step"]]
+    before = [r["eval/pref/absolute_accuracy"] for r in rows["stop"] if "eval/loss" in r and r["step"] < action["step"]]
     exported = stopped["exported"]
     assert exported["model"] == "best" and exported["value"] == max(before) and exported["step"] < action["step"]
     assert stop["exported_abs_acc"] == max(before)

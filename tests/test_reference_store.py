@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pyarrow as pa
 import pytest
-from conftest import REPO, make_config
+from conftest import make_config
 
 from rayalign.data.records import prepare_pairs
 from rayalign.models import publish_model, resolve_model_dir
@@ -139,55 +136,3 @@ def test_new_pairs_are_the_only_ones_scored_and_another_precision_scores_everyth
     oldest.write_bytes(oldest.read_bytes()[:-10])
     _, repaired = scored_through_store(grown_pairs, grown, model)
     assert (repaired.found, repaired.scored, repaired.ignored_segments) == (6, 60, 1)
-
-
-@pytest.mark.e2e
-@pytest.mark.timeout(600)
-def test_two_processes_scoring_the_same_pairs_at_once_each_get_every_pair_once(ray_cluster, tmp_path):
-    import ray
-
-    data = _jsonl(tmp_path / "pairs.jsonl", 48)
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-    }
-    procs, outs = [], []
-    for name in ("a", "b"):
-        tree = {
-            "model": {"tiny": {}},
-            "data": {"paths": [str(data)], "max_length": 64, "max_prompt_length": 32},
-            "reference": {
-                "cache": True,
-                "cache_root": str(tmp_path / "refcache"),
-                "batch_size": 8,
-                "cpus_per_actor": 0.25,
-            },
-            "ray": {"data_cpus_per_task": 0.1},
-            "output": {"root": str(tmp_path / "runs"), "name": name},
-        }
-        config = tmp_path / f"{name}.json"
-        config.write_text(json.dumps(tree))
-        outs.append(tmp_path / f"{name}-out.json")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(REPO / "tests" / "store_writer.py"), str(config), str(outs[-1])],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    for proc in procs:
-        output, _ = proc.communicate(timeout=540)
-        assert proc.returncode == 0, output[-3000:]
-    got = [json.loads(out.read_text()) for out in outs]
-    for result in got:
-        assert sorted(map(tuple, result["pairs"])) == [("pairs.jsonl", i) for i in range(1, 49)]  # each pair once
-        assert result["report"]["found"] + result["report"]["scored"] == 48
-    assert got[0]["ref_chosen_logps"] == pytest.approx(got[1]["ref_chosen_logps"], abs=1e-6)
-    # The store ends complete and de-duplicated, whoever wrote what.
-    [key] = {result["report"]["key"] for result in got}
-    contents = ReferenceStore(location(str(tmp_path / "refcache")), key).read()
-    assert contents.rows.num_rows == 48 and not contents.ignored
-    assert sum(result["report"]["scored"] for result in got) >= 48

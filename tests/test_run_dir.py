@@ -113,7 +113,7 @@ def _steps(run_dir) -> list[dict]:
 @pytest.mark.timeout(600)
 def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, tmp_path):
     sections = {
-        "train": {"micro_batch_size": 8, "epochs": 2, "checkpoint_every": 2, "log_every": 1},
+        "train": {"micro_batch_size": 8, "epochs": 1, "checkpoint_every": 2, "log_every": 1},
         "scaling": {"num_workers": 1},
     }
     cfg = make_config(tmp_path, **sections)
