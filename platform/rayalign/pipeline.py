@@ -14,6 +14,7 @@ Run directory layout::
         quarantine.jsonl   rejected records with file, row and reason (possibly empty)
         metrics.jsonl      one row per logging step
         summary.json       the final numbers and where everything is
+        evaluate/          what the policy and the reference wrote, scored (eval.generation.after_training)
         model/             the trained policy (Hugging Face format, safetensors)
         ray/               Ray Train's storage: checkpoints
 
@@ -62,7 +63,21 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         s = cfg.scaling
         log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")
         inputs = TrainingInputs(data.model, scored, data.report.as_dict(), cost.as_dict(), started)
-        return train_stage(cfg, inputs, TrainingHooks(console=console))
+        after = (lambda: evaluate_after_training(cfg)) if cfg.eval.generation.after_training else None
+        return train_stage(cfg, inputs, TrainingHooks(console=console, after_training=after))
+
+
+def evaluate_after_training(cfg: RunConfig) -> dict[str, Any]:
+    """``rayalign evaluate`` on the run's exported policy; the ``eval/gen/*`` numbers, the scorer and the files,
+    for summary.json's ``generation``."""
+    from rayalign.evaluation.report import evaluation_line
+    from rayalign.evaluation.stage import run_evaluate
+    from rayalign.metrics import GENERATION_PREFIX
+
+    report = run_evaluate(cfg)
+    log.info(evaluation_line(report))
+    kept = {key: value for key, value in report.items() if key.startswith(GENERATION_PREFIX)}
+    return {**kept, "scorer": report["scorer"], "files": report["files"]}
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:

@@ -115,8 +115,7 @@ def detect_format(obj: dict) -> str:
 _PARSERS = {"pairs": _parse_pairs, "conversational": _parse_conversational, "hh": _parse_hh}
 
 
-def parse_record(record: str, fmt: str) -> Pair:
-    """Parse one raw record (JSON text) in ``fmt`` ('auto' detects); raises RecordError."""
+def _json_object(record: str) -> dict:
     try:
         obj = json.loads(record)
     except json.JSONDecodeError as exc:
@@ -125,6 +124,22 @@ def parse_record(record: str, fmt: str) -> Pair:
         raise RecordError("too_deeply_nested", "JSON nested deeper than the parser's recursion limit") from None
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_prompt_record(record: str) -> tuple[str | list[dict[str, str]], dict[str, Any]]:
+    """One record of a prompt file (JSON text): its ``prompt`` (text, or chat messages) and the whole record
+    (what a verifier receives). Raises RecordError."""
+    obj = _json_object(record)
+    prompt = obj.get("prompt")
+    prompt = _check_messages(prompt, "prompt") if isinstance(prompt, list) else _require_str(obj, "prompt")
+    _check_encodable(Pair(prompt, "", ""))
+    return prompt, obj
+
+
+def parse_record(record: str, fmt: str) -> Pair:
+    """Parse one raw record (JSON text) in ``fmt`` ('auto' detects); raises RecordError."""
+    obj = _json_object(record)
     pair = _PARSERS[detect_format(obj) if fmt == "auto" else fmt](obj)
     _check_encodable(pair)
     if pair.chosen == pair.rejected:

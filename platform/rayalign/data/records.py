@@ -54,7 +54,7 @@ def _only(status_is_ok: bool):
     return keep
 
 
-def _capped(text: str | None) -> str | None:
+def capped_record(text: str | None) -> str | None:
     """A rejected record's text as kept in the quarantine: at most QUARANTINE_RECORD_CHARS characters."""
     if text is None or len(text) <= QUARANTINE_RECORD_CHARS:
         return text
@@ -74,7 +74,7 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
                         "reason": row[STATUS],
                         "field": row[FIELD],
                         "detail": row[DETAIL],
-                        "record": _capped(row[RECORD]),
+                        "record": capped_record(row[RECORD]),
                     }
                 )
                 + "\n"

@@ -20,17 +20,7 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
     ``max_prompt_length`` tokens) and then cut responses to fit ``max_length``,
     or quarantine the pair as ``too_long``.
     """
-    if isinstance(pair.prompt, list):
-        if tokenizer.chat_template:
-            prompt_ids = tokenizer.apply_chat_template(pair.prompt, add_generation_prompt=True, tokenize=True)
-            if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-                prompt_ids = prompt_ids["input_ids"]
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in pair.prompt) + "assistant:"
-            prompt_ids = tokenizer(text).input_ids
-    else:
-        prompt_ids = tokenizer(pair.prompt).input_ids
-    prompt_ids = _one_leading(list(prompt_ids), tokenizer.bos_token_id)
+    prompt_ids = tokenize_prompt(pair.prompt, tokenizer)
     chosen_ids, rejected_ids = (_response_ids(text, tokenizer) for text in (pair.chosen, pair.rejected))
 
     longest = max(len(chosen_ids), len(rejected_ids))
@@ -48,6 +38,22 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
     if chosen_ids == rejected_ids:
         raise RecordError("identical_after_truncation", "responses are identical once truncated to max_length")
     return list(prompt_ids), chosen_ids, rejected_ids, True
+
+
+def tokenize_prompt(prompt: str | list[dict[str, str]], tokenizer) -> list[int]:
+    """A prompt's token ids as training sees them: text as is, chat messages through the tokenizer's chat
+    template (with the generation prompt; ``role: content`` lines without a template); one leading BOS."""
+    if isinstance(prompt, list):
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
+            ids = tokenizer(text).input_ids
+    else:
+        ids = tokenizer(prompt).input_ids
+    return _one_leading(list(ids), tokenizer.bos_token_id)
 
 
 def _one_leading(ids: list[int], token: int | None) -> list[int]:

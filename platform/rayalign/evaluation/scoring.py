@@ -1,7 +1,9 @@
-"""Scoring generated responses: verifiers, and policy against reference per prompt.
+"""Scoring generated responses: verifiers, a reward model, and policy against reference per prompt.
 
 A verifier is a callable ``(prompt, response, record) -> float`` (higher is better): the built-in
-``arithmetic`` checks the synthetic task's sums; a user names their own as ``module:function``.
+``arithmetic`` checks the synthetic task's sums; a user names their own as ``module:function``. A reward model
+is a sequence-classification model with one output, run in Ray Data actors; its logit on prompt + response is
+the score. Either way a response that cannot be scored is marked with the error, never the run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy
+
+from rayalign.models import ModelSource
 
 Verifier = Callable[[str, str, dict[str, Any]], float]
 
@@ -50,6 +58,75 @@ def score(verifier: Verifier, prompt: str, response: str, record: dict[str, Any]
         return Scored(float(verifier(prompt, response, record)))
     except Exception as exc:  # a user's verifier failing on one response marks that response
         return Scored(None, f"{type(exc).__name__}: {exc}")
+
+
+SCORE, SCORE_ERROR = "score", "score_error"  # the reward-model actors' output columns
+
+
+class RewardModelScorer:
+    """Scores ``prompt`` + ``response`` texts with a sequence-classification model (one label): its logit.
+    A batch that fails is scored one response at a time, so one bad response is marked alone."""
+
+    def __init__(self, model: ModelSource, max_length: int, on_gpu: bool):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model_dir = model.local_dir()
+        self.device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        self.model = self.model.to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(
+                f"eval.generation.reward_model: {model.driver_dir} has {self.model.config.num_labels} labels; "
+                "a reward model has one output (its logit is the score)"
+            )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.max_length = max_length
+
+    def _logits(self, texts: list[str]) -> list[float]:
+        import torch
+
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            return self.model(**encoded).logits[:, 0].float().cpu().tolist()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(p) + str(r) for p, r in zip(batch["prompt"], batch["response"])]
+        try:
+            scores, errors = self._logits(texts), [None] * len(texts)
+        except Exception:  # find which response it was: each alone
+            scores, errors = [], []
+            for text in texts:
+                try:
+                    scores.append(self._logits([text])[0])
+                    errors.append(None)
+                except Exception as exc:
+                    scores.append(float("nan"))
+                    errors.append(f"{type(exc).__name__}: {exc}"[:500])
+        batch[SCORE], batch[SCORE_ERROR] = np.array(scores, dtype=np.float64), np.array(errors, dtype=object)
+        return batch
+
+
+def reward_model_scores(
+    texts: list[tuple[str, str]], model: ModelSource, max_length: int, batch_size: int, gpus: float
+) -> list[Scored]:
+    """The reward model's score of each ``(prompt, response)``, in order, from one actor."""
+    rows = [{"index": i, "prompt": p, "response": r} for i, (p, r) in enumerate(texts)]
+    scored = ray.data.from_items(rows).map_batches(
+        RewardModelScorer,
+        fn_constructor_kwargs={"model": model, "max_length": max_length, "on_gpu": bool(gpus)},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=1),
+        num_gpus=gpus,
+    )
+    out = sorted(scored.take_all(), key=lambda row: row["index"])
+    return [Scored(None, row[SCORE_ERROR]) if row[SCORE_ERROR] else Scored(float(row[SCORE])) for row in out]
 
 
 @dataclass(frozen=True)

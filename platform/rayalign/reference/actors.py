@@ -88,26 +88,33 @@ class TransformersReferenceScorer:
         return _attach(batch, np.split(per_token, np.cumsum(pairs.counts.numpy())[:-1]), self.per_token)
 
 
+def vllm_engine(model: ModelSource, engine: VllmEngineConfig, max_model_len: int):
+    """vLLM's offline engine (``vllm.LLM``) on this node's copy of ``model``, as ``engine`` says."""
+    from vllm import LLM
+
+    model_dir = str(model.local_dir())
+    return LLM(
+        model=model_dir,
+        tokenizer=model_dir,
+        dtype=engine.dtype,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        enforce_eager=engine.enforce_eager,
+        # Prefix caching reuses KV computed in another batch shape; off for reproducible numbers.
+        enable_prefix_caching=False,
+        seed=0,
+    )
+
+
 class VllmReferenceScorer:
     """Scores pairs with vLLM's offline engine using prompt log-probs (no generation)."""
 
     def __init__(self, model: ModelSource, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
-        model_dir = str(model.local_dir())
         self.per_token = per_token
-        self.llm = LLM(
-            model=model_dir,
-            tokenizer=model_dir,
-            dtype=engine.dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
-            tensor_parallel_size=engine.tensor_parallel_size,
-            enforce_eager=engine.enforce_eager,
-            # Prefix caching reuses KV computed in another batch shape; off for reproducible scores.
-            enable_prefix_caching=False,
-            seed=0,
-        )
+        self.llm = vllm_engine(model, engine, max_model_len)
         # prompt_logprobs=0: the log-prob of each actual prompt token, no top-k extras.
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
 
@@ -154,11 +161,8 @@ def scorer_for(
     }
 
 
-def _actor_runtime_env(cfg: RunConfig, backend: str) -> dict[str, Any] | None:
-    """Engine settings that vLLM only reads from the environment, scoped to its actors."""
-    if backend != "vllm":
-        return None
-    engine = cfg.reference.vllm
+def vllm_runtime_env(engine: VllmEngineConfig) -> dict[str, Any]:
+    """Engine settings that vLLM only reads from the environment, scoped to the actors that run it."""
     return {
         "env_vars": {
             "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kvcache_space_gb),
@@ -178,7 +182,7 @@ def add_reference_logps(
     """Lazily append reference log-probs to tokenized pairs with a pool of scorer actors."""
     ref = cfg.reference
     backend = backend or ref.backend
-    runtime_env = _actor_runtime_env(cfg, backend)
+    runtime_env = vllm_runtime_env(ref.vllm) if backend == "vllm" else None
     scorer, scorer_kwargs = scorer_for(cfg, model, backend, per_token)
     return pairs.map_batches(
         scorer,

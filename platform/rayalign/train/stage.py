@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +136,9 @@ class TrainingHooks:
     console: Console | None = None
     callbacks: tuple = ()
     sweep: SweepMembership | None = None
+    # Once a run ends with its model exported: an evaluation by generation (eval.generation.after_training),
+    # returning its ``eval/gen/*`` numbers for summary.json and the trackers.
+    after_training: Callable[[], dict[str, Any]] | None = None
 
 
 def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = TrainingHooks()) -> dict[str, Any]:
@@ -174,6 +178,9 @@ def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = T
     summary["reference"] = scored.source.as_dict()
     if scored.heldout is not None:
         summary["reference"]["heldout_pairs"] = scored.heldout.count()
+    if hooks.after_training is not None and (summary["complete"] or summary["stopped_on_alarm"]):
+        summary["generation"] = hooks.after_training()
+        trackers.log_step({STEP: summary["steps"], **summary["generation"]})
     write_local(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     plot = plot_runs([run_dir])
     for path in (
