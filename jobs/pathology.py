@@ -37,7 +37,7 @@ from rayalign.cli import add_overrides
 from rayalign.config import load_config
 from rayalign.diagnostics.pathology import format_table, two_response_table
 from rayalign.diagnostics.report import plot_runs
-from rayalign.metrics import ABSOLUTE_ACCURACY, ALARM, FRAC_IN_U, LOSS, REWARD_ACCURACY, STEP, eval_key
+from rayalign.metrics import ABSOLUTE_ACCURACY, ALARM, FRAC_IN_U, LOSS, REWARD_ACCURACY, STEP, eval_key, gen_key
 from rayalign.pipeline import run_train
 from rayalign.runtime import init_ray
 from rayalign.storage import METRICS_FILE, SUMMARY_FILE, read_jsonl, storage_root, upload
@@ -74,7 +74,7 @@ def _run_summary(run_dir: Path, tail: int = 4) -> dict:
     def mean(key: str, part: list[dict]) -> float:
         return statistics.mean(r[key] for r in part)
 
-    heldout = summary["heldout"]
+    heldout, generation = summary["heldout"], summary["generation"]
     return {
         "loss_first": mean(LOSS, rows[:tail]),
         "loss_last": mean(LOSS, rows[-tail:]),
@@ -89,6 +89,10 @@ def _run_summary(run_dir: Path, tail: int = 4) -> dict:
         "action_steps": [a[STEP] for a in summary["actions"]],
         # A stop (or monitor.keep_best) exports the best held-out model: its value, not the last evaluation's.
         "exported_abs_acc": summary["exported"].get("value", heldout[eval_key(ABSOLUTE_ACCURACY)]),
+        # The exported model's and the reference's greedy answers to the held-out prompts, checked (arithmetic).
+        "gen_correct": generation[gen_key("policy_score")],
+        "gen_reference_correct": generation[gen_key("reference_score")],
+        "gen_win_rate": generation[gen_key("win_rate")],
     }
 
 
@@ -130,16 +134,24 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def format_part_b(result: dict) -> str:
-    """Mean ± sd over seeds; train columns average the first/last 4 steps, held-out is the final evaluation."""
+    """Mean ± sd over seeds; train columns average the first/last 4 steps, held-out is the final evaluation;
+    generated answers are the exported model's greedy answers to the held-out prompts, checked."""
     lines = [
         "| run | seeds | train loss first → last | held-out loss | held-out reward acc "
         "| held-out abs pref acc (δ_θ > 0) | held-out frac in U | exported model's held-out abs acc "
-        "| steps with alarm | action at step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| generated answers correct | win rate over the reference | steps with alarm | action at step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for loss, runs in result["runs"].items():
+    runs_by_variant = result["runs"]
+    first = next(iter(runs_by_variant.values()))
+    seeds = ",".join(str(r["seed"]) for r in first)
+    # The reference answers the same held-out prompts in every run of a seed: its row, once.
+    reference = _mean_sd([r["gen_reference_correct"] for r in first])
+    lines.append(f"| reference (biased) | {seeds} | | | | | | | {reference} | | | |")
+    for loss, runs in runs_by_variant.items():
         seeds = ",".join(str(r["seed"]) for r in runs)
         keys = ("eval_loss", "eval_reward_acc", "eval_abs_acc", "eval_frac_in_U", "exported_abs_acc")
+        keys += ("gen_correct", "gen_win_rate")
         cells = [_mean_sd([r[k] for r in runs]) for k in keys]
         alarms = ", ".join(f"{r['alarm_steps']}/{r['logged_steps']}" for r in runs)
         acted = ", ".join(",".join(map(str, r["action_steps"])) or "-" for r in runs)

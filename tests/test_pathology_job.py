@@ -60,4 +60,12 @@ def test_part_b_reduced_with_the_alarm_acting(ray_cluster, tmp_path, monkeypatch
     assert exported["model"] == "best" and exported["value"] == max(before) and exported["step"] < action["step"]
     assert stop["exported_abs_acc"] == max(before)
     assert (tmp_path / "stop-seed0" / "model" / "model.safetensors").is_file()
-    assert "| switch |" in job.format_part_b(result)
+    # Once each run ended, its exported model and the reference answered the held-out prompts (greedy, checked).
+    generation = switched["generation"]
+    assert generation["scorer"] == "arithmetic"
+    assert generation["eval/gen/prompts"] == switched["reference"]["heldout_pairs"]
+    assert 0 <= generation["eval/gen/reference_score"] <= 1 and generation["eval/gen/unscored_responses"] == 0
+    assert switch["gen_correct"] == generation["eval/gen/policy_score"]
+    assert (tmp_path / "switch-seed0" / "evaluate" / "generations.jsonl").is_file()
+    table = job.format_part_b(result)
+    assert "| switch |" in table and "| reference (biased) |" in table
