@@ -49,7 +49,9 @@ $(BIN)/.bench: $(BIN)/.installed bench/requirements.txt
 install-bench: $(BIN)/.bench
 
 demo: install  ## tiny DPO then CPO on the synthetic task, on a local Ray cluster
-	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml --replace
+	$(BIN)/rayalign train --config jobs/configs/tiny-dpo.yaml --config jobs/configs/tiny-cpo.yaml --replace \
+	  --set data.eval_fraction=0.125 --set eval.generation.after_training=true \
+	  --set eval.generation.verifier=arithmetic --set eval.generation.max_new_tokens=3
 
 # Formatting and import order as pyproject.toml's [tool.ruff] says (fix with `ruff format` and `ruff check --fix`).
 LINTED := platform tests bench jobs

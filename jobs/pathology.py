@@ -90,8 +90,8 @@ def _run_summary(run_dir: Path, tail: int = 4) -> dict:
         # A stop (or monitor.keep_best) exports the best held-out model: its value, not the last evaluation's.
         "exported_abs_acc": summary["exported"].get("value", heldout[eval_key(ABSOLUTE_ACCURACY)]),
         # The exported model's and the reference's greedy answers to the held-out prompts, checked (arithmetic).
-        "gen_correct": generation[gen_key("policy_score")],
-        "gen_reference_correct": generation[gen_key("reference_score")],
+        "gen_correct": generation[gen_key("score")],
+        "gen_reference_correct": generation[gen_key("score", "reference")],
         "gen_win_rate": generation[gen_key("win_rate")],
     }
 

@@ -1,4 +1,6 @@
-"""`rayalign evaluate`: what the policy and the reference write, scored by a verifier, compared per prompt."""
+"""`rayalign evaluate`: what the policy and the reference write, scored by a verifier or a reward model, compared
+per prompt. That a policy trained on the arithmetic task writes more correct answers than its reference is shown
+by tests/test_pathology_job.py, which evaluates every run after training."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_config
+from conftest import make_config
 
 from rayalign.evaluation.scoring import arithmetic, load_verifier, score, win_rate
 
@@ -34,31 +36,23 @@ def test_the_win_rate_counts_ties_half_and_has_a_bootstrap_interval():
         win_rate([], [])
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(600)
-def test_a_policy_that_learned_the_sums_beats_the_reference(ray_cluster, tmp_path, monkeypatch, tiny_model_dir):
-    """The policy is the tiny model fine-tuned on the correct answers; the reference is the tiny model itself."""
-    monkeypatch.syspath_prepend(str(REPO / "jobs"))
-    from biased_reference import bias_toward_rejected
+def test_one_console_line_per_evaluation():
+    from rayalign.evaluation.report import eval_numbers, evaluation_line
 
-    from rayalign.data.synthetic import arithmetic_pairs
-    from rayalign.evaluation.stage import run_evaluate
+    def side(score, tokens):
+        return [{"response": " 7", "tokens": tokens, "score": score}]
 
-    correct = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in arithmetic_pairs(64, seed=0)]
-    policy = bias_toward_rejected(tiny_model_dir, correct, tmp_path / "policy", steps=150, lr=3e-3, seed=0)
-    cfg = make_config(
-        tmp_path,
-        data={"synthetic": {"num_pairs": 64}, "eval_fraction": 0.5},
-        eval={"generation": {"verifier": "arithmetic", "max_prompts": 16, "max_new_tokens": 3}},
+    records = [{"prompt": "Q", "policy": side(1.0, 2), "reference": side(0.0, 4)} for _ in range(9)]
+    records.append({"prompt": "Q", "policy": side(None, 2), "reference": side(0.0, 4)})  # the verifier raised
+    report = {**eval_numbers(records, scored=True), "scorer": "arithmetic"}
+    assert (report["eval/gen/score"], report["eval/gen/reference_score"]) == (1.0, 0.0)
+    assert report["eval/gen/unscored_prompts"] == report["eval/gen/unscored_responses"] == 1
+    line = evaluation_line(report)
+    assert "\n" not in line and line.startswith(
+        "evaluate: 10 prompts, arithmetic policy 1 vs reference 0, win rate 1.00"
     )
-    report = run_evaluate(cfg, str(policy))
-    assert report["eval/gen/prompts"] == 16 and report["eval/gen/unscored_prompts"] == 0
-    assert report["eval/gen/policy_score"] > report["eval/gen/reference_score"]
-    assert report["eval/gen/win_rate"] > 0.5 and report["eval/gen/win_rate_low"] <= report["eval/gen/win_rate"]
-    rows = [json.loads(line) for line in (cfg.output.run_dir / "evaluate" / "generations.jsonl").open()]
-    assert len(rows) == 16 and rows[0]["prompt"].startswith("Q: ")
-    assert {"response", "tokens", "score"} <= set(rows[0]["policy"][0]) and len(rows[0]["reference"]) == 1
-    assert (cfg.output.run_dir / "evaluate" / "evaluation.json").is_file()
+    assert line.endswith("2.0 vs 4.0 tokens; 1 response(s) unscored")
+    assert evaluation_line(eval_numbers(records, scored=False)) == "evaluate: 10 prompts, not scored; 2.0 vs 4.0 tokens"
 
 
 def _reward_model(base: Path, out: Path) -> Path:
@@ -114,4 +108,4 @@ def test_a_prompt_file_a_verifier_that_fails_on_one_record_and_a_reward_model(ra
     assert report["scorer"].startswith("reward_model:") and report["eval/gen/unscored_responses"] == 0
     rows = [json.loads(line) for line in (scored.output.run_dir / "evaluate" / "generations.jsonl").open()]
     assert all(isinstance(r["policy"][0]["score"], float) for r in rows)
-    assert report["eval/gen/policy_score"] == pytest.approx(report["eval/gen/reference_score"])
+    assert report["eval/gen/score"] == pytest.approx(report["eval/gen/reference_score"])

@@ -65,7 +65,9 @@ def test_part_b_reduced_with_the_alarm_acting(ray_cluster, tmp_path, monkeypatch
     assert generation["scorer"] == "arithmetic"
     assert generation["eval/gen/prompts"] == switched["reference"]["heldout_pairs"]
     assert 0 <= generation["eval/gen/reference_score"] <= 1 and generation["eval/gen/unscored_responses"] == 0
-    assert switch["gen_correct"] == generation["eval/gen/policy_score"]
+    assert switch["gen_correct"] == generation["eval/gen/score"]
+    # Switched to CPO, the policy writes correct sums where the biased reference writes none (0.25 vs 0.0 here).
+    assert generation["eval/gen/score"] > generation["eval/gen/reference_score"] and generation["eval/gen/win"] > 0
     assert (tmp_path / "switch-seed0" / "evaluate" / "generations.jsonl").is_file()
     table = job.format_part_b(result)
     assert "| switch |" in table and "| reference (biased) |" in table

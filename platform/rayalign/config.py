@@ -850,6 +850,16 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _evaluation_has_prompts(self) -> RunConfig:
+        generation = self.eval.generation
+        if generation.after_training and generation.prompts is None and self.data.eval_fraction == 0:
+            raise ValueError(
+                "eval.generation.after_training asks the run's held-out prompts, and data.eval_fraction is 0: "
+                "hold some pairs out (data.eval_fraction) or give eval.generation.prompts"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sweep_needs(self) -> RunConfig:
         if self.monitor.best_key is not None and self.data.eval_fraction == 0:
             raise ValueError(

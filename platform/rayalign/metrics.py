@@ -88,9 +88,10 @@ OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
 DEFAULT_OBJECTIVE = eval_key(ABSOLUTE_ACCURACY)
 
 
-def gen_key(name: str) -> str:
-    """A generation-based evaluation key: ``eval/gen/<name>``."""
-    return GENERATION_PREFIX + name
+def gen_key(name: str, side: str = "policy") -> str:
+    """A generation-based evaluation key: ``eval/gen/<name>`` for the policy (``eval/gen/score``), and
+    ``eval/gen/<side>_<name>`` for the other side (``eval/gen/reference_score``)."""
+    return GENERATION_PREFIX + (name if side == "policy" else f"{side}_{name}")
 
 
 def as_eval(row: Mapping[str, float]) -> dict[str, float]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.data import Dataset
+
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.parsing import RecordError, parse_prompt_record
 from rayalign.data.reading import InputFiles, read_preference_files
@@ -59,15 +61,20 @@ def eval_prompts(cfg: RunConfig, out_dir: Path) -> PromptSet:
                 "evaluate: without eval.generation.prompts the prompts are the run's held-out ones: "
                 "set data.eval_fraction > 0 or give a prompt file"
             )
-        tokenizer = load_tokenizer(data.model.local_dir())
-        prompts = []
-        for row in heldout.select_columns([PROMPT_IDS]).take(settings.max_prompts):
-            ids = [int(t) for t in row[PROMPT_IDS]]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            prompts.append(EvalPrompt(text, ids, {"prompt": text}))
-        return PromptSet(prompts, "heldout", data.model)
+        return heldout_prompts(heldout, data.model, settings.max_prompts)
     opened = open_run(cfg, out_dir, ResourceDemand.of_run(cfg, train=False))
     return _file_prompts(cfg, opened.model, out_dir / QUARANTINE_FILE)
+
+
+def heldout_prompts(heldout: Dataset, reference: ModelSource, max_prompts: int) -> PromptSet:
+    """The first ``max_prompts`` prompts of held-out pairs (with ``prompt_ids``), as training tokenized them."""
+    tokenizer = load_tokenizer(reference.local_dir())
+    prompts = []
+    for row in heldout.select_columns([PROMPT_IDS]).take(max_prompts):
+        ids = [int(t) for t in row[PROMPT_IDS]]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        prompts.append(EvalPrompt(text, ids, {"prompt": text}))
+    return PromptSet(prompts, "heldout", reference)
 
 
 def _file_prompts(cfg: RunConfig, model: ModelSource, quarantine: Path) -> PromptSet:

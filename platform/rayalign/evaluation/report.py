@@ -19,7 +19,7 @@ def eval_numbers(records: list[dict[str, Any]], scored: bool) -> dict[str, Any]:
     rate over the prompts whose every response was scored on both sides."""
     report: dict[str, Any] = {gen_key("prompts"): len(records)}
     for side in SIDES:
-        report[gen_key(f"{side}_tokens")] = statistics.mean(r["tokens"] for rec in records for r in rec[side])
+        report[gen_key("tokens", side)] = statistics.mean(r["tokens"] for rec in records for r in rec[side])
     if not scored:
         return report
     report[gen_key("unscored_responses")] = sum(
@@ -28,7 +28,7 @@ def eval_numbers(records: list[dict[str, Any]], scored: bool) -> dict[str, Any]:
     complete = [rec for rec in records if all(r["score"] is not None for side in SIDES for r in rec[side])]
     mean = {side: [statistics.mean(r["score"] for r in rec[side]) for rec in complete] for side in SIDES}
     for side in SIDES:
-        report[gen_key(f"{side}_score")] = statistics.mean(mean[side]) if complete else None
+        report[gen_key("score", side)] = statistics.mean(mean[side]) if complete else None
     report[gen_key("unscored_prompts")] = len(records) - len(complete)
     if complete:
         wins = win_rate(mean["policy"], mean["reference"])
@@ -39,8 +39,8 @@ def eval_numbers(records: list[dict[str, Any]], scored: bool) -> dict[str, Any]:
 def evaluation_line(report: dict[str, Any]) -> str:
     """The one console line of an evaluation (the rest is in its files)."""
     n = report[gen_key("prompts")]
-    tokens = f"{report[gen_key('policy_tokens')]:.1f} vs {report[gen_key('reference_tokens')]:.1f} tokens"
-    score_p, score_r = report.get(gen_key("policy_score")), report.get(gen_key("reference_score"))
+    tokens = f"{report[gen_key('tokens')]:.1f} vs {report[gen_key('tokens', 'reference')]:.1f} tokens"
+    score_p, score_r = report.get(gen_key("score")), report.get(gen_key("score", "reference"))
     if score_p is None or score_r is None:
         what = "not scored" if report.get("scorer") is None else "no prompt scored on both sides"
         return f"evaluate: {n} prompts, {what}; {tokens}"
@@ -63,7 +63,7 @@ def plot_evaluation(report: dict[str, Any], records: list[dict[str, Any]], path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    scores = [report.get(gen_key(f"{side}_score")) for side in SIDES]
+    scores = [report.get(gen_key("score", side)) for side in SIDES]
     if all(s is not None for s in scores):
         left.bar(SIDES, scores, color=["tab:blue", "tab:gray"])
         left.set_ylabel(f"mean score ({report['scorer']})")

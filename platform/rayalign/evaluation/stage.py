@@ -97,14 +97,15 @@ def _scores(cfg: RunConfig, asked: PromptSet, answers: dict[str, list[dict]]) ->
     return {side: [[Scored(None) for _ in answered[RESPONSES]] for answered in answers[side]] for side in SIDES}
 
 
-def run_evaluate(cfg: RunConfig, policy: str | None = None) -> dict[str, Any]:
+def run_evaluate(cfg: RunConfig, policy: str | None = None, asked: PromptSet | None = None) -> dict[str, Any]:
     """Generate with the policy and the reference, score, compare; write and return ``evaluation.json``.
+    ``asked``: the prompts, when the caller has them (training's held-out split); else :func:`eval_prompts`.
     Raises ConfigError (no policy, no prompts) or DataQualityError (a prompt file with no usable record)."""
     started = time.perf_counter()
     settings = cfg.eval.generation
     out_dir = cfg.output.run_dir / EVALUATE_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    asked = eval_prompts(cfg, out_dir)
+    asked = asked or eval_prompts(cfg, out_dir)
     models = {"policy": _published(cfg, policy_dir(cfg, policy)), "reference": asked.reference}
     prompts = ray.data.from_items([{"index": i, PROMPT_IDS: p.ids} for i, p in enumerate(asked.prompts)])
     max_model_len = settings.vllm.max_model_len or max(len(p.ids) for p in asked.prompts) + settings.max_new_tokens
@@ -143,5 +144,10 @@ def run_evaluate(cfg: RunConfig, policy: str | None = None) -> dict[str, Any]:
     )
     write_local(out_dir / EVALUATION_FILE, json.dumps(report, indent=2))
     plot_evaluation(report, records, out_dir / EVALUATION_PLOT)
-    report["files"] = {"evaluation": str(publish(cfg.output, out_dir) / EVALUATION_FILE)}
+    stored = publish(cfg.output, out_dir)
+    report["files"] = {
+        "evaluation": str(stored / EVALUATION_FILE),
+        "generations": str(stored / GENERATIONS_FILE),
+        "plot": str(out_dir / EVALUATION_PLOT),  # local: what trackers upload
+    }
     return report

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.train import TrainingFailedError
@@ -207,5 +208,6 @@ def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = T
             "set reference.cache: true when using train.max_failures, so that a restart re-reads the scored "
             f"pairs from storage. The run's files (summary.json says complete: false) are in {cfg.output.run_storage}"
         )
-    trackers.finish(summary, [plot, run_dir / METRICS_FILE])
+    generation_plot = [Path(summary["generation"]["files"]["plot"])] if "generation" in summary else []
+    trackers.finish(summary, [plot, run_dir / METRICS_FILE, *generation_plot])
     return summary
