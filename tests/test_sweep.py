@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -19,7 +20,7 @@ from tracker_readers import mlflow_runs, wandb_offline_runs
 
 from rayalign.config import ConfigError, config_from_dict, load_config
 from rayalign.pipeline import run_train
-from rayalign.tune.sweep import _searcher, run_sweep
+from rayalign.tune.sweep import _absolute_paths, _searcher, run_sweep
 
 pytestmark = pytest.mark.e2e
 
@@ -81,6 +82,21 @@ def test_sweep_config_errors_name_the_key():
         ).sweep.objective_mode
         == "min"
     )
+    # What the policy writes as the objective: measured once, at the end of each trial, by a scorer.
+    by_generation = {"space": {"loss.gamma": {"values": [0]}}, "objective": "eval/gen/win_rate"}
+    with pytest.raises(ConfigError, match=r"sweep.objective eval/gen/win_rate scores .* set eval.generation.verifier"):
+        config_from_dict({**base, "sweep": {**by_generation, "early_stopping": "none"}})
+    with pytest.raises(ConfigError, match=r"ASHA has nothing to compare at its rungs; set sweep.early_stopping: none"):
+        config_from_dict({**base, "eval": {"generation": {"verifier": "arithmetic"}}, "sweep": by_generation})
+    cfg = config_from_dict(
+        {
+            **base,
+            "eval": {"generation": {"verifier": "arithmetic"}},
+            "sweep": {**by_generation, "early_stopping": "none"},
+        }
+    )
+    assert cfg.evaluates_after_training and cfg.sweep.objective_mode == "max"
+    assert _absolute_paths(cfg, Path("/tmp/trials"))["eval"]["generation"]["after_training"] is True
 
 
 def test_fresh_never_deletes_a_directory_that_is_not_a_sweeps(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rayalign.metrics import DEFAULT_OBJECTIVE, OBJECTIVE_MODES
+from rayalign.metrics import DEFAULT_OBJECTIVE, GENERATION_PREFIX, OBJECTIVE_MODES
 
 
 class ConfigError(ValueError):
@@ -849,14 +849,32 @@ class RunConfig(_Section):
             )
         return self
 
+    @property
+    def evaluates_after_training(self) -> bool:
+        """Whether training ends with an evaluation by generation: asked for, or a sweep's objective."""
+        sweep_objective = self.sweep is not None and self.sweep.objective.startswith(GENERATION_PREFIX)
+        return self.eval.generation.after_training or sweep_objective
+
     @model_validator(mode="after")
-    def _evaluation_has_prompts(self) -> RunConfig:
+    def _evaluation_has_what_it_needs(self) -> RunConfig:
         generation = self.eval.generation
-        if generation.after_training and generation.prompts is None and self.data.eval_fraction == 0:
+        asker = "eval.generation.after_training" if generation.after_training else "sweep.objective"
+        if self.evaluates_after_training and generation.prompts is None and self.data.eval_fraction == 0:
             raise ValueError(
-                "eval.generation.after_training asks the run's held-out prompts, and data.eval_fraction is 0: "
+                f"{asker} asks the run's held-out prompts, and data.eval_fraction is 0: "
                 "hold some pairs out (data.eval_fraction) or give eval.generation.prompts"
             )
+        if self.sweep is not None and self.sweep.objective.startswith(GENERATION_PREFIX):
+            if generation.verifier is None and generation.reward_model is None:
+                raise ValueError(
+                    f"sweep.objective {self.sweep.objective} scores what each trial writes: "
+                    "set eval.generation.verifier or eval.generation.reward_model"
+                )
+            if self.sweep.early_stopping != "none":
+                raise ValueError(
+                    f"sweep.objective {self.sweep.objective} is measured once, when a trial's training ends: "
+                    "ASHA has nothing to compare at its rungs; set sweep.early_stopping: none"
+                )
         return self
 
     @model_validator(mode="after")

@@ -78,20 +78,23 @@ def eval_key(key: str) -> str:
     return EVAL_PREFIX + key
 
 
-# A sweep's objective: which held-out keys it may be, and which way is better.
+def gen_key(name: str, side: str = "policy") -> str:
+    """A generation-based evaluation key: ``eval/gen/<name>`` for the policy (``eval/gen/score``), and
+    ``eval/gen/<side>_<name>`` for the other side (``eval/gen/reference_score``)."""
+    return GENERATION_PREFIX + (name if side == "policy" else f"{side}_{name}")
+
+
+# A sweep's objective: which held-out keys it may be, and which way is better. The generation keys are measured
+# once, when a trial's training ended (rayalign.evaluation).
 OBJECTIVE_MODES: dict[str, Literal["max", "min"]] = {
     eval_key(ABSOLUTE_ACCURACY): "max",
     eval_key(REWARD_ACCURACY): "max",
     eval_key(LOSS): "min",
     eval_key(FRAC_IN_U): "min",
+    gen_key("score"): "max",
+    gen_key("win_rate"): "max",
 }
 DEFAULT_OBJECTIVE = eval_key(ABSOLUTE_ACCURACY)
-
-
-def gen_key(name: str, side: str = "policy") -> str:
-    """A generation-based evaluation key: ``eval/gen/<name>`` for the policy (``eval/gen/score``), and
-    ``eval/gen/<side>_<name>`` for the other side (``eval/gen/reference_score``)."""
-    return GENERATION_PREFIX + (name if side == "policy" else f"{side}_{name}")
 
 
 def as_eval(row: Mapping[str, float]) -> dict[str, float]:

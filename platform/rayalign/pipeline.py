@@ -30,8 +30,9 @@ from typing import Any
 
 from rayalign.config import RunConfig
 from rayalign.console import Console
-from rayalign.data.stage import PreparedData, prepare_data
-from rayalign.reference.stage import ScoredPairs, score_into_cache, score_reference
+from rayalign.data.stage import prepare_data
+from rayalign.evaluation.stage import evaluate_trained
+from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.run_dir import claimed_run_dir
 from rayalign.runtime import ResourceDemand
 from rayalign.storage import write_local
@@ -63,26 +64,8 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         s = cfg.scaling
         log.info("train: %d worker(s), ZeRO-%d, %s", s.num_workers, cfg.train.zero_stage, "GPU" if s.use_gpu else "CPU")
         inputs = TrainingInputs(data.model, scored, data.report.as_dict(), cost.as_dict(), started)
-        after = (lambda: evaluate_after_training(cfg, data, scored)) if cfg.eval.generation.after_training else None
+        after = (lambda: evaluate_trained(cfg, data.model, scored.heldout)) if cfg.evaluates_after_training else None
         return train_stage(cfg, inputs, TrainingHooks(console=console, after_training=after))
-
-
-def evaluate_after_training(cfg: RunConfig, data: PreparedData, scored: ScoredPairs) -> dict[str, Any]:
-    """``rayalign evaluate`` on the run's exported policy (on training's own held-out prompts unless a prompt file
-    is set); the ``eval/gen/*`` numbers, the scorer and the files, for summary.json's ``generation``."""
-    from rayalign.evaluation.prompts import heldout_prompts
-    from rayalign.evaluation.report import evaluation_line
-    from rayalign.evaluation.stage import run_evaluate
-    from rayalign.metrics import GENERATION_PREFIX
-
-    settings = cfg.eval.generation
-    asked = None
-    if settings.prompts is None and scored.heldout is not None:
-        asked = heldout_prompts(scored.heldout, data.model, settings.max_prompts)
-    report = run_evaluate(cfg, asked=asked)
-    log.info(evaluation_line(report))
-    kept = {key: value for key, value in report.items() if key.startswith(GENERATION_PREFIX)}
-    return {**kept, "scorer": report["scorer"], "files": report["files"]}
 
 
 def run_reference(cfg: RunConfig) -> dict[str, Any]:

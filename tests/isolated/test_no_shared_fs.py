@@ -140,6 +140,10 @@ def test_a_job_trains_on_two_nodes_and_keeps_everything_in_s3(isolated_cluster, 
         "data.eval_fraction=0.2",
         "--set",
         "monitor.eval_every=4",
+        # Then the exported policy (on rank 0's node and in S3, not on the driver's) and the reference answer the
+        # held-out prompts in actors on the worker nodes.
+        "--set",
+        "eval.generation={after_training: true, verifier: arithmetic, max_new_tokens: 3, cpus_per_actor: 0.5}",
         # 1.5 CPUs each on nodes of 2: Ray Train cannot put both workers on one node.
         "--set",
         "scaling.cpus_per_worker=1.5",
@@ -172,9 +176,17 @@ def test_a_job_trains_on_two_nodes_and_keeps_everything_in_s3(isolated_cluster, 
     assert b"Ray's and the libraries' output" in read(s3, f"{run}/logs/rayalign.log")
     assert any(name.endswith(".png") for name in listing(s3, run))
     assert any("checkpoint_" in name for name in listing(s3, f"{run}/ray"))
-    # The tiny model was built by the driver and published once, by content.
+    generation = summary["generation"]
+    assert generation["eval/gen/prompts"] == summary["reference"]["heldout_pairs"] > 0
+    assert generation["scorer"] == "arithmetic" and generation["eval/gen/unscored_responses"] == 0
+    generations = read(s3, f"{run}/evaluate/generations.jsonl").decode().splitlines()
+    assert len(generations) == generation["eval/gen/prompts"] and json.loads(generations[0])["prompt"].startswith("Q:")
+    assert "evaluation.json" in listing(s3, f"{run}/evaluate")
+    # The tiny model was built by the driver and published once, by content; so was the trained policy, fetched
+    # from the run's storage by the driver, for the evaluation's actors.
     published = [name for name in listing(s3, "runs/_models") if name.endswith("/rayalign-model.json")]
-    assert len(published) == 1 and summary["files"]["base_model"].startswith(s3_server.uri("runs/_models/"))
+    assert len(published) == 2 and summary["files"]["base_model"].startswith(s3_server.uri("runs/_models/"))
+    assert sum(name.startswith("model-") for name in published) == 1  # the policy, named after its folder
     assert len(train_workers_nodes(isolated_cluster)) == 2
     # The report reads the run straight from storage.
     png = isolated_cluster.driver_root / "dpo-s3.png"
@@ -317,16 +329,22 @@ def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cl
             "--set",
             "scaling.cpus_per_worker=1",
             "--set",
+            # The objective is what each trial's policy writes: its win rate over the reference, greedy, checked.
             "sweep={space: {loss.gamma: {values: [0.5, 2.0]}}, early_stopping: none, "
-            "max_concurrent_trials: 2, trial_cpus: 0.1}",
+            "max_concurrent_trials: 2, trial_cpus: 0.1, objective: eval/gen/win_rate}",
+            "--set",
+            "eval.generation={verifier: arithmetic, max_new_tokens: 3, max_prompts: 16, cpus_per_actor: 0.5}",
         )
     )
     summary = json.loads(read(s3, "runs/sweep-s3/sweep_summary.json"))
-    assert summary["counts"]["completed"] == 2
+    assert summary["counts"]["completed"] == 2 and summary["objective"] == "eval/gen/win_rate"
     for trial in summary["trials"]:
         assert trial["run_dir"].startswith(s3_server.uri("runs/sweep-s3/trials/"))
         stored = trial["run_dir"].removeprefix(s3_server.uri("") + "/")
-        assert json.loads(read(s3, f"{stored}/summary.json"))["steps"] == 2
+        trial_summary = json.loads(read(s3, f"{stored}/summary.json"))
+        assert trial_summary["steps"] == 2
+        assert trial["objective"] == trial_summary["generation"]["eval/gen/win_rate"]
+        assert "generations.jsonl" in listing(s3, f"{stored}/evaluate")
         assert "config.json" in listing(s3, f"{stored}/model")
     assert listing(s3, "runs/sweep-s3/tune") and "best_config.yaml" in listing(s3, "runs/sweep-s3")
     # The reference was scored once into the reference store in S3: a segment and its commit.

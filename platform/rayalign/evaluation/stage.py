@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.data import Dataset
 
 from rayalign.config import ConfigError, RunConfig
 from rayalign.evaluation.generate import RESPONSE_IDS, RESPONSES, generated
-from rayalign.evaluation.prompts import PromptSet, eval_prompts
-from rayalign.evaluation.report import SIDES, eval_numbers, plot_evaluation
+from rayalign.evaluation.prompts import PromptSet, eval_prompts, heldout_prompts
+from rayalign.evaluation.report import SIDES, eval_numbers, evaluation_line, plot_evaluation
 from rayalign.evaluation.scoring import Scored, load_verifier, reward_model_scores, score
+from rayalign.metrics import GENERATION_PREFIX
 from rayalign.models import ModelSource, hub_snapshot, publish_model
 from rayalign.schema import PROMPT_IDS
 from rayalign.storage import MODEL_DIR, download, publish, run_location, storage_root, write_local
@@ -151,3 +153,17 @@ def run_evaluate(cfg: RunConfig, policy: str | None = None, asked: PromptSet | N
         "plot": str(out_dir / EVALUATION_PLOT),  # local: what trackers upload
     }
     return report
+
+
+def evaluate_trained(cfg: RunConfig, reference: ModelSource, heldout: Dataset | None) -> dict[str, Any]:
+    """:func:`run_evaluate` on the run's exported policy once training ended, on training's own held-out pairs
+    (``heldout``) unless a prompt file is set; returns what summary.json keeps as ``generation``: the
+    ``eval/gen/*`` numbers, the scorer and the files."""
+    settings = cfg.eval.generation
+    asked = None
+    if settings.prompts is None and heldout is not None:
+        asked = heldout_prompts(heldout, reference, settings.max_prompts)
+    report = run_evaluate(cfg, asked=asked)
+    log.info(evaluation_line(report))
+    kept = {key: value for key, value in report.items() if key.startswith(GENERATION_PREFIX)}
+    return {**kept, "scorer": report["scorer"], "files": report["files"]}

@@ -7,7 +7,9 @@ The reference log-probs depend on the model and the data, not on γ, α, τ, β 
 rate, so the sweep scores them once (``rayalign.reference.store``), keeps the scored set in the
 object store, and hands that dataset to every trial: no trial starts a reference engine. Trials
 report each held-out evaluation to Tune (Ray Train's ``TuneReportCallback``); ASHA compares them
-on the held-out objective and stops the weak ones.
+on the held-out objective and stops the weak ones. A generation objective (``eval/gen/score``,
+``eval/gen/win_rate``) is measured once, when a trial's training ends: the trial evaluates its policy by
+generation (``rayalign.evaluation``) and reports that as its result.
 
 Sweep directory (``<output.root>/<output.name>/``, kept in ``<output.storage>/<output.name>/``)::
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -42,7 +45,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
-from rayalign.metrics import STEP
+from rayalign.evaluation.stage import evaluate_trained
+from rayalign.metrics import GENERATION_PREFIX, STEP
 from rayalign.models import ModelSource
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.run_dir import held_run_name
@@ -134,14 +138,21 @@ def run_trial(
     # The trial's run directory is its own: a trial that Tune restores (resumed sweep, errored trial) finds its
     # Ray Train run there and continues from its last checkpoint.
     inputs = TrainingInputs(model, split_scored(cfg, scored, source, num_scored), data_report, cost, started)
-    train_stage(
+    heldout = inputs.scored.heldout
+    summary = train_stage(
         cfg,
         inputs,
         TrainingHooks(
             callbacks=(HeldoutReportCallback(objective),),
             sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent),
+            after_training=(lambda: evaluate_trained(cfg, model, heldout)) if cfg.evaluates_after_training else None,
         ),
     )
+    if objective.startswith(GENERATION_PREFIX):
+        # Measured once, now that training ended: the trial's one result (no prompt scored on both sides: NaN).
+        value = summary["generation"].get(objective)
+        heldout = summary["heldout"] or {}
+        tune.report({**heldout, objective: math.nan if value is None else value, STEP: summary["steps"]})
 
 
 def trial_dirname(trial) -> str:
@@ -198,6 +209,8 @@ def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
     tracking["wandb_dir"] = str(wandb_root(cfg))
     if cfg.output.storage is not None:
         tree["output"]["storage"] = f"{cfg.output.run_storage}/{TRIALS_DIR}"
+    # A generation objective is measured by each trial's own evaluation once its training ends.
+    tree["eval"]["generation"]["after_training"] = cfg.evaluates_after_training
     return tree
 
 
