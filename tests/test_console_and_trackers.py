@@ -64,6 +64,8 @@ def piped_run(tmp_path_factory):
         "monitor.eval_every": 2,
         "train.epochs": 1,
         "train.log_every": 1,
+        # Then the policy and the reference answer held-out prompts, checked: one console line, the trackers.
+        "eval.generation": "{after_training: true, verifier: arithmetic, max_new_tokens: 3, max_prompts: 16}",
     }
     argv = [sys.executable, "-m", "rayalign", "train", "--config", str(REPO / "jobs/configs/tiny-dpo.yaml")]
     for key, value in overrides.items():
@@ -107,6 +109,8 @@ def test_console_is_short_and_the_log_holds_rays_output(piped_run):
     for stage in ("[rayalign] data:", "[rayalign] reference:", "[rayalign] train:"):
         assert any(line.startswith(stage) for line in lines), stage
     assert any(line.startswith("run ") and "frac_in_U" in line for line in lines), "no final table"
+    (evaluated,) = [line for line in lines if "evaluate:" in line]
+    assert evaluated.startswith("tiny-dpo: evaluate: 16 prompts, arithmetic policy ")
     # Ray's own chatter is not on the console, but in the log file the console names.
     for noise in ("RayTrainWorker", "Running Dataset", "TrainingReport", "(pid="):
         assert noise not in piped_run["stdout"], noise
@@ -170,6 +174,15 @@ def test_trackers_hold_what_metrics_jsonl_holds(piped_run):
         logged = {h["_step"]: h[key] for h in history if key in h}
         assert logged == pytest.approx(values, rel=1e-9), key
     assert wandb_run["summary"]["summary/steps"] == summary["steps"]
+
+    # The evaluation by generation after training: at the last step, in every tracker.
+    generation = {key: summary["generation"][key] for key in ("eval/gen/score", "eval/gen/win_rate")}
+    last = summary["steps"]
+    for key, value in generation.items():
+        assert mlflow_history(uri, run.info.run_id, key) == pytest.approx({last: value}), key
+        assert scalars[key] == pytest.approx({last: value}, rel=1e-6), key
+        assert {h["_step"]: h[key] for h in wandb_run["history"] if key in h} == pytest.approx({last: value}), key
+    assert "evaluation.png" in client_artifacts and "plots/evaluation" in tags["images"]
 
 
 def test_the_log_is_private_and_never_written_through_a_planted_link(tmp_path):
