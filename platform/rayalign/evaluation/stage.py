@@ -20,7 +20,7 @@ from ray.data import Dataset
 from rayalign.config import ConfigError, RunConfig
 from rayalign.evaluation.generate import RESPONSE_IDS, RESPONSES, generated
 from rayalign.evaluation.prompts import PromptSet, eval_prompts, heldout_prompts
-from rayalign.evaluation.report import SIDES, eval_numbers, evaluation_line, plot_evaluation
+from rayalign.evaluation.report import SIDES, eval_numbers, plot_evaluation
 from rayalign.evaluation.scoring import Scored, load_verifier, reward_model_scores, score
 from rayalign.metrics import GENERATION_PREFIX
 from rayalign.models import ModelSource, hub_snapshot, publish_model
@@ -163,7 +163,6 @@ def evaluate_trained(cfg: RunConfig, reference: ModelSource, heldout: Dataset | 
     asked = None
     if settings.prompts is None and heldout is not None:
         asked = heldout_prompts(heldout, reference, settings.max_prompts)
-    report = run_evaluate(cfg, asked=asked)
-    log.info(evaluation_line(report))
+    report = run_evaluate(cfg, asked=asked)  # its one console line is the command's, with the run's name
     kept = {key: value for key, value in report.items() if key.startswith(GENERATION_PREFIX)}
     return {**kept, "scorer": report["scorer"], "files": report["files"]}
