@@ -48,6 +48,13 @@ def test_overrides_are_typed():
         ),
         (["loss.type=cpo_clip", "loss.alpha=2"], "loss.alpha=2 is CPO's constraint weight α: loss.type cpo_clip"),
         (["loss.type=ipo", "loss.tau=4"], "loss.type ipo ignores it"),
+        (["eval.generation.after_training=true"], "held-out prompts, and data.eval_fraction is 0"),
+        (
+            ["eval.generation.after_training=true", "data.eval_fraction=0.2", "model.lora={rank: 4}"],
+            "a LoRA run exports only its adapter: set model.lora.export_merged: true",
+        ),
+        (["eval.generation.verifier=arithmetic", "eval.generation.reward_model=rm"], "a verifier or a reward_model"),
+        (["eval.generation.verifier=not a function"], "is not `arithmetic` nor `module:function`"),
     ],
 )
 def test_errors_name_the_key(overrides, expected):

@@ -53,6 +53,8 @@ def test_one_console_line_per_evaluation():
     )
     assert line.endswith("2.0 vs 4.0 tokens; 1 response(s) unscored")
     assert evaluation_line(eval_numbers(records, scored=False)) == "evaluate: 10 prompts, not scored; 2.0 vs 4.0 tokens"
+    failed = evaluation_line({"error": "ModuleNotFoundError: No module named 'mine'"})  # after training: run kept
+    assert failed == "evaluate: failed (ModuleNotFoundError: No module named 'mine'); the trained model is kept"
 
 
 def _reward_model(base: Path, out: Path) -> Path:

@@ -864,6 +864,11 @@ class RunConfig(_Section):
                 f"{asker} asks the run's held-out prompts, and data.eval_fraction is 0: "
                 "hold some pairs out (data.eval_fraction) or give eval.generation.prompts"
             )
+        if self.evaluates_after_training and self.model.lora is not None and not self.model.lora.export_merged:
+            raise ValueError(
+                f"{asker} generates with the exported policy, and a LoRA run exports only its adapter: "
+                "set model.lora.export_merged: true"
+            )
         if self.sweep is not None and self.sweep.objective.startswith(GENERATION_PREFIX):
             if generation.verifier is None and generation.reward_model is None:
                 raise ValueError(

@@ -37,7 +37,9 @@ def eval_numbers(records: list[dict[str, Any]], scored: bool) -> dict[str, Any]:
 
 
 def evaluation_line(report: dict[str, Any]) -> str:
-    """The one console line of an evaluation (the rest is in its files)."""
+    """The one console line of an evaluation (the rest is in its files), or of its failure."""
+    if "error" in report:
+        return f"evaluate: failed ({report['error']}); the trained model is kept"
     n = report[gen_key("prompts")]
     tokens = f"{report[gen_key('tokens')]:.1f} vs {report[gen_key('tokens', 'reference')]:.1f} tokens"
     score_p, score_r = report.get(gen_key("score")), report.get(gen_key("score", "reference"))

@@ -180,8 +180,13 @@ def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = T
     if scored.heldout is not None:
         summary["reference"]["heldout_pairs"] = scored.heldout.count()
     if hooks.after_training is not None and (summary["complete"] or summary["stopped_on_alarm"]):
-        summary["generation"] = hooks.after_training()
-        trackers.log_step({STEP: summary["steps"], **summary["generation"]})
+        try:
+            summary["generation"] = hooks.after_training()
+        except Exception as err:  # the run trained and exported its model: a failed evaluation must not lose it
+            log.error("evaluation after training failed: %s: %s", type(err).__name__, err)
+            summary["generation"] = {"error": f"{type(err).__name__}: {err}"}
+        else:
+            trackers.log_step({STEP: summary["steps"], **summary["generation"]})
     write_local(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     plot = plot_runs([run_dir])
     for path in (
@@ -208,6 +213,6 @@ def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = T
             "set reference.cache: true when using train.max_failures, so that a restart re-reads the scored "
             f"pairs from storage. The run's files (summary.json says complete: false) are in {cfg.output.run_storage}"
         )
-    generation_plot = [Path(summary["generation"]["files"]["plot"])] if "generation" in summary else []
+    generation_plot = [Path(summary["generation"]["files"]["plot"])] if "files" in summary.get("generation", {}) else []
     trackers.finish(summary, [plot, run_dir / METRICS_FILE, *generation_plot])
     return summary
