@@ -111,3 +111,21 @@ def test_a_prompt_file_a_verifier_that_fails_on_one_record_and_a_reward_model(ra
     rows = [json.loads(line) for line in (scored.output.run_dir / "evaluate" / "generations.jsonl").open()]
     assert all(isinstance(r["policy"][0]["score"], float) for r in rows)
     assert report["eval/gen/score"] == pytest.approx(report["eval/gen/reference_score"])
+
+
+def test_the_policy_is_a_model_or_run_directory_local_or_in_storage(tmp_path, tiny_model_dir):
+    from rayalign.config import ConfigError
+    from rayalign.evaluation.stage import policy_dir
+
+    cfg = make_config(tmp_path)
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    for f in tiny_model_dir.iterdir():
+        (run / "model" / f.name).write_bytes(f.read_bytes())
+    assert policy_dir(cfg, str(run)) == run / "model" and policy_dir(cfg, str(tiny_model_dir)) == tiny_model_dir
+    fetched = policy_dir(cfg, f"file://{run}")  # a run directory in storage: its model/ is fetched
+    assert fetched == cfg.output.run_dir / "evaluate" / "policy" and (fetched / "config.json").is_file()
+    with pytest.raises(ConfigError, match="holds neither a model nor a run's model/"):
+        policy_dir(cfg, f"file://{tmp_path / 'nothing'}")
+    with pytest.raises(ConfigError, match="neither a model directory nor a run directory with model/"):
+        policy_dir(cfg, str(tmp_path))

@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="generate with the policy and the reference on the same prompts, score, compare"
     )
     _config_arguments(evaluate)
-    evaluate.add_argument("--policy", metavar="DIR", help="a model or run directory (default: the run's model/)")
+    evaluate.add_argument(
+        "--policy", metavar="DIR", help="a model or run directory, a path or a storage URI (default: the run's model/)"
+    )
     evaluate.set_defaults(func=_evaluate)
 
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")

@@ -25,7 +25,7 @@ from rayalign.evaluation.scoring import Scored, load_verifier, reward_model_scor
 from rayalign.metrics import GENERATION_PREFIX
 from rayalign.models import ModelSource, hub_snapshot, publish_model
 from rayalign.schema import PROMPT_IDS
-from rayalign.storage import MODEL_DIR, download, publish, run_location, storage_root, write_local
+from rayalign.storage import MODEL_DIR, download, location, publish, run_location, storage_root, write_local
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,17 @@ EVALUATION_PLOT = "evaluation.png"
 
 
 def policy_dir(cfg: RunConfig, policy: str | None) -> Path:
-    """The policy to evaluate: ``policy`` (a model directory, or a run directory holding ``model/``), else the
-    run's exported model (fetched from the run's storage when the driver has no copy). Raises ConfigError in one
-    line when there is none."""
+    """The policy to evaluate: ``policy`` (a model directory, or a run directory holding ``model/``; either a local
+    path or a storage URI, fetched), else the run's exported model (fetched from the run's storage when the driver
+    has no copy). Raises ConfigError in one line when there is none."""
+    if policy is not None and "://" in policy:
+        stored = location(policy, cfg.output.s3)
+        stored = stored if (stored / "config.json").is_file() else stored / MODEL_DIR
+        if not (stored / "config.json").is_file():
+            raise ConfigError(f"evaluate: {policy} holds neither a model nor a run's {MODEL_DIR}/")
+        local = cfg.output.run_dir / EVALUATE_DIR / "policy"
+        download(stored, local)
+        return local
     where = Path(policy).expanduser().resolve() if policy else cfg.output.run_dir
     candidate = where / MODEL_DIR if (where / MODEL_DIR / "config.json").is_file() else where
     if policy is None and not (candidate / "config.json").is_file() and cfg.output.storage is not None:
