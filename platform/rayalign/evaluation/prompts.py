@@ -93,7 +93,8 @@ def _file_prompts(cfg: RunConfig, model: ModelSource, quarantine: Path) -> Promp
                     reason, _, detail = row[READ_ERROR].partition(": ")
                     raise RecordError(reason, detail)
                 prompt, record = parse_prompt_record(row[RECORD])
-                ids = tokenize_prompt(prompt, tokenizer)
+                # As training truncates an over-long prompt: its end, at most data.max_prompt_length tokens.
+                ids = tokenize_prompt(prompt, tokenizer)[-cfg.data.max_prompt_length :]
             except RecordError as err:
                 reasons[err.reason] += 1
                 if sum(reasons.values()) == 1:
