@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -133,13 +134,15 @@ def _audit(args: argparse.Namespace, configs: list[RunConfig], console: Console)
 def _evaluate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     from rayalign.evaluation.report import evaluation_line
     from rayalign.evaluation.stage import EVALUATE_DIR, run_evaluate
+    from rayalign.metrics import gen_key
 
     (cfg,) = configs
     console.capture(cfg.output.run_dir / EVALUATE_DIR)
-    report = run_evaluate(cfg, args.policy)
+    report = run_evaluate(cfg, args.policy, name=args.name, replace=args.replace)
     _shutdown_ray()
     console.print(f"{evaluation_line(report)} ({report['files']['evaluation']})")
-    return 0
+    # A scorer that could score nothing is a failed evaluation, whatever was generated.
+    return 1 if report["scorer"] and report.get(gen_key("score")) is None else 0
 
 
 def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
@@ -304,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--policy", metavar="DIR", help="a model or run directory, a path or a storage URI (default: the run's model/)"
     )
+    evaluate.add_argument(
+        "--name",
+        type=_folder_name,
+        help="keep this evaluation in <run>/evaluate/NAME/ (default: <run>/evaluate/, after training's)",
+    )
+    evaluate.add_argument("--replace", action="store_true", help="replace an evaluation already there")
     evaluate.set_defaults(func=_evaluate)
 
     report = sub.add_parser("report", help="PNG plots of one run or several side by side")
@@ -319,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--s3-scheme", choices=["https", "http"], default="https")
     report.set_defaults(func=_report)
     return parser
+
+
+def _folder_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: letters, digits, '_', '-' and '.', not starting with '.'")
+    return value
 
 
 def _load_configs(args: argparse.Namespace) -> list[RunConfig]:

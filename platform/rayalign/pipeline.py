@@ -31,7 +31,7 @@ from typing import Any
 from rayalign.config import RunConfig
 from rayalign.console import Console
 from rayalign.data.stage import prepare_data
-from rayalign.evaluation.stage import evaluate_trained
+from rayalign.evaluation.stage import check_scorer, evaluate_trained
 from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.run_dir import claimed_run_dir
 from rayalign.runtime import ResourceDemand
@@ -46,6 +46,7 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Train one policy end to end and write its run directory; returns the summary.
     ``console``: where training's progress shows (None: nowhere but the logs and trackers)."""
     started = time.perf_counter()
+    check_scorer(cfg)
     with claimed_run_dir(cfg) as run_dir:
         log.info("data: reading and tokenizing")
         data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))

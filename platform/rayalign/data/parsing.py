@@ -132,7 +132,9 @@ def parse_prompt_record(record: str) -> tuple[str | list[dict[str, str]], dict[s
     (what a verifier receives). Raises RecordError."""
     obj = _json_object(record)
     prompt = obj.get("prompt")
-    prompt = _check_messages(prompt, "prompt") if isinstance(prompt, list) else _require_str(obj, "prompt")
+    prompt = _check_messages(prompt, "prompt") if isinstance(prompt, list) else _require_str(obj, "prompt", True)
+    if isinstance(prompt, str) and not prompt.strip():
+        raise RecordError("empty_prompt", "field 'prompt' is empty", "prompt")
     _check_encodable(Pair(prompt, "", ""))
     return prompt, obj
 

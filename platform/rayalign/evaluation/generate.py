@@ -123,8 +123,9 @@ def generated(
     prompts: Dataset, model: ModelSource, settings: GenerationConfig, dtype: str, max_model_len: int
 ) -> list[dict[str, Any]]:
     """Every row of ``prompts`` (with ``prompt_ids``) with ``model``'s responses (:data:`RESPONSES`,
-    :data:`RESPONSE_IDS`), in the prompts' order. ``dtype``: the transformers backend's precision (vLLM's is
-    ``settings.vllm.dtype``); ``max_model_len``: the longest prompt plus ``max_new_tokens``, for vLLM."""
+    :data:`RESPONSE_IDS`). The actor pool does not keep the rows' order: give them an index to sort on.
+    ``dtype``: the transformers backend's precision (vLLM's is ``settings.vllm.dtype``); ``max_model_len``: the
+    longest prompt plus ``max_new_tokens``, for vLLM."""
     if settings.backend == "vllm":
         generator, kwargs = VllmGenerator, {"model": model, "settings": settings, "max_model_len": max_model_len}
         extra = {"runtime_env": vllm_runtime_env(settings.vllm)}

@@ -22,6 +22,8 @@ def eval_numbers(records: list[dict[str, Any]], scored: bool) -> dict[str, Any]:
         report[gen_key("tokens", side)] = statistics.mean(r["tokens"] for rec in records for r in rec[side])
     if not scored:
         return report
+    errors = [r["error"] for rec in records for side in SIDES for r in rec[side] if r.get("error")]
+    report["first_error"] = errors[0] if errors else None
     report[gen_key("unscored_responses")] = sum(
         r["score"] is None for rec in records for side in SIDES for r in rec[side]
     )
@@ -43,8 +45,10 @@ def evaluation_line(report: dict[str, Any]) -> str:
     n = report[gen_key("prompts")]
     tokens = f"{report[gen_key('tokens')]:.1f} vs {report[gen_key('tokens', 'reference')]:.1f} tokens"
     score_p, score_r = report.get(gen_key("score")), report.get(gen_key("score", "reference"))
+    first_error = report.get("first_error")
+    errors = f" (first: {first_error})" if first_error else ""
     if score_p is None or score_r is None:
-        what = "not scored" if report.get("scorer") is None else "no prompt scored on both sides"
+        what = "not scored" if report.get("scorer") is None else f"no prompt scored on both sides{errors}"
         return f"evaluate: {n} prompts, {what}; {tokens}"
     wins = (
         f"win rate {report[gen_key('win_rate')]:.2f} [{report[gen_key('win_rate_low')]:.2f}, "
@@ -53,7 +57,7 @@ def evaluation_line(report: dict[str, Any]) -> str:
     unscored = report[gen_key("unscored_responses")]
     return (
         f"evaluate: {n} prompts, {report['scorer']} policy {score_p:.3g} vs reference {score_r:.3g}, {wins}; "
-        f"{tokens}" + (f"; {unscored} response(s) unscored" if unscored else "")
+        f"{tokens}" + (f"; {unscored} response(s) unscored{errors}" if unscored else "")
     )
 
 

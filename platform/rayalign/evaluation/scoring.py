@@ -19,6 +19,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
+from rayalign.config import ConfigError
 from rayalign.models import ModelSource
 
 Verifier = Callable[[str, str, dict[str, Any]], float]
@@ -38,11 +39,21 @@ def arithmetic(prompt: str, response: str, record: dict[str, Any]) -> float:
 
 
 def load_verifier(name: str) -> Verifier:
-    """``arithmetic``, or the function ``module:function`` names (imported on the node that scores)."""
+    """``arithmetic``, or the function ``module:function`` names (imported on the driver, which scores).
+    Raises ConfigError in one line when it cannot be imported or is not callable."""
     if name == "arithmetic":
         return arithmetic
     module, _, function = name.partition(":")
-    return getattr(importlib.import_module(module), function)
+    try:
+        verifier = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(
+            f"eval.generation.verifier: cannot load {name} ({type(err).__name__}: {err}); the module must be "
+            "importable where the command runs (e.g. on PYTHONPATH, or in the job's working_dir)"
+        ) from None
+    if not callable(verifier):
+        raise ConfigError(f"eval.generation.verifier: {name} is not callable")
+    return verifier
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from rayalign.config import ConfigError, RunConfig
 from rayalign.evaluation.generate import RESPONSE_IDS, RESPONSES, generated
 from rayalign.evaluation.prompts import PromptSet, eval_prompts, heldout_prompts
 from rayalign.evaluation.report import SIDES, eval_numbers, plot_evaluation
-from rayalign.evaluation.scoring import Scored, load_verifier, reward_model_scores, score
+from rayalign.evaluation.scoring import Scored, Verifier, load_verifier, reward_model_scores, score
 from rayalign.metrics import GENERATION_PREFIX
 from rayalign.models import ModelSource, hub_snapshot, publish_model
 from rayalign.schema import PROMPT_IDS
@@ -48,6 +48,8 @@ def policy_dir(cfg: RunConfig, policy: str | None) -> Path:
         download(stored, local)
         return local
     where = Path(policy).expanduser().resolve() if policy else cfg.output.run_dir
+    if policy is not None and not where.exists():
+        raise ConfigError(f"evaluate: --policy {policy}: no such file or directory")
     candidate = where / MODEL_DIR if (where / MODEL_DIR / "config.json").is_file() else where
     if policy is None and not (candidate / "config.json").is_file() and cfg.output.storage is not None:
         stored = run_location(cfg.output) / MODEL_DIR
@@ -80,11 +82,12 @@ def _reward_model_dir(name: str) -> Path:
     raise ConfigError(f"eval.generation.reward_model: {name} is neither a model directory nor a hub id")
 
 
-def _scores(cfg: RunConfig, asked: PromptSet, answers: dict[str, list[dict]]) -> dict[str, list[list[Scored]]]:
+def _scores(
+    cfg: RunConfig, asked: PromptSet, answers: dict[str, list[dict]], verifier: Verifier | None
+) -> dict[str, list[list[Scored]]]:
     """Every response's score, per side, per prompt, per sample."""
     settings = cfg.eval.generation
-    if settings.verifier:
-        verifier = load_verifier(settings.verifier)
+    if verifier is not None:
         return {
             side: [
                 [score(verifier, p.text, response, p.record) for response in answered[RESPONSES]]
@@ -107,16 +110,38 @@ def _scores(cfg: RunConfig, asked: PromptSet, answers: dict[str, list[dict]]) ->
     return {side: [[Scored(None) for _ in answered[RESPONSES]] for answered in answers[side]] for side in SIDES}
 
 
-def run_evaluate(cfg: RunConfig, policy: str | None = None, asked: PromptSet | None = None) -> dict[str, Any]:
-    """Generate with the policy and the reference, score, compare; write and return ``evaluation.json``.
-    ``asked``: the prompts, when the caller has them (training's held-out split); else :func:`eval_prompts`.
-    Raises ConfigError (no policy, no prompts) or DataQualityError (a prompt file with no usable record)."""
+def evaluation_dir(cfg: RunConfig, name: str | None = None) -> Path:
+    """``<run_dir>/evaluate/`` (the evaluation after training, which summary.json names), or its ``name``
+    subfolder (another evaluation of the same run)."""
+    return cfg.output.run_dir / EVALUATE_DIR / (name or "")
+
+
+def run_evaluate(
+    cfg: RunConfig,
+    policy: str | None = None,
+    asked: PromptSet | None = None,
+    name: str | None = None,
+    replace: bool = False,
+) -> dict[str, Any]:
+    """Generate with the policy and the reference, score, compare; write and return ``evaluation.json`` in
+    :func:`evaluation_dir` (``name``). ``asked``: the prompts, when the caller has them (training's held-out split);
+    else :func:`eval_prompts`. Raises ConfigError in one line (an evaluation already there without ``replace``, no
+    policy, no prompts, a verifier that cannot be loaded) or DataQualityError (a prompt file with no usable
+    record); all of them before anything is generated."""
     started = time.perf_counter()
     settings = cfg.eval.generation
-    out_dir = cfg.output.run_dir / EVALUATE_DIR
+    out_dir = evaluation_dir(cfg, name)
+    if (out_dir / EVALUATION_FILE).is_file() and not replace:
+        raise ConfigError(
+            f"evaluate: {out_dir} holds an evaluation already"
+            + (" (the one made after training, which summary.json names)" if name is None else "")
+            + ": give --name NAME to keep both, or --replace"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
+    verifier = load_verifier(settings.verifier) if settings.verifier else None
+    policy_model = policy_dir(cfg, policy)
     asked = asked or eval_prompts(cfg, out_dir)
-    models = {"policy": _published(cfg, policy_dir(cfg, policy)), "reference": asked.reference}
+    models = {"policy": _published(cfg, policy_model), "reference": asked.reference}
     prompts = ray.data.from_items([{"index": i, PROMPT_IDS: p.ids} for i, p in enumerate(asked.prompts)])
     max_model_len = settings.vllm.max_model_len or max(len(p.ids) for p in asked.prompts) + settings.max_new_tokens
     answers, timing = {}, {}
@@ -127,10 +152,12 @@ def run_evaluate(cfg: RunConfig, policy: str | None = None, asked: PromptSet | N
         tokens = sum(len(ids) for row in rows for ids in row[RESPONSE_IDS])
         seconds = time.perf_counter() - began
         timing[side] = {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
-    scores = _scores(cfg, asked, answers)
+    scores = _scores(cfg, asked, answers, verifier)
     records = []
     for i, prompt in enumerate(asked.prompts):
         record: dict[str, Any] = {"prompt": prompt.text}
+        if asked.source != "heldout":
+            record["record"] = prompt.record  # the prompt file's record, as the verifier saw it
         for side in SIDES:
             answered = answers[side][i]
             record[side] = [
@@ -163,6 +190,13 @@ def run_evaluate(cfg: RunConfig, policy: str | None = None, asked: PromptSet | N
     return report
 
 
+def check_scorer(cfg: RunConfig) -> None:
+    """Before training, when it will end with an evaluation: a verifier that cannot be loaded stops the run in one
+    line now (ConfigError), not after the training it would have followed."""
+    if cfg.evaluates_after_training and cfg.eval.generation.verifier:
+        load_verifier(cfg.eval.generation.verifier)
+
+
 def evaluate_trained(cfg: RunConfig, reference: ModelSource, heldout: Dataset | None) -> dict[str, Any]:
     """:func:`run_evaluate` on the run's exported policy once training ended, on training's own held-out pairs
     (``heldout``) unless a prompt file is set; returns what summary.json keeps as ``generation``: the
@@ -171,6 +205,7 @@ def evaluate_trained(cfg: RunConfig, reference: ModelSource, heldout: Dataset | 
     asked = None
     if settings.prompts is None and heldout is not None:
         asked = heldout_prompts(heldout, reference, settings.max_prompts)
-    report = run_evaluate(cfg, asked=asked)  # its one console line is the command's, with the run's name
+    # A new run's own evaluation (a replaced run's is stale); its console line is the command's, with the run's name.
+    report = run_evaluate(cfg, asked=asked, replace=True)
     kept = {key: value for key, value in report.items() if key.startswith(GENERATION_PREFIX)}
     return {**kept, "scorer": report["scorer"], "files": report["files"]}

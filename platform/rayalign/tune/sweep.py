@@ -45,7 +45,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
-from rayalign.evaluation.stage import evaluate_trained
+from rayalign.evaluation.stage import check_scorer, evaluate_trained
 from rayalign.metrics import GENERATION_PREFIX, STEP
 from rayalign.models import ModelSource
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
@@ -240,6 +240,7 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep in ``cfg.sweep``; writes the sweep directory, returns its summary."""
     if cfg.sweep is None:
         raise ConfigError("this config has no `sweep` section (see jobs/configs/sweep-gamma.yaml)")
+    check_scorer(cfg)
     with held_run_name(cfg.output):
         started = time.perf_counter()
         resuming = _open_sweep_dir(cfg, fresh)
