@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,16 @@ from rayalign.evaluation.scoring import Scored, Verifier, load_verifier, reward_
 from rayalign.metrics import GENERATION_PREFIX
 from rayalign.models import ModelSource, hub_snapshot, publish_model
 from rayalign.schema import PROMPT_IDS
-from rayalign.storage import MODEL_DIR, download, location, publish, run_location, storage_root, write_local
+from rayalign.storage import (
+    MODEL_DIR,
+    Location,
+    download,
+    location,
+    publish,
+    run_location,
+    storage_root,
+    write_local,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +55,7 @@ def policy_dir(cfg: RunConfig, policy: str | None) -> Path:
         stored = stored if (stored / "config.json").is_file() else stored / MODEL_DIR
         if not (stored / "config.json").is_file():
             raise ConfigError(f"evaluate: {policy} holds neither a model nor a run's {MODEL_DIR}/")
-        local = cfg.output.run_dir / EVALUATE_DIR / "policy"
-        download(stored, local)
-        return local
+        return _fetched(stored, cfg.output.run_dir / EVALUATE_DIR / "policy")
     where = Path(policy).expanduser().resolve() if policy else cfg.output.run_dir
     if policy is not None and not where.exists():
         raise ConfigError(f"evaluate: --policy {policy}: no such file or directory")
@@ -54,8 +63,7 @@ def policy_dir(cfg: RunConfig, policy: str | None) -> Path:
     if policy is None and not (candidate / "config.json").is_file() and cfg.output.storage is not None:
         stored = run_location(cfg.output) / MODEL_DIR
         if (stored / "config.json").is_file():  # exported by rank 0 on another node
-            download(stored, where / MODEL_DIR)
-            candidate = where / MODEL_DIR
+            candidate = _fetched(stored, where / MODEL_DIR)
     if not (candidate / "config.json").is_file():
         adapter = (
             " (a LoRA run exports a whole model with model.lora.export_merged)"
@@ -67,6 +75,19 @@ def policy_dir(cfg: RunConfig, policy: str | None) -> Path:
             "(train first, or pass --policy)"
         )
     return candidate
+
+
+def _fetched(stored: Location, local: Path) -> Path:
+    """``stored`` copied to ``local`` through a folder of its own, moved into place whole: a killed copy never
+    leaves a model directory that looks complete."""
+    staging = local.with_name(f"{local.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        download(stored, staging)
+        shutil.rmtree(local, ignore_errors=True)
+        staging.rename(local)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
+    return local
 
 
 def _published(cfg: RunConfig, model_dir: Path) -> ModelSource:
