@@ -149,9 +149,9 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"data.eval_fraction=.* selects none of the 40 usable pairs"):
         split_scored(empty, rows, None, 40)
 
-    # Last: validate ends by shutting Ray down.
+    # The command leaves the session's cluster connected: it was connected before the command ran.
     config = tmp_path / "config.yaml"
     config.write_text(cfg.to_yaml())
-    assert main(["validate", "--config", str(config), "--json"]) == 0
+    assert main(["validate", "--config", str(config), "--json"]) == 0 and ray.is_initialized()
     announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert announced["optimizer_steps"] == summary["planned_steps"] == summary["steps"]

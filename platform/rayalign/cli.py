@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console)
         console.capture(cfg.output.run_dir)
         log.info("training %s (%s) -> %s", cfg.output.name, cfg.loss.type, cfg.output.run_dir)
         summaries.append(run_train(cfg, console))
-    _shutdown_ray()  # flush worker logs first, so the table is the last thing printed
+    _shutdown_ray(args)  # flush worker logs first, so the table is the last thing printed
     console.print("\n" + format_runs_table([Path(s["files"]["run_dir"]) for s in summaries]))
     for s in summaries:
         for alarm in s["alarms"][:1]:
@@ -60,7 +60,7 @@ def _sweep(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     (cfg,) = configs
     console.capture(cfg.output.run_dir)
     summary = run_sweep(cfg, fresh=args.fresh)
-    _shutdown_ray()
+    _shutdown_ray(args)
     files = summary["files"]
     console.print("\n" + format_sweep_table(summary))
     console.print(
@@ -83,7 +83,7 @@ def _reference(args: argparse.Namespace, configs: list[RunConfig], console: Cons
     (cfg,) = configs
     console.capture(cfg.output.run_dir / "reference")
     report = run_reference(cfg)
-    _shutdown_ray()
+    _shutdown_ray(args)
     store = report["cache"]
     console.print(
         f"reference ({report['backend']}): {store['found']} pairs found in the store, {store['scored']} "
@@ -111,7 +111,7 @@ def _refcheck(args: argparse.Namespace, configs: list[RunConfig], console: Conso
     (cfg,) = configs
     opened, out_dir = _open_reference_check(cfg, console, "refcheck")
     report = run_refcheck(cfg, opened.model, opened.paths, args.num_pairs, out_dir)
-    _shutdown_ray()
+    _shutdown_ray(args)
     console.print(format_report(report))
     console.print(f"details: {publish(cfg.output, out_dir)}/refcheck.json")
     return 0 if report["passed"] else 1
@@ -124,7 +124,7 @@ def _audit(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     (cfg,) = configs
     opened, out_dir = _open_reference_check(cfg, console, "audit")
     report = run_audit(cfg, opened.model, opened.paths, out_dir)
-    _shutdown_ray()
+    _shutdown_ray(args)
     console.print(format_audit(report))
     stored = publish(cfg.output, out_dir)
     console.print(f"report: {stored}/audit.json  figure: {stored}/audit.png")
@@ -139,7 +139,7 @@ def _evaluate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
     (cfg,) = configs
     console.capture(cfg.output.run_dir / EVALUATE_DIR)
     report = run_evaluate(cfg, args.policy, name=args.name, replace=args.replace)
-    _shutdown_ray()
+    _shutdown_ray(args)
     console.print(f"{evaluation_line(report)} ({report['files']['evaluation']})")
     # A scorer that could score nothing is a failed evaluation, whatever was generated.
     return 1 if report["scorer"] and report.get(gen_key("score")) is None else 0
@@ -167,7 +167,7 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
         problem, report, steps = str(err), err.report, 0
         log.info(report.summary_line())
         console.error(f"rayalign: error: {problem}")
-    _shutdown_ray()
+    _shutdown_ray(args)
     if args.json:
         console.print(
             json.dumps(
@@ -210,7 +210,12 @@ def _report(args: argparse.Namespace, configs: list[RunConfig], console: Console
     return 0
 
 
-def _shutdown_ray() -> None:
+def _shutdown_ray(args: argparse.Namespace) -> None:
+    """Disconnect from Ray, unless this process was connected before the command ran: a command called from
+    Python (a notebook, a test session) leaves its caller's connection, and a cluster the caller started, as
+    it found them."""
+    if args.caller_holds_ray:
+        return
     import ray
 
     ray.shutdown()
@@ -346,6 +351,8 @@ def _load_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    ray = sys.modules.get("ray")  # not imported here: a command that needs no cluster never loads Ray
+    args.caller_holds_ray = ray is not None and ray.is_initialized()
     console, configs = None, []
     try:
         configs = _load_configs(args)
