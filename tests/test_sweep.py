@@ -18,8 +18,8 @@ from conftest import REPO, make_config
 from ray.util.state import list_actors
 from tracker_readers import mlflow_runs, wandb_offline_runs
 
+from rayalign.cli import main
 from rayalign.config import ConfigError, config_from_dict, load_config
-from rayalign.pipeline import run_train
 from rayalign.tune.sweep import _absolute_paths, _searcher, run_sweep
 
 pytestmark = pytest.mark.e2e
@@ -121,7 +121,7 @@ def _max_concurrent(trials: list[dict]) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path):
+def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path, capsys):
     cfg = sweep_config(
         tmp_path,
         {
@@ -182,13 +182,16 @@ def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path
         assert run["config"]["loss.gamma"] == trial["params"]["loss.gamma"] and run["exit_code"] == 0
     assert {d.name for d in (root / "tensorboard" / "sweep").iterdir()} == set(gammas)
 
-    # The best trial's config is a complete run config that `rayalign train` accepts as is.
+    # The best trial's config is a complete run config that `rayalign train` accepts as is: `rayalign validate`
+    # (the same checks, the data read and the steps planned, no training) passes and plans the trials' steps.
     best_path = summary["files"]["best_config"]
     best = next(t for t in trials if t["status"] == "completed")  # trials are sorted best first
     tree = yaml.safe_load(open(best_path))
     assert "sweep" not in tree and tree["loss"]["gamma"] == best["params"]["loss.gamma"]
-    trained = run_train(load_config(best_path))
-    assert trained["steps"] == summary["planned_steps"] and trained["loss_type"] == "cpo"
+    assert load_config(best_path).loss.type == "cpo"
+    assert main(["validate", "--config", best_path, "--json"]) == 0
+    announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert announced["optimizer_steps"] == summary["planned_steps"]
 
 
 def _wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
