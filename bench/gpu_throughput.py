@@ -543,8 +543,7 @@ def run_rayalign(s: Setting, variant: str = "rayalign") -> dict[str, Any]:
         },
         "scaling": {
             "num_workers": 1,
-            "use_gpu": cuda,
-            "cpus_per_worker": 1.0 if cuda else 0.5,
+            "use_gpu": cuda,  # CPUs per worker: rayalign's default (auto: the node's CPUs, threads to match)
             **({"gpus_per_worker": 0.75} if cuda else {}),
         },
         # A bench run replaces the same contender's run of an earlier bench invocation.

@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from rayalign.config import LossConfig, TrainConfig, config_from_dict
+from rayalign.cpus import NodeResources, resolve_auto_cpus
 from rayalign.distributed import Collective, backend_device
 from rayalign.logprobs import PolicyLogps
 from rayalign.losses import ObjectiveTerms
-from rayalign.runtime import ClusterResourceError, ResourceDemand, check_resources
+from rayalign.runtime import ClusterResourceError, ResourceDemand, Workload, check_resources
 from rayalign.train.meter import IntervalMeter
 from rayalign.train.step import PreferenceStep
 from rayalign.train.worker import deepspeed_config
@@ -163,11 +164,20 @@ def test_gpu_defaults_bf16_and_the_reference_on_the_gpu():
     assert config_from_dict(gpu.model_dump()).model_dump() == gpu.model_dump()
 
 
+GPU_NODE = NodeResources(cpus=16.0, gpus=1.0)
+
+
+def demand_of(cfg, node=GPU_NODE, **workload) -> ResourceDemand:
+    """``cfg``'s demand, its ``auto`` CPUs resolved for a cluster of one ``node``."""
+    resolve_auto_cpus(cfg, [node])
+    return ResourceDemand.of_run(cfg, Workload(**workload))
+
+
 def test_one_gpu_shared_by_the_reference_actor_and_the_train_worker():
     shared = _cfg(
         scaling={"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.75}, reference={"gpus_per_actor": 0.25}
     )
-    demand = ResourceDemand.of_run(shared)
+    demand = demand_of(shared)
     assert demand.gpus == 1.0
     check_resources(demand, {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
 
@@ -175,15 +185,16 @@ def test_one_gpu_shared_by_the_reference_actor_and_the_train_worker():
 def test_asking_for_more_gpus_than_the_cluster_has_fails_before_training(caplog):
     streaming = _cfg(scaling={"use_gpu": True, "num_workers": 1})  # 1 worker + 1 reference actor, 1 GPU each
     with pytest.raises(ClusterResourceError, match=r"asks for 2 GPUs but the cluster has 1 .*gpus_per_worker: 0.75"):
-        check_resources(ResourceDemand.of_run(streaming), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
+        check_resources(demand_of(streaming), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
     with pytest.raises(ClusterResourceError, match="asks for 1 GPU but the cluster has 0"):
-        check_resources(ResourceDemand.of_run(streaming, reference=False), {"CPU": 2.0}, may_grow=False)
+        on_cpus = _cfg(scaling={"use_gpu": True, "num_workers": 1})
+        check_resources(demand_of(on_cpus, NodeResources(2.0, 0.0), reference=False), {"CPU": 2.0}, may_grow=False)
     # Scored first into the cache, the reference and the training take the GPU one after the other.
     cached = _cfg(scaling={"use_gpu": True, "num_workers": 1}, reference={"cache": True})
-    check_resources(ResourceDemand.of_run(cached), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
+    check_resources(demand_of(cached), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
     # An existing cluster may autoscale once work is pending: say so, do not fail.
     with caplog.at_level("WARNING", logger="rayalign"):
-        check_resources(ResourceDemand.of_run(streaming), {"CPU": 2.0}, may_grow=True)
+        check_resources(demand_of(streaming), {"CPU": 2.0}, may_grow=True)
     assert "waiting for the cluster's autoscaler" in caplog.text
 
 
@@ -201,7 +212,7 @@ def test_the_one_gpu_example_fits_one_gpu():
 
     cfg = load_config(REPO / "jobs/configs/hh-dpo-1gpu.yaml")
     assert cfg.scaling.use_gpu and cfg.model.dtype == "bfloat16"
-    check_resources(ResourceDemand.of_run(cfg), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
+    check_resources(demand_of(cfg), {"CPU": 16.0, "GPU": 1.0}, may_grow=False)
 
 
 @pytest.mark.e2e
@@ -276,3 +287,47 @@ def test_an_alarms_decision_reaches_every_rank_through_the_collective_on_the_wor
     # Warn only: no collective at all, so no rank waits on another at every logged step.
     assert AlarmResponse(MonitorConfig(), Collective.of_worker_group(META)).agree({ALARM: "x"}, 0) == 0
     assert len(nccl_like) == 2
+
+
+def test_auto_cpus_share_a_node_among_what_runs_on_it_and_threads_follow():
+    """`auto` on a 2-core node: 1 worker trains on 2 threads, 2 workers on 1 each; what runs beside them shares."""
+    from rayalign.cpus import cpu_plan, torch_threads
+
+    def plan(nodes, *settings):
+        cfg = config_from_dict({"model": {"tiny": {}}, "data": {"synthetic": {}}}, list(settings))
+        resolve_auto_cpus(cfg, nodes)
+        return cfg, cpu_plan(cfg)
+
+    two_cores = [NodeResources(2.0, 0.0)]
+    # The reference scored first (cache): the workers share the node, a quarter core left to Ray Data.
+    cfg, one = plan(two_cores, "scaling.num_workers=1", "reference.cache=true")
+    assert cfg.scaling.cpus_per_worker == 1.75 and one["train_worker"]["torch_threads"] == 2
+    assert cfg.reference.cpus_per_actor == 1.75  # the reference pass has the node before training
+    cfg, two = plan(two_cores, "scaling.num_workers=2", "reference.cache=true")
+    assert cfg.scaling.cpus_per_worker == 0.87 and two["train_worker"]["torch_threads"] == 1
+    # Streamed: the reference actor runs beside the worker and takes its share.
+    cfg, streamed = plan(two_cores, "scaling.num_workers=1")
+    assert cfg.scaling.cpus_per_worker == cfg.reference.cpus_per_actor == 0.87
+    assert streamed["train_worker"]["torch_threads"] + streamed["reference_actor"]["torch_threads"] == 2
+    # The node's CPUs are never over-reserved; explicit numbers are kept.
+    for cfg, _ in (plan(two_cores, "scaling.num_workers=2"), plan(two_cores, "scaling.num_workers=3")):
+        assert cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.reference.cpus_per_actor <= 1.75
+    cfg, _ = plan(two_cores, "scaling.cpus_per_worker=0.5")
+    assert cfg.scaling.cpus_per_worker == 0.5 and cfg.reference.cpus_per_actor == 0.75  # what 2 x 0.5 leave
+    # Workers spread over the nodes Ray packs them on: 4 workers on two 16-CPU nodes, 2 per node.
+    cfg, _ = plan([NodeResources(16.0, 0.0)] * 2, "scaling.num_workers=4", "reference.cache=true")
+    assert cfg.scaling.cpus_per_worker == 7.87
+    # A sweep's concurrent trials share the node, less each trial's own CPUs.
+    cfg, _ = plan(
+        two_cores,
+        "scaling.num_workers=1",
+        "sweep={space: {loss.gamma: {values: [0, 1]}}, trial_cpus: 0.1}",
+        "data.eval_fraction=0.2",
+        "monitor.eval_every=2",
+        "loss.type=cpo",
+    )
+    assert cfg.scaling.cpus_per_worker == 0.77  # (2 - 0.25 - 2 x 0.1) / 2 trials
+    # With GPUs: Ray Train's 1 CPU per worker at least, more where the GPU node has CPUs to spare.
+    cfg, _ = plan([NodeResources(2.0, 0.0), NodeResources(32.0, 8.0)], "scaling.use_gpu=true", "scaling.num_workers=8")
+    assert cfg.scaling.cpus_per_worker == 3.0 and cfg.reference.cpus_per_actor == 1.0  # (32 - 0.25 - 1) / 8
+    assert [torch_threads(c) for c in (0.3, 0.58, 1.49, 1.75, 4.0)] == [1, 1, 1, 2, 4]

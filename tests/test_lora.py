@@ -61,10 +61,15 @@ def test_the_in_worker_reference_needs_adapters_and_no_cache():
         config_from_dict(base)
     with pytest.raises(ConfigError, match="nothing to cache"):
         config_from_dict(base, ["model.lora={rank: 8}", "reference.cache=true"])
-    from rayalign.runtime import ResourceDemand
+    from rayalign.cpus import NodeResources, resolve_auto_cpus
+    from rayalign.runtime import ResourceDemand, Workload
 
     cfg = config_from_dict(base, ["model.lora={rank: 8}"])
-    assert ResourceDemand.of_run(cfg).cpus == cfg.scaling.num_workers * cfg.scaling.cpus_per_worker  # no actors
+    resolve_auto_cpus(cfg, [NodeResources(cpus=2.0, gpus=0.0)])
+    assert cfg.scaling.cpus_per_worker == 0.87  # (2 - 0.25) / 2 workers: no reference actor beside them
+    assert (
+        ResourceDemand.of_run(cfg, Workload()).cpus == cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    )  # no actors
 
 
 def test_qlora_is_refused_without_a_gpu_and_without_adapters():

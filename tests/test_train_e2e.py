@@ -15,17 +15,59 @@ from rayalign.storage import read_jsonl
 pytestmark = pytest.mark.e2e
 
 
+def train_and_reference_actors() -> dict[str, str]:
+    """This session's Ray Train workers and reference scorer actors, alive or dead: actor id -> class name."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000, raise_on_missing_output=False
+    )
+    return {
+        a["actor_id"]: a.get("class_name") or ""
+        for a in actors
+        if "RayTrainWorker" in (a.get("class_name") or "") or "ReferenceScorer" in (a.get("class_name") or "")
+    }
+
+
+def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
+    """The torch threads and reserved CPUs each of ``actor_ids`` logged (rayalign.cpus.use_reserved_cpus), read
+    from its Ray log, by kind of process."""
+    import re
+
+    import ray
+    from ray.util.state import get_log
+
+    line = re.compile(r"(train worker|reference actor)[^:]*: (\d+) torch thread\(s\) for the ([\d.]+) CPU")
+    found: dict[str, list[tuple[int, float]]] = {}
+    for actor_id in actor_ids:
+        text = "".join(get_log(address=ray.get_runtime_context().gcs_address, actor_id=actor_id, suffix="err"))
+        if said := line.search(text):  # Ray Train may echo a worker's stderr in its log: the first line
+            kind, threads, cpus = said.groups()
+            found.setdefault(kind.replace(" ", "_"), []).append((int(threads), float(cpus)))
+    return found
+
+
 @pytest.mark.timeout(600)
 def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
+    """Also the CPUs `auto` reserves (the default) and the threads each worker and actor computes on."""
     cfg = make_config(
         tmp_path,
         data={"synthetic": {"num_pairs": 64}},
         loss={"type": "cpo", "beta": 0.5, "gamma": 4.0},
         train={"micro_batch_size": 8, "zero_stage": 2, "log_every": 1, "learning_rate": 3e-3},
-        scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+        scaling={"num_workers": 2},
     )
+    before = train_and_reference_actors()
     summary = run_train(cfg)
     run_dir = cfg.output.run_dir
+
+    # auto on the suite's 2-CPU cluster: 2 workers and the streaming reference actor share 1.75 CPUs (a quarter
+    # left to Ray Data), 0.58 each; each computes on 1 thread (Ray's floor of 0.58 would be 0), none on 2.
+    assert cfg.scaling.cpus_per_worker == cfg.reference.cpus_per_actor == 0.58
+    threads = logged_threads(set(train_and_reference_actors()) - set(before))
+    assert sorted(threads) == ["reference_actor", "train_worker"], threads
+    assert threads["train_worker"] == [(1, 0.58)] * 2 and threads["reference_actor"] == [(1, 0.58)]
 
     for name in ("config.yaml", "metrics.jsonl", "quarantine.jsonl", "summary.json"):
         assert (run_dir / name).is_file(), name
@@ -155,3 +197,6 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     assert main(["validate", "--config", str(config), "--json"]) == 0 and ray.is_initialized()
     announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert announced["optimizer_steps"] == summary["planned_steps"] == summary["steps"]
+    # ... and the CPUs and threads of each process: the workers' as given, the reference actor's from auto.
+    assert announced["cpus"]["train_worker"] == {"count": 2, "cpus": 0.5, "torch_threads": 1}
+    assert announced["cpus"]["reference_actor"] == {"count": 1, "cpus": 0.75, "torch_threads": 1}

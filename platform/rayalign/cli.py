@@ -97,11 +97,11 @@ def _reference(args: argparse.Namespace, configs: list[RunConfig], console: Cons
 def _open_reference_check(cfg: RunConfig, console: Console, name: str):
     """Model, data and Ray for a command that only runs the reference: (OpenedRun, out dir)."""
     from rayalign.data.stage import open_run
-    from rayalign.runtime import ResourceDemand
+    from rayalign.runtime import Workload
 
     out_dir = cfg.output.run_dir / name
     console.capture(out_dir)
-    return open_run(cfg, out_dir, ResourceDemand.of_run(cfg, train=False)), out_dir
+    return open_run(cfg, out_dir, Workload(train=False)), out_dir
 
 
 def _refcheck(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
@@ -147,6 +147,7 @@ def _evaluate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
 
 def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
     """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
+    from rayalign.cpus import cpu_plan
     from rayalign.data.records import count_training_pairs
     from rayalign.data.stage import prepare_data
     from rayalign.train.steps import step_plan
@@ -157,7 +158,7 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
     console.capture(out_dir)
     problem = None
     try:
-        data = prepare_data(cfg, out_dir, demand=None)  # logs the counts line
+        data = prepare_data(cfg, out_dir, workload=None)  # logs the counts line
         report = data.report
         # The steps train will take: on the training split, the held-out pairs left out.
         steps = step_plan(cfg.train, cfg.scaling.num_workers, count_training_pairs(data.pairs, cfg, report.ok)).total
@@ -181,6 +182,7 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
                     "files": report.files,
                     "skipped_files": report.skipped_files.as_dict(),
                     "optimizer_steps": steps,
+                    "cpus": cpu_plan(cfg),
                     "ok": problem is None,
                 }
             )

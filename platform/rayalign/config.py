@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,6 +64,16 @@ def redacted(value: str) -> str:
 def is_remote_uri(value: str) -> bool:
     """A URI of object storage (not a local path or file://)."""
     return "://" in value and not value.lower().startswith("file://")
+
+
+# A number of CPUs a Ray worker or actor reserves (fractions share a core), or "auto".
+Cpus = Annotated[float, Field(gt=0)]
+CPUS_AUTO = (
+    "CPUs reserved for each (fractions share a core). auto: on CPU nodes, the smallest node's CPUs shared among "
+    "what runs on it at the same time, a quarter core (ray.data_cpus_per_task) left to Ray Data; with GPUs, 1, "
+    "or more for train workers where the node has CPUs to spare. torch computes on the reserved CPUs rounded to "
+    "whole cores (at least 1). Resolved once Ray is connected; `rayalign validate` prints it."
+)
 
 
 class _Section(BaseModel):
@@ -278,7 +288,7 @@ class ReferenceConfig(_Section):
     )
     num_actors: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
-    cpus_per_actor: float = Field(0.5, gt=0)
+    cpus_per_actor: Literal["auto"] | Cpus = Field("auto", description=CPUS_AUTO)
     gpus_per_actor: float | None = Field(
         None,
         ge=0,
@@ -515,7 +525,7 @@ class GenerationConfig(_Section):
     )
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: Literal["auto"] | Cpus = Field("auto", description=CPUS_AUTO)
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 with scaling.use_gpu, else 0.")
 
     @field_validator("verifier")
@@ -554,7 +564,7 @@ class ScalingConfig(_Section):
 
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)
+    cpus_per_worker: Literal["auto"] | Cpus = Field("auto", description=CPUS_AUTO)
     gpus_per_worker: float = Field(
         1.0, gt=0, description="With use_gpu. A fraction shares one GPU with the reference actors."
     )

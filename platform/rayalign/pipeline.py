@@ -34,7 +34,7 @@ from rayalign.data.stage import prepare_data
 from rayalign.evaluation.stage import check_scorer, evaluate_trained
 from rayalign.reference.stage import score_into_cache, score_reference
 from rayalign.run_dir import claimed_run_dir
-from rayalign.runtime import ResourceDemand
+from rayalign.runtime import Workload
 from rayalign.storage import write_local
 from rayalign.train.stage import TrainingHooks, preflight, train_stage
 from rayalign.train.trainer import TrainingInputs
@@ -49,7 +49,7 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     check_scorer(cfg)
     with claimed_run_dir(cfg) as run_dir:
         log.info("data: reading and tokenizing")
-        data = prepare_data(cfg, run_dir, ResourceDemand.of_run(cfg))
+        data = prepare_data(cfg, run_dir, Workload())
         cost = preflight(cfg, data)
         ref = cfg.reference
         if ref.in_worker:
@@ -76,7 +76,7 @@ def run_reference(cfg: RunConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = cfg.output.run_dir / "reference"
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(cfg, out_dir, ResourceDemand.of_run(cfg, train=False))
+    data = prepare_data(cfg, out_dir, Workload(train=False))
     scored, info = score_into_cache(cfg, data)
     report = {
         "backend": cfg.reference.backend,

@@ -27,6 +27,17 @@ GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"  # read by torch.distributed when it c
 
 
 @dataclass(frozen=True)
+class Workload:
+    """What a command runs on the cluster: the reference actors and/or the Ray Train workers (with a Tune trial's
+    own CPUs); ``reference_first``: the reference is scored before training (a sweep's driver scores it once)."""
+
+    reference: bool = True
+    train: bool = True
+    per_trial_cpus: float = 0.0
+    reference_first: bool = False
+
+
+@dataclass(frozen=True)
 class ResourceDemand:
     """CPUs and GPUs a run holds at its peak, and what holds them (for the error message)."""
 
@@ -35,16 +46,15 @@ class ResourceDemand:
     parts: str
 
     @classmethod
-    def of_run(
-        cls, cfg: RunConfig, reference: bool = True, train: bool = True, per_trial_cpus: float = 0.0
-    ) -> ResourceDemand:
-        """Peak demand of the reference actors and/or Ray Train workers (+ a Tune trial's own CPUs).
+    def of_run(cls, cfg: RunConfig, workload: Workload) -> ResourceDemand:
+        """Peak demand of ``workload`` under ``cfg``, its CPU settings resolved (rayalign.cpus).
 
         Streamed into training, the reference actors run while the workers train, so the two add
-        up; with ``reference.cache`` (or ``train=False``) they run one after the other.
+        up; with ``reference.cache`` (or ``reference_first``) they run one after the other.
         """
         ref, s = cfg.reference, cfg.scaling
-        if train and ref.in_worker:
+        reference, per_trial_cpus = workload.reference, workload.per_trial_cpus
+        if workload.train and ref.in_worker:
             reference = False  # the training workers score it themselves
         ref_cpus, ref_gpus = ref.num_actors * ref.cpus_per_actor, ref.num_actors * (ref.gpus_per_actor or 0.0)
         train_cpus = per_trial_cpus + s.num_workers * s.cpus_per_worker
@@ -56,11 +66,11 @@ class ResourceDemand:
         train_part = f"{s.num_workers} train worker(s) × ({s.cpus_per_worker:g} CPU, {gpus:g} GPU)"
         if per_trial_cpus:
             train_part += f" + {per_trial_cpus:g} CPU for the trial"
-        if not train:
+        if not workload.train:
             return cls(ref_cpus, ref_gpus, ref_part)
         if not reference:
             return cls(train_cpus, train_gpus, train_part)
-        if ref.cache:
+        if ref.cache or workload.reference_first:
             return cls(max(ref_cpus, train_cpus), max(ref_gpus, train_gpus), f"{ref_part}, then {train_part}")
         return cls(ref_cpus + train_cpus, ref_gpus + train_gpus, f"{ref_part} streaming into {train_part}")
 
@@ -100,8 +110,8 @@ def loopback_interface() -> str:
 def init_ray(cfg: RayConfig, demand: ResourceDemand | None = None) -> None:
     """Join the cluster named by ``cfg.address`` or by ``RAY_ADDRESS`` (set for Ray jobs); else start one here.
 
-    Sizing options (num_cpus, object store) only apply to a cluster started here. With ``demand``,
-    a cluster that cannot grow (one started here) must already hold it: otherwise this raises
+    Sizing options (num_cpus, object store) only apply to a cluster started here. With ``demand`` (also when
+    already connected), a cluster that cannot grow (one started here) must already hold it: otherwise this raises
     :class:`ClusterResourceError` instead of letting Ray wait forever for resources.
     """
     import ray

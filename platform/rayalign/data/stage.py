@@ -9,13 +9,14 @@ from pathlib import Path
 from ray.data import Dataset
 
 from rayalign.config import RunConfig
+from rayalign.cpus import cluster_nodes, plan_line, resolve_auto_cpus
 from rayalign.data.reading import InputFiles
 from rayalign.data.records import prepare_pairs
 from rayalign.data.report import DataReport
 from rayalign.data.synthetic import generate, to_jsonl
 from rayalign.models import ModelSource, publish_model, resolve_run_model
 from rayalign.probe import check_driver_storage, check_storage
-from rayalign.runtime import ResourceDemand, init_ray
+from rayalign.runtime import ResourceDemand, Workload, init_ray
 from rayalign.storage import storage_root, stored_twin, write_text
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,16 @@ def data_paths(cfg: RunConfig, out_dir: Path) -> list[str]:
     return [dest.uri]
 
 
-def open_run(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -> OpenedRun:
-    """Resolve the model, connect to Ray (checking ``demand`` fits, when given), publish the model and
-    the synthetic data to storage, and check that every node reaches what it will open."""
+def open_run(cfg: RunConfig, out_dir: Path, workload: Workload | None) -> OpenedRun:
+    """Resolve the model, connect to Ray, resolve the ``auto`` CPU settings for its nodes (rayalign.cpus) and check
+    that ``workload`` fits, when given; publish the model and the synthetic data to storage, and check that every
+    node reaches what it will open."""
     model_dir = resolve_run_model(cfg)
-    init_ray(cfg.ray, demand)
+    init_ray(cfg.ray)
+    resolve_auto_cpus(cfg, cluster_nodes())
+    log.info("CPUs: %s", plan_line(cfg))
+    if workload is not None:
+        init_ray(cfg.ray, ResourceDemand.of_run(cfg, workload))
     check_driver_storage(cfg)  # before anything is written there: a wrong endpoint or key ends in one line
     model = publish_model(model_dir, storage_root(cfg.output) if cfg.output.storage is not None else None)
     paths = data_paths(cfg, out_dir)
@@ -64,9 +70,9 @@ def open_run(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -> Op
     return OpenedRun(model, paths)
 
 
-def prepare_data(cfg: RunConfig, out_dir: Path, demand: ResourceDemand | None) -> PreparedData:
+def prepare_data(cfg: RunConfig, out_dir: Path, workload: Workload | None) -> PreparedData:
     """:func:`open_run`, then read and tokenize the data."""
-    opened = open_run(cfg, out_dir, demand)
+    opened = open_run(cfg, out_dir, workload)
     pairs, report, inputs = prepare_pairs(cfg, opened.paths, opened.model, out_dir)
     log.info(report.summary_line())
     return PreparedData(opened.model, inputs, pairs, report)

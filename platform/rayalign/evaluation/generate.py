@@ -20,6 +20,7 @@ import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
 from rayalign.config import GenerationConfig
+from rayalign.cpus import use_reserved_cpus
 from rayalign.models import ModelSource
 from rayalign.reference.actors import vllm_engine, vllm_runtime_env
 from rayalign.schema import PROMPT_IDS
@@ -47,6 +48,7 @@ class TransformersGenerator:
 
         from rayalign.models import load_causal_lm, load_tokenizer
 
+        use_reserved_cpus("generation actor")
         model_dir = model.local_dir()
         self.device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(model_dir, dtype).to(self.device).eval()
@@ -91,6 +93,7 @@ class VllmGenerator:
     def __init__(self, model: ModelSource, settings: GenerationConfig, max_model_len: int):
         from vllm import SamplingParams
 
+        use_reserved_cpus("generation actor (vLLM; its engine binds threads as eval.generation.vllm says)")
         self.llm = vllm_engine(model, settings.vllm, max_model_len)
         self.tokenizer = self.llm.get_tokenizer()
         # Texts are decoded from the ids as the transformers backend decodes them (vLLM's incremental

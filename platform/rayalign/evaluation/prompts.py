@@ -22,7 +22,7 @@ from rayalign.data.stage import open_run, prepare_data
 from rayalign.data.tokenizing import tokenize_prompt
 from rayalign.errors import DataQualityError
 from rayalign.models import ModelSource, load_tokenizer
-from rayalign.runtime import ResourceDemand
+from rayalign.runtime import Workload
 from rayalign.schema import PROMPT_IDS, READ_ERROR, RECORD, ROW, SOURCE
 from rayalign.storage import QUARANTINE_FILE, location, publish, replaced_whole
 
@@ -54,7 +54,7 @@ def eval_prompts(cfg: RunConfig, out_dir: Path) -> PromptSet:
     Raises ConfigError (no held-out split) or DataQualityError (no usable record in a prompt file)."""
     settings = cfg.eval.generation
     if settings.prompts is None:
-        data = prepare_data(cfg, out_dir, ResourceDemand.of_run(cfg, train=False))
+        data = prepare_data(cfg, out_dir, Workload(train=False))
         _, heldout = split_heldout(data.pairs, cfg)
         if heldout is None:
             raise ConfigError(
@@ -62,7 +62,7 @@ def eval_prompts(cfg: RunConfig, out_dir: Path) -> PromptSet:
                 "set data.eval_fraction > 0 or give a prompt file"
             )
         return heldout_prompts(heldout, data.model, settings.max_prompts)
-    opened = open_run(cfg, out_dir, ResourceDemand.of_run(cfg, train=False))
+    opened = open_run(cfg, out_dir, Workload(train=False))
     return _file_prompts(cfg, opened.model, out_dir / QUARANTINE_FILE)
 
 

@@ -20,6 +20,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from rayalign.config import ConfigError
+from rayalign.cpus import use_reserved_cpus
 from rayalign.models import ModelSource
 
 Verifier = Callable[[str, str, dict[str, Any]], float]
@@ -82,6 +83,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        use_reserved_cpus("reward model actor")
         model_dir = model.local_dir()
         self.device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -23,6 +23,7 @@ import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
 from rayalign.config import PackingConfig, RunConfig, VllmEngineConfig
+from rayalign.cpus import use_reserved_cpus
 from rayalign.models import ModelSource
 from rayalign.packing import pack_pairs, response_start, row_width
 from rayalign.schema import (
@@ -67,6 +68,7 @@ class TransformersReferenceScorer:
 
         from rayalign.models import load_causal_lm, load_tokenizer
 
+        use_reserved_cpus("reference actor")
         model_dir = model.local_dir()
         self.per_token = per_token
         self.packing = packing
@@ -113,6 +115,9 @@ class VllmReferenceScorer:
     def __init__(self, model: ModelSource, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
         from vllm import SamplingParams
 
+        use_reserved_cpus(
+            "reference actor (vLLM; its engine binds threads as reference.vllm.cpu_omp_threads_bind says)"
+        )
         self.per_token = per_token
         self.llm = vllm_engine(model, engine, max_model_len)
         # prompt_logprobs=0: the log-prob of each actual prompt token, no top-k extras.

@@ -32,6 +32,7 @@ import torch
 
 from rayalign.config import LoraConfig, LossConfig, MonitorConfig, TrainConfig
 from rayalign.console import step_line
+from rayalign.cpus import use_reserved_cpus
 from rayalign.distributed import Collective
 from rayalign.errors import TrainingDiverged
 from rayalign.logprobs import PolicyLogps, ResponseHead
@@ -158,6 +159,7 @@ class TrainingWorker:
         from rayalign.models import load_causal_lm, load_tokenizer, with_adapters
 
         rank = ray.train.get_context().get_world_rank()
+        use_reserved_cpus(f"train worker {rank}")
         torch.manual_seed(plan.train.seed + rank)
         t = plan.train
         model_dir = plan.model.local_dir()

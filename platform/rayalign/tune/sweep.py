@@ -50,7 +50,7 @@ from rayalign.metrics import GENERATION_PREFIX, STEP
 from rayalign.models import ModelSource
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.run_dir import held_run_name
-from rayalign.runtime import ResourceDemand
+from rayalign.runtime import Workload
 from rayalign.storage import (
     CONFIG_FILE,
     cache_location,
@@ -301,9 +301,8 @@ def _check_is_a_sweep_dir(path: Path) -> None:
 def _score_once(cfg: RunConfig) -> SharedScores:
     """Whatever reference.cache says, a sweep scores once into the cache and shares the result; with
     ``reference.in_worker`` the trials' workers score it, and the shared pairs are the tokenized ones."""
-    scoring_cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"cache": True})})
-    demand = ResourceDemand.of_run(cfg if cfg.reference.in_worker else scoring_cfg, per_trial_cpus=cfg.sweep.trial_cpus)
-    data = prepare_data(cfg, cfg.output.run_dir, demand)
+    workload = Workload(per_trial_cpus=cfg.sweep.trial_cpus, reference_first=not cfg.reference.in_worker)
+    data = prepare_data(cfg, cfg.output.run_dir, workload)
     cost = preflight(cfg, data).as_dict()
     if cfg.reference.in_worker:
         pairs = data.pairs.materialize()
