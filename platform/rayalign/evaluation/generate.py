@@ -93,7 +93,8 @@ class VllmGenerator:
     def __init__(self, model: ModelSource, settings: GenerationConfig, max_model_len: int):
         from vllm import SamplingParams
 
-        use_reserved_cpus("generation actor (vLLM; its engine binds threads as eval.generation.vllm says)")
+        # No torch.set_num_threads here: vLLM binds its own threads (vllm.cpu_omp_threads_bind), and its CPU
+        # attention checks that torch still has that count (a changed count aborts the engine).
         self.llm = vllm_engine(model, settings.vllm, max_model_len)
         self.tokenizer = self.llm.get_tokenizer()
         # Texts are decoded from the ids as the transformers backend decodes them (vLLM's incremental

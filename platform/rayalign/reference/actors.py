@@ -115,9 +115,8 @@ class VllmReferenceScorer:
     def __init__(self, model: ModelSource, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
         from vllm import SamplingParams
 
-        use_reserved_cpus(
-            "reference actor (vLLM; its engine binds threads as reference.vllm.cpu_omp_threads_bind says)"
-        )
+        # No torch.set_num_threads here: vLLM binds its own threads (vllm.cpu_omp_threads_bind), and its CPU
+        # attention checks that torch still has that count (a changed count aborts the engine).
         self.per_token = per_token
         self.llm = vllm_engine(model, engine, max_model_len)
         # prompt_logprobs=0: the log-prob of each actual prompt token, no top-k extras.
