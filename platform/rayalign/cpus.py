@@ -98,6 +98,16 @@ def resolve_auto_cpus(cfg: RunConfig, nodes: list[NodeResources]) -> None:
         gen.cpus_per_actor = gen_actor
 
 
+def resolved(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its ``auto`` CPU settings resolved (in place) against the cluster this process is connected
+    to. ``open_run`` resolves them for every CLI command; this covers library callers that build a stage
+    themselves (``run_audit`` or ``add_reference_logps`` from a notebook, tests)."""
+    s, ref, gen = cfg.scaling, cfg.reference, cfg.eval.generation
+    if AUTO in (s.cpus_per_worker, ref.cpus_per_actor, gen.cpus_per_actor):
+        resolve_auto_cpus(cfg, cluster_nodes())
+    return cfg
+
+
 def cpu_plan(cfg: RunConfig) -> dict[str, Any]:
     """The (resolved) CPUs and torch threads of each kind of process: ``rayalign validate --json``'s ``cpus``."""
     s, ref, gen = cfg.scaling, cfg.reference, cfg.eval.generation

@@ -23,7 +23,7 @@ import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
 from rayalign.config import PackingConfig, RunConfig, VllmEngineConfig
-from rayalign.cpus import use_reserved_cpus
+from rayalign.cpus import resolved, use_reserved_cpus
 from rayalign.models import ModelSource
 from rayalign.packing import pack_pairs, response_start, row_width
 from rayalign.schema import (
@@ -184,7 +184,7 @@ def add_reference_logps(
     pairs: Dataset, cfg: RunConfig, model: ModelSource, backend: str | None = None, per_token: bool = False
 ) -> Dataset:
     """Lazily append reference log-probs to tokenized pairs with a pool of scorer actors."""
-    ref = cfg.reference
+    ref = resolved(cfg).reference
     backend = backend or ref.backend
     runtime_env = vllm_runtime_env(ref.vllm) if backend == "vllm" else None
     scorer, scorer_kwargs = scorer_for(cfg, model, backend, per_token)

@@ -11,6 +11,7 @@ from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayalign.config import RunConfig
+from rayalign.cpus import resolved
 from rayalign.metrics import OBJECTIVE_MODES
 from rayalign.models import ModelSource
 from rayalign.reference.stage import ScoredPairs
@@ -65,7 +66,7 @@ def worker_plan(cfg: RunConfig, inputs: TrainingInputs, steps: StepPlan, progres
 def fit(cfg: RunConfig, plan: WorkerPlan, scored: ScoredPairs, callbacks: list | None = None):
     """Train the policy on ``scored`` (evaluating on its held-out pairs) with ``plan`` on every worker;
     returns Ray Train's Result. ``callbacks``: Ray Train callbacks, e.g. a sweep trial's report to Tune."""
-    s = cfg.scaling
+    s = resolved(cfg).scaling
     stored = run_location(cfg.output)
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     heldout = {"eval": scored.heldout} if scored.heldout is not None else {}
