@@ -88,3 +88,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(no_gpu)
+
+
+def train_and_reference_actors() -> dict[str, str]:
+    """This session's Ray Train workers and reference scorer actors, alive or dead: actor id -> class name."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000, raise_on_missing_output=False
+    )
+    return {
+        a["actor_id"]: a.get("class_name") or ""
+        for a in actors
+        if "RayTrainWorker" in (a.get("class_name") or "") or "ReferenceScorer" in (a.get("class_name") or "")
+    }
+
+
+def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
+    """The torch threads and reserved CPUs each of ``actor_ids`` logged (rayalign.cpus.use_reserved_cpus), read
+    from its Ray log, by kind of process."""
+    import re
+
+    import ray
+    from ray.util.state import get_log
+
+    line = re.compile(r"(train worker|reference actor)[^:]*: (\d+) torch thread\(s\) for the ([\d.]+) CPU")
+    found: dict[str, list[tuple[int, float]]] = {}
+    for actor_id in actor_ids:
+        text = "".join(get_log(address=ray.get_runtime_context().gcs_address, actor_id=actor_id, suffix="err"))
+        if said := line.search(text):  # Ray Train may echo a worker's stderr in its log: the first line
+            kind, threads, cpus = said.groups()
+            found.setdefault(kind.replace(" ", "_"), []).append((int(threads), float(cpus)))
+    return found

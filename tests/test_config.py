@@ -29,7 +29,17 @@ def test_overrides_are_typed():
         (["loss.beta=-1"], "loss.beta: Input should be greater than 0"),
         (["train.zero_stage=4"], "train.zero_stage: Input should be less than or equal to 3"),
         (["train.epochs=many"], "train.epochs: Input should be a valid integer"),
-        (["loss.type=contrastive"], "loss.type: Input should be 'dpo', 'ipo', 'hinge', 'cpo' or 'cpo_clip'"),
+        (
+            ["loss.type=contrastive"],
+            "loss.type: Input should be 'dpo', 'ipo', 'hinge', 'cpo', 'cpo_clip', 'simpo' or 'orpo'",
+        ),
+        (["loss.simpo_margin=1"], "loss.simpo_margin=1 is SimPO's target reward margin γ_SimPO: loss.type dpo"),
+        (["loss.type=orpo", "loss.nll_weight=1"], "ORPO's loss holds its NLL term already"),
+        (["loss.type=simpo", "model.lora={rank: 4}", "reference.backend=adapters_off"], "needs no reference"),
+        (
+            ["loss.type=orpo", "monitor.on_alarm=switch", "monitor.switch_to={type: cpo, gamma: 1}"],
+            "monitor.switch_to.type cpo needs the reference's log-probs",
+        ),
         (["model.tiny.hidden_size=48"], "head size"),
         (["data.max_prompt_length=1000"], "max_prompt_length must be smaller"),
         (["model.attn_implementation=flex_attention"], "flex_attention trains on GPUs only"),

@@ -88,16 +88,100 @@ def test_nll_is_per_token():
     assert losses.nll(t(-6.0, -2.0), t(3.0, 2.0)).tolist() == [2.0, 1.0]
 
 
-@pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge", "cpo", "cpo_clip"])
+def test_simpo_by_hand():
+    """L = −log σ(β s_θ(y_w) − β s_θ(y_l) − γ_SimPO) on per-token averages; no reference anywhere."""
+    beta, margin = 2.0, 0.5
+    got = losses.simpo(PC, PR, beta=beta, margin=margin)
+    want = [-logsig(beta * (c - r) - margin) for c, r in zip(PC.tolist(), PR.tolist())]
+    assert got.tolist() == pytest.approx(want, abs=1e-12)
+
+
+def test_orpo_by_hand():
+    """L = −s_θ(y_w) − λ log σ(log odds(y_w) − log odds(y_l)), odds(y) = P/(1−P), P = exp s_θ(y)."""
+    chosen, rejected, weight = t(-0.1, -2.0), t(-1.5, -0.01), 0.3
+
+    def odds(s):
+        return math.log(math.exp(s) / (1 - math.exp(s)))
+
+    got = losses.orpo(chosen, rejected, beta=0.1, odds_ratio_weight=weight)
+    want = [-c - weight * logsig(odds(c) - odds(r)) for c, r in zip(chosen.tolist(), rejected.tolist())]
+    assert got.tolist() == pytest.approx(want, abs=1e-12)
+    # Stable at both ends: P → 1 (s → 0⁻) and P → 0 (s ≪ 0), where the naive log(1 − e^s) loses every digit.
+    assert losses.log_odds(t(-1e-12, -60.0)).tolist() == pytest.approx([-math.log(1e-12), -60.0], rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_simpo_and_orpo_equal_trl_on_the_same_logps(seed):
+    """TRL 1.16's own loss code (CPOTrainer.cpo_loss with loss_type simpo; ORPOTrainer.odds_ratio_loss), called on
+    the same per-token average log-probs: values and gradients agree to 1e-6. TRL's ORPO term is the odds ratio
+    alone (its NLL is the batch's token mean, computed apart), so the comparison takes rayalign's NLL term off."""
+    pytest.importorskip("trl", reason="TRL is installed by `make install-bench`")
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    generator = torch.Generator().manual_seed(seed)
+    # ORPO's TRL code computes in float32 whatever it gets: both sides take float32 log-probs.
+    chosen = (-4 * torch.rand(64, generator=generator) - 1e-3).requires_grad_()
+    rejected = (-4 * torch.rand(64, generator=generator) - 1e-3).requires_grad_()
+    device = SimpleNamespace(device=torch.device("cpu"))
+    cpo_self = SimpleNamespace(
+        loss_type="simpo", beta=2.0, simpo_gamma=0.8, label_smoothing=0.0, alpha=0.0, accelerator=device
+    )
+    orpo_self = SimpleNamespace(beta=0.25, accelerator=device)  # TRL's ORPO beta is the paper's λ
+    pairs = {
+        "simpo": (CPOTrainer.cpo_loss(cpo_self, chosen, rejected)[0], losses.simpo(chosen, rejected, 2.0, 0.8)),
+        "orpo": (
+            -ORPOTrainer.odds_ratio_loss(orpo_self, chosen, rejected)[0],
+            losses.orpo(chosen, rejected, beta=0.1, odds_ratio_weight=0.25) + chosen,
+        ),
+    }
+    for name, (theirs, ours) in pairs.items():
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-6), name
+        grads = [torch.autograd.grad(value.sum(), (chosen, rejected)) for value in (theirs, ours)]
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+
+
+def test_a_reference_free_loss_is_declared_so_and_computed_without_one():
+    from rayalign.loss_specs import LOSSES
+
+    assert {name for name, spec in LOSSES.items() if not spec.needs_reference} == {"simpo", "orpo"}
+    lengths_w, lengths_l = t(2.0, 4.0), t(1.0, 2.0)
+    terms = losses.objective(
+        LossConfig(type="simpo", beta=2.0), losses.PairLogps(PC, PR, None, None, lengths_w, lengths_l)
+    )
+    # Per-token averages whatever loss.length_normalize says: s(y_w) = (-1/2, -5/4), s(y_l) = (-3, -2).
+    assert terms.compared[0].tolist() == [-0.5, -1.25] and terms.compared[2] is None
+    assert terms.loss.tolist() == pytest.approx([-logsig(2.0 * 2.5 - 0.5), -logsig(2.0 * 0.75 - 0.5)], abs=1e-12)
+    with pytest.raises(ValueError, match="loss.type dpo needs reference log-probs and the batch has none"):
+        losses.objective(LossConfig(), losses.PairLogps(PC, PR, None, None, lengths_w, lengths_l))
+    # The statistics that need a reference are left out, never reported as 0.
+    meter = IntervalMeter()
+    meter.add(terms, tokens=4, beta=2.0)
+    row = meter.reduce(started=0.0, clock=lambda: 1.0)
+    assert row["pref/absolute_accuracy"] == 1.0 and "pref/frac_in_U" not in row and "rewards/chosen" not in row
+    # ... and a held-out interval that has the reference reports them over the pairs that had it.
+    meter.add(terms, tokens=4, beta=2.0)
+    meter.add(losses.ObjectiveTerms(t(1.0, 3.0), (PC, PR, RC, RR)), tokens=10, beta=0.5)
+    row = meter.reduce(started=0.0, clock=lambda: 1.0)
+    assert row["pref/frac_in_U"] == 0.5 and row["pref/absolute_accuracy"] == 0.75 and row["pairs/s"] == 4.0
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge", "cpo", "cpo_clip", "simpo", "orpo"])
 def test_preference_loss_dispatch(kind):
     cfg = LossConfig(type=kind, beta=0.5, **({"gamma": 1.0} if kind == "cpo" else {}))
-    got = losses.preference_loss(cfg, PC, PR, RC, RR)
+    scale = 8 if kind == "orpo" else 1  # ORPO's odds need probabilities, not summed log-probs
+    got = losses.preference_loss(cfg, PC / scale, PR / scale, RC, RR)
     direct = {
         "dpo": lambda: losses.dpo(PC, PR, RC, RR, beta=0.5),
         "ipo": lambda: losses.ipo(PC, PR, RC, RR, beta=0.5),
         "hinge": lambda: losses.hinge(PC, PR, RC, RR, beta=0.5),
         "cpo": lambda: losses.cpo(PC, PR, RC, RR, beta=0.5, gamma=1.0, alpha=1.0, tau=1.0),
         "cpo_clip": lambda: losses.cpo_clip(PC, PR, RC, RR, beta=0.5),
+        "simpo": lambda: losses.simpo(PC, PR, beta=0.5, margin=0.5),
+        "orpo": lambda: losses.orpo(PC / 8, PR / 8, beta=0.5, odds_ratio_weight=0.1),
     }[kind]()
     assert torch.equal(got, direct)
 

@@ -6,46 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import logged_threads, make_config, train_and_reference_actors
 
 from rayalign.metrics import METRIC_KEYS
 from rayalign.pipeline import run_train
 from rayalign.storage import read_jsonl
 
 pytestmark = pytest.mark.e2e
-
-
-def train_and_reference_actors() -> dict[str, str]:
-    """This session's Ray Train workers and reference scorer actors, alive or dead: actor id -> class name."""
-    import ray
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000, raise_on_missing_output=False
-    )
-    return {
-        a["actor_id"]: a.get("class_name") or ""
-        for a in actors
-        if "RayTrainWorker" in (a.get("class_name") or "") or "ReferenceScorer" in (a.get("class_name") or "")
-    }
-
-
-def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
-    """The torch threads and reserved CPUs each of ``actor_ids`` logged (rayalign.cpus.use_reserved_cpus), read
-    from its Ray log, by kind of process."""
-    import re
-
-    import ray
-    from ray.util.state import get_log
-
-    line = re.compile(r"(train worker|reference actor)[^:]*: (\d+) torch thread\(s\) for the ([\d.]+) CPU")
-    found: dict[str, list[tuple[int, float]]] = {}
-    for actor_id in actor_ids:
-        text = "".join(get_log(address=ray.get_runtime_context().gcs_address, actor_id=actor_id, suffix="err"))
-        if said := line.search(text):  # Ray Train may echo a worker's stderr in its log: the first line
-            kind, threads, cpus = said.groups()
-            found.setdefault(kind.replace(" ", "_"), []).append((int(threads), float(cpus)))
-    return found
 
 
 @pytest.mark.timeout(600)
@@ -102,6 +69,32 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_simpo_trains_without_any_reference(ray_cluster, tmp_path):
+    """A loss that needs no reference (rayalign.loss_specs) starts no reference actor at all, asserted through
+    Ray's state API, and lowers its loss; the metrics that need a reference are left out, never written as 0."""
+    cfg = make_config(
+        tmp_path,
+        data={"synthetic": {"num_pairs": 16}},
+        loss={"type": "simpo", "beta": 2.0, "simpo_margin": 1.0},
+        # The same 16 pairs four times over: the loss falls on pairs it has seen, not by the luck of new ones.
+        train={"micro_batch_size": 8, "zero_stage": 0, "log_every": 1, "learning_rate": 3e-3, "epochs": 4},
+        scaling={"num_workers": 1},
+    )
+    before = train_and_reference_actors()
+    summary = run_train(cfg)
+    started = {actor_id: name for actor_id, name in train_and_reference_actors().items() if actor_id not in before}
+    assert len(started) == 1 and "RayTrainWorker" in next(iter(started.values())), started
+    rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
+    print("simpo losses", [round(r["loss"], 4) for r in rows])
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all("pref/frac_in_U" not in r and "rewards/chosen" not in r and "pref/absolute_accuracy" in r for r in rows)
+    # At step 1 the policy's per-token averages of y_w and y_l are close: L ≈ −log σ(−γ_SimPO) = 1.31 for γ = 1.
+    assert rows[0]["loss"] == pytest.approx(1.3133, abs=0.3)
+    assert summary["loss_decreased"] and "pref/frac_in_U" not in summary["last"]
+    assert summary["reference"]["scope"] == "none"
+
+
+@pytest.mark.timeout(600)
 def test_zero3_shared_prompt_with_activation_checkpointing_and_a_token_budget(ray_cluster, tmp_path):
     """ZeRO-3 (parameters sharded; the chunked head gathers them again when it recomputes) with the
     decoder's activations recomputed too: at step 1 the policy is the reference, so DPO's loss is log 2
@@ -146,7 +139,10 @@ def _fraction_holding_out(rows: int, name: str, want: int, seed: int = 0) -> flo
 def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     """One held-out pair and two workers: an equal split would evaluate nothing and write every eval/* as 0.0;
     here the pair is evaluated once at every evaluation. `rayalign validate` announces the steps train took,
-    and a fraction that holds out no pair is refused in one line naming data.eval_fraction."""
+    and a fraction that holds out no pair is refused in one line naming data.eval_fraction.
+    The loss is ORPO, which needs no reference: the reference actor scores the held-out pair alone
+    (monitor.reference_for_heldout), so frac_in_U and the rewards are on the eval rows and not on the training
+    ones, and the loss falls."""
     import ray
 
     from rayalign.cli import main
@@ -161,7 +157,8 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
         )
     )
     sections = dict(
-        train={"micro_batch_size": 4, "zero_stage": 0, "log_every": 1},
+        loss={"type": "orpo", "odds_ratio_weight": 0.5},
+        train={"micro_batch_size": 4, "zero_stage": 0, "log_every": 1, "learning_rate": 3e-3},
         monitor={"eval_every": 2},
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
     )
@@ -170,14 +167,19 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
         data={"paths": [str(data)], "synthetic": None, "eval_fraction": _fraction_holding_out(40, "pairs.jsonl", 1)},
         **sections,
     )
+    before = train_and_reference_actors()
     summary = run_train(cfg)
-    assert summary["reference"]["heldout_pairs"] == 1
+    started = sorted(name for actor_id, name in train_and_reference_actors().items() if actor_id not in before)
+    assert sum("ReferenceScorer" in name for name in started) == 1, started  # for the held-out pair
+    assert summary["reference"]["heldout_pairs"] == 1 and summary["reference"]["scope"] == "heldout"
+    assert summary["loss_decreased"]
     rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
     last = rows[-1]["step"]
     evaluated = [r["step"] for r in rows if "eval/loss" in r]
     assert evaluated == sorted({s for s in range(2, last + 1, 2)} | {last})
     for key in ("eval/loss", "eval/pref/absolute_accuracy", "eval/pref/frac_in_U", "eval/rewards/accuracies"):
         assert key in rows[-1]
+    assert all("pref/frac_in_U" not in r and "rewards/chosen" not in r for r in rows)
     assert all(r["eval/loss"] > 0.3 for r in rows if "eval/loss" in r)  # measured on the pair, not 0.0
     assert summary["heldout"]["eval/loss"] == rows[-1]["eval/loss"]
     assert "eval/pairs/s" not in rows[-1]
@@ -197,6 +199,7 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     assert main(["validate", "--config", str(config), "--json"]) == 0 and ray.is_initialized()
     announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert announced["optimizer_steps"] == summary["planned_steps"] == summary["steps"]
-    # ... and the CPUs and threads of each process: the workers' as given, the reference actor's from auto.
+    # ... and the CPUs and threads of each process: the workers' as given, the reference actor's from auto (it
+    # scores the held-out pair before training starts: the node less Ray Data's quarter core).
     assert announced["cpus"]["train_worker"] == {"count": 2, "cpus": 0.5, "torch_threads": 1}
-    assert announced["cpus"]["reference_actor"] == {"count": 1, "cpus": 0.75, "torch_threads": 1}
+    assert announced["cpus"]["reference_actor"] == {"count": 1, "cpus": 1.75, "torch_threads": 2}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import make_config
+from conftest import logged_threads, make_config, train_and_reference_actors
 from ray.util.state import list_actors
 
 from rayalign.config import ModelConfig, TinyModelConfig
@@ -46,10 +46,14 @@ def vllm_config(tmp_path, **sections):
 @pytest.mark.timeout(900)
 def test_vllm_pipeline_cache_hit_and_refcheck(ray_cluster, tmp_path):
     cfg = vllm_config(tmp_path)
-    starts = vllm_actor_starts()
+    starts, before = vllm_actor_starts(), train_and_reference_actors()
     first = run_train(cfg)
     assert first["reference"]["backend"] == "vllm" and first["reference"]["cache"]["hit"] is False
     assert vllm_actor_starts() == starts + 1
+    # Scored before training (cache), the vLLM actor has the node less Ray Data's quarter core: its engine computes
+    # on 2 threads (OMP_NUM_THREADS from its runtime_env; Ray's own would be the floor, 1), as torch reads it there.
+    assert cfg.reference.cpus_per_actor == 1.75
+    assert logged_threads(set(train_and_reference_actors()) - set(before))["reference_actor"] == [(2, 1.75)]
     rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(set(METRIC_KEYS) <= set(r) for r in rows)
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # vLLM reference == policy at step 0

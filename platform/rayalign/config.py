@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rayalign.loss_specs import LOSSES, needs_reference
 from rayalign.metrics import DEFAULT_OBJECTIVE, GENERATION_PREFIX, OBJECTIVE_MODES
 
 
@@ -273,7 +274,13 @@ class VllmEngineConfig(_Section):
         False, description="VLLM_BATCH_INVARIANT: results independent of batch composition (GPU)."
     )
     cpu_kvcache_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (CPU build only).")
-    cpu_omp_threads_bind: str = Field("auto", description="VLLM_CPU_OMP_THREADS_BIND (CPU build only).")
+    cpu_omp_threads_bind: str = Field(
+        "nobind",
+        description="VLLM_CPU_OMP_THREADS_BIND (CPU build only). nobind: vLLM computes on as many threads as the "
+        "actor reserved CPUs (OMP_NUM_THREADS, rounded as for torch), beside whatever else Ray placed on the node; "
+        "auto: vLLM binds one thread to every core of a NUMA node whatever Ray reserved (a node that runs vLLM "
+        "alone); or core lists such as 0-3.",
+    )
     cpu_reserved_cpus: int = Field(0, ge=0, description="VLLM_CPU_NUM_OF_RESERVED_CPU (CPU build only).")
 
 
@@ -320,16 +327,27 @@ class ReferenceConfig(_Section):
 
 
 class LossConfig(_Section):
-    """Which preference loss, and its parameters (formulas in rayalign.losses)."""
+    """Which preference loss, and its parameters (formulas in rayalign.losses; each loss's own parameters and
+    whether it needs a reference in ``rayalign.loss_specs.LOSSES``)."""
 
-    type: Literal["dpo", "ipo", "hinge", "cpo", "cpo_clip"] = "dpo"
+    type: Literal[tuple(LOSSES)] = "dpo"  # type: ignore[valid-type]
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     gamma: float = Field(0.0, description="CPO target margin γ (type cpo).")
     alpha: float = Field(1.0, gt=0, description="CPO constraint weight α (type cpo); the larger, the closer to DPO.")
     tau: float = Field(1.0, gt=0, description="CPO smoothness τ (type cpo).")
+    simpo_margin: float = Field(
+        0.5,
+        description="SimPO's target reward margin γ_SimPO in β·nats (type simpo; TRL's simpo_gamma). The SimPO "
+        "paper trains with β of 2 to 10 and γ_SimPO/β of 0.3 to 0.8.",
+    )
+    odds_ratio_weight: float = Field(
+        0.1, gt=0, description="ORPO's weight λ of the odds-ratio term beside the NLL (type orpo; TRL's ORPO beta)."
+    )
     nll_weight: float = Field(0.0, ge=0, description="Weight of the NLL term on chosen.")
-    length_normalize: bool = Field(False, description="Use per-token average log-probs instead of sums.")
+    length_normalize: bool = Field(
+        False, description="Use per-token average log-probs instead of sums (simpo and orpo always do)."
+    )
 
     @model_validator(mode="after")
     def _parameters_of_this_loss(self) -> LossConfig:
@@ -341,17 +359,20 @@ class LossConfig(_Section):
                     f"loss.{name}={value:g} is {owners[next(iter(owners))]}: loss.type {self.type} "
                     f"ignores it (remove it, or use loss.type {' or '.join(owners)})"
                 )
+        if self.type == "orpo" and self.nll_weight > 0:
+            raise ValueError(
+                f"loss.nll_weight={self.nll_weight:g}: ORPO's loss holds its NLL term already "
+                "(weigh the odds ratio against it with loss.odds_ratio_weight)"
+            )
         return self
 
 
-# The parameters only some losses take (rayalign.losses), by the loss types that take them and what they are;
-# beta, nll_weight and length_normalize apply to every type.
-LOSS_OWN_PARAMETERS: dict[str, dict[str, str]] = {
-    "label_smoothing": {"dpo": "conservative DPO's label-noise rate"},
-    "gamma": {"cpo": "CPO's target margin γ"},
-    "alpha": {"cpo": "CPO's constraint weight α"},
-    "tau": {"cpo": "CPO's smoothness τ"},
-}
+# The parameters only some losses take, by the loss types that take them and what they are (each loss declares
+# its own in rayalign.loss_specs.LOSSES); beta, nll_weight and length_normalize apply to every type.
+LOSS_OWN_PARAMETERS: dict[str, dict[str, str]] = {}
+for _type, _spec in LOSSES.items():
+    for _name, _parameter in _spec.parameters.items():
+        LOSS_OWN_PARAMETERS.setdefault(_name, {})[_type] = _parameter.what
 
 
 class PackingConfig(_Section):
@@ -449,6 +470,12 @@ class MonitorConfig(_Section):
         "warn",
         description="When likelihood displacement is seen (the chosen responses' log-probs fall below the "
         "reference's while the loss falls): warn, stop or switch, as on_alarm.",
+    )
+    reference_for_heldout: bool = Field(
+        True,
+        description="With a loss that needs no reference (simpo, orpo): score the held-out pairs (only those) with "
+        "the reference, so that their eval/ rows report frac_in_U and the rewards; off: no reference at all, "
+        "and those metrics are left out.",
     )
     switch_to: LossConfig | None = Field(
         None,
@@ -837,6 +864,18 @@ class RunConfig(_Section):
                 "reference.backend: adapters_off disables LoRA adapters to score the reference: "
                 "set model.lora, or use reference.backend: transformers or vllm"
             )
+        if not needs_reference(self.loss.type):
+            if self.reference.in_worker:
+                raise ValueError(
+                    f"loss.type {self.loss.type} needs no reference: reference.backend adapters_off would score "
+                    "one for nothing (use transformers or vllm for the held-out pairs, or leave it out)"
+                )
+            switch = self.monitor.switch_to
+            if switch is not None and needs_reference(switch.type):
+                raise ValueError(
+                    f"monitor.switch_to.type {switch.type} needs the reference's log-probs, which a "
+                    f"loss.type {self.loss.type} run does not score: switch to a loss that needs none"
+                )
         if self.reference.in_worker and self.reference.cache:
             raise ValueError(
                 "reference.backend: adapters_off scores the reference in the training step: "
@@ -858,6 +897,14 @@ class RunConfig(_Section):
                 "train LoRA adapters on an unquantized base (model.lora without model.quantize)"
             )
         return self
+
+    @property
+    def reference_scope(self) -> Literal["all", "heldout", "none"]:
+        """Which pairs the reference scores: all of them for a loss that needs it; for one that needs none
+        (rayalign.loss_specs), the held-out pairs only (``monitor.reference_for_heldout``), or none."""
+        if needs_reference(self.loss.type):
+            return "all"
+        return "heldout" if self.data.eval_fraction > 0 and self.monitor.reference_for_heldout else "none"
 
     @property
     def evaluates_after_training(self) -> bool:

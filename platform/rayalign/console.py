@@ -25,10 +25,14 @@ LOG_FILE = "logs/rayalign.log"  # in the run directory
 
 
 def step_line(row: dict[str, Any], total_steps: int) -> str:
-    """One logged step as a person reads it."""
+    """One logged step as a person reads it (a metric the row does not have, as n/a: no reference scored)."""
+
+    def value(key: str) -> str:
+        return f"{row[key]:.3f}" if key in row else "n/a"
+
     return (
-        f"step {row[STEP]}/{total_steps} loss={row[LOSS]:.4f} reward_acc={row[REWARD_ACCURACY]:.3f} "
-        f"abs_acc={row[ABSOLUTE_ACCURACY]:.3f} frac_in_U={row[FRAC_IN_U]:.3f} pairs/s={row[PAIRS_PER_S]:.1f}"
+        f"step {row[STEP]}/{total_steps} loss={row[LOSS]:.4f} reward_acc={value(REWARD_ACCURACY)} "
+        f"abs_acc={value(ABSOLUTE_ACCURACY)} frac_in_U={value(FRAC_IN_U)} pairs/s={row[PAIRS_PER_S]:.1f}"
     )
 
 

@@ -57,17 +57,18 @@ def resolve_auto_cpus(cfg: RunConfig, nodes: list[NodeResources]) -> None:
     On CPU nodes, what runs on a node at the same time shares its CPUs, less ``ray.data_cpus_per_task`` left to
     the Ray Data tasks that stream while training runs: the train workers (of every concurrent trial, for a
     sweep's trials), with the reference actors when the reference streams into training (``reference.cache``
-    off, no sweep); a reference pass before training, and the generation after it, share the node among their
-    own actors. Workers and actors are counted per node as Ray packs them (``ceil(count / nodes)``), on the
-    smallest node. With GPUs: the Ray Train default of 1 CPU per worker, or more where the GPU node has CPUs to
-    spare per worker (data collation, packing, CPU Adam under ZeRO-Offload); 1 per GPU actor.
+    off, no sweep, a loss that needs the reference); a reference pass before training, and the generation after
+    it, share the node among their own actors. Workers and actors are counted per node as Ray packs them
+    (``ceil(count / nodes)``), on the smallest node. With GPUs: the Ray Train default of 1 CPU per worker, or
+    more where the GPU node has CPUs to spare per worker (data collation, packing, CPU Adam under ZeRO-Offload);
+    1 per GPU actor.
     """
     s, ref, gen = cfg.scaling, cfg.reference, cfg.eval.generation
     if AUTO not in (s.cpus_per_worker, ref.cpus_per_actor, gen.cpus_per_actor):
         return
     sweep = cfg.sweep
     trials = sweep.max_concurrent_trials if sweep is not None else 1
-    streamed = not ref.cache and not ref.in_worker and sweep is None
+    streamed = not ref.cache and not ref.in_worker and sweep is None and cfg.reference_scope == "all"
     gpu_nodes = [n for n in nodes if n.gpus > 0]
     compute_nodes = gpu_nodes if s.use_gpu and gpu_nodes else [n for n in nodes if n.cpus >= 1] or nodes
     node_cpus = min(n.cpus for n in compute_nodes) if compute_nodes else 1.0
@@ -112,7 +113,7 @@ def cpu_plan(cfg: RunConfig) -> dict[str, Any]:
     """The (resolved) CPUs and torch threads of each kind of process: ``rayalign validate --json``'s ``cpus``."""
     s, ref, gen = cfg.scaling, cfg.reference, cfg.eval.generation
     plan = {"train_worker": {"count": s.num_workers, "cpus": s.cpus_per_worker}}
-    if not ref.in_worker:
+    if not ref.in_worker and cfg.reference_scope != "none":
         plan["reference_actor"] = {"count": ref.num_actors, "cpus": ref.cpus_per_actor}
     if cfg.evaluates_after_training:
         plan["generation_actor"] = {"count": gen.num_actors, "cpus": gen.cpus_per_actor}
@@ -138,9 +139,11 @@ def plan_line(cfg: RunConfig) -> str:
     return ", ".join(parts)
 
 
-def use_reserved_cpus(what: str) -> int:
+def use_reserved_cpus(what: str, engine_threads: bool = False) -> int:
     """In a Ray worker or actor: set torch's intra-op threads to the CPUs Ray reserved for this process
     (:func:`torch_threads`), log it once, and return the thread count. ``what`` names the process in the log.
+    ``engine_threads``: the process hosts an engine that sets its own threads from ``OMP_NUM_THREADS`` (vLLM's
+    CPU backend, given :func:`reserved_threads_env`): only log what it will use, leaving torch's setting alone.
     Outside Ray (a class built in the driver, as tests do) torch's setting is left as it is."""
     import ray
     import torch
@@ -149,7 +152,17 @@ def use_reserved_cpus(what: str) -> int:
         return torch.get_num_threads()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
     threads = torch_threads(cpus)
-    torch.set_num_threads(threads)
+    if engine_threads:
+        threads = torch.get_num_threads()  # what the engine will find: OMP_NUM_THREADS as torch read it
+    else:
+        torch.set_num_threads(threads)
     # Printed, not logged: Ray Data's actors do not show INFO records; stderr lands in the process's Ray log.
     print(f"{what}: {threads} torch thread(s) for the {cpus:g} CPU(s) Ray reserved", file=sys.stderr, flush=True)
     return threads
+
+
+def reserved_threads_env(cpus: float) -> dict[str, str]:
+    """Environment for an actor whose engine reads its thread count from the environment (vLLM's CPU backend
+    without thread binding): ``OMP_NUM_THREADS`` as :func:`torch_threads` rounds ``cpus``, where Ray would floor
+    it."""
+    return {"OMP_NUM_THREADS": str(torch_threads(cpus))}

@@ -13,6 +13,13 @@ the reference strongly prefers y_l (δ_ref ≪ 0), DPO's loss can fall while
 δ_θ stays negative: the region U = {δ_ref < δ_θ < 0}. Constrained Preference
 Optimization (``cpo``, ``cpo_clip``; not TRL's Contrastive PO) shifts the
 target so that the learned margin is never negative.
+
+The reference-free losses (``simpo``, ``orpo``) compare the policy's per-token
+average log-probs s(y) = log π_θ(y|x) / |y| and need no reference model at all.
+
+Each loss is declared once in :data:`rayalign.loss_specs.LOSSES`: which function
+here, its own config parameters, whether it needs reference log-probs and whether
+it compares per-token averages; :func:`preference_loss` calls it from there.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rayalign.config import LossConfig
+from rayalign.loss_specs import LOSSES
 
 
 def margins(
@@ -126,6 +134,39 @@ def cpo_clip(
     return -F.logsigmoid(beta * (delta_policy - torch.clamp(delta_ref, min=0.0)))
 
 
+def simpo(policy_chosen: Tensor, policy_rejected: Tensor, beta: float, margin: float) -> Tensor:
+    """Simple Preference Optimization (Meng et al., 2024, "SimPO", eq. 6), reference-free.
+
+        L = −log σ(β·s_θ(y_w) − β·s_θ(y_l) − γ_SimPO)
+
+    on per-token average log-probs s_θ(y) = log π_θ(y|x) / |y| (the caller averages). ``margin`` is the
+    target reward margin γ_SimPO (``loss.simpo_margin``; TRL's ``simpo_gamma``), in reward units β·nats.
+    """
+    return -F.logsigmoid(beta * (policy_chosen - policy_rejected) - margin)
+
+
+def log_odds(average_logp: Tensor) -> Tensor:
+    """log(P / (1 − P)) for P = exp(s), s a per-token average log-prob (< 0), computed stably from s."""
+    # log(1 − e^s): log(−expm1(s)) near 0, log1p(−e^s) far below (Mächler, "Accurately computing log(1 − exp(−|a|))").
+    log_one_minus_p = torch.where(
+        average_logp > -0.6931471805599453, torch.log(-torch.expm1(average_logp)), torch.log1p(-torch.exp(average_logp))
+    )
+    return average_logp - log_one_minus_p
+
+
+def orpo(policy_chosen: Tensor, policy_rejected: Tensor, beta: float, odds_ratio_weight: float) -> Tensor:
+    """Odds Ratio Preference Optimization (Hong et al., 2024, "ORPO", eqs. 4-7), reference-free.
+
+        L = −s_θ(y_w) − λ · log σ(log odds(y_w) − log odds(y_l)),   odds(y) = P(y|x) / (1 − P(y|x))
+
+    on per-token average log-probs s_θ(y) (P(y|x) = exp s_θ(y)): the supervised NLL of the chosen response
+    plus λ = ``odds_ratio_weight`` (``loss.odds_ratio_weight``; TRL's ORPO ``beta``) times the odds-ratio term.
+    ``beta`` is not in the loss: it only scales the reported rewards β·s_θ(y).
+    """
+    ratio = F.logsigmoid(log_odds(policy_chosen) - log_odds(policy_rejected))
+    return -policy_chosen - odds_ratio_weight * ratio
+
+
 def nll(policy_chosen: Tensor, chosen_tokens: Tensor) -> Tensor:
     """Per-token negative log-likelihood of the chosen response: −log π(y_w|x) / |y_w|."""
     return -policy_chosen / chosen_tokens.clamp(min=1)
@@ -135,32 +176,31 @@ def preference_loss(
     cfg: LossConfig,
     policy_chosen: Tensor,
     policy_rejected: Tensor,
-    ref_chosen: Tensor,
-    ref_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
 ) -> Tensor:
-    """Per-pair loss for ``cfg.type`` (log-probs already summed or length-normalized)."""
-    args = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    if cfg.type == "dpo":
-        return dpo(*args, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
-    if cfg.type == "ipo":
-        return ipo(*args, beta=cfg.beta)
-    if cfg.type == "hinge":
-        return hinge(*args, beta=cfg.beta)
-    if cfg.type == "cpo":
-        return cpo(*args, beta=cfg.beta, gamma=cfg.gamma, alpha=cfg.alpha, tau=cfg.tau)
-    if cfg.type == "cpo_clip":
-        return cpo_clip(*args, beta=cfg.beta)
-    raise ValueError(f"unknown loss type {cfg.type!r}")
+    """Per-pair loss for ``cfg.type`` (log-probs already summed or length-normalized; the reference ones may be
+    None for a loss that needs none), called as :data:`rayalign.loss_specs.LOSSES` declares it.
+    Raises ValueError when the loss needs a reference and gets None."""
+    spec = LOSSES[cfg.type]
+    compared = [policy_chosen, policy_rejected]
+    if spec.needs_reference:
+        if ref_chosen is None or ref_rejected is None:
+            raise ValueError(f"loss.type {cfg.type} needs reference log-probs and the batch has none")
+        compared += [ref_chosen, ref_rejected]
+    own = {p.argument: getattr(cfg, name) for name, p in spec.parameters.items()}
+    return globals()[spec.function](*compared, beta=cfg.beta, **own)
 
 
 @dataclass(frozen=True)
 class PairLogps:
-    """Per-pair sequence log-probs (summed over response tokens) and response lengths, each (B,)."""
+    """Per-pair sequence log-probs (summed over response tokens) and response lengths, each (B,); the reference's
+    are None where none was scored (a loss that needs no reference)."""
 
     policy_chosen: Tensor
     policy_rejected: Tensor
-    ref_chosen: Tensor
-    ref_rejected: Tensor
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
     chosen_tokens: Tensor
     rejected_tokens: Tensor
 
@@ -168,10 +208,11 @@ class PairLogps:
 @dataclass(frozen=True)
 class ObjectiveTerms:
     """What :func:`objective` returns: the per-pair loss (the caller reduces) and the log-probs
-    (π_θ(y_w), π_θ(y_l), π_ref(y_w), π_ref(y_l)) its preference term compared, which the metrics report."""
+    (π_θ(y_w), π_θ(y_l), π_ref(y_w), π_ref(y_l)) its preference term compared, which the metrics report (the
+    reference's None where none was scored)."""
 
     loss: Tensor
-    compared: tuple[Tensor, Tensor, Tensor, Tensor]
+    compared: tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 
 
 def objective(cfg: LossConfig, logps: PairLogps) -> ObjectiveTerms:
@@ -179,13 +220,15 @@ def objective(cfg: LossConfig, logps: PairLogps) -> ObjectiveTerms:
 
         ℓ = preference_loss(cfg, s_θ(y_w), s_θ(y_l), s_ref(y_w), s_ref(y_l)) + λ · nll(y_w)
 
-    where s(y) = log π(y|x), or log π(y|x) / |y| with ``cfg.length_normalize`` (per-token averages,
-    as in the CPO reference implementation), and λ = ``cfg.nll_weight``.
+    where s(y) = log π(y|x), or log π(y|x) / |y| with ``cfg.length_normalize`` or a loss defined on per-token
+    averages (SimPO, ORPO; as in the CPO reference implementation), and λ = ``cfg.nll_weight``.
     """
     compared = (logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected)
-    if cfg.length_normalize:
+    if cfg.length_normalize or LOSSES[cfg.type].per_token:
         lengths = (logps.chosen_tokens, logps.rejected_tokens, logps.chosen_tokens, logps.rejected_tokens)
-        compared = tuple(value / length.clamp(min=1) for value, length in zip(compared, lengths))
+        compared = tuple(
+            None if value is None else value / length.clamp(min=1) for value, length in zip(compared, lengths)
+        )
     loss = preference_loss(cfg, *compared)
     if cfg.nll_weight > 0:
         loss = loss + cfg.nll_weight * nll(logps.policy_chosen, logps.chosen_tokens)

@@ -15,6 +15,10 @@ Rank 0 appends one row per logging step to ``metrics.jsonl``::
     pairs/s, tokens/s            throughput over the interval, every worker together (tokens: computed positions)
     memory/peak_allocated_gib    rank 0's peak accelerator memory (GPU runs only)
     eval/<key>                   the same statistics on the held-out pairs (no rates), when evaluated
+
+The rewards/* keys and pref/frac_in_U need the reference's log-probs (REFERENCE_KEYS): a run whose loss needs no
+reference (simpo, orpo) leaves them out of its training rows, and has them on its held-out rows only when
+monitor.reference_for_heldout scored the held-out pairs with the reference.
     eval/gen/<name>              generation-based evaluation (rayalign evaluate): each side's mean verifier
                                  score and response length, the policy's win/tie/loss shares and win rate
     alarm                        the pathology alarm's reason, on the rows where it holds
@@ -65,8 +69,10 @@ PER_PAIR_KEYS = (
     ABSOLUTE_ACCURACY,
     FRAC_IN_U,
 )
+# The per-pair statistics that compare against the reference: unavailable where no reference was scored.
+REFERENCE_KEYS = (REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARD_ACCURACY, FRAC_IN_U)
 RATE_KEYS = (PAIRS_PER_S, TOKENS_PER_S)
-# Every logged row has these keys (besides step/epoch/lr bookkeeping).
+# Every logged row has these keys (besides step/epoch/lr bookkeeping), but REFERENCE_KEYS where none was scored.
 METRIC_KEYS = (LOSS, *PER_PAIR_KEYS, *RATE_KEYS)
 # What a run's summary reports first and last of (with the loss), and the sweep's table abbreviates.
 SUMMARY_KEYS = (REWARD_ACCURACY, ABSOLUTE_ACCURACY, FRAC_IN_U, REWARDS_MARGINS)

@@ -52,7 +52,13 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         data = prepare_data(cfg, run_dir, Workload())
         cost = preflight(cfg, data)
         ref = cfg.reference
-        if ref.in_worker:
+        if cfg.reference_scope != "all":
+            log.info(
+                "reference: none for training (loss.type %s needs none)%s",
+                cfg.loss.type,
+                f"; the held-out pairs scored by {ref.backend}" if cfg.reference_scope == "heldout" else "",
+            )
+        elif ref.in_worker:
             log.info("reference: in the training workers, LoRA adapters off (no actors)")
         else:
             log.info(

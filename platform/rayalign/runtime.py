@@ -54,8 +54,11 @@ class ResourceDemand:
         """
         ref, s = cfg.reference, cfg.scaling
         reference, per_trial_cpus = workload.reference, workload.per_trial_cpus
+        reference_first = ref.cache or workload.reference_first
         if workload.train and ref.in_worker:
             reference = False  # the training workers score it themselves
+        if workload.train and cfg.reference_scope != "all":  # a loss that needs none: held-out pairs, first
+            reference, reference_first = reference and cfg.reference_scope == "heldout", True
         ref_cpus, ref_gpus = ref.num_actors * ref.cpus_per_actor, ref.num_actors * (ref.gpus_per_actor or 0.0)
         train_cpus = per_trial_cpus + s.num_workers * s.cpus_per_worker
         train_gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0
@@ -70,7 +73,7 @@ class ResourceDemand:
             return cls(ref_cpus, ref_gpus, ref_part)
         if not reference:
             return cls(train_cpus, train_gpus, train_part)
-        if ref.cache or workload.reference_first:
+        if reference_first:
             return cls(max(ref_cpus, train_cpus), max(ref_gpus, train_gpus), f"{ref_part}, then {train_part}")
         return cls(ref_cpus + train_cpus, ref_gpus + train_gpus, f"{ref_part} streaming into {train_part}")
 

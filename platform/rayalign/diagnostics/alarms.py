@@ -46,7 +46,9 @@ def pathology_alarm(rows: Sequence[dict[str, Any]], window: int, min_change: flo
     if loss_change >= -min_change:
         return None
     abs_acc = [r[ABSOLUTE_ACCURACY] for r in recent]
-    abs_change, u_change = trend(abs_acc), trend([r[FRAC_IN_U] for r in recent])
+    abs_change = trend(abs_acc)
+    # frac_in_U needs the reference: a loss that needs none (simpo, orpo) is watched on absolute accuracy alone.
+    u_change = trend([r[FRAC_IN_U] for r in recent]) if all(FRAC_IN_U in r for r in recent) else 0.0
     symptoms = []
     if max(abs_acc) < 0.5 and abs_change < min_change:
         symptoms.append(f"absolute accuracy stayed below 0.5 (max {max(abs_acc):.3f})")
@@ -64,8 +66,9 @@ def displacement_alarm(rows: Sequence[dict[str, Any]], window: int, min_change: 
     likely under the policy than under the reference (``rewards/chosen`` = β(log π_θ(y_w) − log π_ref(y_w)) ends
     negative and falls by more than ``min_change``). DPO can lower both responses' likelihood as long as the
     rejected one falls faster (Razin et al., 2025, "Unintentional Unalignment"; Pal et al., 2024, "Smaug"); the
-    usual remedy is an NLL term on the chosen response (``loss.nll_weight``). None when the rows look healthy."""
-    if len(rows) < window:
+    usual remedy is an NLL term on the chosen response (``loss.nll_weight``). None when the rows look healthy, or
+    have no reference to compare with (a loss that needs none)."""
+    if len(rows) < window or not all(REWARDS_CHOSEN in r for r in rows[-window:]):
         return None
     recent = rows[-window:]
     loss_change = trend([r[LOSS] for r in recent])

@@ -93,8 +93,10 @@ class VllmGenerator:
     def __init__(self, model: ModelSource, settings: GenerationConfig, max_model_len: int):
         from vllm import SamplingParams
 
-        # No torch.set_num_threads here: vLLM binds its own threads (vllm.cpu_omp_threads_bind), and its CPU
-        # attention checks that torch still has that count (a changed count aborts the engine).
+        # vLLM sets its threads itself (OMP_NUM_THREADS from vllm_runtime_env, or its own binding), and its CPU
+        # attention checks that torch keeps that count: a changed count aborts the engine.
+        if settings.vllm.cpu_omp_threads_bind == "nobind":
+            use_reserved_cpus("generation actor (vLLM)", engine_threads=True)
         self.llm = vllm_engine(model, settings.vllm, max_model_len)
         self.tokenizer = self.llm.get_tokenizer()
         # Texts are decoded from the ids as the transformers backend decodes them (vLLM's incremental
@@ -132,7 +134,7 @@ def generated(
     longest prompt plus ``max_new_tokens``, for vLLM."""
     if settings.backend == "vllm":
         generator, kwargs = VllmGenerator, {"model": model, "settings": settings, "max_model_len": max_model_len}
-        extra = {"runtime_env": vllm_runtime_env(settings.vllm)}
+        extra = {"runtime_env": vllm_runtime_env(settings.vllm, settings.cpus_per_actor)}
     else:
         on_gpu = bool(settings.gpus_per_actor)
         generator, kwargs, extra = (

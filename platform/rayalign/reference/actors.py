@@ -23,7 +23,7 @@ import numpy as np
 from ray.data import ActorPoolStrategy, Dataset
 
 from rayalign.config import PackingConfig, RunConfig, VllmEngineConfig
-from rayalign.cpus import resolved, use_reserved_cpus
+from rayalign.cpus import reserved_threads_env, resolved, use_reserved_cpus
 from rayalign.models import ModelSource
 from rayalign.packing import pack_pairs, response_start, row_width
 from rayalign.schema import (
@@ -115,8 +115,10 @@ class VllmReferenceScorer:
     def __init__(self, model: ModelSource, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
         from vllm import SamplingParams
 
-        # No torch.set_num_threads here: vLLM binds its own threads (vllm.cpu_omp_threads_bind), and its CPU
-        # attention checks that torch still has that count (a changed count aborts the engine).
+        # vLLM sets its threads itself (OMP_NUM_THREADS from vllm_runtime_env, or its own binding), and its CPU
+        # attention checks that torch keeps that count: a changed count aborts the engine.
+        if engine.cpu_omp_threads_bind == "nobind":
+            use_reserved_cpus("reference actor (vLLM)", engine_threads=True)
         self.per_token = per_token
         self.llm = vllm_engine(model, engine, max_model_len)
         # prompt_logprobs=0: the log-prob of each actual prompt token, no top-k extras.
@@ -165,10 +167,13 @@ def scorer_for(
     }
 
 
-def vllm_runtime_env(engine: VllmEngineConfig) -> dict[str, Any]:
-    """Engine settings that vLLM only reads from the environment, scoped to the actors that run it."""
+def vllm_runtime_env(engine: VllmEngineConfig, cpus: float) -> dict[str, Any]:
+    """Engine settings that vLLM only reads from the environment, scoped to the actors that run it; ``cpus``: what
+    each actor reserves, which its threads follow unless vLLM binds its own (``cpu_omp_threads_bind``)."""
+    threads = reserved_threads_env(cpus) if engine.cpu_omp_threads_bind == "nobind" else {}
     return {
         "env_vars": {
+            **threads,
             "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kvcache_space_gb),
             "VLLM_CPU_OMP_THREADS_BIND": engine.cpu_omp_threads_bind,
             "VLLM_CPU_NUM_OF_RESERVED_CPU": str(engine.cpu_reserved_cpus),
@@ -186,7 +191,7 @@ def add_reference_logps(
     """Lazily append reference log-probs to tokenized pairs with a pool of scorer actors."""
     ref = resolved(cfg).reference
     backend = backend or ref.backend
-    runtime_env = vllm_runtime_env(ref.vllm) if backend == "vllm" else None
+    runtime_env = vllm_runtime_env(ref.vllm, ref.cpus_per_actor) if backend == "vllm" else None
     scorer, scorer_kwargs = scorer_for(cfg, model, backend, per_token)
     return pairs.map_batches(
         scorer,

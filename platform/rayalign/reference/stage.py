@@ -32,6 +32,7 @@ class ReferenceSource:
     backend: str
     cache: dict[str, Any] | None = None  # the reference store's report (StoreReport), when scored through it
     scored_by_sweep_driver: bool = False
+    scope: str = "all"  # which pairs it scored: all, heldout or none (RunConfig.reference_scope)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,14 +69,17 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
     The small held-out split is scored once and kept in the object store, since every evaluation
     re-reads it.
     """
-    if cfg.reference.in_worker:  # the training workers add it, each step, with the adapters off
+    scope = cfg.reference_scope
+    if cfg.reference.in_worker or scope != "all":
+        # In the workers, each step, with the adapters off; or a loss that needs no reference: the held-out
+        # pairs alone are scored (for frac_in_U and the rewards on them), or none.
         train, heldout = split_heldout(data.pairs, cfg)
+        heldout = kept_heldout(heldout, cfg, data.report.ok)
+        if heldout is not None and scope == "heldout":
+            heldout = add_reference_logps(heldout, cfg, data.model).materialize()
         num_train = train.count() if heldout is not None else data.report.ok
         return ScoredPairs(
-            shuffled(train, cfg),
-            num_train,
-            kept_heldout(heldout, cfg, data.report.ok),
-            ReferenceSource(cfg.reference.backend),
+            shuffled(train, cfg), num_train, heldout, ReferenceSource(cfg.reference.backend, scope=scope)
         )
     if cfg.reference.cache:
         scored, report = score_into_cache(cfg, data)

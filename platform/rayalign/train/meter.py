@@ -23,6 +23,7 @@ from rayalign.metrics import (
     LOSS,
     PAIRS_PER_S,
     PER_PAIR_KEYS,
+    REFERENCE_KEYS,
     REWARD_ACCURACY,
     REWARDS_CHOSEN,
     REWARDS_MARGINS,
@@ -31,11 +32,19 @@ from rayalign.metrics import (
 )
 
 
-def preference_stats(compared: tuple[Tensor, Tensor, Tensor, Tensor], beta: float) -> dict[str, Tensor]:
+def preference_stats(compared: tuple[Tensor, Tensor, Tensor | None, Tensor | None], beta: float) -> dict[str, Tensor]:
     """Per-pair values (shape (B,)) of every preference statistic; average them to report.
     ``compared``: (log π_θ(y_w), log π_θ(y_l), log π_ref(y_w), log π_ref(y_l)), each (B,), as the objective
-    compared them (:attr:`rayalign.losses.ObjectiveTerms.compared`)."""
+    compared them (:attr:`rayalign.losses.ObjectiveTerms.compared`). Without the reference's (None), only the
+    policy's statistics: the :data:`rayalign.metrics.REFERENCE_KEYS` are left out."""
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = compared
+    if ref_chosen is None or ref_rejected is None:
+        delta_policy = policy_chosen - policy_rejected
+        return {
+            LOGPS_CHOSEN: policy_chosen,
+            LOGPS_REJECTED: policy_rejected,
+            ABSOLUTE_ACCURACY: (delta_policy > 0).float(),
+        }
     h, delta_policy, delta_ref = margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     reward_chosen = beta * (policy_chosen - ref_chosen)
     reward_rejected = beta * (policy_rejected - ref_rejected)
@@ -61,15 +70,19 @@ class IntervalMeter:
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         # float64: token counts over a long interval stay exact.
-        self.sums = torch.zeros(len(PER_PAIR_KEYS) + 3, dtype=torch.float64, device=device)  # + loss, pairs, tokens
+        # The statistics, then the loss, the pairs, the pairs scored with a reference, the tokens.
+        self.sums = torch.zeros(len(PER_PAIR_KEYS) + 4, dtype=torch.float64, device=device)
 
     def add(self, terms: ObjectiveTerms, tokens: int, beta: float) -> None:
         """One micro-batch: its per-pair loss and statistics (:func:`preference_stats` at ``beta``), and the
         ``tokens`` its forward pass computed."""
         stats = preference_stats(terms.compared, beta)
-        sums = [stats[k].detach().sum() for k in PER_PAIR_KEYS] + [terms.loss.detach().sum()]
-        self.sums[:-2] += torch.stack(sums).to(device=self.sums.device, dtype=self.sums.dtype)
-        self.sums[-2] += terms.loss.numel()
+        zero = terms.loss.detach().new_zeros(())
+        sums = [stats[k].detach().sum() if k in stats else zero for k in PER_PAIR_KEYS] + [terms.loss.detach().sum()]
+        self.sums[:-3] += torch.stack(sums).to(device=self.sums.device, dtype=self.sums.dtype)
+        self.sums[-3] += terms.loss.numel()
+        if REWARD_ACCURACY in stats:
+            self.sums[-2] += terms.loss.numel()
         self.sums[-1] += tokens
 
     def reduce(
@@ -91,9 +104,13 @@ class IntervalMeter:
             sums = all_reduce(sums)
         values = sums.tolist()
         elapsed_s = clock() - started
-        pairs, tokens = values[-2], values[-1]
-        row = {LOSS: values[-3] / max(pairs, 1)}
-        row.update({k: values[i] / max(pairs, 1) for i, k in enumerate(PER_PAIR_KEYS)})
+        pairs, with_reference, tokens = values[-3], values[-2], values[-1]
+        row = {LOSS: values[-4] / max(pairs, 1)}
+        for i, key in enumerate(PER_PAIR_KEYS):
+            if key not in REFERENCE_KEYS:
+                row[key] = values[i] / max(pairs, 1)
+            elif with_reference > 0:  # else unavailable: left out, never written as 0
+                row[key] = values[i] / with_reference
         row[PAIRS_PER_S] = pairs / max(elapsed_s, 1e-9)
         row[TOKENS_PER_S] = tokens / max(elapsed_s, 1e-9)
         return row

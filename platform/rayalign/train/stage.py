@@ -84,8 +84,10 @@ def summarize(cfg: RunConfig, model: ModelSource, data_report: dict[str, Any], w
         raise RuntimeError(f"training logged no steps: {run_dir / METRICS_FILE} is empty")
     # Average a few rows at each end so one noisy micro-batch does not decide "loss fell".
     k = max(1, min(3, len(rows) // 4))
-    first = {key: sum(r[key] for r in rows[:k]) / k for key in (LOSS, *SUMMARY_KEYS)}
-    last = {key: sum(r[key] for r in rows[-k:]) / k for key in (LOSS, *SUMMARY_KEYS)}
+    # A key needing the reference is absent where none was scored (a loss that needs none): left out here too.
+    keys = [key for key in (LOSS, *SUMMARY_KEYS) if all(key in r for r in rows)]
+    first = {key: sum(r[key] for r in rows[:k]) / k for key in keys}
+    last = {key: sum(r[key] for r in rows[-k:]) / k for key in keys}
     resumed = [r[RESUMED_FROM_STEP] for r in rows if RESUMED_FROM_STEP in r]
     evaluated = [r for r in rows if eval_key(LOSS) in r]
     storage = cfg.output.run_storage

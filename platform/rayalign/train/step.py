@@ -58,7 +58,8 @@ class PreferenceStep:
 
     ``batching``: the run's ``train`` section (micro-batch size, token budget, packing layout and row width).
     ``reference_in_worker``: batches carry no reference columns; the policy scores them with its adapters
-    off (``reference.backend: adapters_off``). Everything stays on ``device``; the loss maths is float32
+    off (``reference.backend: adapters_off``). Batches without reference columns (a loss that needs none,
+    :mod:`rayalign.loss_specs`) are scored without. Everything stays on ``device``; the loss maths is float32
     whatever the model's dtype."""
 
     loss: LossConfig
@@ -76,10 +77,11 @@ class PreferenceStep:
         pairs = pack_pairs(batch, packing.layout, self.pad_id, row_width(packing.row_tokens, self.attention))
         computed = pairs.computed_tokens
         pairs = pairs.to(self.device)
+        ref_chosen = ref_rejected = None  # a loss that needs no reference, on pairs scored by none
         if self.reference_in_worker:
             ref_chosen, ref_rejected = split_pairs(adapters_off_logps(policy, pairs))
         logps, counts = policy(pairs)
-        if not self.reference_in_worker:
+        if not self.reference_in_worker and REF_CHOSEN_LOGPS in batch:
             ref_chosen = torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=self.device).to(logps.dtype)
             ref_rejected = torch.as_tensor(batch[REF_REJECTED_LOGPS], device=self.device).to(logps.dtype)
         policy_chosen, policy_rejected = split_pairs(logps)
