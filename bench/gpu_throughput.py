@@ -18,6 +18,10 @@ Contenders, each trained for the same optimizer steps on the same pairs in the s
   ``train.packing.layout: padded`` (each sequence padded to the longest, as the peers lay out a batch), or
   with ``model.attn_implementation: flex_attention`` and the ``packed`` layout (a micro-batch in one row,
   no padding at all).
+* ``rayalign_streamed_ref`` / ``rayalign_simpo`` (only when named): DPO with the reference streamed into
+  training (``reference.cache: false``, so each step's time includes the reference actor's share of the
+  machine), and SimPO, which needs no reference at all (no reference actor starts): what dropping the
+  reference buys, same layout and data.
 * ``bare``: a plain loop over the same padded batches (``rayalign.packing``, padded layout): one policy
   forward of chosen+rejected concatenated, the DPO sigmoid loss against reference log-probs computed
   before the timed loop, AdamW. A ceiling for this model without packing or kernel work.
@@ -68,6 +72,11 @@ RAYALIGN_VARIANTS: dict[str, tuple[str, ...]] = {
     "rayalign": (),
     "rayalign_padded": ("train.packing.layout=padded",),
     "rayalign_flex": ("model.attn_implementation=flex_attention", "train.packing.layout=packed"),
+    # DPO with its reference streamed into training (not cached first): each step's time holds the reference's
+    # share of the machine, as a user's default run does. Beside rayalign_simpo: what a loss without a reference
+    # saves, same layout and data.
+    "rayalign_streamed_ref": ("reference.cache=false",),
+    "rayalign_simpo": ("loss.type=simpo",),
 }
 KNOWN_CONTENDERS = (*CONTENDERS, *[name for name in RAYALIGN_VARIANTS if name != "rayalign"])
 TRL_INSTALL = "make install-bench  (pip install -r bench/requirements.txt, with the project's torch pin)"

@@ -169,3 +169,14 @@ def test_credentials_in_the_mlflow_uri_are_refused_and_never_echoed():
         {**BASE, "output": {**BASE.get("output", {}), "tracking": {"mlflow_tracking_uri": "https://mlflow.example"}}}
     )
     assert ok.output.tracking.mlflow_tracking_uri == "https://mlflow.example"
+
+
+def test_a_sweep_searches_simpo_margin_or_orpo_weight_like_cpo_gamma():
+    base = {"model": {"tiny": {}}, "data": {"synthetic": {}, "eval_fraction": 0.2}, "monitor": {"eval_every": 2}}
+    for loss, key in (("simpo", "loss.simpo_margin"), ("orpo", "loss.odds_ratio_weight")):
+        cfg = config_from_dict(base, [f"loss.type={loss}", f"sweep={{space: {{{key}: {{values: [0.25, 1.0]}}}}}}"])
+        assert list(cfg.sweep.space) == [key] and cfg.reference_scope == "heldout"
+    with pytest.raises(
+        ConfigError, match="sweep.space.loss.simpo_margin = 0.25 is not a valid setting: .*loss.type dpo"
+    ):
+        config_from_dict(base, ["sweep={space: {loss.simpo_margin: {values: [0.25, 1.0]}}}"])

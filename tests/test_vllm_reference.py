@@ -50,10 +50,12 @@ def test_vllm_pipeline_cache_hit_and_refcheck(ray_cluster, tmp_path):
     first = run_train(cfg)
     assert first["reference"]["backend"] == "vllm" and first["reference"]["cache"]["hit"] is False
     assert vllm_actor_starts() == starts + 1
-    # Scored before training (cache), the vLLM actor has the node less Ray Data's quarter core: its engine computes
-    # on 2 threads (OMP_NUM_THREADS from its runtime_env; Ray's own would be the floor, 1), as torch reads it there.
+    # Scored before training (cache), the vLLM actor has the node less Ray Data's quarter core. vLLM binds its own
+    # threads (cpu_omp_threads_bind auto: one per physical core of a NUMA node; 1 on this 2-vCPU machine) and the
+    # actor logs what the engine set: within what it reserved, rounded (2 for 1.75 CPUs), never more.
     assert cfg.reference.cpus_per_actor == 1.75
-    assert logged_threads(set(train_and_reference_actors()) - set(before))["reference_actor"] == [(2, 1.75)]
+    [(threads, reserved)] = logged_threads(set(train_and_reference_actors()) - set(before))["reference_actor"]
+    assert reserved == 1.75 and 1 <= threads <= 2
     rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(set(METRIC_KEYS) <= set(r) for r in rows)
     assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # vLLM reference == policy at step 0

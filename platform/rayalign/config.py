@@ -275,11 +275,11 @@ class VllmEngineConfig(_Section):
     )
     cpu_kvcache_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (CPU build only).")
     cpu_omp_threads_bind: str = Field(
-        "nobind",
-        description="VLLM_CPU_OMP_THREADS_BIND (CPU build only). nobind: vLLM computes on as many threads as the "
-        "actor reserved CPUs (OMP_NUM_THREADS, rounded as for torch), beside whatever else Ray placed on the node; "
-        "auto: vLLM binds one thread to every core of a NUMA node whatever Ray reserved (a node that runs vLLM "
-        "alone); or core lists such as 0-3.",
+        "auto",
+        description="VLLM_CPU_OMP_THREADS_BIND (CPU build only). auto: vLLM binds one thread to every core of a "
+        "NUMA node, whatever Ray reserved for the actor (a node that runs vLLM alone); nobind: as many threads "
+        "as the actor reserved CPUs (OMP_NUM_THREADS, rounded as for torch), unbound, for a node shared with "
+        "other work; or core lists such as 0-3. The actor logs the count it computes on either way.",
     )
     cpu_reserved_cpus: int = Field(0, ge=0, description="VLLM_CPU_NUM_OF_RESERVED_CPU (CPU build only).")
 

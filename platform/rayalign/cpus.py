@@ -142,8 +142,9 @@ def plan_line(cfg: RunConfig) -> str:
 def use_reserved_cpus(what: str, engine_threads: bool = False) -> int:
     """In a Ray worker or actor: set torch's intra-op threads to the CPUs Ray reserved for this process
     (:func:`torch_threads`), log it once, and return the thread count. ``what`` names the process in the log.
-    ``engine_threads``: the process hosts an engine that sets its own threads from ``OMP_NUM_THREADS`` (vLLM's
-    CPU backend, given :func:`reserved_threads_env`): only log what it will use, leaving torch's setting alone.
+    ``engine_threads``: the process hosts an engine that has set its own threads (vLLM's CPU backend: its own
+    binding, or ``OMP_NUM_THREADS`` from :func:`reserved_threads_env`): only log what it computes on, leaving
+    torch's setting alone (vLLM aborts when it changes).
     Outside Ray (a class built in the driver, as tests do) torch's setting is left as it is."""
     import ray
     import torch
@@ -153,7 +154,7 @@ def use_reserved_cpus(what: str, engine_threads: bool = False) -> int:
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
     threads = torch_threads(cpus)
     if engine_threads:
-        threads = torch.get_num_threads()  # what the engine will find: OMP_NUM_THREADS as torch read it
+        threads = torch.get_num_threads()  # what the engine set
     else:
         torch.set_num_threads(threads)
     # Printed, not logged: Ray Data's actors do not show INFO records; stderr lands in the process's Ray log.

@@ -93,11 +93,11 @@ class VllmGenerator:
     def __init__(self, model: ModelSource, settings: GenerationConfig, max_model_len: int):
         from vllm import SamplingParams
 
-        # vLLM sets its threads itself (OMP_NUM_THREADS from vllm_runtime_env, or its own binding), and its CPU
-        # attention checks that torch keeps that count: a changed count aborts the engine.
-        if settings.vllm.cpu_omp_threads_bind == "nobind":
-            use_reserved_cpus("generation actor (vLLM)", engine_threads=True)
+        # vLLM sets its threads itself (its own binding, or OMP_NUM_THREADS from vllm_runtime_env with nobind),
+        # and its CPU attention checks that torch keeps that count: a changed count aborts the engine. Logged
+        # once the engine has set it.
         self.llm = vllm_engine(model, settings.vllm, max_model_len)
+        use_reserved_cpus("generation actor (vLLM)", engine_threads=True)
         self.tokenizer = self.llm.get_tokenizer()
         # Texts are decoded from the ids as the transformers backend decodes them (vLLM's incremental
         # detokenizer renders a response cut inside a multi-byte character differently).

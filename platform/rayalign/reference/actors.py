@@ -115,12 +115,12 @@ class VllmReferenceScorer:
     def __init__(self, model: ModelSource, engine: VllmEngineConfig, max_model_len: int, per_token: bool = False):
         from vllm import SamplingParams
 
-        # vLLM sets its threads itself (OMP_NUM_THREADS from vllm_runtime_env, or its own binding), and its CPU
-        # attention checks that torch keeps that count: a changed count aborts the engine.
-        if engine.cpu_omp_threads_bind == "nobind":
-            use_reserved_cpus("reference actor (vLLM)", engine_threads=True)
+        # vLLM sets its threads itself (its own binding, or OMP_NUM_THREADS from vllm_runtime_env with nobind),
+        # and its CPU attention checks that torch keeps that count: a changed count aborts the engine. Logged
+        # once the engine has set it.
         self.per_token = per_token
         self.llm = vllm_engine(model, engine, max_model_len)
+        use_reserved_cpus("reference actor (vLLM)", engine_threads=True)
         # prompt_logprobs=0: the log-prob of each actual prompt token, no top-k extras.
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
 
