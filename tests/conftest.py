@@ -29,7 +29,9 @@ def ray_cluster():
 
     # Small, fixed sizing so the suite behaves the same on a 2-core CI machine.
     # The dashboard serves the state API (list_actors) that some tests inspect.
-    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=True)
+    # address="local": always a cluster of this session's own, never one another test process started with
+    # `ray start` or ray.cluster_utils (which plain ray.init() would join).
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=True)
     yield
     ray.shutdown()
 
@@ -61,12 +63,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return resolve_model_dir(ModelConfig(tiny=TinyModelConfig()), tmp_path_factory.mktemp("models"))
 
 
+# What a test's workers and actors reserve unless it says otherwise (tests of `auto` set "auto"): half a CPU, one
+# torch thread. `auto` gives a lone worker or actor most of the 2-CPU node and 2 threads, which a tiny model cannot
+# use, and it serializes what could overlap: the suite took minutes longer with it.
+TEST_CPUS = {"scaling": "cpus_per_worker", "reference": "cpus_per_actor"}
+
+
 def make_config(tmp_path: Path, **sections):
-    """A valid RunConfig for tests: tiny model, synthetic data, output under tmp_path."""
+    """A valid RunConfig for tests: tiny model, synthetic data, output under tmp_path, 0.5 CPU per worker and per
+    reference actor (:data:`TEST_CPUS`)."""
     tree = {
         "model": {"tiny": {}},
         "data": {"synthetic": {"num_pairs": 64}, "max_length": 64, "max_prompt_length": 32},
         "output": {"root": str(tmp_path / "runs"), "name": "test"},
+        **{section: {key: 0.5} for section, key in TEST_CPUS.items()},
     }
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}

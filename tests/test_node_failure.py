@@ -61,32 +61,21 @@ def _kill_a_trainer_node(cluster, metrics_path, killed: dict) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full-switched", "lora"])
-def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, lora, monkeypatch):
-    """Full fine-tuning that switched from DPO to CPO on the pathology alarm before the node loss (the restored
-    run must go on with CPO), and LoRA (whose checkpoints hold the adapters only, the base loaded again)."""
+def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, monkeypatch):
+    """Full fine-tuning that switched from DPO to CPO on the pathology alarm before the node loss: the restored run
+    must go on with CPO. (A LoRA run's restore, whose checkpoints hold the adapters only and the base is loaded
+    again, is tests/test_run_dir.py's killed run: the same restore from a checkpoint, at a tenth of the cost.)"""
     import ray
     from ray.cluster_utils import Cluster
 
     from rayalign.pipeline import run_train
 
-    switched = {}
-    if not lora:
-        # A reference that prefers the wrong answers: at step 2 the policy has moved from it into U, and the
-        # alarm (window 2, any change) switches the run to CPO before the first checkpoint (step 4).
-        monkeypatch.syspath_prepend(str(REPO / "jobs"))
-        from biased_reference import biased_reference
+    # A reference that prefers the wrong answers: at step 2 the policy has moved from it into U, and the
+    # alarm (window 2, any change) switches the run to CPO before the first checkpoint (step 4).
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    from biased_reference import biased_reference
 
-        reference = biased_reference(make_config(tmp_path, data={"synthetic": {"num_pairs": NUM_PAIRS}}), steps=100)
-        switched = {
-            "model": {"tiny": None, "path": str(reference)},
-            "monitor": {
-                "alarm_window": 2,
-                "alarm_min_change": 0.0,
-                "on_alarm": "switch",
-                "switch_to": {"type": "cpo", "gamma": 4.0},
-            },
-        }
+    reference = biased_reference(make_config(tmp_path, data={"synthetic": {"num_pairs": NUM_PAIRS}}), steps=100)
 
     store = 200 * 1024**2
     cluster = Cluster(
@@ -99,7 +88,7 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
         cluster.wait_for_nodes()
         cfg = make_config(
             tmp_path,
-            model=switched.pop("model", {"tiny": {}, "lora": {"rank": 4} if lora else None}),
+            model={"tiny": None, "path": str(reference)},
             data={"synthetic": {"num_pairs": NUM_PAIRS}},
             train={
                 "micro_batch_size": MICRO_BATCH,
@@ -107,12 +96,17 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
                 "log_every": 1,
                 "checkpoint_every": CHECKPOINT_EVERY,
                 "max_failures": 2,
-                "learning_rate": 1e-2 if lora else 1e-4,
+                "learning_rate": 1e-4,
             },
             # One CPU per trainer: the head (1 CPU) holds at most one, so one is on a worker node.
             scaling={"num_workers": 2, "cpus_per_worker": 1},
             ray={"address": cluster.address},
-            **switched,
+            monitor={
+                "alarm_window": 2,
+                "alarm_min_change": 0.0,
+                "on_alarm": "switch",
+                "switch_to": {"type": "cpo", "gamma": 4.0},
+            },
         )
         metrics_path = cfg.output.run_dir / "metrics.jsonl"
         killed: dict = {}
@@ -147,19 +141,12 @@ def test_training_resumes_from_checkpoint_after_losing_a_worker_node(tmp_path, l
     assert resumed % CHECKPOINT_EVERY == 0 and resumed >= CHECKPOINT_EVERY
     assert (killed["at_step"] - 1) // CHECKPOINT_EVERY * CHECKPOINT_EVERY <= resumed, killed
     assert 0 <= killed["last_step_before_restore"] - resumed <= CHECKPOINT_EVERY, killed
-    if not lora:
-        assert (cfg.output.run_dir / "model" / "model.safetensors").exists()
-        # Switched at the alarm before the checkpoint it resumed from, and still CPO after the restore: with γ = 4
-        # and β = 0.1 CPO's loss near the reference is about −log σ(−0.1·softplus(4 − δ_ref)) ≥ 0.91 (δ_ref ≤ 0),
-        # where DPO's is below log 2 (the alarm fired on its falling loss).
-        ((action_step, action),) = [(row["step"], row["action"]) for row in rows if "action" in row]
-        assert action.startswith("switched to cpo") and action_step < resumed, (action_step, resumed)
-        (after,) = [row for row in rows if row.get("resumed_from_step") is not None]
-        assert after["loss"] > 0.8 and rows[action_step - 1]["loss"] < 0.7, (after, rows[action_step - 1])
-        assert summary["actions"] == [{"step": action_step, "action": action}]
-        return
-    assert (cfg.output.run_dir / "model" / "adapter" / "adapter_model.safetensors").exists()
-    # The adapters came back from the checkpoint: freshly initialised ones would make the policy the
-    # reference again, and the resumed step's loss exactly log 2.
+    assert (cfg.output.run_dir / "model" / "model.safetensors").exists()
+    # Switched at the alarm before the checkpoint it resumed from, and still CPO after the restore: with γ = 4
+    # and β = 0.1 CPO's loss near the reference is about −log σ(−0.1·softplus(4 − δ_ref)) ≥ 0.91 (δ_ref ≤ 0),
+    # where DPO's is below log 2 (the alarm fired on its falling loss).
+    ((action_step, action),) = [(row["step"], row["action"]) for row in rows if "action" in row]
+    assert action.startswith("switched to cpo") and action_step < resumed, (action_step, resumed)
     (after,) = [row for row in rows if row.get("resumed_from_step") is not None]
-    assert abs(after["loss"] - 0.693147) > 1e-3, after
+    assert after["loss"] > 0.8 and rows[action_step - 1]["loss"] < 0.7, (after, rows[action_step - 1])
+    assert summary["actions"] == [{"step": action_step, "action": action}]

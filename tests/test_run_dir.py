@@ -112,8 +112,10 @@ def _steps(run_dir) -> list[dict]:
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, tmp_path):
+    """A LoRA run: its checkpoints hold the adapters alone, and the resume loads the base weights again."""
     sections = {
-        "train": {"micro_batch_size": 8, "epochs": 1, "checkpoint_every": 2, "log_every": 1},
+        "model": {"tiny": {}, "lora": {"rank": 4}},
+        "train": {"micro_batch_size": 8, "epochs": 1, "checkpoint_every": 2, "log_every": 1, "learning_rate": 1e-2},
         "scaling": {"num_workers": 1},
     }
     cfg = make_config(tmp_path, **sections)
@@ -158,4 +160,8 @@ def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, t
     (resumed_from,) = summary["resumed_from_steps"]
     assert resumed_from >= 2 and resumed_from % 2 == 0
     assert [r["step"] for r in rows] == list(range(1, summary["steps"] + 1)) and summary["steps"] > resumed_from
-    assert (cfg.output.run_dir / "model" / "model.safetensors").is_file()
+    assert (cfg.output.run_dir / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    # The adapters came back from the checkpoint: freshly initialised ones would make the policy the reference
+    # again, and the resumed step's loss exactly log 2 (as step 1's is).
+    (after,) = [row for row in rows if row.get("resumed_from_step") is not None]
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-4) and abs(after["loss"] - 0.693147) > 1e-3, after

@@ -23,7 +23,8 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
         data={"synthetic": {"num_pairs": 64}},
         loss={"type": "cpo", "beta": 0.5, "gamma": 4.0},
         train={"micro_batch_size": 8, "zero_stage": 2, "log_every": 1, "learning_rate": 3e-3},
-        scaling={"num_workers": 2},
+        scaling={"num_workers": 2, "cpus_per_worker": "auto"},
+        reference={"cpus_per_actor": "auto"},
     )
     before = train_and_reference_actors()
     summary = run_train(cfg)
@@ -161,6 +162,7 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
         train={"micro_batch_size": 4, "zero_stage": 0, "log_every": 1, "learning_rate": 3e-3},
         monitor={"eval_every": 2},
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+        reference={"cpus_per_actor": "auto"},
     )
     cfg = make_config(
         tmp_path,

@@ -34,7 +34,13 @@ def vllm_actor_starts() -> int:
 
 def vllm_config(tmp_path, **sections):
     base = {
-        "reference": {"backend": "vllm", "batch_size": 32, "cache": True, "cache_root": str(tmp_path / "refcache")},
+        "reference": {
+            "backend": "vllm",
+            "batch_size": 32,
+            "cache": True,
+            "cache_root": str(tmp_path / "refcache"),
+            "cpus_per_actor": "auto",  # what vLLM binds its threads to is part of what this test checks
+        },
         "train": {"micro_batch_size": 8, "log_every": 1, "zero_stage": 2},
         "loss": {"type": "dpo", "beta": 0.5},
     }
