@@ -63,20 +63,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return resolve_model_dir(ModelConfig(tiny=TinyModelConfig()), tmp_path_factory.mktemp("models"))
 
 
-# What a test's workers and actors reserve unless it says otherwise (tests of `auto` set "auto"): half a CPU, one
-# torch thread. `auto` gives a lone worker or actor most of the 2-CPU node and 2 threads, which a tiny model cannot
-# use, and it serializes what could overlap: the suite took minutes longer with it.
-TEST_CPUS = {"scaling": "cpus_per_worker", "reference": "cpus_per_actor"}
-
-
 def make_config(tmp_path: Path, **sections):
     """A valid RunConfig for tests: tiny model, synthetic data, output under tmp_path, 0.5 CPU per worker and per
-    reference actor (:data:`TEST_CPUS`)."""
+    reference actor (tests of `auto` set "auto": it gives a lone tiny-model worker or actor most of the 2-CPU node
+    and 2 threads it cannot use, and serializes what could overlap)."""
     tree = {
         "model": {"tiny": {}},
         "data": {"synthetic": {"num_pairs": 64}, "max_length": 64, "max_prompt_length": 32},
         "output": {"root": str(tmp_path / "runs"), "name": "test"},
-        **{section: {key: 0.5} for section, key in TEST_CPUS.items()},
+        "scaling": {"cpus_per_worker": 0.5},
+        "reference": {"cpus_per_actor": 0.5},
     }
     for name, values in sections.items():
         tree[name] = {**tree.get(name, {}), **values}
