@@ -139,11 +139,14 @@ def test_no_import_cycle_type_checking_included():
     assert not cycles, cycles
 
 
-def test_validate_needs_neither_torch_nor_ray_train():
-    """What `rayalign validate` imports to read, count and plan the steps."""
+def test_validate_and_the_data_tasks_need_neither_torch_nor_ray_train():
+    """What `rayalign validate` imports to read, count and plan the steps, and the modules whose functions
+    Ray Data tasks run (read, filter, split, reference-store look-up): each new worker process that runs
+    such a task imports the function's module, and torch alone costs it a second or more of CPU."""
     probe = (
         "import sys; import rayalign.cli; from rayalign.data.stage import prepare_data; "
         "from rayalign.data.records import count_training_pairs; from rayalign.train.steps import step_plan; "
+        "import rayalign.data.reading, rayalign.reference.store; "
         "print(sorted(m for m in ('torch', 'ray.train', 'deepspeed') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -329,9 +329,24 @@ class _Rejoined:
         return out
 
 
+# A gzip'd JSON file of preference text is ~3-5x larger once read; counted as 8x, a small one stays small.
+_GZIP_EXPANSION = 8
+
+
+def read_blocks(inputs: InputFiles) -> int | None:
+    """1 for inputs smaller than Ray Data's ``target_min_block_size`` (1 MiB by default) once read; None
+    (Ray Data decides) otherwise. Ray Data splits even a few kilobytes into 2 blocks per CPU, and each block
+    is a task (often a new worker process) in every stage after the read, for no parallelism worth having."""
+    sizes = [info.size or 0 for info in inputs.fs.get_file_info(inputs.files)]
+    in_memory = sum(size * (_GZIP_EXPANSION if f.endswith(".gz") else 1) for f, size in zip(inputs.files, sizes))
+    return 1 if in_memory < ray.data.DataContext.get_current().target_min_block_size else None
+
+
 def read_preference_files(inputs: InputFiles, num_cpus: float, max_record_bytes: int) -> Dataset:
     """A Ray Dataset of ``{source, row, record, read_error}``, one row per input record; the read tasks
-    open the files through ``inputs.fs`` on whichever node they run."""
+    open the files through ``inputs.fs`` on whichever node they run (:func:`read_blocks` says how many blocks)."""
     return ray.data.read_datasource(
-        PreferenceFileDatasource(inputs.files, max_record_bytes, filesystem=inputs.fs), num_cpus=num_cpus
+        PreferenceFileDatasource(inputs.files, max_record_bytes, filesystem=inputs.fs),
+        num_cpus=num_cpus,
+        override_num_blocks=read_blocks(inputs),
     )

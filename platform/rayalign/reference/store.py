@@ -44,7 +44,6 @@ from ray.data import Dataset
 
 from rayalign.config import RunConfig
 from rayalign.models import ModelSource
-from rayalign.reference.actors import add_reference_logps
 from rayalign.schema import (
     CHOSEN_IDS,
     CHOSEN_TOKENS,
@@ -264,6 +263,10 @@ def scored_through_store(pairs: Dataset, cfg: RunConfig, model: ModelSource) -> 
     found = looked.count() - num_missing
     rows, appended_bytes = known.rows, 0
     if num_missing:
+        # Imported here, on the driver: the look-up tasks unpickle this module on every Ray worker they
+        # start, and the actors' module brings in torch (a second or more per process, for a pure-Arrow job).
+        from rayalign.reference.actors import add_reference_logps
+
         fresh = add_reference_logps(misses, cfg, model).select_columns(ROW_SCHEMA.names, num_cpus=num_cpus)
         new_rows = pa.concat_tables([ray.get(ref) for ref in fresh.to_arrow_refs()]).cast(ROW_SCHEMA)
         appended_bytes = store.append(new_rows)
