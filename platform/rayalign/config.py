@@ -216,6 +216,21 @@ class SyntheticDataConfig(_Section):
     seed: int = 0
 
 
+class ColumnsConfig(_Section):
+    """Which field of a record holds each part of a pair, where a dataset names them otherwise: e.g. OpenRLHF's
+    ``--prompt_key question --chosen_key response_j --rejected_key response_k`` is ``{prompt: question, chosen:
+    response_j, rejected: response_k}``. The fields are then read as ``data.format`` says."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    system: str = Field(
+        "system",
+        description="A non-empty system text makes the prompt a chat: a system message, then the prompt's "
+        "messages (a text prompt becomes one user message), rendered through the chat template.",
+    )
+
+
 class DataConfig(_Section):
     paths: list[str] = Field(
         default_factory=list,
@@ -228,7 +243,13 @@ class DataConfig(_Section):
     def _uris(cls, paths: list[str]) -> list[str]:
         return [storage_uri(p) for p in paths]
 
-    format: Literal["auto", "pairs", "conversational", "hh"] = "auto"
+    format: Literal["auto", "pairs", "conversational", "hh", "sharegpt", "alpaca"] = Field(
+        "auto",
+        description="The records' layout (README, Data formats): auto detects each record's; pairs (text prompt, "
+        "or none: the start chosen and rejected share, as TRL), conversational (message lists; a text prompt "
+        "beside them, as UltraFeedback's, is checked against them), hh, and LLaMA-Factory's sharegpt and alpaca.",
+    )
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     limit: int | None = Field(None, ge=1, description="Read only the first N records (quick audits, smoke runs).")
     synthetic: SyntheticDataConfig | None = None
     max_length: int = Field(512, ge=8, description="Max tokens of prompt + response.")

@@ -1,11 +1,15 @@
-"""Parsing one record into a :class:`Pair` of texts, in the formats ``data.format`` names (``pairs``,
-``conversational``, ``hh``, or ``auto``); an unusable record raises :class:`RecordError` with a stable reason."""
+"""Parsing one record into a :class:`Pair` of texts, in the layouts ``data.format`` names (``pairs``,
+``conversational``, ``hh``, LLaMA-Factory's ``sharegpt`` and ``alpaca``, or ``auto``), its fields named as
+``data.columns`` says; an unusable record raises :class:`RecordError` with a stable reason."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rayalign.config import ColumnsConfig
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -57,19 +61,36 @@ def _final_assistant_text(messages: list[dict[str, str]], key: str) -> str:
     return last["content"]
 
 
+def _shared_dialogue(chosen: list[dict[str, str]], rejected: list[dict[str, str]]) -> list[dict[str, str]]:
+    if chosen[:-1] != rejected[:-1]:
+        raise RecordError("prompt_mismatch", "chosen and rejected dialogues differ before the final turn", "chosen")
+    return chosen[:-1]
+
+
 def _parse_conversational(obj: dict) -> Pair:
     chosen = _check_messages(obj.get("chosen"), "chosen")
     rejected = _check_messages(obj.get("rejected"), "rejected")
-    if obj.get("prompt") is not None:
-        prompt = _check_messages(obj["prompt"], "prompt")
+    text_prompt = obj.get("prompt")
+    if isinstance(text_prompt, str):
+        # UltraFeedback-binarized: the prompt's text beside whole dialogues. The messages are what is trained on;
+        # the text must be their last user turn (or the whole prompt, when the dialogues hold only the answer).
+        shared = _shared_dialogue(chosen, rejected)
+        users = [m["content"] for m in shared if m["role"] == "user"]
+        if shared and (not users or users[-1].strip() != text_prompt.strip()):
+            raise RecordError(
+                "prompt_mismatch",
+                "field 'prompt' is not the last user message of the chosen/rejected dialogue",
+                "prompt",
+            )
+        prompt = shared or [{"role": "user", "content": text_prompt}]
+    elif text_prompt is not None:
+        prompt = _check_messages(text_prompt, "prompt")
         if len(chosen) != 1 or len(rejected) != 1:
             raise RecordError("bad_messages", "with an explicit prompt, chosen and rejected must each be one message")
     else:
-        if chosen[:-1] != rejected[:-1]:
-            raise RecordError("prompt_mismatch", "chosen and rejected dialogues differ before the final turn", "chosen")
-        prompt = chosen[:-1]
-        if not prompt:
-            raise RecordError("bad_messages", "no prompt: the dialogue has only the final turn", "chosen")
+        prompt = _shared_dialogue(chosen, rejected)
+    if not prompt:
+        raise RecordError("bad_messages", "no prompt: the dialogue has only the final turn", "chosen")
     return Pair(prompt, _final_assistant_text(chosen, "chosen"), _final_assistant_text(rejected, "rejected"))
 
 
@@ -96,23 +117,161 @@ def _parse_hh(obj: dict) -> Pair:
     return Pair(chosen_prompt, chosen, rejected)
 
 
+def _implicit_prompt_cut(chosen: str, rejected: str) -> int:
+    """Where the start chosen and rejected share ends, backed off to the start of the word they differ in and
+    before the space ahead of it (tokenizers attach a space to the word after it): "I like cats" / "I like cars"
+    cut at 6, giving "I like" and " cats" / " cars"; "2+2=4" / "2+2=5" at 4."""
+    cut = 0
+    while cut < min(len(chosen), len(rejected)) and chosen[cut] == rejected[cut]:
+        cut += 1
+    in_a_word = cut < len(chosen) and chosen[cut].isalnum() or cut < len(rejected) and rejected[cut].isalnum()
+    while in_a_word and cut > 0 and chosen[cut - 1].isalnum():
+        cut -= 1
+    return cut - 1 if cut > 0 and chosen[cut - 1].isspace() else cut
+
+
 def _parse_pairs(obj: dict) -> Pair:
+    if "prompt" in obj:
+        return Pair(
+            _require_str(obj, "prompt", allow_empty=True), _require_str(obj, "chosen"), _require_str(obj, "rejected")
+        )
+    chosen, rejected = _require_str(obj, "chosen"), _require_str(obj, "rejected")
+    # TRL's implicit prompt: no prompt field, the prompt being the start the two texts share.
+    cut = _implicit_prompt_cut(chosen, rejected)
+    if not chosen[:cut].strip():
+        raise RecordError(
+            "missing_field",
+            "field 'prompt' is missing and chosen and rejected share no start to take it from",
+            "prompt",
+        )
+    return Pair(chosen[:cut], chosen[cut:], rejected[cut:])
+
+
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def _sharegpt_text(turn: Any, key: str) -> str:
+    if not (isinstance(turn, dict) and isinstance(turn.get("value"), str) and turn.get("from") == "gpt"):
+        raise RecordError("bad_messages", f"field {key!r} must be {{from: gpt, value: str}}", key)
+    if not turn["value"].strip():
+        raise RecordError("empty_response", f"field {key!r} is empty", key)
+    return turn["value"]
+
+
+def _parse_sharegpt(obj: dict) -> Pair:
+    """LLaMA-Factory's sharegpt preference layout: ``conversations`` ({from, value} turns, the last one the
+    human's) and ``chosen``/``rejected`` as one {from: gpt, value} turn each."""
+    turns = obj.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("bad_messages", "field 'conversations' must be a non-empty list of turns", "conversations")
+    prompt = []
+    for i, turn in enumerate(turns):
+        role = _SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise RecordError(
+                "bad_messages", f"conversations[{i}] must be {{from: human|gpt|system, value: str}}", "conversations"
+            )
+        prompt.append({"role": role, "content": turn["value"]})
+    if prompt[-1]["role"] != "user":
+        raise RecordError("bad_messages", "the last turn of 'conversations' must be from the human", "conversations")
+    return Pair(prompt, _sharegpt_text(obj.get("chosen"), "chosen"), _sharegpt_text(obj.get("rejected"), "rejected"))
+
+
+def _parse_alpaca(obj: dict) -> Pair:
+    """LLaMA-Factory's alpaca preference layout: the user turn is ``instruction`` and ``input`` joined by a
+    newline, after the ``history`` ([[user, assistant], ...]) turns."""
+    query = "\n".join(t for t in (_require_str(obj, "instruction"), obj.get("input") or "") if t)
+    history = obj.get("history") or []
+    if not isinstance(history, list) or not all(
+        isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
+    ):
+        raise RecordError("bad_messages", "field 'history' must be a list of [user, assistant] texts", "history")
+    prompt = [{"role": role, "content": text} for turn in history for role, text in zip(("user", "assistant"), turn)]
     return Pair(
-        _require_str(obj, "prompt", allow_empty=True), _require_str(obj, "chosen"), _require_str(obj, "rejected")
+        [*prompt, {"role": "user", "content": query}], _require_str(obj, "chosen"), _require_str(obj, "rejected")
     )
 
 
 def detect_format(obj: dict) -> str:
+    """The layout of one record (``data.format: auto``); raises RecordError for data that is not preference
+    pairs or whose fields no layout names, with the fields it has and the setting that would read it."""
+    if "conversations" in obj:
+        return "sharegpt"
+    if "instruction" in obj and "chosen" in obj:
+        return "alpaca"
     if isinstance(obj.get("chosen"), list) or isinstance(obj.get("prompt"), list):
         return "conversational"
+    if "chosen" not in obj and "completion" in obj and "label" in obj:
+        raise RecordError(
+            "unpaired_record",
+            "prompt/completion/label is unpaired (KTO-style) data; preference losses need a chosen and a rejected "
+            "response per prompt: pair them first",
+        )
+    if "chosen" not in obj and "completions" in obj:
+        raise RecordError(
+            "rated_completions",
+            "rated completions with no chosen/rejected (raw UltraFeedback); build pairs first, e.g. the best- "
+            "against the worst-rated completion of each prompt, ties dropped",
+        )
     if "prompt" in obj:
         return "pairs"
     if isinstance(obj.get("chosen"), str) and (HH_ASSISTANT in obj["chosen"] or HH_HUMAN in obj["chosen"]):
         return "hh"  # a transcript, even one without an Assistant turn (reported as such)
-    return "pairs"  # reports the missing prompt field
+    if "chosen" in obj and "rejected" in obj:
+        return "pairs"  # TRL's implicit prompt
+    raise RecordError(
+        "unknown_layout",
+        f"no known layout has the fields {', '.join(sorted(obj)) or '(none)'}: name them with data.columns "
+        "{prompt, chosen, rejected, system} or set data.format (pairs, conversational, hh, sharegpt, alpaca)",
+    )
 
 
-_PARSERS = {"pairs": _parse_pairs, "conversational": _parse_conversational, "hh": _parse_hh}
+_PARSERS = {
+    "pairs": _parse_pairs,
+    "conversational": _parse_conversational,
+    "hh": _parse_hh,
+    "sharegpt": _parse_sharegpt,
+    "alpaca": _parse_alpaca,
+}
+
+
+def required_fields(fmt: str, columns: ColumnsConfig | None = None) -> list[str]:
+    """The fields every record of layout ``fmt`` has, as the data names them (a Parquet file's columns)."""
+    named = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+    if columns is not None:
+        named = {part: getattr(columns, part) for part in named}
+    return {
+        "sharegpt": ["conversations", named["chosen"], named["rejected"]],
+        "alpaca": ["instruction", named["chosen"], named["rejected"]],
+    }.get(fmt, [named["chosen"], named["rejected"]])
+
+
+def _renamed(obj: dict, columns: ColumnsConfig | None) -> dict:
+    """The record with ``data.columns``' fields under the standard names."""
+    if columns is None:
+        return obj
+    mapping = {columns.prompt: "prompt", columns.chosen: "chosen", columns.rejected: "rejected"}
+    mapping[columns.system] = "system"
+    if all(source == part for source, part in mapping.items()):
+        return obj
+    for source, part in mapping.items():
+        if source != part and source not in obj and part != "system":
+            raise RecordError("missing_field", f"field {source!r} (data.columns.{part}) is missing", source)
+    out = {k: v for k, v in obj.items() if k not in mapping.values()}
+    out.update({mapping[k]: v for k, v in obj.items() if k in mapping})
+    return out
+
+
+def _with_system(pair: Pair, system: Any) -> Pair:
+    """A system text (Intel orca's, LLaMA-Factory's ``system``) as the prompt's first message."""
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return pair
+    if not isinstance(system, str):
+        raise RecordError("not_a_string", f"field 'system' must be a string, got {type(system).__name__}", "system")
+    messages = pair.prompt if isinstance(pair.prompt, list) else [{"role": "user", "content": pair.prompt}]
+    if messages and messages[0]["role"] == "system":
+        return pair
+    return Pair([{"role": "system", "content": system}, *messages], pair.chosen, pair.rejected)
 
 
 def _json_object(record: str) -> dict:
@@ -139,10 +298,14 @@ def parse_prompt_record(record: str) -> tuple[str | list[dict[str, str]], dict[s
     return prompt, obj
 
 
-def parse_record(record: str, fmt: str) -> Pair:
-    """Parse one raw record (JSON text) in ``fmt`` ('auto' detects); raises RecordError."""
-    obj = _json_object(record)
-    pair = _PARSERS[detect_format(obj) if fmt == "auto" else fmt](obj)
+def parse_record(record: str, fmt: str, columns: ColumnsConfig | None = None) -> Pair:
+    """Parse one raw record (JSON text) in layout ``fmt`` ('auto' detects), its fields named as ``columns``
+    says (None: the standard names); raises RecordError."""
+    obj = _renamed(_json_object(record), columns)
+    fmt = detect_format(obj) if fmt == "auto" else fmt
+    pair = _PARSERS[fmt](obj)
+    if fmt != "hh":
+        pair = _with_system(pair, obj.get("system"))
     _check_encodable(pair)
     if pair.chosen == pair.rejected:
         raise RecordError("identical_responses", "chosen and rejected responses are identical", "rejected")

@@ -21,7 +21,8 @@ import ray
 from ray.data import Dataset
 from ray.data.datasource import FileBasedDatasource
 
-from rayalign.config import S3Config
+from rayalign.config import ColumnsConfig, S3Config
+from rayalign.data.parsing import required_fields
 from rayalign.data.report import SkippedFiles
 from rayalign.errors import DataQualityError
 from rayalign.schema import READ_ERROR, RECORD, ROW, SOURCE
@@ -262,7 +263,9 @@ def _files_under(place: Location) -> Iterator[tuple[str, bool]]:
             yield info.path, False
 
 
-def input_files(paths: list[str], fmt: str = "auto", s3: S3Config | None = None) -> InputFiles:
+def input_files(
+    paths: list[str], fmt: str = "auto", s3: S3Config | None = None, columns: ColumnsConfig | None = None
+) -> InputFiles:
     """Expand directories to their supported files (sorted); check each named file exists and each
     Parquet file has the columns the format needs. Local paths and storage URIs (``s3`` says how to
     reach an S3-compatible server) are both read, but from one place: all local or all in one store.
@@ -301,13 +304,12 @@ def input_files(paths: list[str], fmt: str = "auto", s3: S3Config | None = None)
         files += sorted(kept)
     for f in files:
         if f.endswith(".parquet"):
-            _check_parquet_columns(f, fmt, fs)
+            _check_parquet_columns(f, required_fields(fmt, columns), fs)
     return InputFiles(files, SkippedFiles(not_data, links_outside, tuple(examples)), fs)
 
 
-def _check_parquet_columns(path: str, fmt: str, fs: pafs.FileSystem) -> None:
+def _check_parquet_columns(path: str, needed: list[str], fs: pafs.FileSystem) -> None:
     columns = set(pq.read_schema(path, filesystem=fs).names)
-    needed = ["chosen", "rejected"] + (["prompt"] if fmt == "pairs" else [])
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataQualityError(

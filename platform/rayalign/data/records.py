@@ -61,11 +61,15 @@ def capped_record(text: str | None) -> str | None:
     return text[:QUARANTINE_RECORD_CHARS] + f"…[{len(text) - QUARANTINE_RECORD_CHARS} more characters]"
 
 
-def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
+def _write_quarantine(rejected: Dataset, path: Path, report: DataReport) -> None:
+    """Write every rejected record to ``path``; count them by reason into ``report``, and name the first."""
     counts: Counter = Counter()
     with replaced_whole(path) as f:
         for row in rejected.iter_rows():
             counts[row[STATUS]] += 1
+            if not report.first_quarantined:
+                where = "row" if row[SOURCE].endswith(".parquet") else "line"
+                report.first_quarantined = f"{row[SOURCE]} {where} {row[ROW]}: {row[STATUS]}: {row[DETAIL]}"
             f.write(
                 json.dumps(
                     {
@@ -79,7 +83,7 @@ def _write_quarantine(rejected: Dataset, path: Path) -> Counter:
                 )
                 + "\n"
             )
-    return counts
+    report.quarantined = dict(counts)
 
 
 def prepare_pairs(
@@ -93,7 +97,7 @@ def prepare_pairs(
     Raises DataQualityError when too much was quarantined.
     """
     num_cpus = cfg.ray.data_cpus_per_task
-    inputs = input_files(paths, cfg.data.format, cfg.output.s3)
+    inputs = input_files(paths, cfg.data.format, cfg.output.s3, cfg.data.columns)
     records = read_preference_files(inputs, num_cpus, cfg.data.max_record_bytes)
     if cfg.data.limit is not None:
         records = records.limit(cfg.data.limit)
@@ -113,7 +117,7 @@ def prepare_pairs(
         report.ok += pc.sum(pc.equal(batch.column(STATUS), OK)).as_py() or 0
         report.truncated += pc.sum(batch.column(TRUNCATED)).as_py() or 0
     rejected = prepared.map_batches(_only(status_is_ok=False), batch_format="pyarrow", num_cpus=num_cpus)
-    report.quarantined = dict(_write_quarantine(rejected, quarantine))
+    _write_quarantine(rejected, quarantine, report)
     publish(cfg.output, quarantine)  # before any refusal below: a refused run's quarantine is kept too
 
     if report.total == 0:
@@ -122,13 +126,14 @@ def prepare_pairs(
         raise DataQualityError(
             f"{report.num_quarantined} of {report.total} records ({report.quarantined_fraction:.1%}) were "
             f"quarantined, above data.max_quarantine_fraction={cfg.data.max_quarantine_fraction:.1%}. "
-            f"Reasons: {report.as_dict()['quarantined_by_reason']}. See {report.quarantine_path}",
+            f"Reasons: {report.as_dict()['quarantined_by_reason']}. First: {report.first_quarantined}. "
+            f"See {report.quarantine_path}",
             report,
         )
     if report.ok == 0:
         raise DataQualityError(
             f"none of the {report.total} records is usable (reasons: {report.as_dict()['quarantined_by_reason']}); "
-            f"see {report.quarantine_path}",
+            f"first: {report.first_quarantined}; see {report.quarantine_path}",
             report,
         )
     usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)

@@ -32,6 +32,7 @@ class DataReport:
     quarantine_path: str = ""
     files: list[str] = field(default_factory=list)  # what was read (directories expanded)
     skipped_files: SkippedFiles = field(default_factory=SkippedFiles)  # what expanding directories left out
+    first_quarantined: str = ""  # "<file> line|row N: <reason>: <detail>", for a refusal's one line
 
     @property
     def num_quarantined(self) -> int:

@@ -1,5 +1,10 @@
-"""Tokenizing one pair: prompt and responses to token ids (one BOS per sequence, one EOS per response, whatever
-the text holds), truncated as ``data.truncation`` says; :class:`PairTokenizer` does it to a Ray Data batch."""
+"""Tokenizing one pair: prompt and responses to token ids, truncated as ``data.truncation`` says;
+:class:`PairTokenizer` does it to a Ray Data batch.
+
+Text pairs: one BOS per sequence and one EOS per response, whatever the text holds. Chat pairs (the prompt is a
+list of messages) with a chat template: what the template renders, token for token, as inference will see it:
+the prompt is the conversation rendered with the generation prompt, and a response is the rest of the whole
+conversation's rendering (its end-of-turn tokens included, and scored)."""
 
 from __future__ import annotations
 
@@ -14,14 +19,22 @@ from rayalign.schema import DETAIL, FIELD, OK, READ_ERROR, RECORD, ROW, SOURCE, 
 def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], list[int], bool]:
     """Token ids of (prompt, chosen, rejected) and whether anything was truncated.
 
-    A sequence starts with one BOS (when the tokenizer adds one) and each response ends with one EOS, so
-    the model learns where an answer stops, whatever special-token text the data already holds. Over-long
+    A sequence starts with one BOS (when the tokenizer adds one). A text response ends with one EOS, so the
+    model learns where an answer stops, whatever special-token text the data already holds; a chat response
+    is what the chat template renders for it, up to and including its end-of-turn tokens. Raises RecordError
+    (``template_not_prefix``, ``too_long``, ``identical_after_truncation``). Over-long
     pairs follow ``cfg.truncation``: keep the end of the prompt (at most
     ``max_prompt_length`` tokens) and then cut responses to fit ``max_length``,
     or quarantine the pair as ``too_long``.
     """
     prompt_ids = tokenize_prompt(pair.prompt, tokenizer)
-    chosen_ids, rejected_ids = (_response_ids(text, tokenizer) for text in (pair.chosen, pair.rejected))
+    if isinstance(pair.prompt, list) and tokenizer.chat_template:
+        chosen_ids, rejected_ids = (
+            _rendered_response_ids(pair.prompt, prompt_ids, text, tokenizer, key)
+            for key, text in (("chosen", pair.chosen), ("rejected", pair.rejected))
+        )
+    else:
+        chosen_ids, rejected_ids = (_response_ids(text, tokenizer) for text in (pair.chosen, pair.rejected))
 
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longest <= cfg.max_length:
@@ -45,15 +58,43 @@ def tokenize_prompt(prompt: str | list[dict[str, str]], tokenizer) -> list[int]:
     template (with the generation prompt; ``role: content`` lines without a template); one leading BOS."""
     if isinstance(prompt, list):
         if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
+            ids = _rendered(prompt, tokenizer, add_generation_prompt=True)
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
             ids = tokenizer(text).input_ids
     else:
         ids = tokenizer(prompt).input_ids
     return _one_leading(list(ids), tokenizer.bos_token_id)
+
+
+def _rendered(messages: list[dict[str, str]], tokenizer, add_generation_prompt: bool) -> list[int]:
+    """The chat template's token ids for ``messages`` (the special tokens it writes are not added twice)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _rendered_response_ids(
+    prompt: list[dict[str, str]], prompt_ids: list[int], response: str, tokenizer, key: str
+) -> list[int]:
+    """A response's ids as the template renders it after the prompt: the whole conversation's ids less the
+    prompt's (rendered with the generation prompt; ``prompt_ids``, leading BOS already deduplicated).
+
+    Raises RecordError ``template_not_prefix`` when the prompt's rendering is not where the whole one starts
+    (a template that renders earlier turns differently once an answer follows): splitting there would train
+    on ids inference never produces."""
+    whole = _one_leading(
+        _rendered([*prompt, {"role": "assistant", "content": response}], tokenizer, False), tokenizer.bos_token_id
+    )
+    if whole[: len(prompt_ids)] != prompt_ids or len(whole) == len(prompt_ids):
+        raise RecordError(
+            "template_not_prefix",
+            f"the chat template's rendering of the prompt is not the start of its rendering of prompt + {key}, "
+            "so the response's tokens cannot be told apart",
+            key,
+        )
+    return whole[len(prompt_ids) :]
 
 
 def _one_leading(ids: list[int], token: int | None) -> list[int]:
@@ -93,7 +134,9 @@ class PairTokenizer:
                 if read_error is not None:
                     reason, _, detail = read_error.partition(": ")
                     raise RecordError(reason, detail)
-                *ids, truncated = tokenize_pair(parse_record(record, self.cfg.format), self.tokenizer, self.cfg)
+                *ids, truncated = tokenize_pair(
+                    parse_record(record, self.cfg.format, self.cfg.columns), self.tokenizer, self.cfg
+                )
                 status, fld, detail, kept = OK, None, None, None  # the raw text is only kept for the quarantine
             except Exception as exc:  # noqa: BLE001  one record never stops the stage: it is quarantined with why
                 err = (
