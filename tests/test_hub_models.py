@@ -1,4 +1,5 @@
-"""model.path as a Hugging Face hub id, resolved through huggingface_hub's cache (no network, no Ray).
+"""model.path and data.paths as Hugging Face hub ids, resolved through huggingface_hub's cache (no network; Ray
+only where `validate` reads a hub dataset).
 
 The cache is laid out by hand in huggingface_hub's format; with HF_HUB_OFFLINE the library finds a
 snapshot through ``refs/<revision>`` -> ``snapshots/<commit>/`` alone (blobs and the tree listing are
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+from hub_cache import DATASET_ID, DATASET_SNAPSHOT, cache_dataset
 
 from rayalign.config import ConfigError, ModelConfig, TinyModelConfig, config_from_dict
 from rayalign.models import build_tiny_model, load_causal_lm, load_tokenizer, resolve_model_dir
@@ -179,3 +181,64 @@ def test_cli_on_an_uncached_hub_id_exits_2_with_one_line(offline_cache, tmp_path
     assert [line for line in done.stderr.splitlines() if "rayalign: error" in line][0].endswith(
         "or set model.path to a local directory"
     )
+
+
+# ------------------------------------------------------------------ data.paths: hub dataset ids
+
+
+def test_a_cached_hub_dataset_resolves_to_its_splits_files_and_reaches_storage(offline_cache, tmp_path):
+    from rayalign.config import DataConfig, OutputConfig
+    from rayalign.data.hub import DATASET_MANIFEST, resolved_data_paths
+
+    cache_dataset(offline_cache, tmp_path)
+    local = tmp_path / "local.jsonl"
+    local.write_text("")
+    data = DataConfig(paths=[DATASET_ID, str(local)], split="train_prefs")
+    snapshot = offline_cache / f"datasets--{DATASET_ID.replace('/', '--')}" / "snapshots" / DATASET_SNAPSHOT
+    output = OutputConfig(root=str(tmp_path / "runs"))
+    assert resolved_data_paths(data, output) == [
+        str(snapshot / "data" / "train_prefs-00000-of-00001.parquet"),
+        str(local),
+    ]
+    # With output.storage, nodes that share no disk with the driver read a copy there (its manifest written last).
+    stored = OutputConfig(root=str(tmp_path / "runs"), storage=f"file://{tmp_path / 'store'}")
+    [uri, _] = resolved_data_paths(data, stored)
+    copy = tmp_path / "store" / "_datasets" / f"pref-org--ultrafeedback-like--{DATASET_SNAPSHOT}"
+    assert uri == f"file://{copy}/data/train_prefs-00000-of-00001.parquet"
+    assert (copy / "data" / "train_prefs-00000-of-00001.parquet").is_file()
+    assert json.loads((copy / DATASET_MANIFEST).read_text())["files"].keys() == {
+        "data/train_prefs-00000-of-00001.parquet"
+    }
+
+    with pytest.raises(FileNotFoundError, match=r"has no file for split 'train' \(looked for train-\*\.parquet"):
+        resolved_data_paths(DataConfig(paths=[DATASET_ID]), output)
+    with pytest.raises(FileNotFoundError) as err:
+        resolved_data_paths(DataConfig(paths=["pref-org/not-fetched"]), output)
+    assert "is not in the Hugging Face cache" in str(err.value) and (
+        "`hf download pref-org/not-fetched --repo-type dataset`" in str(err.value)
+    )
+    with pytest.raises(ConfigError, match="data.subset is only for a hub dataset id"):
+        config_from_dict(
+            {"model": {"tiny": {}}, "data": {"paths": [str(local)], "subset": "default"}, "output": {"root": "r"}}
+        )
+
+
+def test_validate_reads_a_hub_dataset_from_the_cache(ray_cluster, offline_cache, tmp_path, capsys):
+    from rayalign.cli import main
+
+    cache_dataset(offline_cache, tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"tiny": {}},
+                "data": {"paths": [DATASET_ID], "split": "train_prefs", "max_length": 64, "max_prompt_length": 32},
+                "train": {"micro_batch_size": 1},
+                "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+                "output": {"root": str(tmp_path / "runs"), "name": "hub-data"},
+            }
+        )
+    )
+    assert main(["validate", "--config", str(config), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert counts["records"] == 5 and counts["usable"] == 5 and counts["ok"] is True

@@ -77,6 +77,24 @@ CPUS_AUTO = (
 )
 
 
+def hub_repo_id(path: str) -> str | None:
+    """The Hugging Face hub repository ``path`` names, or None for a local path or a storage URI.
+
+    A hub id is ``org/name`` in huggingface_hub's strict form that names no existing local path, so
+    ``./dir``, ``/abs/dir``, ``~/dir`` or ``a/b/c`` always mean local paths, and a local ``org/name``
+    directory wins over the hub. ``package:<name>`` and URIs are never one (no repo id has a ``:``).
+    """
+    if path.count("/") != 1 or Path(path).expanduser().exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return None
+    return path
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` and `.nan` are valid YAML floats, and no setting here means them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -183,22 +201,8 @@ class ModelConfig(_Section):
         return self
 
     def hub_repo_id(self) -> str | None:
-        """The Hugging Face hub repository ``model.path`` names, or None for a local model.
-
-        A hub id is ``org/name`` in huggingface_hub's strict form that names no existing local path, so
-        ``./dir``, ``/abs/dir``, ``~/dir`` or ``a/b/c`` always mean local paths, and a local ``org/name``
-        directory wins over the hub. ``package:<name>`` is never one (no repo id has a ``:``).
-        """
-        path = self.path
-        if path is None or path.endswith(".gguf") or path.count("/") != 1 or Path(path).expanduser().exists():
-            return None
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(path)
-        except HFValidationError:
-            return None
-        return path
+        """The Hugging Face hub repository ``model.path`` names, or None for a local model (:func:`hub_repo_id`)."""
+        return None if self.path is None or self.path.endswith(".gguf") else hub_repo_id(self.path)
 
 
 class SyntheticDataConfig(_Section):
@@ -229,6 +233,9 @@ class ColumnsConfig(_Section):
         description="A non-empty system text makes the prompt a chat: a system message, then the prompt's "
         "messages (a text prompt becomes one user message), rendered through the chat template.",
     )
+    completions: str = Field("completions", description="data.format rated: the list of rated completions.")
+    response: str = Field("response", description="data.format rated: a completion's text.")
+    rating: str = Field("overall_score", description="data.format rated: a completion's rating (higher is better).")
 
 
 class DataConfig(_Section):
@@ -243,13 +250,31 @@ class DataConfig(_Section):
     def _uris(cls, paths: list[str]) -> list[str]:
         return [storage_uri(p) for p in paths]
 
-    format: Literal["auto", "pairs", "conversational", "hh", "sharegpt", "alpaca"] = Field(
+    split: str = Field(
+        "train", min_length=1, description="The split read from a hub dataset id in data.paths (e.g. train_prefs)."
+    )
+    subset: str | None = Field(
+        None,
+        min_length=1,
+        description="The subset (configuration) of a hub dataset id in data.paths, if it has several.",
+    )
+    revision: str | None = Field(
+        None, min_length=1, description="Branch, tag or commit of the hub dataset ids in data.paths (absent: main)."
+    )
+    format: Literal["auto", "pairs", "conversational", "hh", "sharegpt", "alpaca", "rated"] = Field(
         "auto",
         description="The records' layout (README, Data formats): auto detects each record's; pairs (text prompt, "
         "or none: the start chosen and rejected share, as TRL), conversational (message lists; a text prompt "
-        "beside them, as UltraFeedback's, is checked against them), hh, and LLaMA-Factory's sharegpt and alpaca.",
+        "beside them, as UltraFeedback's, is checked against them), hh, LLaMA-Factory's sharegpt and alpaca; "
+        "rated (never detected): a prompt's best- against its worst-rated completion, ties dropped.",
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    tokenizer_actors: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokenizer actors (each one CPU share, ray.data_cpus_per_task); None: one per CPU of the "
+        "cluster. Ray Data starts one and adds more while blocks wait, so small data stays on one.",
+    )
     limit: int | None = Field(None, ge=1, description="Read only the first N records (quick audits, smoke runs).")
     synthetic: SyntheticDataConfig | None = None
     max_length: int = Field(512, ge=8, description="Max tokens of prompt + response.")
@@ -276,6 +301,9 @@ class DataConfig(_Section):
             raise ValueError("set only one of data.paths or data.synthetic")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+        for name in ("subset", "revision"):
+            if getattr(self, name) is not None and not any(hub_repo_id(p) for p in self.paths):
+                raise ValueError(f"data.{name} is only for a hub dataset id (org/name) in data.paths")
         return self
 
 

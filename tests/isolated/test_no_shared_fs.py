@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from hub_cache import DATASET_ID, DATASET_SNAPSHOT, SPLITS, cache_dataset
 
 pytestmark = pytest.mark.no_shared_fs
 
@@ -29,9 +30,11 @@ def s3(s3_server):
     return s3_server.filesystem()
 
 
-def rayalign(cluster, s3_server, *args: str, storage: bool = True, timeout: float = COMMAND_TIMEOUT_S):
+def rayalign(
+    cluster, s3_server, *args: str, storage: bool = True, timeout: float = COMMAND_TIMEOUT_S, env: dict | None = None
+):
     """A `rayalign` command run as a user would, joining the cluster (RAY_ADDRESS), from the driver's
-    machine, with the run kept in the S3 server."""
+    machine, with the run kept in the S3 server; ``env`` adds to the driver's environment."""
     where = [f"output.root={cluster.driver_root}/runs"]
     if storage:
         where += [
@@ -41,7 +44,12 @@ def rayalign(cluster, s3_server, *args: str, storage: bool = True, timeout: floa
         ]
     argv = [sys.executable, "-m", "rayalign", *args, *(x for kv in where for x in ("--set", kv))]
     return subprocess.run(
-        argv, cwd=cluster.driver_root, env=cluster.env, capture_output=True, text=True, timeout=timeout
+        argv,
+        cwd=cluster.driver_root,
+        env={**cluster.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -240,6 +248,30 @@ def test_validate_and_audit_read_data_from_s3_and_keep_their_quarantine_there(is
     assert counts["quarantine_path"] == s3_server.uri("runs/checked/validate/quarantine.jsonl")
     (rejected,) = [json.loads(x) for x in read(s3, "runs/checked/validate/quarantine.jsonl").splitlines()]
     assert rejected["row"] == 8 and rejected["reason"] == "bad_json"
+
+    # A hub dataset id, in the driver's Hugging Face cache only: its split's files reach the nodes through S3.
+    hf = Path(isolated_cluster.driver_root) / "hf"
+    cache_dataset(hf / "hub", Path(isolated_cluster.driver_root))
+    hub = ["--set", f"data.paths=[{DATASET_ID}]", "--set", "data.split=train_prefs", "--set", "data.synthetic=null"]
+    offline = {"HF_HOME": str(hf), "HF_HUB_CACHE": str(hf / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = ok(
+        rayalign(
+            isolated_cluster,
+            s3_server,
+            "validate",
+            "--config",
+            tiny,
+            "--json",
+            *hub,
+            "--set",
+            "output.name=hub",
+            env=offline,
+        )
+    )
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (counts["records"], counts["usable"]) == (SPLITS["train_prefs"],) * 2
+    stored = f"runs/_datasets/{DATASET_ID.replace('/', '--')}--{DATASET_SNAPSHOT}"
+    assert set(listing(s3, stored)) == {"data/train_prefs-00000-of-00001.parquet", "rayalign-dataset.json"}
 
     ok(rayalign(isolated_cluster, s3_server, "audit", "--config", tiny, *data, "--set", "output.name=audited"))
     audit = json.loads(read(s3, "runs/audited/audit/audit.json"))

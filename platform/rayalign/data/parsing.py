@@ -192,6 +192,35 @@ def _parse_alpaca(obj: dict) -> Pair:
     )
 
 
+def _parse_rated(obj: dict, columns: ColumnsConfig | None) -> Pair:
+    """A prompt's rated completions (raw UltraFeedback: ``instruction``, ``completions`` with ``response`` and
+    ``overall_score``; names from ``data.columns``) as one pair: the best-rated against the worst-rated, the first
+    of equals; quarantined when fewer than two are rated or all ratings tie (no preference to learn)."""
+    defaults = {"completions": "completions", "response": "response", "rating": "overall_score"}  # ColumnsConfig's
+    field, response, rating = (getattr(columns, k, default) for k, default in defaults.items())
+    prompt = _require_str(obj, "prompt", allow_empty=True)
+    completions = obj.get(field)
+    if not isinstance(completions, list):
+        raise RecordError("missing_field", f"field {field!r} must be a list of rated completions", field)
+    rated = [
+        (c[rating], c[response])
+        for c in completions
+        if isinstance(c, dict)
+        and isinstance(c.get(rating), (int, float))
+        and not isinstance(c.get(rating), bool)
+        and isinstance(c.get(response), str)
+        and c[response].strip()
+    ]
+    if len(rated) < 2:
+        raise RecordError(
+            "too_few_rated", f"{len(rated)} completion(s) have a {response!r} and a numeric {rating!r}; 2 needed", field
+        )
+    best, worst = max(rated, key=lambda r: r[0]), min(rated, key=lambda r: r[0])
+    if best[0] == worst[0]:
+        raise RecordError("tied_ratings", f"every completion is rated {best[0]}: no preference", field)
+    return Pair(prompt, best[1], worst[1])
+
+
 def detect_format(obj: dict) -> str:
     """The layout of one record (``data.format: auto``); raises RecordError for data that is not preference
     pairs or whose fields no layout names, with the fields it has and the setting that would read it."""
@@ -210,8 +239,8 @@ def detect_format(obj: dict) -> str:
     if "chosen" not in obj and "completions" in obj:
         raise RecordError(
             "rated_completions",
-            "rated completions with no chosen/rejected (raw UltraFeedback); build pairs first, e.g. the best- "
-            "against the worst-rated completion of each prompt, ties dropped",
+            "rated completions with no chosen/rejected (raw UltraFeedback): set data.format: rated for the best- "
+            "against the worst-rated completion of each prompt (ties dropped; names in data.columns)",
         )
     if "prompt" in obj:
         return "pairs"
@@ -243,6 +272,7 @@ def required_fields(fmt: str, columns: ColumnsConfig | None = None) -> list[str]
     return {
         "sharegpt": ["conversations", named["chosen"], named["rejected"]],
         "alpaca": ["instruction", named["chosen"], named["rejected"]],
+        "rated": [named["prompt"], getattr(columns, "completions", "completions")],
     }.get(fmt, [named["chosen"], named["rejected"]])
 
 
@@ -303,7 +333,7 @@ def parse_record(record: str, fmt: str, columns: ColumnsConfig | None = None) ->
     says (None: the standard names); raises RecordError."""
     obj = _renamed(_json_object(record), columns)
     fmt = detect_format(obj) if fmt == "auto" else fmt
-    pair = _PARSERS[fmt](obj)
+    pair = _parse_rated(obj, columns) if fmt == "rated" else _PARSERS[fmt](obj)
     if fmt != "hh":
         pair = _with_system(pair, obj.get("system"))
     _check_encodable(pair)

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from ray.data import ActorPoolStrategy, Dataset
 
 from rayalign.config import RunConfig
+from rayalign.cpus import cluster_nodes
 from rayalign.data.reading import QUARANTINE_RECORD_CHARS, InputFiles, input_files, read_preference_files
 from rayalign.data.report import DataReport
 from rayalign.data.tokenizing import PairTokenizer
@@ -44,6 +45,11 @@ from rayalign.errors import DataQualityError
 from rayalign.models import ModelSource
 from rayalign.schema import DETAIL, FIELD, OK, PAIR_KEY, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
 from rayalign.storage import QUARANTINE_FILE, publish, replaced_whole, stored_twin
+
+
+def _tokenizer_actors(cfg: RunConfig) -> int:
+    """``data.tokenizer_actors``, else one per CPU of the cluster (at least one)."""
+    return cfg.data.tokenizer_actors or max(1, int(sum(node.cpus for node in cluster_nodes())))
 
 
 def _only(status_is_ok: bool):
@@ -105,7 +111,7 @@ def prepare_pairs(
         PairTokenizer,
         fn_constructor_kwargs={"model": model, "data_cfg": cfg.data},
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=1),
+        compute=ActorPoolStrategy(min_size=1, max_size=_tokenizer_actors(cfg)),
         num_cpus=num_cpus,
     ).materialize()
     quarantine = run_dir / QUARANTINE_FILE

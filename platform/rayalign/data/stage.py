@@ -10,6 +10,7 @@ from ray.data import Dataset
 
 from rayalign.config import RunConfig
 from rayalign.cpus import cluster_nodes, plan_line, resolve_auto_cpus
+from rayalign.data.hub import resolved_data_paths
 from rayalign.data.reading import InputFiles
 from rayalign.data.records import prepare_pairs
 from rayalign.data.report import DataReport
@@ -46,7 +47,7 @@ def data_paths(cfg: RunConfig, out_dir: Path) -> list[str]:
     """The configured files, or the synthetic task written to the run's storage (``out_dir/data`` there),
     where every node reads it."""
     if cfg.data.paths:
-        return list(cfg.data.paths)
+        return resolved_data_paths(cfg.data, cfg.output)
     assert cfg.data.synthetic is not None
     dest = stored_twin(cfg.output, out_dir / "data" / "synthetic.jsonl")
     write_text(dest, to_jsonl(generate(cfg.data.synthetic)))

@@ -8,6 +8,8 @@ conversation's rendering (its end-of-turn tokens included, and scored)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pyarrow as pa
 
 from rayalign.config import DataConfig
@@ -16,7 +18,16 @@ from rayalign.models import ModelSource
 from rayalign.schema import DETAIL, FIELD, OK, READ_ERROR, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
 
 
-def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int], list[int], bool]:
+class TokenizedPair(NamedTuple):
+    """A pair's token ids as training reads them."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool  # the prompt's start or a response's end was cut to fit data.max_length
+
+
+def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> TokenizedPair:
     """Token ids of (prompt, chosen, rejected) and whether anything was truncated.
 
     A sequence starts with one BOS (when the tokenizer adds one). A text response ends with one EOS, so the
@@ -35,10 +46,50 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
         )
     else:
         chosen_ids, rejected_ids = (_response_ids(text, tokenizer) for text in (pair.chosen, pair.rejected))
+    return _fitted(prompt_ids, chosen_ids, rejected_ids, cfg)
 
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig) -> list[TokenizedPair | RecordError]:
+    """:func:`tokenize_pair` of each pair (the same ids), or the RecordError it raises. The text pairs' prompts
+    and responses go through the tokenizer in two batched calls: a fast tokenizer encodes a batch in parallel,
+    without a Python round trip per text. Chat pairs are rendered one by one (the template is per conversation)."""
+    text = [i for i, pair in enumerate(pairs) if not isinstance(pair.prompt, list)]
+    try:
+        prompts = tokenizer([pairs[i].prompt for i in text]).input_ids if text else []
+        responses = (
+            tokenizer(
+                [pairs[i].chosen for i in text] + [pairs[i].rejected for i in text], add_special_tokens=False
+            ).input_ids
+            if text
+            else []
+        )
+    except Exception:  # noqa: BLE001  one text the batch cannot take: each pair alone, so only it is quarantined
+        text, prompts, responses = [], [], []
+    batched = {i: j for j, i in enumerate(text)}
+    out: list[TokenizedPair | RecordError] = []
+    for i, pair in enumerate(pairs):
+        try:
+            if i in batched:
+                j = batched[i]
+                chosen, rejected = (_closed(responses[k], tokenizer) for k in (j, len(text) + j))
+                out.append(_fitted(_one_leading(list(prompts[j]), tokenizer.bos_token_id), chosen, rejected, cfg))
+            else:
+                out.append(tokenize_pair(pair, tokenizer, cfg))
+        except Exception as exc:  # noqa: BLE001  one pair never stops the batch: it is quarantined with why
+            out.append(as_record_error(exc))
+    return out
+
+
+def as_record_error(exc: Exception) -> RecordError:
+    """``exc`` itself when it is a RecordError, else an ``unprocessable`` one naming it."""
+    return exc if isinstance(exc, RecordError) else RecordError("unprocessable", f"{type(exc).__name__}: {exc}"[:500])
+
+
+def _fitted(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], cfg: DataConfig) -> TokenizedPair:
+    """The ids fitted to ``cfg.max_length`` as ``cfg.truncation`` says (see :func:`tokenize_pair`)."""
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prompt_ids) + longest <= cfg.max_length:
-        return list(prompt_ids), chosen_ids, rejected_ids, False
+        return TokenizedPair(list(prompt_ids), chosen_ids, rejected_ids, False)
     if cfg.truncation == "drop":
         raise RecordError(
             "too_long",
@@ -50,7 +101,7 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> tuple[list[int], li
     chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
     if chosen_ids == rejected_ids:
         raise RecordError("identical_after_truncation", "responses are identical once truncated to max_length")
-    return list(prompt_ids), chosen_ids, rejected_ids, True
+    return TokenizedPair(list(prompt_ids), chosen_ids, rejected_ids, True)
 
 
 def tokenize_prompt(prompt: str | list[dict[str, str]], tokenizer) -> list[int]:
@@ -107,7 +158,12 @@ def _one_leading(ids: list[int], token: int | None) -> list[int]:
 
 def _response_ids(text: str, tokenizer) -> list[int]:
     """A response's ids: no BOS in front, and exactly one EOS at the end (EOS text in the data not doubled)."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return _closed(tokenizer(text, add_special_tokens=False).input_ids, tokenizer)
+
+
+def _closed(ids: list[int], tokenizer) -> list[int]:
+    """A text response's ids without BOS in front and with exactly one EOS at the end."""
+    ids = list(ids)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     while ids and ids[0] == bos:
         ids = ids[1:]
@@ -127,25 +183,27 @@ class PairTokenizer:
         self.tokenizer = load_tokenizer(model.local_dir())
         self.cfg = data_cfg
 
+    def _parsed(self, record: str, read_error: str | None) -> Pair | RecordError:
+        if read_error is not None:
+            reason, _, detail = read_error.partition(": ")
+            return RecordError(reason, detail)
+        try:
+            return parse_record(record, self.cfg.format, self.cfg.columns)
+        except Exception as exc:  # noqa: BLE001  one record never stops the stage: it is quarantined with why
+            return as_record_error(exc)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        records = batch.column(RECORD).to_pylist()
+        parsed = [self._parsed(r, e) for r, e in zip(records, batch.column(READ_ERROR).to_pylist())]
+        tokenized = iter(tokenize_pairs([p for p in parsed if isinstance(p, Pair)], self.tokenizer, self.cfg))
         out: dict[str, list] = {k: [] for k in (STATUS, FIELD, DETAIL, RECORD, TRUNCATED, *TOKEN_COLUMNS)}
-        for record, read_error in zip(batch.column(RECORD).to_pylist(), batch.column(READ_ERROR).to_pylist()):
-            try:
-                if read_error is not None:
-                    reason, _, detail = read_error.partition(": ")
-                    raise RecordError(reason, detail)
-                *ids, truncated = tokenize_pair(
-                    parse_record(record, self.cfg.format, self.cfg.columns), self.tokenizer, self.cfg
-                )
-                status, fld, detail, kept = OK, None, None, None  # the raw text is only kept for the quarantine
-            except Exception as exc:  # noqa: BLE001  one record never stops the stage: it is quarantined with why
-                err = (
-                    exc
-                    if isinstance(exc, RecordError)
-                    else RecordError("unprocessable", f"{type(exc).__name__}: {exc}"[:500])
-                )
+        for record, result in zip(records, (next(tokenized) if isinstance(p, Pair) else p for p in parsed)):
+            if isinstance(result, RecordError):  # the raw text is only kept for the quarantine
                 ids, truncated = ([], [], []), False
-                status, fld, detail, kept = err.reason, err.field, err.detail, record
+                status, fld, detail, kept = result.reason, result.field, result.detail, record
+            else:
+                ids, truncated = result[:3], result.truncated
+                status, fld, detail, kept = OK, None, None, None
             for name, value in zip((STATUS, FIELD, DETAIL, RECORD, TRUNCATED), (status, fld, detail, kept, truncated)):
                 out[name].append(value)
             for name, value in zip(TOKEN_COLUMNS, ids):

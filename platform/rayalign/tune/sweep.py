@@ -42,7 +42,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, with_values
+from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig, hub_repo_id, with_values
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
 from rayalign.evaluation.stage import check_scorer, evaluate_trained
@@ -199,7 +199,9 @@ def _absolute_paths(cfg: RunConfig, trials_root: Path) -> dict[str, Any]:
     tree = cfg.model_dump(mode="json", exclude={"sweep"})
     if cfg.model.path and not cfg.model.path.startswith("package:") and cfg.model.hub_repo_id() is None:
         tree["model"]["path"] = str(Path(cfg.model.path).expanduser().resolve())
-    tree["data"]["paths"] = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in cfg.data.paths]
+    tree["data"]["paths"] = [
+        p if "://" in p or hub_repo_id(p) else str(Path(p).expanduser().resolve()) for p in cfg.data.paths
+    ]
     tree["reference"]["cache_root"] = cache_location(cfg).uri
     tree["output"]["root"] = str(trials_root)
     # The trials' tracker runs go where the sweep's own run does, not under the trials' root.
