@@ -129,28 +129,48 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
-def hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """The snapshot directory of hub model ``repo_id`` at ``revision``, fetched into the cache when missing.
+# Where each kind of hub repository is named in the config, and what else a user may set instead.
+_HUB_SETTINGS = {
+    "model": ("model.path", "model.revision", ", or set model.path to a local directory"),
+    "dataset": ("data.paths", "data.revision", ""),
+}
+
+
+def hub_snapshot(
+    repo_id: str, revision: str | None, repo_type: str = "model", allow_patterns: list[str] | None = None
+) -> Path:
+    """The snapshot directory of hub repository ``repo_id`` (a ``model`` or a ``dataset``) at ``revision``, with
+    the files ``allow_patterns`` match (default: a model's, HUB_ALLOW_PATTERNS) fetched into the cache when missing.
 
     huggingface_hub itself chooses the cache (HF_HOME / HF_HUB_CACHE) and honours HF_HUB_OFFLINE. Only the
     driver fetches: every node then loads this same directory, so all nodes must see the same cache path
-    (e.g. a shared HF_HOME), just as they must see a local ``model.path``.
+    (e.g. a shared HF_HOME), just as they must see a local ``model.path``, unless it is published to storage.
+    Raises FileNotFoundError with one line naming the setting: not cached and offline (with the command that
+    fetches it), no such revision, or no such (or a private) repository.
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    named = f"model.path: hub model {repo_id!r} (revision {revision or constants.DEFAULT_REVISION})"
-    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    setting, revision_setting, otherwise = _HUB_SETTINGS[repo_type]
+    named = f"{setting}: hub {repo_type} {repo_id!r} (revision {revision or constants.DEFAULT_REVISION})"
+    download = (
+        f"hf download {repo_id}"
+        + (f" --repo-type {repo_type}" if repo_type != "model" else "")
+        + (f" --revision {revision}" if revision else "")
+    )
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+        return Path(
+            snapshot_download(
+                repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS
+            )
+        )
     except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE), no connection, or the hub is down
         raise FileNotFoundError(
             f"{named} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached; "
-            f"fetch it where the hub is reachable with `{download}` (same HF_HOME), "
-            "or set model.path to a local directory"
+            f"fetch it where the hub is reachable with `{download}` (same HF_HOME){otherwise}"
         ) from err
     except RevisionNotFoundError as err:
-        raise FileNotFoundError(f"{named}: the hub has no such revision (model.revision)") from err
+        raise FileNotFoundError(f"{named}: the hub has no such revision ({revision_setting})") from err
     except RepositoryNotFoundError as err:  # also raised for private and gated repositories
         raise FileNotFoundError(
             f"{named} was not found on the hub, or is private or gated and needs a token (`hf auth login`)"

@@ -17,6 +17,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from rayalign.config import DataConfig, OutputConfig, hub_repo_id
+from rayalign.models import hub_snapshot
 from rayalign.storage import Location, read_text, storage_root, upload, write_text
 
 DATASETS_DIR = "_datasets"
@@ -38,29 +39,10 @@ def split_patterns(split: str, subset: str | None) -> list[str]:
 
 def hub_dataset_files(repo_id: str, data: DataConfig) -> tuple[Path, list[Path]]:
     """The snapshot directory of hub dataset ``repo_id`` and its files for ``data.split`` (sorted), fetched into
-    the Hugging Face cache when missing. Raises FileNotFoundError with one line: not cached and offline (with
-    how to fetch it), no such repository or revision, or no file for the split."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    named = f"data.paths: hub dataset {repo_id!r} (revision {data.revision or constants.DEFAULT_REVISION})"
+    the Hugging Face cache when missing (:func:`rayalign.models.hub_snapshot`, whose one-line errors it raises);
+    also FileNotFoundError when no file holds the split."""
     patterns = split_patterns(data.split, data.subset)
-    fetch = f"hf download {repo_id} --repo-type dataset" + (f" --revision {data.revision}" if data.revision else "")
-    try:
-        snapshot = Path(
-            snapshot_download(repo_id, repo_type="dataset", revision=data.revision, allow_patterns=patterns)
-        )
-    except LocalEntryNotFoundError as err:  # offline (HF_HUB_OFFLINE), no connection, or the hub is down
-        raise FileNotFoundError(
-            f"{named} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub cannot be reached; "
-            f"fetch it where the hub is reachable with `{fetch}` (same HF_HOME)"
-        ) from err
-    except RevisionNotFoundError as err:
-        raise FileNotFoundError(f"{named}: the hub has no such revision (data.revision)") from err
-    except RepositoryNotFoundError as err:  # also raised for private and gated repositories
-        raise FileNotFoundError(
-            f"{named} was not found on the hub, or is private or gated and needs a token (`hf auth login`)"
-        ) from err
+    snapshot = hub_snapshot(repo_id, data.revision, "dataset", patterns)
     # The snapshot directory also holds whatever earlier fetches of other splits brought.
     files = sorted(
         p for p in snapshot.rglob("*") if any(fnmatch(p.relative_to(snapshot).as_posix(), q) for q in patterns)
@@ -68,8 +50,8 @@ def hub_dataset_files(repo_id: str, data: DataConfig) -> tuple[Path, list[Path]]
     if not files:
         where = f"subset {data.subset!r}, " if data.subset else ""
         raise FileNotFoundError(
-            f"{named} has no file for {where}split {data.split!r} (looked for {patterns[0]}, "
-            f"{patterns[1]}, {patterns[2]} and the same under data/); set data.split or data.subset"
+            f"data.paths: hub dataset {repo_id!r} has no file for {where}split {data.split!r} (looked for "
+            f"{patterns[0]}, {patterns[1]}, {patterns[2]} and the same under data/); set data.split or data.subset"
         )
     return snapshot, files
 
