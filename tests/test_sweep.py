@@ -5,16 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import ray
 import yaml
-from conftest import REPO, make_config
+from conftest import make_config
 from ray.util.state import list_actors
 from tracker_readers import mlflow_runs, wandb_offline_runs
 
@@ -194,93 +190,3 @@ def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path
     assert main(["validate", "--config", best_path, "--json"]) == 0
     announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert announced["optimizer_steps"] == summary["planned_steps"]
-
-
-def _wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"sweep exited (rc={proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _last_step(run_dir) -> int:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
-@pytest.mark.timeout(900)
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    cfg = sweep_config(
-        tmp_path,
-        {
-            "space": {"loss.gamma": {"values": [0.0, 2.0]}},
-            "max_concurrent_trials": 1,  # one after the other: trial 2 starts only once trial 1 is finished
-            "early_stopping": "none",
-        },
-        train={"epochs": 3, "checkpoint_every": 2},  # long enough to interrupt mid-trial
-        # Tune's state in the storage path, as on a cluster whose head may not come back.
-        output={"storage": f"file://{tmp_path / 'store'}"},
-    )
-    config_file = tmp_path / "sweep.yaml"
-    config_file.write_text(cfg.to_yaml())
-    trials_dir = cfg.output.run_dir / "trials"
-
-    def checkpointed() -> list:
-        # Step 3 logged: the checkpoint of step 2 was registered (the next step waits for that).
-        return [d for d in trials_dir.glob("*") if _last_step(d) >= 3]
-
-    def finished() -> list:
-        return [d for d in trials_dir.glob("*") if (d / "summary.json").is_file()]
-
-    # `rayalign sweep` as a user runs it, as a driver on this session's cluster; Ctrl+C mid-sweep.
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    log = tmp_path / "sweep.log"  # a file, not a pipe: Ray's progress output would fill a pipe and block
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "rayalign.cli", "sweep", "--config", str(config_file)],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_for(
-                lambda: len(finished()) == 1 and len(checkpointed()) == 2, 600, "the second trial's checkpoint", proc
-            )
-            (interrupted,) = set(checkpointed()) - set(finished())
-            interrupted_at = _last_step(interrupted)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    output = log.read_text()
-    assert proc.returncode == 1, output[-3000:]
-    assert "resume with: rayalign sweep" in output
-    done_before = {d.name: (d / "summary.json").read_text() for d in finished()}
-    assert len(done_before) == 1
-
-    # What a resume reads is in storage, not in the local sweep directory.
-    kept = tmp_path / "store" / "sweep"
-    assert list((kept / "tune").glob("experiment_state*.json")) and not (cfg.output.run_dir / "tune").exists()
-    assert (kept / "config.yaml").read_text() == cfg.to_yaml()
-
-    summary = run_sweep(load_config(config_file))
-    assert not summary["interrupted"] and summary["counts"]["completed"] == 2
-    assert summary["files"]["tune"] == f"file://{kept}/tune"
-    assert all(t["run_dir"] == f"file://{kept}/trials/{t['trial_id']}" for t in summary["trials"])
-    assert all((kept / "trials" / t["trial_id"] / "summary.json").is_file() for t in summary["trials"])
-    # The finished trial was not run again: its run directory is untouched.
-    for name, text in done_before.items():
-        assert (trials_dir / name / "summary.json").read_text() == text
-    # The interrupted trial continued from its last checkpoint instead of from step 0, and every
-    # step of it is logged once.
-    (resumed,) = [t for t in summary["trials"] if t["trial_id"] not in done_before]
-    resumed_summary = json.loads((trials_dir / resumed["trial_id"] / "summary.json").read_text())
-    (resumed_from,) = resumed_summary["resumed_from_steps"]
-    assert resumed_from % 2 == 0 and 2 <= resumed_from, (resumed_from, interrupted_at)
-    steps = [row["step"] for row in map(json.loads, (trials_dir / resumed["trial_id"] / "metrics.jsonl").open())]
-    assert steps == list(range(1, summary["planned_steps"] + 1)) == list(range(1, resumed["steps"] + 1))

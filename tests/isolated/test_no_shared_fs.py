@@ -9,6 +9,7 @@ there, never from a local disk.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -336,49 +337,107 @@ def test_two_reference_passes_at_once_share_one_store_in_s3(isolated_cluster, s3
     assert contents.rows.num_rows == 64 and not contents.ignored and contents.segments >= 1
 
 
-def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cluster, s3_server, s3):
-    ok(
-        rayalign(
-            isolated_cluster,
-            s3_server,
-            "sweep",
-            "--config",
-            str(REPO / "jobs/configs/tiny-cpo.yaml"),
-            "--set",
-            "output.name=sweep-s3",
-            "--set",
-            "train.epochs=1",
-            "--set",
-            "train.max_steps=2",
-            "--set",
-            "data.synthetic.num_pairs=96",
-            "--set",
-            "data.eval_fraction=0.25",
-            "--set",
-            "monitor.eval_every=2",
-            "--set",
-            "scaling.num_workers=1",
-            "--set",
-            "scaling.cpus_per_worker=1",
-            "--set",
-            # The objective is what each trial's policy writes: its win rate over the reference, greedy, checked.
-            "sweep={space: {loss.gamma: {values: [0.5, 2.0]}}, early_stopping: none, "
-            "max_concurrent_trials: 2, trial_cpus: 0.1, objective: eval/gen/win_rate}",
-            "--set",
-            "eval.generation={verifier: arithmetic, max_new_tokens: 3, max_prompts: 16, cpus_per_actor: 0.5}",
+def test_a_sweep_interrupted_with_ctrl_c_resumes_from_s3_without_rerunning_its_finished_trial(
+    isolated_cluster, s3_server, s3
+):
+    """`rayalign sweep`, two γ trials one after the other, each judged by what its policy writes (win rate over the
+    reference, greedy, checked). Ctrl+C once the first trial has finished and the second has a checkpoint in S3;
+    the same command again resumes from what S3 holds (Tune's state, the trials' checkpoints: the head may not come
+    back): the finished trial is not run again, the interrupted one continues from its checkpoint."""
+    # A step takes about 0.3 s here and Tune takes 5 s or more to stop on Ctrl+C (sent once the trial has two
+    # checkpoints, so step 5 or later): 40 steps leave it time to land mid-trial.
+    steps, checkpoint_every = 40, 4
+    command = [
+        "sweep",
+        "--config",
+        str(REPO / "jobs/configs/tiny-cpo.yaml"),
+        *(
+            x
+            for kv in (
+                "output.name=sweep-s3",
+                "train.epochs=8",  # 72 training pairs are 5 steps an epoch
+                f"train.max_steps={steps}",
+                f"train.checkpoint_every={checkpoint_every}",
+                "train.log_every=1",
+                "data.synthetic.num_pairs=96",
+                "data.eval_fraction=0.25",
+                "monitor.eval_every=8",
+                "scaling.num_workers=1",
+                "scaling.cpus_per_worker=1",
+                # The objective is what each trial's policy writes: its win rate over the reference, greedy, checked.
+                "sweep={space: {loss.gamma: {values: [0.5, 2.0]}}, early_stopping: none, "
+                "max_concurrent_trials: 1, trial_cpus: 0.1, objective: eval/gen/win_rate}",
+                "eval.generation={verifier: arithmetic, max_new_tokens: 3, max_prompts: 16, cpus_per_actor: 0.5}",
+                f"output.root={isolated_cluster.driver_root}/runs",
+                f"output.storage={s3_server.uri('runs')}",
+                f"output.s3.endpoint={s3_server.host_port}",
+                "output.s3.scheme=http",
+            )
+            for x in ("--set", kv)
+        ),
+    ]
+    trials = "runs/sweep-s3/trials"
+
+    def finished() -> set[str]:
+        return {path.split("/")[0] for path in listing(s3, trials) if path.count("/") == 1 and "/summary.json" in path}
+
+    def checkpointed() -> set[str]:
+        # Two checkpoints of a trial in S3: its second one is being written, so the first has been registered (a
+        # worker starts a step only once the previous step's checkpoint is), and a restore has something to read.
+        checkpoints: dict[str, set[str]] = {}
+        for path in listing(s3, trials):
+            if "/checkpoint_" in path:
+                trial, rest = path.split("/", 1)
+                checkpoints.setdefault(trial, set()).add(rest.split("/checkpoint_")[1].split("/")[0])
+        return {trial for trial, names in checkpoints.items() if len(names) >= 2}
+
+    log = isolated_cluster.driver_root / "sweep.log"  # a file, not a pipe: Ray's progress output could fill a pipe
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rayalign", *command],
+            cwd=isolated_cluster.driver_root,
+            env=isolated_cluster.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
-    )
+        try:
+            deadline = time.monotonic() + COMMAND_TIMEOUT_S
+            while not (len(finished()) == 1 and checkpointed() - finished()):
+                assert proc.poll() is None, f"sweep exited (rc={proc.returncode}):\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = log.read_text()
+    assert proc.returncode == 1 and "resume with: rayalign sweep" in output, output[-3000:]
+    (done,) = finished()
+    done_before = read(s3, f"{trials}/{done}/summary.json")
+    assert listing(s3, "runs/sweep-s3/tune")
+
+    ok(rayalign(isolated_cluster, s3_server, *command))
     summary = json.loads(read(s3, "runs/sweep-s3/sweep_summary.json"))
-    assert summary["counts"]["completed"] == 2 and summary["objective"] == "eval/gen/win_rate"
+    assert not summary["interrupted"] and summary["counts"]["completed"] == 2
+    assert summary["objective"] == "eval/gen/win_rate"
+    # The finished trial was not run again: its summary in S3 is the one written before Ctrl+C.
+    assert read(s3, f"{trials}/{done}/summary.json") == done_before
     for trial in summary["trials"]:
-        assert trial["run_dir"].startswith(s3_server.uri("runs/sweep-s3/trials/"))
-        stored = trial["run_dir"].removeprefix(s3_server.uri("") + "/")
-        trial_summary = json.loads(read(s3, f"{stored}/summary.json"))
-        assert trial_summary["steps"] == 2
+        assert trial["run_dir"] == s3_server.uri(f"{trials}/{trial['trial_id']}")
+        trial_summary = json.loads(read(s3, f"{trials}/{trial['trial_id']}/summary.json"))
+        assert trial_summary["steps"] == steps
         assert trial["objective"] == trial_summary["generation"]["eval/gen/win_rate"]
-        assert "generations.jsonl" in listing(s3, f"{stored}/evaluate")
-        assert "config.json" in listing(s3, f"{stored}/model")
-    assert listing(s3, "runs/sweep-s3/tune") and "best_config.yaml" in listing(s3, "runs/sweep-s3")
+        assert "generations.jsonl" in listing(s3, f"{trials}/{trial['trial_id']}/evaluate")
+        assert "config.json" in listing(s3, f"{trials}/{trial['trial_id']}/model")
+        # Every step logged once; the interrupted trial continued from a checkpoint, not from step 0.
+        rows = read(s3, f"{trials}/{trial['trial_id']}/metrics.jsonl").decode().splitlines()
+        assert [json.loads(row)["step"] for row in rows] == list(range(1, steps + 1))
+        if trial["trial_id"] != done:
+            (resumed_from,) = trial_summary["resumed_from_steps"]
+            assert resumed_from % checkpoint_every == 0 and checkpoint_every <= resumed_from < steps, resumed_from
+    assert "best_config.yaml" in listing(s3, "runs/sweep-s3")
+    assert (yaml.safe_load(read(s3, "runs/sweep-s3/config.yaml")) or {}).get("sweep")
     # The reference was scored once into the reference store in S3: a segment and its commit.
     entries = listing(s3, "runs/_refcache")
     assert any("/commits/" in name and name.endswith(".json") for name in entries)
@@ -386,10 +445,32 @@ def test_a_sweep_of_two_trials_keeps_its_trials_and_tune_state_in_s3(isolated_cl
 
 
 def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster, s3_server, s3):
-    """Last: it replaces a worker node. ZeRO-3 shards the model across both workers' nodes; the node of
-    one of them is killed after the first checkpoint reached S3, and a new node (empty cache, no disk
-    in common) takes its place: it fetches the model from S3 and the workers restore from there."""
-    run, config = "runs/lost-node", str(REPO / "jobs/configs/tiny-dpo.yaml")
+    """Last: it replaces a worker node. ZeRO-3 shards the model across both workers' nodes; the node of one of them
+    is killed after the second checkpoint reached S3, and a new node (empty cache, no disk in common) takes its
+    place: it fetches the model from S3 and the workers restore from there. The run started from a reference that
+    prefers the wrong answers and its alarm switched it from DPO to CPO before that checkpoint: the restored run
+    must go on with CPO, at the data position it had reached. (LoRA's restore, from adapter-only checkpoints, is
+    tests/test_run_dir.py's killed run.)"""
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        from biased_reference import biased_reference
+    finally:
+        sys.path.remove(str(REPO / "jobs"))
+    from rayalign.config import load_config
+
+    steps_per_epoch, epochs, checkpoint_every = 6, 2, 3
+    planned = steps_per_epoch * epochs
+    config = str(REPO / "jobs/configs/tiny-dpo.yaml")
+    pairs = steps_per_epoch * 2 * 16  # 2 workers x 16 pairs a step, nothing held out
+    # The driver builds it on its own disk; the run publishes it to S3 for the worker nodes.
+    reference = biased_reference(
+        load_config(
+            config,
+            [f"output.root={isolated_cluster.driver_root}/runs", f"data.synthetic.num_pairs={pairs}"],
+        ),
+        steps=100,
+    )
+    run = "runs/lost-node"
     argv = [sys.executable, "-m", "rayalign", "train", "--config", config]
     for kv in (
         f"output.root={isolated_cluster.driver_root}/runs",
@@ -397,13 +478,19 @@ def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster
         f"output.s3.endpoint={s3_server.host_port}",
         "output.s3.scheme=http",
         "output.name=lost-node",
+        "model.tiny=null",
+        f"model.path={reference}",
+        f"data.synthetic.num_pairs={pairs}",
+        "loss.beta=0.1",
         "train.zero_stage=3",
-        "train.epochs=1",
-        "train.max_steps=12",
-        "train.checkpoint_every=3",
+        f"train.epochs={epochs}",
+        "train.learning_rate=1e-4",
+        f"train.checkpoint_every={checkpoint_every}",
         "train.log_every=1",
         "train.max_failures=1",
-        "data.synthetic.num_pairs=400",  # 12 steps of 2 workers x 16 pairs
+        # Within a few steps the policy has moved from the biased reference into U, and the alarm (window 2, any
+        # change) switches the run to CPO before the second checkpoint.
+        "monitor={alarm_window: 2, alarm_min_change: 0.0, on_alarm: switch, switch_to: {type: cpo, gamma: 4.0}}",
         # Scored once into the cache in S3: the restarted workers read the pairs from there again.
         "reference.cache=true",
         "scaling.cpus_per_worker=1.5",
@@ -418,14 +505,15 @@ def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster
         text=True,
         bufsize=1,
     )
+    kill_after = 2 * checkpoint_every + 1
     seen: list[str] = []
     try:
-        # A worker starts step 4 only once the controller has registered step 3's checkpoint (in S3):
-        # the driver's progress line for step 4 means a restore has something to restore.
+        # A worker starts a step only once the controller has registered the previous step's checkpoint (in S3):
+        # the driver's progress line for step 7 means the checkpoint of step 6 is there to restore.
         deadline = time.monotonic() + 400
         for line in proc.stdout:
             seen.append(line)
-            if "[rayalign] step 4/12" in line:
+            if f"[rayalign] step {kill_after}/{planned}" in line:
                 break
             assert time.monotonic() < deadline, "".join(seen)[-3000:]
         assert any("checkpoint_" in name for name in listing(s3, f"{run}/ray")), "".join(seen)[-3000:]
@@ -439,7 +527,21 @@ def test_a_lost_node_resumes_from_its_s3_checkpoint_under_zero3(isolated_cluster
     out = "".join(seen) + (out or "")
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads(read(s3, f"{run}/summary.json"))
-    assert summary["steps"] == 12 and summary["resumed_from_steps"], summary["resumed_from_steps"]
+    assert summary["steps"] == planned and "config.json" in listing(s3, f"{run}/model")
     rows = [json.loads(line) for line in read(s3, f"{run}/metrics.jsonl").decode().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 13))
-    assert "config.json" in listing(s3, f"{run}/model")
+    # Every step exactly once: the rows trained again after the checkpoint replaced the lost ones.
+    assert [r["step"] for r in rows] == list(range(1, planned + 1))
+    # The data position came back too: each worker skipped the micro-batches of the epoch it had trained.
+    assert [r["epoch"] for r in rows] == [(r["step"] - 1) // steps_per_epoch for r in rows]
+    # From a checkpoint, not from scratch: at least the one registered before the kill, at most one interval back.
+    (resumed,) = summary["resumed_from_steps"]
+    assert resumed % checkpoint_every == 0 and kill_after - 1 <= resumed < planned, resumed
+    # Switched at the alarm no later than the checkpoint it resumed from (a step's row, its action included, is
+    # recorded before that step's checkpoint is saved), and still CPO after the restore: with γ = 4 and β = 0.1,
+    # CPO's loss near the reference is about −log σ(−0.1·softplus(4 − δ_ref)) ≥ 0.91 (δ_ref ≤ 0), where DPO's is
+    # below log 2 (the alarm fired on its falling loss).
+    ((action_step, action),) = [(r["step"], r["action"]) for r in rows if "action" in r]
+    assert action.startswith("switched to cpo") and action_step <= resumed, (action_step, resumed)
+    (after,) = [r for r in rows if r.get("resumed_from_step") is not None]
+    assert after["loss"] > 0.8 and rows[action_step - 1]["loss"] < 0.7, (after, rows[action_step - 1])
+    assert summary["actions"] == [{"step": action_step, "action": action}]
