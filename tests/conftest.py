@@ -79,6 +79,15 @@ def make_config(tmp_path: Path, **sections):
     return config_from_dict(tree)
 
 
+def pytest_configure(config):
+    # Registered here rather than in pyproject.toml, whose contents key CI's cached virtual environment.
+    config.addinivalue_line(
+        "markers",
+        "second_stream: self-contained runs of a rayalign subprocess; `make test` runs them in a second pytest "
+        "process (its own Ray session and temp dir) beside the main suite",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cluster`` run first: they start their own Ray clusters (and stop only those),
     and `ray.init()` in this process would join a running `ray start` cluster instead of starting one.

@@ -20,7 +20,9 @@ import pytest
 from conftest import REPO
 from tracker_readers import mlflow_history, mlflow_runs, tensorboard_scalars, tensorboard_tags, wandb_offline_runs
 
-pytestmark = pytest.mark.e2e
+# In `make test`'s second pytest process, beside the main suite: a `rayalign train` subprocess with a cluster
+# of its own, self-contained.
+pytestmark = [pytest.mark.e2e, pytest.mark.second_stream]
 
 RUN_TIMEOUT_S = 600
 MAX_CONSOLE_LINES = 40

@@ -474,7 +474,7 @@ def test_real_hh_rlhf_file(ray_cluster, tiny_model_dir, tmp_path):
     reasons = {q["reason"] for q in quarantine}
     # The file's documented quirks: differing dialogues and empty final responses.
     assert {"prompt_mismatch", "empty_response"} <= reasons
-    assert all(q["source"] == str(HH_FILE) and 1 <= q["row"] <= 2312 and q["record"] for q in quarantine)
+    assert all(q["source"] == str(HH_FILE.resolve()) and 1 <= q["row"] <= 2312 and q["record"] for q in quarantine)
     assert report.ok + report.num_quarantined == report.total
     assert 0 < report.quarantined_fraction < 0.05
 

@@ -11,7 +11,8 @@ import subprocess
 import pytest
 from conftest import REPO, SHARED_DATA
 
-pytestmark = pytest.mark.e2e
+# In `make test`'s second pytest process, beside the main suite: a `make gpu-check` subprocess, self-contained.
+pytestmark = [pytest.mark.e2e, pytest.mark.second_stream]
 
 HH = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
 TRL_CONTENDERS = ("trl_precomputed_ref",)  # CI-sized: TRL without a precomputed reference is left out
