@@ -38,12 +38,11 @@ def ray_cluster():
 
 @pytest.fixture(autouse=True)
 def _no_train_run_outlives_its_test(request):
-    """After each e2e test the session cluster holds no Ray Train run: a TrainController still alive 10 s after its
-    test (tests/test_run_dir.py's killed run leaves one: seen on a clean clone, where the next run waited for its CPUs
-    until its timeout) keeps its
-    placement group, and every later run waits forever for those CPUs. It is stopped here, with a warning that
-    names the test, so that one leak fails no other test; its placement group is then removed by Ray Train's own
-    cleaner actor, or here."""
+    """After each e2e test the session cluster holds no Ray Train run. Ray 2.60's ``fit()`` kept its controller alive
+    through the SIGINT handler it installs (rayalign.train.trainer.sigint_handler_restored puts the old one back);
+    a controller restored from a checkpoint kept its workers' CPUs too, and on a clean clone the next run waited for
+    them until its timeout. One still alive 10 s after its test is stopped here, with a warning that names the test,
+    so that one leak fails no other test; its placement group is then removed by Ray Train's cleaner actor, or here."""
     yield
     import ray
 
@@ -53,19 +52,7 @@ def _no_train_run_outlives_its_test(request):
     import time
     import warnings
 
-    from ray.util.state import list_actors
-
-    def alive() -> list[dict]:
-        return list_actors(
-            address=ray.get_runtime_context().gcs_address,
-            filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
-            detail=True,
-            raise_on_missing_output=False,
-        )
-
-    deadline = time.monotonic() + 10
-    while (controllers := alive()) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    controllers = alive_train_controllers(wait_s=10)
     if not controllers:
         return
     for controller in controllers:
@@ -81,6 +68,27 @@ def _no_train_run_outlives_its_test(request):
     jobs = sorted({controller.get("job_id") for controller in controllers})
     message = f"{request.node.nodeid} left {len(controllers)} Ray Train run(s) of job(s) {jobs} alive; stopped"
     warnings.warn(message, stacklevel=1)
+
+
+def alive_train_controllers(wait_s: float) -> list[dict]:
+    """The session cluster's Ray Train controllers still alive after waiting up to ``wait_s`` for none to be (Ray's
+    state API rows: pid, job_id, ...)."""
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")],
+            detail=True,
+            raise_on_missing_output=False,
+        )
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def _held_placement_groups() -> list:

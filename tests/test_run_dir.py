@@ -11,7 +11,7 @@ import time
 
 import pytest
 import ray
-from conftest import REPO, make_config
+from conftest import REPO, alive_train_controllers, make_config
 
 from rayalign.cli import _load_configs, build_parser
 from rayalign.config import ConfigError
@@ -165,3 +165,7 @@ def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, t
     # again, and the resumed step's loss exactly log 2 (as step 1's is).
     (after,) = [row for row in rows if row.get("resumed_from_step") is not None]
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-4) and abs(after["loss"] - 0.693147) > 1e-3, after
+    # No controller outlives its run (rayalign.train.trainer.sigint_handler_restored): Ray's own SIGINT handler kept
+    # the last one alive, and one restored from a checkpoint kept its workers' CPUs, so the next run in this process
+    # waited for them forever.
+    assert alive_train_controllers(wait_s=10) == []

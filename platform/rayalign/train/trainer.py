@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,4 +96,20 @@ def fit(cfg: RunConfig, plan: WorkerPlan, scored: ScoredPairs, callbacks: list |
             callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    with sigint_handler_restored():
+        return trainer.fit()
+
+
+@contextmanager
+def sigint_handler_restored() -> Iterator[None]:
+    """Put back the SIGINT handler that ``TorchTrainer.fit()`` replaces in the main thread (Ray 2.60): its handler
+    holds the run's controller actor, so left in place it keeps that controller alive after the run, in a notebook
+    or any process that trains twice, and a controller restored from a checkpoint keeps its workers' CPUs too: the
+    next run then waits for them forever."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread and before is not None:
+            signal.signal(signal.SIGINT, before)
