@@ -344,9 +344,9 @@ def test_a_sweep_interrupted_with_ctrl_c_resumes_from_s3_without_rerunning_its_f
     reference, greedy, checked). Ctrl+C once the first trial has finished and the second has a checkpoint in S3;
     the same command again resumes from what S3 holds (Tune's state, the trials' checkpoints: the head may not come
     back): the finished trial is not run again, the interrupted one continues from its checkpoint."""
-    # A step takes about 0.3 s here and Tune takes 5 s or more to stop on Ctrl+C (sent once the trial has two
-    # checkpoints, so step 5 or later): 40 steps leave it time to land mid-trial.
-    steps, checkpoint_every = 40, 4
+    # A step takes about 0.3 s here, more under load, and Tune takes 5 s or more to stop on Ctrl+C (sent once the
+    # trial has two checkpoints, so step 5 or later): 40 steps were too few beside the main suite on a clean clone.
+    steps, checkpoint_every = 100, 4
     command = [
         "sweep",
         "--config",
@@ -355,13 +355,13 @@ def test_a_sweep_interrupted_with_ctrl_c_resumes_from_s3_without_rerunning_its_f
             x
             for kv in (
                 "output.name=sweep-s3",
-                "train.epochs=8",  # 72 training pairs are 5 steps an epoch
+                "train.epochs=20",  # 72 training pairs are 5 steps an epoch
                 f"train.max_steps={steps}",
                 f"train.checkpoint_every={checkpoint_every}",
                 "train.log_every=1",
                 "data.synthetic.num_pairs=96",
                 "data.eval_fraction=0.25",
-                "monitor.eval_every=8",
+                "monitor.eval_every=50",
                 "scaling.num_workers=1",
                 "scaling.cpus_per_worker=1",
                 # The objective is what each trial's policy writes: its win rate over the reference, greedy, checked.
