@@ -153,8 +153,8 @@ def pytest_configure(config):
     # Registered here rather than in pyproject.toml, whose contents key CI's cached virtual environment.
     config.addinivalue_line(
         "markers",
-        "second_stream: self-contained runs of a rayalign subprocess; `make test` runs them in a second pytest "
-        "process (its own Ray session and temp dir) beside the main suite",
+        "second_stream: `make test` runs these in a second pytest process (its own Ray session and temp dir) "
+        "beside the main suite, which keeps the two processes about equally long",
     )
 
 

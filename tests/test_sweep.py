@@ -116,6 +116,8 @@ def _max_concurrent(trials: list[dict]) -> int:
     return peak
 
 
+# The suite's longest sweep runs in `make test`'s second pytest process, which has time to spare beside the main one.
+@pytest.mark.second_stream
 @pytest.mark.timeout(900)
 def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path, capsys):
     cfg = sweep_config(

@@ -340,13 +340,15 @@ def test_two_reference_passes_at_once_share_one_store_in_s3(isolated_cluster, s3
 def test_a_sweep_interrupted_with_ctrl_c_resumes_from_s3_without_rerunning_its_finished_trial(
     isolated_cluster, s3_server, s3
 ):
-    """`rayalign sweep`, two γ trials one after the other, each judged by what its policy writes (win rate over the
-    reference, greedy, checked). Ctrl+C once the first trial has finished and the second has a checkpoint in S3;
-    the same command again resumes from what S3 holds (Tune's state, the trials' checkpoints: the head may not come
-    back): the finished trial is not run again, the interrupted one continues from its checkpoint."""
+    """`rayalign sweep` over the training length, two trials one after the other, each judged by what its policy
+    writes (win rate over the reference, greedy, checked). Ctrl+C once the first trial has finished and the second
+    has a checkpoint in S3; the same command again resumes from what S3 holds (Tune's state, the trials' checkpoints:
+    the head may not come back): the finished trial is not run again, the interrupted one continues from its
+    checkpoint."""
     # A step takes about 0.3 s here, more under load, and Tune takes 5 s or more to stop on Ctrl+C (sent once the
     # trial has two checkpoints, so step 5 or later): 40 steps were too few beside the main suite on a clean clone.
-    steps, checkpoint_every = 100, 4
+    # The first trial (Tune's grid keeps the listed order) only has to finish, so it is short.
+    steps, checkpoint_every = (12, 100), 4
     command = [
         "sweep",
         "--config",
@@ -356,7 +358,6 @@ def test_a_sweep_interrupted_with_ctrl_c_resumes_from_s3_without_rerunning_its_f
             for kv in (
                 "output.name=sweep-s3",
                 "train.epochs=20",  # 72 training pairs are 5 steps an epoch
-                f"train.max_steps={steps}",
                 f"train.checkpoint_every={checkpoint_every}",
                 "train.log_every=1",
                 "data.synthetic.num_pairs=96",
@@ -365,7 +366,7 @@ def test_a_sweep_interrupted_with_ctrl_c_resumes_from_s3_without_rerunning_its_f
                 "scaling.num_workers=1",
                 "scaling.cpus_per_worker=1",
                 # The objective is what each trial's policy writes: its win rate over the reference, greedy, checked.
-                "sweep={space: {loss.gamma: {values: [0.5, 2.0]}}, early_stopping: none, "
+                f"sweep={{space: {{train.max_steps: {{values: {list(steps)}}}}}, early_stopping: none, "
                 "max_concurrent_trials: 1, trial_cpus: 0.1, objective: eval/gen/win_rate}",
                 "eval.generation={verifier: arithmetic, max_new_tokens: 3, max_prompts: 16, cpus_per_actor: 0.5}",
                 f"output.root={isolated_cluster.driver_root}/runs",
@@ -423,19 +424,23 @@ def test_a_sweep_interrupted_with_ctrl_c_resumes_from_s3_without_rerunning_its_f
     assert summary["objective"] == "eval/gen/win_rate"
     # The finished trial was not run again: its summary in S3 is the one written before Ctrl+C.
     assert read(s3, f"{trials}/{done}/summary.json") == done_before
+    assert sorted(trial["params"]["train.max_steps"] for trial in summary["trials"]) == list(steps)
     for trial in summary["trials"]:
         assert trial["run_dir"] == s3_server.uri(f"{trials}/{trial['trial_id']}")
         trial_summary = json.loads(read(s3, f"{trials}/{trial['trial_id']}/summary.json"))
-        assert trial_summary["steps"] == steps
+        trial_steps = trial["params"]["train.max_steps"]
+        assert trial_summary["steps"] == trial_steps
         assert trial["objective"] == trial_summary["generation"]["eval/gen/win_rate"]
         assert "generations.jsonl" in listing(s3, f"{trials}/{trial['trial_id']}/evaluate")
         assert "config.json" in listing(s3, f"{trials}/{trial['trial_id']}/model")
         # Every step logged once; the interrupted trial continued from a checkpoint, not from step 0.
         rows = read(s3, f"{trials}/{trial['trial_id']}/metrics.jsonl").decode().splitlines()
-        assert [json.loads(row)["step"] for row in rows] == list(range(1, steps + 1))
+        assert [json.loads(row)["step"] for row in rows] == list(range(1, trial_steps + 1))
         if trial["trial_id"] != done:
             (resumed_from,) = trial_summary["resumed_from_steps"]
-            assert resumed_from % checkpoint_every == 0 and checkpoint_every <= resumed_from < steps, resumed_from
+            assert resumed_from % checkpoint_every == 0 and checkpoint_every <= resumed_from < trial_steps, resumed_from
+        else:
+            assert trial_steps == steps[0] and not trial_summary["resumed_from_steps"]
     assert "best_config.yaml" in listing(s3, "runs/sweep-s3")
     assert (yaml.safe_load(read(s3, "runs/sweep-s3/config.yaml")) or {}).get("sweep")
     # The reference was scored once into the reference store in S3: a segment and its commit.

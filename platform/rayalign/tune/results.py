@@ -15,7 +15,7 @@ from ray import tune
 
 from rayalign.config import RunConfig, SweepConfig, with_values
 from rayalign.diagnostics.report import format_table, plot_sweep
-from rayalign.metrics import ABSOLUTE_ACCURACY, OBJECTIVE_MODES, SHORT_NAMES, STEP
+from rayalign.metrics import ABSOLUTE_ACCURACY, OBJECTIVE_MODES, PLANNED_STEPS, SHORT_NAMES, STEP
 from rayalign.storage import Location, replaced_whole, write_local
 
 # Columns of the results table besides the searched keys; the objective comes first.
@@ -49,7 +49,7 @@ def trial_row(
         status = "error"
     elif tune_status != "TERMINATED":
         status = "unfinished"
-    elif rows and int(rows[-1][STEP]) >= planned:  # the last step is always evaluated and reported
+    elif rows and int(rows[-1][STEP]) >= _planned_steps(rows[-1], planned):  # the last step is always reported
         status = "completed"
     else:  # terminated by the scheduler before its last step
         status = "stopped_early"
@@ -63,6 +63,7 @@ def trial_row(
         "status": status,
         "params": {key: result.config.get(key) for key in sweep.space},
         "steps": int(rows[-1][STEP]) if rows else 0,
+        "planned_steps": _planned_steps(rows[-1], planned) if rows else planned,
         "objective": final[sweep.objective],
         "objective_history": measured[sweep.objective],
         "metrics": final,
@@ -73,6 +74,12 @@ def trial_row(
         "run_dir": f"{trials_storage}/{trial_id}",  # where the trial's outputs are kept
         "error": str(result.error).splitlines()[0] if result.error is not None else None,
     }
+
+
+def _planned_steps(report: dict[str, Any], planned: int) -> int:
+    """The trial's own planned steps, as its reports carry them (a sweep started before they did: the base's)."""
+    value = report.get(PLANNED_STEPS)
+    return planned if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
 
 
 def sort_key(trial: dict[str, Any], sweep: SweepConfig) -> tuple:

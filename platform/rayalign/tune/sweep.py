@@ -46,7 +46,7 @@ from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
 from rayalign.evaluation.stage import check_scorer, evaluate_trained
-from rayalign.metrics import GENERATION_PREFIX, STEP
+from rayalign.metrics import GENERATION_PREFIX, PLANNED_STEPS, STEP
 from rayalign.models import ModelSource
 from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
 from rayalign.run_dir import held_run_name
@@ -85,14 +85,17 @@ __all__ = ["run_sweep", "format_sweep_table"]
 class HeldoutReportCallback(TuneReportCallback):
     """Forwards to Tune only the reports that carry held-out metrics (every ``monitor.eval_every``
     steps and the last step): Tune requires the objective in every result it receives, and the
-    per-step training metrics are in the trial's metrics.jsonl anyway."""
+    per-step training metrics are in the trial's metrics.jsonl anyway. Each report also carries the
+    trial's planned steps, which tell a finished trial from one the scheduler stopped."""
 
-    def __init__(self, objective: str):
+    def __init__(self, objective: str, planned_steps: int):
         super().__init__()
         self.objective = objective
+        self.planned_steps = planned_steps
 
     def after_report(self, run_context, metrics, checkpoint):
         if self.objective in metrics[0]:
+            metrics = [{**metrics[0], PLANNED_STEPS: self.planned_steps}, *metrics[1:]]
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -139,11 +142,13 @@ def run_trial(
     # Ray Train run there and continues from its last checkpoint.
     inputs = TrainingInputs(model, split_scored(cfg, scored, source, num_scored), data_report, cost, started)
     heldout = inputs.scored.heldout
+    # The trial's own plan: a searched key (train.max_steps, train.epochs, batch sizes) may change it.
+    planned_steps = step_plan(cfg.train, cfg.scaling.num_workers, inputs.scored.num_train).total
     summary = train_stage(
         cfg,
         inputs,
         TrainingHooks(
-            callbacks=(HeldoutReportCallback(objective),),
+            callbacks=(HeldoutReportCallback(objective, planned_steps),),
             sweep=SweepMembership(sweep.sweep, dict(params), sweep.mlflow_parent),
             after_training=(lambda: evaluate_trained(cfg, model, heldout)) if cfg.evaluates_after_training else None,
         ),
@@ -152,7 +157,14 @@ def run_trial(
         # Measured once, now that training ended: the trial's one result (no prompt scored on both sides: NaN).
         value = summary["generation"].get(objective)
         heldout = summary["heldout"] or {}
-        tune.report({**heldout, objective: math.nan if value is None else value, STEP: summary["steps"]})
+        tune.report(
+            {
+                **heldout,
+                objective: math.nan if value is None else value,
+                STEP: summary["steps"],
+                PLANNED_STEPS: planned_steps,
+            }
+        )
 
 
 def trial_dirname(trial) -> str:
@@ -250,7 +262,12 @@ def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
         steps = step_plan(cfg.train, cfg.scaling.num_workers, shared.num_train).total
         membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
         tuner = _tuner(cfg, shared, steps, resuming, membership)
-        log.info("%d trial(s) of %d steps each; one line per finished trial", _num_trials(cfg.sweep), steps)
+        log.info(
+            "%d trial(s) of %d steps each (with the base config; a searched key may change it); one line per "
+            "finished trial",
+            _num_trials(cfg.sweep),
+            steps,
+        )
         trials = collect_trials(
             tuner.fit(), run_location(cfg.output) / TUNE_DIR, cfg.sweep, steps, f"{cfg.output.run_storage}/{TRIALS_DIR}"
         )
