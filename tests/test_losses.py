@@ -144,6 +144,76 @@ def test_simpo_and_orpo_equal_trl_on_the_same_logps(seed):
             assert torch.allclose(a, b, rtol=0, atol=1e-6), name
 
 
+def _trls_dpo_loss(loss_type: str, beta: float, logps: losses.PairLogps) -> torch.Tensor:
+    """TRL 1.16's DPOTrainer._compute_loss, its own code, on given log-probs: a stand-in model returns them as the
+    per-token log-probs of a fused LM head (each sequence's sum in its first position, zeros elsewhere, as TRL
+    sums a row whole), and the reference's come precomputed, as `precompute_ref_logps` passes them."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    lengths = torch.cat([logps.chosen_tokens, logps.rejected_tokens]).long()
+    rows, width = len(lengths), int(lengths.max()) + 1  # one prompt token, then the completion
+    completion_mask = (torch.arange(width) >= 1) & (torch.arange(width) <= lengths[:, None])
+    summed = torch.cat([logps.policy_chosen, logps.policy_rejected])
+    per_token = torch.cat([summed[:, None], torch.zeros(rows, width - 2)], dim=1)
+    zeros = torch.zeros(rows, width - 1)
+    outputs = SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x, gather=lambda x: x)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.zeros(rows, width, dtype=torch.long),
+        "attention_mask": torch.ones(rows, width, dtype=torch.long),
+        "completion_mask": completion_mask.long(),
+        "ref_chosen_logps": logps.ref_chosen,
+        "ref_rejected_logps": logps.ref_rejected,
+    }
+    return DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dpo_ipo_and_hinge_equal_trls_dpo_trainer_on_the_same_logps(seed):
+    """rayalign's whole objective (losses.objective) against TRL 1.16's DPOTrainer loss code, on the same summed
+    log-probs and response lengths: the batch mean and its gradients agree to 1e-6 for DPO (TRL's `sigmoid`), the
+    hinge and IPO. TRL's IPO divides each log-ratio by its response's token count (the IPO authors' form, per its
+    comment): rayalign's IPO with `loss.length_normalize` is the same loss."""
+    pytest.importorskip("trl", reason="TRL is installed by `make install-bench`")
+    generator = torch.Generator().manual_seed(seed)
+    size = 16
+
+    def logp():
+        return -30 * torch.rand(size, generator=generator, dtype=torch.float64)
+
+    def tokens():
+        return torch.randint(1, 13, (size,), generator=generator).double()
+
+    chosen, rejected = logp().requires_grad_(), logp().requires_grad_()
+    logps = losses.PairLogps(chosen, rejected, logp(), logp(), tokens(), tokens())
+    for ours, theirs, beta in (("dpo", "sigmoid", 0.1), ("hinge", "hinge", 0.3), ("ipo", "ipo", 0.5)):
+        cfg = LossConfig(type=ours, beta=beta, length_normalize=ours == "ipo")
+        values = (_trls_dpo_loss(theirs, beta, logps), losses.objective(cfg, logps).loss.mean())
+        assert torch.allclose(values[0], values[1], rtol=0, atol=1e-6), ours
+        grads = [torch.autograd.grad(value, (chosen, rejected)) for value in values]
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), ours
+
+
 def test_a_reference_free_loss_is_declared_so_and_computed_without_one():
     from rayalign.loss_specs import LOSSES
 

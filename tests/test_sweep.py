@@ -16,7 +16,8 @@ from tracker_readers import mlflow_runs, wandb_offline_runs
 
 from rayalign.cli import main
 from rayalign.config import ConfigError, config_from_dict, load_config
-from rayalign.tune.sweep import _absolute_paths, _searcher, run_sweep
+from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+from rayalign.tune.sweep import _absolute_paths, _score_once, _searcher, _trials_need_reference, run_sweep
 
 pytestmark = pytest.mark.e2e
 
@@ -192,3 +193,27 @@ def test_sweep_gamma_asha_shared_reference_and_best_config(ray_cluster, tmp_path
     assert main(["validate", "--config", best_path, "--json"]) == 0
     announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert announced["optimizer_steps"] == summary["planned_steps"]
+
+
+def test_a_sweep_of_a_loss_without_reference_scores_only_its_heldout_pairs(ray_cluster, tmp_path):
+    """SimPO trials train on no reference log-probs: the sweep's driver scores the held-out pairs alone, once for all
+    trials (for frac_in_U on them), and nothing at all without `monitor.reference_for_heldout`."""
+    space = {"loss.simpo_margin": {"values": [0.0, 0.5]}}
+    cfg = sweep_config(tmp_path, {"space": space}, loss={"type": "simpo", "beta": 2.0})
+    before = reference_actor_starts()
+    shared = _score_once(cfg)
+    heldout = shared.heldout.take_all()
+    assert reference_actor_starts() - before == cfg.reference.num_actors
+    assert shared.source.scope == "heldout" and shared.scored_now and shared.num_train + len(heldout) == 64
+    assert len(heldout) > 0 and all(row[REF_CHOSEN_LOGPS] < 0 and row[REF_REJECTED_LOGPS] < 0 for row in heldout)
+    assert REF_CHOSEN_LOGPS not in shared.scored.schema().names and shared.scored.count() == 64
+    assert not list((tmp_path / "refcache").rglob("*.parquet"))  # nothing went to the reference store
+
+    cfg = sweep_config(
+        tmp_path, {"space": space}, loss={"type": "simpo", "beta": 2.0}, monitor={"reference_for_heldout": False}
+    )
+    before = reference_actor_starts()
+    shared = _score_once(cfg)
+    assert reference_actor_starts() == before and shared.heldout is None and shared.source.scope == "none"
+    # Searching the loss itself (or the data) keeps every pair scored: some trial may need them.
+    assert _trials_need_reference(sweep_config(tmp_path, {"space": {"loss.type": {"values": ["simpo", "dpo"]}}}))

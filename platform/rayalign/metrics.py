@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 STEP = "step"
-PLANNED_STEPS = "planned_steps"  # a sweep trial's own plan (the searched keys may change it), in each Tune report
 EPOCH = "epoch"
 LR = "lr"
 LOSS = "loss"

@@ -18,6 +18,7 @@ from ray.data import Dataset
 from rayalign.config import ConfigError, RunConfig
 from rayalign.data.records import shuffled, split_heldout
 from rayalign.data.stage import PreparedData
+from rayalign.models import ModelSource
 from rayalign.reference.actors import add_reference_logps
 from rayalign.reference.store import StoreReport, scored_through_store
 from rayalign.storage import SCORED_DIR, Location, run_location
@@ -74,9 +75,7 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
         # In the workers, each step, with the adapters off; or a loss that needs no reference: the held-out
         # pairs alone are scored (for frac_in_U and the rewards on them), or none.
         train, heldout = split_heldout(data.pairs, cfg)
-        heldout = kept_heldout(heldout, cfg, data.report.ok)
-        if heldout is not None and scope == "heldout":
-            heldout = add_reference_logps(heldout, cfg, data.model).materialize()
+        heldout = scored_heldout_only(cfg, kept_heldout(heldout, cfg, data.report.ok), data.model)
         num_train = train.count() if heldout is not None else data.report.ok
         return ScoredPairs(
             shuffled(train, cfg), num_train, heldout, ReferenceSource(cfg.reference.backend, scope=scope)
@@ -99,6 +98,15 @@ def score_reference(cfg: RunConfig, data: PreparedData) -> ScoredPairs:
         # Streaming would re-score the reference every epoch; keep one scored copy in the object store.
         train = train.materialize()
     return ScoredPairs(train, num_train, heldout, ReferenceSource(cfg.reference.backend))
+
+
+def scored_heldout_only(cfg: RunConfig, heldout: Dataset | None, model: ModelSource) -> Dataset | None:
+    """The held-out pairs of a run that scores no training pair, reference-scored in the object store when
+    ``cfg.reference_scope`` is ``heldout`` (a loss that needs no reference, with
+    ``monitor.reference_for_heldout``), else as they are."""
+    if heldout is None or cfg.reference_scope != "heldout":
+        return heldout
+    return add_reference_logps(heldout, cfg, model).materialize()
 
 
 def split_scored(cfg: RunConfig, scored: Dataset, source: ReferenceSource, num_scored: int) -> ScoredPairs:

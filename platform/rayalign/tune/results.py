@@ -15,12 +15,14 @@ from ray import tune
 
 from rayalign.config import RunConfig, SweepConfig, with_values
 from rayalign.diagnostics.report import format_table, plot_sweep
-from rayalign.metrics import ABSOLUTE_ACCURACY, OBJECTIVE_MODES, PLANNED_STEPS, SHORT_NAMES, STEP
+from rayalign.metrics import ABSOLUTE_ACCURACY, OBJECTIVE_MODES, SHORT_NAMES, STEP
 from rayalign.storage import Location, replaced_whole, write_local
 
 # Columns of the results table besides the searched keys; the objective comes first.
 FINAL_METRICS = tuple(OBJECTIVE_MODES)
 TRIAL_STATUSES = ("completed", "stopped_early", "unfinished", "error")  # the table's order
+# A trial's own planned steps (a searched key may change them), in each of its Tune reports and in its row.
+PLANNED_STEPS = "planned_steps"
 
 
 def collect_trials(
@@ -63,7 +65,7 @@ def trial_row(
         "status": status,
         "params": {key: result.config.get(key) for key in sweep.space},
         "steps": int(rows[-1][STEP]) if rows else 0,
-        "planned_steps": _planned_steps(rows[-1], planned) if rows else planned,
+        PLANNED_STEPS: _planned_steps(rows[-1], planned) if rows else planned,
         "objective": final[sweep.objective],
         "objective_history": measured[sweep.objective],
         "metrics": final,

@@ -31,7 +31,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,15 @@ from rayalign.config import ConfigError, RunConfig, SearchDimension, SweepConfig
 from rayalign.data.records import split_heldout
 from rayalign.data.stage import PreparedData, prepare_data
 from rayalign.evaluation.stage import check_scorer, evaluate_trained
-from rayalign.metrics import GENERATION_PREFIX, PLANNED_STEPS, STEP
+from rayalign.metrics import GENERATION_PREFIX, STEP
 from rayalign.models import ModelSource
-from rayalign.reference.stage import ReferenceSource, score_into_cache, split_scored
+from rayalign.reference.stage import (
+    ReferenceSource,
+    kept_heldout,
+    score_into_cache,
+    scored_heldout_only,
+    split_scored,
+)
 from rayalign.run_dir import held_run_name
 from rayalign.runtime import Workload
 from rayalign.storage import (
@@ -72,7 +78,7 @@ from rayalign.tracking import (
 from rayalign.train.stage import TrainingHooks, preflight, train_stage
 from rayalign.train.steps import step_plan
 from rayalign.train.trainer import TrainingInputs
-from rayalign.tune.results import collect_trials, format_sweep_table, write_results
+from rayalign.tune.results import PLANNED_STEPS, collect_trials, format_sweep_table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,7 @@ def run_trial(
     objective: str,
     model: ModelSource,
     scored: Dataset,
+    scored_heldout: Dataset | None,
     num_scored: int,
     source: ReferenceSource,
     data_report: dict[str, Any],
@@ -140,7 +147,10 @@ def run_trial(
     prepare_run_dir(cfg)
     # The trial's run directory is its own: a trial that Tune restores (resumed sweep, errored trial) finds its
     # Ray Train run there and continues from its last checkpoint.
-    inputs = TrainingInputs(model, split_scored(cfg, scored, source, num_scored), data_report, cost, started)
+    split = split_scored(cfg, scored, source, num_scored)
+    if scored_heldout is not None:  # a loss that needs no reference: the driver scored the held-out pairs alone
+        split = replace(split, heldout=scored_heldout)
+    inputs = TrainingInputs(model, split, data_report, cost, started)
     heldout = inputs.scored.heldout
     # The trial's own plan: a searched key (train.max_steps, train.epochs, batch sizes) may change it.
     planned_steps = step_plan(cfg.train, cfg.scaling.num_workers, inputs.scored.num_train).total
@@ -244,10 +254,12 @@ class SharedScores:
 
     data: PreparedData
     cost: dict[str, Any]  # the pre-flight LayoutCost, the same for every trial unless the trials search it
-    scored: Dataset  # every usable pair, scored, in the object store
+    scored: Dataset  # every usable pair, in the object store: scored, unless the trials score none (below)
     num_train: int  # the trials' training split
     source: ReferenceSource
     scored_now: bool  # False: read from the reference cache
+    # Trials whose loss needs no reference: their held-out pairs, scored (monitor.reference_for_heldout), else None.
+    heldout: Dataset | None = None
 
 
 def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
@@ -323,10 +335,17 @@ def _score_once(cfg: RunConfig) -> SharedScores:
     workload = Workload(per_trial_cpus=cfg.sweep.trial_cpus, reference_first=not cfg.reference.in_worker)
     data = prepare_data(cfg, cfg.output.run_dir, workload)
     cost = preflight(cfg, data).as_dict()
-    if cfg.reference.in_worker:
+    if cfg.reference.in_worker or not _trials_need_reference(cfg):
         pairs = data.pairs.materialize()
-        num_train = split_heldout(pairs, cfg)[0].count()
-        return SharedScores(data, cost, pairs, num_train, ReferenceSource(cfg.reference.backend), scored_now=False)
+        train, heldout = split_heldout(pairs, cfg)
+        if cfg.reference.in_worker or cfg.reference_scope == "none":
+            source = ReferenceSource(cfg.reference.backend, scope="all" if cfg.reference.in_worker else "none")
+            return SharedScores(data, cost, pairs, train.count(), source, scored_now=False)
+        # A loss that needs no reference: the held-out pairs alone are scored, once for all trials.
+        heldout = scored_heldout_only(cfg, kept_heldout(heldout, cfg, data.report.ok), data.model)
+        log.info("reference: loss.type %s needs none; only the held-out pairs were scored", cfg.loss.type)
+        source = ReferenceSource(cfg.reference.backend, scope="heldout", scored_by_sweep_driver=True)
+        return SharedScores(data, cost, pairs, train.count(), source, scored_now=True, heldout=heldout)
     scored, cache = score_into_cache(cfg, data)
     log.info("reference scored once for all trials (%d pairs scored now)", cache.scored)
     # In the object store once for all trials (a Parquet read in each trial would also want a
@@ -335,6 +354,13 @@ def _score_once(cfg: RunConfig) -> SharedScores:
     num_train = split_heldout(scored, cfg)[0].count()  # the trials' split; counted, not materialized
     source = ReferenceSource(cfg.reference.backend, cache.as_dict(), scored_by_sweep_driver=True)
     return SharedScores(data, cost, scored, num_train, source, scored_now=not cache.hit)
+
+
+def _trials_need_reference(cfg: RunConfig) -> bool:
+    """Whether the trials train on reference log-probs: their loss needs them, or the search could change the loss
+    or the held-out split (which the driver would otherwise have scored for the base config alone)."""
+    searched = cfg.sweep.space
+    return cfg.reference_scope == "all" or "loss.type" in searched or any(k.startswith("data.") for k in searched)
 
 
 def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, membership: SweepMembership) -> tune.Tuner:
@@ -348,6 +374,7 @@ def _tuner(cfg: RunConfig, shared: SharedScores, steps: int, resuming: bool, mem
             objective=sweep.objective,
             model=shared.data.model,
             scored=shared.scored,
+            scored_heldout=shared.heldout,
             num_scored=shared.data.report.ok,
             source=shared.source,
             data_report=shared.data.report.as_dict(),
