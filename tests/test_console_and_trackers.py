@@ -168,7 +168,7 @@ def test_trackers_hold_what_metrics_jsonl_holds(piped_run):
     assert {"config/text_summary", "summary/text_summary"} <= set(tags["tensors"])
 
     # W&B: the offline run's transaction log, read with W&B's own DataStore.
-    (wandb_run,) = wandb_offline_runs(root)
+    (wandb_run,) = wandb_offline_runs(root, ended=True)
     assert wandb_run["name"] == "tiny-dpo" and wandb_run["exit_code"] == 0
     assert wandb_run["config"]["loss"]["beta"] == 0.5
     history = [h for h in wandb_run["history"] if "loss" in h or "eval/loss" in h]

@@ -81,7 +81,7 @@ def test_each_tracker_holds_the_rows_the_alarm_and_the_plot(tmp_path):
     tags = tensorboard_tags(root / "tensorboard" / "unit")
     assert "plots/report" in tags["images"] and "pathology_alarm/text_summary" in tags["tensors"]
 
-    (wandb_run,) = wandb_offline_runs(root)
+    (wandb_run,) = wandb_offline_runs(root, ended=True)
     assert wandb_run["exit_code"] == 0 and wandb_run["job_type"] == "train" and wandb_run["group"] == ""
     assert "pathology-alarm" in wandb_run["tags"]
     assert wandb_run["summary"]["pathology_alarm"] == f"step 2: {ROWS[1]['alarm']}"
@@ -96,7 +96,7 @@ def test_a_failed_run_is_marked_failed(tmp_path):
     trackers.finish(failed=True)
     (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", "rayalign")
     assert run.info.status == "FAILED"
-    (wandb_run,) = wandb_offline_runs(tmp_path / "runs")
+    (wandb_run,) = wandb_offline_runs(tmp_path / "runs", ended=True)
     assert wandb_run["exit_code"] == 1
 
 
@@ -130,7 +130,7 @@ def test_sweep_trials_are_runs_grouped_under_the_sweep(tmp_path):
         assert runs[trial].data.params["loss.gamma"] == str(gamma)
         assert runs[trial].data.metrics["eval/loss"] == pytest.approx(0.6 + gamma)
 
-    wandb_runs = {r["name"]: r for r in wandb_offline_runs(root)}
+    wandb_runs = {r["name"]: r for r in wandb_offline_runs(root, ended=True)}
     assert {r["group"] for r in wandb_runs.values()} == {"gamma-sweep"}
     assert {name: r["config"]["loss.gamma"] for name, r in wandb_runs.items()} == {"t1": 0.0, "t2": 2.0}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,22 @@ def tensorboard_tags(logdir: Path) -> dict[str, list[str]]:
     return {**events.Tags(), "hparams": hparams}
 
 
-def wandb_offline_runs(wandb_dir: Path) -> list[dict[str, Any]]:
+def wandb_offline_runs(wandb_dir: Path, ended: bool = False, timeout_s: float = 60.0) -> list[dict[str, Any]]:
     """The offline runs under ``wandb_dir/wandb``, read from their transaction logs with W&B's own
-    ``DataStore`` (what ``wandb sync`` reads): run record, config, history and summary."""
+    ``DataStore`` (what ``wandb sync`` reads): run record, config, history and summary.
+
+    ``ended``: the runs were finished in this process, so each log ends with an exit record; read again until
+    it does (up to ``timeout_s``). W&B's service writes the log's last block when it closes the run's stream, which
+    can come after ``run.finish()`` returns: a loaded clean clone once read the log before its exit record."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = _read_wandb_offline_runs(wandb_dir)
+        if not ended or all(run["exit_code"] is not None for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def _read_wandb_offline_runs(wandb_dir: Path) -> list[dict[str, Any]]:
     from wandb.proto import wandb_internal_pb2 as pb
     from wandb.sdk.internal import datastore
 
