@@ -1,5 +1,5 @@
-"""Tokenizing speed: records/s through the data stage (read + parse + tokenize, Ray Data), one tokenizer actor
-against the autoscaled pool, and the tokenizing itself one pair at a time against batched, in one run.
+"""Tokenizing speed: records/s through the data stage (read + parse + tokenize, Ray Data), one tokenizing task at a
+time against one per CPU, and the tokenizing itself one pair at a time against batched, in one run.
 
     python bench/tokenizing.py                                   # 20,000 HH pairs, tiny byte-level tokenizer
     python bench/tokenizing.py --tokenizer-dir /path/to/smollm2  # a real BPE tokenizer (HF files)
@@ -10,8 +10,8 @@ The records are the shared HH-RLHF test file, repeated to ``--records``. Parts:
 * ``function``: :func:`rayalign.data.tokenizing.tokenize_pair` in a loop against ``tokenize_pairs`` over the same
   parsed pairs, in batches of 1024 (one thread, no Ray): records/s and their ratio; the ids are checked equal;
 * ``stage``: :func:`rayalign.data.records.prepare_pairs` on a local Ray cluster of all this machine's CPUs, with
-  ``data.tokenizer_actors: 1`` (the pool before this change) and unset (up to one actor per CPU): records/s
-  and records/s per core.
+  ``data.tokenizing_tasks: 1`` and unset (up to one task per CPU), then unset again on the same cluster (its
+  task workers kept their tokenizer): records/s and records/s per core.
 
 The model's weights are never loaded (tokenizing reads the tokenizer only); ``--tokenizer-dir`` puts another
 tokenizer beside the tiny model's config.
@@ -107,9 +107,10 @@ def stage_part(work: Path, data: Path, model: Path, cfg) -> dict:
     try:
         source = publish_model(model, None)
         results = {}
-        for name, actors in (("one_actor", 1), ("pool", None)):
+        # The last one again on the same cluster: its task workers kept their tokenizer.
+        for name, tasks in (("one_task", 1), ("one_per_cpu", None), ("one_per_cpu_again", None)):
             run = cfg.model_copy(deep=True)
-            run.data.tokenizer_actors = actors
+            run.data.tokenizing_tasks = tasks
             run_dir = work / f"run-{name}"
             run_dir.mkdir()
             started = time.perf_counter()
@@ -124,7 +125,9 @@ def stage_part(work: Path, data: Path, model: Path, cfg) -> dict:
                 "records_per_s_per_core": round(report.total / seconds / cpus, 1),
             }
             say(f"stage, {name}: {report.total} records in {seconds:.1f} s ({report.total / seconds:.0f}/s)")
-        results["pool_vs_one_actor"] = round(results["one_actor"]["seconds"] / results["pool"]["seconds"], 2)
+        results["one_per_cpu_vs_one_task"] = round(
+            results["one_task"]["seconds"] / results["one_per_cpu"]["seconds"], 2
+        )
         return results
     finally:
         ray.shutdown()

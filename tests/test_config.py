@@ -180,3 +180,37 @@ def test_a_sweep_searches_simpo_margin_or_orpo_weight_like_cpo_gamma():
         ConfigError, match="sweep.space.loss.simpo_margin = 0.25 is not a valid setting: .*loss.type dpo"
     ):
         config_from_dict(base, ["sweep={space: {loss.simpo_margin: {values: [0.25, 1.0]}}}"])
+
+
+def test_deepspeed_options_merge_over_the_generated_config_and_cannot_override_ours():
+    """`train.deepspeed` reaches DeepSpeed merged key by key over what rayalign generates; a key rayalign sets from
+    its own settings is refused in one line naming that setting."""
+    from rayalign.train.worker import deepspeed_config
+
+    base = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
+    cfg = config_from_dict(
+        base,
+        [
+            "train.zero_stage=3",
+            "train.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+            "train.deepspeed.zero_optimization.reduce_bucket_size=1000",
+            "train.deepspeed.communication_data_type=fp32",
+        ],
+    )
+    generated = deepspeed_config(cfg.train, cfg.model.dtype)
+    assert generated["zero_optimization"] == {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "reduce_bucket_size": 1000,
+    }
+    assert generated["communication_data_type"] == "fp32" and generated["gradient_clipping"] == 1.0
+    for override, setting in (
+        ("train.deepspeed.zero_optimization.stage=1", "train.zero_stage"),
+        ("train.deepspeed.optimizer={type: AdamW}", "train.learning_rate"),
+        ("train.deepspeed.bf16={enabled: true}", "model.dtype"),
+        ("train.deepspeed.train_micro_batch_size_per_gpu=4", "train.micro_batch_size"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            config_from_dict(base, [override])
+        key = override.split("=")[0].removeprefix("train.deepspeed.")
+        assert f"train.deepspeed: {key} is set by {setting}" in str(refused.value), refused.value

@@ -16,6 +16,7 @@ from tracker_readers import mlflow_runs, wandb_offline_runs
 
 from rayalign.cli import main
 from rayalign.config import ConfigError, config_from_dict, load_config
+from rayalign.reference.stage import split_scored
 from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
 from rayalign.tune.sweep import _absolute_paths, _score_once, _searcher, _trials_need_reference, run_sweep
 
@@ -208,6 +209,9 @@ def test_a_sweep_of_a_loss_without_reference_scores_only_its_heldout_pairs(ray_c
     assert len(heldout) > 0 and all(row[REF_CHOSEN_LOGPS] < 0 and row[REF_REJECTED_LOGPS] < 0 for row in heldout)
     assert REF_CHOSEN_LOGPS not in shared.scored.schema().names and shared.scored.count() == 64
     assert not list((tmp_path / "refcache").rglob("*.parquet"))  # nothing went to the reference store
+    # Each trial splits the shared pairs as the driver did and keeps the driver's scored held-out pairs.
+    split = split_scored(cfg, shared.scored, shared.source, 64, shared.heldout)
+    assert split.heldout is shared.heldout and split.num_train == shared.num_train
 
     cfg = sweep_config(
         tmp_path, {"space": space}, loss={"type": "simpo", "beta": 2.0}, monitor={"reference_for_heldout": False}

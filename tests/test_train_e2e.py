@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -70,13 +71,23 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_simpo_trains_without_any_reference(ray_cluster, tmp_path):
+@pytest.mark.parametrize(
+    "loss",
+    [
+        # At step 1 the policy's per-token averages s(y_w) and s(y_l) are close: L ≈ −log σ(−γ_SimPO) = 1.31 for γ = 1.
+        {"type": "simpo", "beta": 2.0, "simpo_margin": 1.0},
+        # L ≈ −s(y_w) + λ·log 2: the chosen response's NLL, and an odds ratio near 1.
+        {"type": "orpo", "odds_ratio_weight": 0.5},
+    ],
+    ids=lambda loss: loss["type"],
+)
+def test_a_loss_without_reference_trains_without_any_reference(ray_cluster, tmp_path, loss):
     """A loss that needs no reference (rayalign.loss_specs) starts no reference actor at all, asserted through
     Ray's state API, and lowers its loss; the metrics that need a reference are left out, never written as 0."""
     cfg = make_config(
         tmp_path,
         data={"synthetic": {"num_pairs": 16}},
-        loss={"type": "simpo", "beta": 2.0, "simpo_margin": 1.0},
+        loss=loss,
         # The same 16 pairs four times over: the loss falls on pairs it has seen, not by the luck of new ones.
         train={"micro_batch_size": 8, "zero_stage": 0, "log_every": 1, "learning_rate": 3e-3, "epochs": 4},
         scaling={"num_workers": 1},
@@ -86,11 +97,13 @@ def test_simpo_trains_without_any_reference(ray_cluster, tmp_path):
     started = {actor_id: name for actor_id, name in train_and_reference_actors().items() if actor_id not in before}
     assert len(started) == 1 and "RayTrainWorker" in next(iter(started.values())), started
     rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
-    print("simpo losses", [round(r["loss"], 4) for r in rows])
+    print(loss["type"], "losses", [round(r["loss"], 4) for r in rows])
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all("pref/frac_in_U" not in r and "rewards/chosen" not in r and "pref/absolute_accuracy" in r for r in rows)
-    # At step 1 the policy's per-token averages of y_w and y_l are close: L ≈ −log σ(−γ_SimPO) = 1.31 for γ = 1.
-    assert rows[0]["loss"] == pytest.approx(1.3133, abs=0.3)
+    if loss["type"] == "simpo":
+        assert rows[0]["loss"] == pytest.approx(1.3133, abs=0.3)
+    else:  # logps/chosen is s(y_w), the per-token average ORPO compares
+        assert rows[0]["loss"] == pytest.approx(-rows[0]["logps/chosen"] + 0.5 * math.log(2), abs=0.1)
     assert summary["loss_decreased"] and "pref/frac_in_U" not in summary["last"]
     assert summary["reference"]["scope"] == "none"
 
@@ -139,7 +152,9 @@ def _fraction_holding_out(rows: int, name: str, want: int, seed: int = 0) -> flo
 @pytest.mark.timeout(600)
 def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     """One held-out pair and two workers: an equal split would evaluate nothing and write every eval/* as 0.0;
-    here the pair is evaluated once at every evaluation. `rayalign validate` announces the steps train took,
+    here the pair is evaluated once at every evaluation. Under ZeRO-3 each forward pass gathers the parameters from
+    both workers: the one without a held-out pair joins the other's pass (before, the run hung at the first
+    evaluation, each worker waiting in a different collective). `rayalign validate` announces the steps train took,
     and a fraction that holds out no pair is refused in one line naming data.eval_fraction.
     The loss is ORPO, which needs no reference: the reference actor scores the held-out pair alone
     (monitor.reference_for_heldout), so frac_in_U and the rewards are on the eval rows and not on the training
@@ -159,7 +174,15 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     )
     sections = dict(
         loss={"type": "orpo", "odds_ratio_weight": 0.5},
-        train={"micro_batch_size": 4, "zero_stage": 0, "log_every": 1, "learning_rate": 3e-3},
+        train={
+            "micro_batch_size": 4,
+            "zero_stage": 3,
+            "log_every": 1,
+            "learning_rate": 3e-3,
+            # Every parameter partitioned: the tiny model's are all below DeepSpeed's default persistence threshold
+            # (1e5 elements), which keeps a parameter whole on every worker, and no forward pass would gather.
+            "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        },
         monitor={"eval_every": 2},
         scaling={"num_workers": 2, "cpus_per_worker": 0.5},
         reference={"cpus_per_actor": "auto"},

@@ -269,11 +269,11 @@ class DataConfig(_Section):
         "rated (never detected): a prompt's best- against its worst-rated completion, ties dropped.",
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
-    tokenizer_actors: int | None = Field(
+    tokenizing_tasks: int | None = Field(
         None,
         ge=1,
-        description="Most tokenizer actors (each one CPU share, ray.data_cpus_per_task); None: one per CPU of the "
-        "cluster. Ray Data starts one and adds more while blocks wait, so small data stays on one.",
+        description="Most tokenizing tasks at once (each one CPU share, ray.data_cpus_per_task); None: one per CPU "
+        "of the cluster. Small data is one block, one task; a worker keeps its tokenizer for later tasks.",
     )
     limit: int | None = Field(None, ge=1, description="Read only the first N records (quick audits, smoke runs).")
     synthetic: SyntheticDataConfig | None = None
@@ -448,6 +448,21 @@ class PackingConfig(_Section):
     )
 
 
+# The DeepSpeed keys rayalign generates from its own settings (rayalign.train.worker.deepspeed_config), which
+# train.deepspeed may not override: each with the setting that decides it.
+DEEPSPEED_KEYS_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "gradient_clipping": "train.max_grad_norm",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype (float16 is not supported: bfloat16 or float32)",
+    "optimizer": "train.learning_rate, weight_decay and adam_betas (rayalign builds the optimizer)",
+    "scheduler": "train.scheduler and warmup_steps (rayalign builds the schedule)",
+}
+
+
 class TrainConfig(_Section):
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -485,6 +500,22 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the decoder's activations in the backward pass (less memory, ~30% slower)."
     )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="DeepSpeed config options merged over the one rayalign generates (zero_optimization's "
+        "offload_param, bucket sizes, stage3_* thresholds, ...); the keys rayalign sets from its own settings are "
+        "refused, naming the setting.",
+    )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_owns_no_key_of_ours(cls, options: dict[str, Any]) -> dict[str, Any]:
+        for path, setting in DEEPSPEED_KEYS_OWNED.items():
+            section, _, key = path.rpartition(".")
+            held = options.get(section, {}) if section else options
+            if isinstance(held, dict) and key in held:
+                raise ValueError(f"{path} is set by {setting}: set that instead")
+        return options
 
     @model_validator(mode="after")
     def _budget_needs_packing(self) -> TrainConfig:

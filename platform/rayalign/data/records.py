@@ -6,7 +6,7 @@ runs them and writes the quarantine.
 Flow::
 
     files ──PreferenceFileDatasource──▶ {source, row, record}
-          ──map_batches(PairTokenizer)──▶ {status, reason, ..., prompt_ids, chosen_ids, rejected_ids}
+          ──map_batches(tokenize_records)──▶ {status, reason, ..., prompt_ids, chosen_ids, rejected_ids}
           ──materialize──▶ counts + quarantine.jsonl  (driver sees only rejected rows)
           ──keep status == "ok"──▶ tokenized pairs for the reference stage
 
@@ -34,22 +34,22 @@ from pathlib import Path, PurePath
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import Dataset, TaskPoolStrategy
 
 from rayalign.config import RunConfig
 from rayalign.cpus import cluster_nodes
 from rayalign.data.reading import QUARANTINE_RECORD_CHARS, InputFiles, input_files, read_preference_files
 from rayalign.data.report import DataReport
-from rayalign.data.tokenizing import PairTokenizer
+from rayalign.data.tokenizing import tokenize_records
 from rayalign.errors import DataQualityError
 from rayalign.models import ModelSource
 from rayalign.schema import DETAIL, FIELD, OK, PAIR_KEY, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
 from rayalign.storage import QUARANTINE_FILE, publish, replaced_whole, stored_twin
 
 
-def _tokenizer_actors(cfg: RunConfig) -> int:
-    """``data.tokenizer_actors``, else one per CPU of the cluster (at least one)."""
-    return cfg.data.tokenizer_actors or max(1, int(sum(node.cpus for node in cluster_nodes())))
+def _tokenizing_tasks(cfg: RunConfig) -> int:
+    """``data.tokenizing_tasks``, else one per CPU of the cluster (at least one)."""
+    return cfg.data.tokenizing_tasks or max(1, int(sum(node.cpus for node in cluster_nodes())))
 
 
 def _only(status_is_ok: bool):
@@ -108,10 +108,10 @@ def prepare_pairs(
     if cfg.data.limit is not None:
         records = records.limit(cfg.data.limit)
     prepared = records.map_batches(
-        PairTokenizer,
-        fn_constructor_kwargs={"model": model, "data_cfg": cfg.data},
+        tokenize_records,
+        fn_kwargs={"model": model, "data_cfg": cfg.data},
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=_tokenizer_actors(cfg)),
+        compute=TaskPoolStrategy(size=_tokenizing_tasks(cfg)),
         num_cpus=num_cpus,
     ).materialize()
     quarantine = run_dir / QUARANTINE_FILE

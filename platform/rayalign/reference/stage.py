@@ -109,12 +109,22 @@ def scored_heldout_only(cfg: RunConfig, heldout: Dataset | None, model: ModelSou
     return add_reference_logps(heldout, cfg, model).materialize()
 
 
-def split_scored(cfg: RunConfig, scored: Dataset, source: ReferenceSource, num_scored: int) -> ScoredPairs:
-    """Already-scored pairs (``num_scored`` of them) -> shuffled training split and held-out split."""
+def split_scored(
+    cfg: RunConfig,
+    scored: Dataset,
+    source: ReferenceSource,
+    num_scored: int,
+    scored_heldout: Dataset | None = None,
+) -> ScoredPairs:
+    """Already-scored pairs (``num_scored`` of them) -> shuffled training split and held-out split.
+    ``scored_heldout``: the held-out pairs as scored apart (a loss that needs no reference scores them alone,
+    :func:`scored_heldout_only`), kept instead of ``scored``'s."""
     train, heldout = split_heldout(scored, cfg)
     if heldout is None:
         return ScoredPairs(shuffled(train, cfg), num_scored, None, source)
-    return ScoredPairs(shuffled(train, cfg), train.count(), kept_heldout(heldout, cfg, num_scored), source)
+    if scored_heldout is None:
+        scored_heldout = kept_heldout(heldout, cfg, num_scored)
+    return ScoredPairs(shuffled(train, cfg), train.count(), scored_heldout, source)
 
 
 def kept_in_storage(scored: Dataset, where: Location, num_cpus: float) -> Dataset:

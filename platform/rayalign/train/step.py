@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from rayalign.logprobs import split_pairs
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
 from rayalign.metrics import as_eval
 from rayalign.packing import pack_pairs, row_width
-from rayalign.schema import PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
+from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, REJECTED_IDS
 from rayalign.train.batching import MicroBatching, take
 from rayalign.train.meter import IntervalMeter
 
@@ -124,13 +125,31 @@ class PreferenceStep:
         return done
 
     def evaluate(self, policy, batches: Iterable[dict[str, Any]], collective: Collective) -> dict[str, float]:
-        """The training metrics on the held-out ``batches`` (``eval/`` keys), averaged over every worker's share."""
+        """The training metrics on the held-out ``batches`` (``eval/`` keys), averaged over every worker's share.
+
+        Under ZeRO-3 every forward pass gathers the parameters from every worker, so the workers run their passes
+        in lockstep: one whose share has run out (shares differ, and may be empty) scores a stand-in pair and
+        drops the result, until no worker has a batch left. Otherwise the one with more passes would wait in a
+        gather that the others never join."""
         meter = IntervalMeter(self.device)
         start = time.perf_counter()
         policy.eval()
         with torch.no_grad():
-            for batch in batches:
+            batches = iter(batches)
+            while True:
+                batch = next(batches, None)
+                if self.batching.zero_stage == 3 and collective.all_reduce_max(int(batch is not None)) == 1:
+                    batch = batch or self.stand_in_pair
+                elif batch is None:
+                    break
                 scored = self.score(policy, batch)
-                meter.add(scored.terms, scored.real_tokens, self.loss.beta)
+                if batch is not self.stand_in_pair:
+                    meter.add(scored.terms, scored.real_tokens, self.loss.beta)
         policy.train()
         return as_eval(meter.reduce(start, all_reduce=collective.all_reduce_sum))
+
+    @cached_property
+    def stand_in_pair(self) -> dict[str, Any]:
+        """One pair of pad tokens, with reference columns: a forward pass like any other whose result is dropped."""
+        pad = [[self.pad_id]]
+        return {PROMPT_IDS: pad, CHOSEN_IDS: pad, REJECTED_IDS: pad, REF_CHOSEN_LOGPS: [0.0], REF_REJECTED_LOGPS: [0.0]}

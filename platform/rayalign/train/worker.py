@@ -79,6 +79,20 @@ class WorkerPlan:
 
 
 def deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any]:
+    """DeepSpeed's config from the run's settings, with ``train.deepspeed`` merged over it (nested sections key by
+    key; the config refuses the keys set here from rayalign's own settings)."""
+    return merged(_generated_deepspeed_config(train, dtype), train.deepspeed)
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: a dict merges into a dict key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _generated_deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,

@@ -31,7 +31,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +147,8 @@ def run_trial(
     prepare_run_dir(cfg)
     # The trial's run directory is its own: a trial that Tune restores (resumed sweep, errored trial) finds its
     # Ray Train run there and continues from its last checkpoint.
-    split = split_scored(cfg, scored, source, num_scored)
-    if scored_heldout is not None:  # a loss that needs no reference: the driver scored the held-out pairs alone
-        split = replace(split, heldout=scored_heldout)
+    # A loss that needs no reference: the driver scored the held-out pairs alone (scored_heldout).
+    split = split_scored(cfg, scored, source, num_scored, scored_heldout)
     inputs = TrainingInputs(model, split, data_report, cost, started)
     heldout = inputs.scored.heldout
     # The trial's own plan: a searched key (train.max_steps, train.epochs, batch sizes) may change it.
