@@ -196,13 +196,26 @@ def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
     import re
 
     import ray
-    from ray.util.state import get_log
+    from ray.util.state import get_actor, get_log
+    from ray.util.state.exception import RayStateApiException
+
+    address = ray.get_runtime_context().gcs_address
+
+    def stderr_of(actor_id: str) -> str:
+        # By the actor's id, else by its process (a clean clone once had the state API find no log file for an actor
+        # id); an actor that never got a process logged nothing.
+        try:
+            return "".join(get_log(address=address, actor_id=actor_id, suffix="err"))
+        except RayStateApiException:
+            actor = get_actor(actor_id, address=address)
+            if not actor or not actor.pid:
+                return ""
+            return "".join(get_log(address=address, pid=actor.pid, node_id=actor.node_id, suffix="err"))
 
     line = re.compile(r"(train worker|reference actor)[^:]*: (\d+) torch thread\(s\) for the ([\d.]+) CPU")
     found: dict[str, list[tuple[int, float]]] = {}
     for actor_id in actor_ids:
-        text = "".join(get_log(address=ray.get_runtime_context().gcs_address, actor_id=actor_id, suffix="err"))
-        if said := line.search(text):  # Ray Train may echo a worker's stderr in its log: the first line
+        if said := line.search(stderr_of(actor_id)):  # Ray Train may echo a worker's stderr in its log: the first line
             kind, threads, cpus = said.groups()
             found.setdefault(kind.replace(" ", "_"), []).append((int(threads), float(cpus)))
     return found
