@@ -196,21 +196,24 @@ def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
     import re
 
     import ray
-    from ray.util.state import get_actor, get_log
+    from ray.util.state import get_actor, get_log, list_logs
     from ray.util.state.exception import RayStateApiException
 
     address = ray.get_runtime_context().gcs_address
 
     def stderr_of(actor_id: str) -> str:
-        # By the actor's id, else by its process (a clean clone once had the state API find no log file for an actor
-        # id); an actor that never got a process logged nothing.
+        # By the actor's id; else by the file of its process, whatever job its name carries: on clean clones the state
+        # API found no file for an actor that Ray had placed in a worker process started before any job (its log is
+        # worker-<id>-ffffffff-<pid>.err). An actor that never got a process logged nothing.
         try:
             return "".join(get_log(address=address, actor_id=actor_id, suffix="err"))
         except RayStateApiException:
             actor = get_actor(actor_id, address=address)
             if not actor or not actor.pid:
                 return ""
-            return "".join(get_log(address=address, pid=actor.pid, node_id=actor.node_id, suffix="err"))
+            listed = list_logs(address=address, node_id=actor.node_id, glob_filter=f"*-{actor.pid}.err")
+            names = [name for names in listed.values() for name in names]
+            return "".join("".join(get_log(address=address, node_id=actor.node_id, filename=name)) for name in names)
 
     line = re.compile(r"(train worker|reference actor)[^:]*: (\d+) torch thread\(s\) for the ([\d.]+) CPU")
     found: dict[str, list[tuple[int, float]]] = {}
