@@ -196,24 +196,24 @@ def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
     import re
 
     import ray
-    from ray.util.state import get_actor, get_log, list_logs
+    from ray.util.state import get_actor, get_log
     from ray.util.state.exception import RayStateApiException
 
     address = ray.get_runtime_context().gcs_address
 
     def stderr_of(actor_id: str) -> str:
-        # By the actor's id; else by the file of its process, whatever job its name carries: on clean clones the state
-        # API found no file for an actor that Ray had placed in a worker process started before any job (its log is
-        # worker-<id>-ffffffff-<pid>.err). An actor that never got a process logged nothing.
+        # Through the state API by the actor's id; else from the session's log directory on this machine (the
+        # suite's cluster is local), by the actor's process: on clean clones the state API found no file for the vLLM
+        # reference actor, by id or by pid, though Ray forwarded its lines from that file. An actor that never got a
+        # process logged nothing.
         try:
             return "".join(get_log(address=address, actor_id=actor_id, suffix="err"))
         except RayStateApiException:
             actor = get_actor(actor_id, address=address)
             if not actor or not actor.pid:
                 return ""
-            listed = list_logs(address=address, node_id=actor.node_id, glob_filter=f"*-{actor.pid}.err")
-            names = [name for names in listed.values() for name in names]
-            return "".join("".join(get_log(address=address, node_id=actor.node_id, filename=name)) for name in names)
+            logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+            return "".join(path.read_text(errors="replace") for path in sorted(logs.glob(f"worker-*-{actor.pid}.err")))
 
     line = re.compile(r"(train worker|reference actor)[^:]*: (\d+) torch thread\(s\) for the ([\d.]+) CPU")
     found: dict[str, list[tuple[int, float]]] = {}
