@@ -203,9 +203,9 @@ def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
 
     def stderr_of(actor_id: str) -> str:
         # Through the state API by the actor's id; else from the session's log directory on this machine (the
-        # suite's cluster is local), by the actor's process: on clean clones the state API found no file for the vLLM
-        # reference actor, by id or by pid, though Ray forwarded its lines from that file. An actor that never got a
-        # process logged nothing.
+        # suite's cluster is local), by the actor's process: Ray's log monitor moves the files of processes that have
+        # ended into logs/old/, where the state API does not look (on clean clones, the vLLM reference actor's, which
+        # Ray Data had ended once it scored). An actor that never got a process logged nothing.
         try:
             return "".join(get_log(address=address, actor_id=actor_id, suffix="err"))
         except RayStateApiException:
@@ -213,7 +213,8 @@ def logged_threads(actor_ids) -> dict[str, list[tuple[int, float]]]:
             if not actor or not actor.pid:
                 return ""
             logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-            return "".join(path.read_text(errors="replace") for path in sorted(logs.glob(f"worker-*-{actor.pid}.err")))
+            ended = sorted(logs.glob(f"worker-*-{actor.pid}.err")) + sorted(logs.glob(f"old/worker-*-{actor.pid}.err"))
+            return "".join(path.read_text(errors="replace") for path in ended)
 
     line = re.compile(r"(train worker|reference actor)[^:]*: (\d+) torch thread\(s\) for the ([\d.]+) CPU")
     found: dict[str, list[tuple[int, float]]] = {}
