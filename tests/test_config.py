@@ -31,7 +31,25 @@ def test_overrides_are_typed():
         (["train.epochs=many"], "train.epochs: Input should be a valid integer"),
         (
             ["loss.type=contrastive"],
-            "loss.type: Input should be 'dpo', 'ipo', 'hinge', 'cpo', 'cpo_clip', 'simpo' or 'orpo'",
+            "loss.type: Input should be 'dpo', 'ipo', 'hinge', 'cpo', 'cpo_clip', 'simpo', 'orpo' or 'kto'",
+        ),
+        (["loss.type=kto"], "loss.type kto trains on unpaired prompt/completion/label records and data.synthetic"),
+        (
+            ["loss.type=kto", "data={paths: [x.jsonl]}", "loss.nll_weight=0.1"],
+            "loss.type kto trains on unpaired completions, half of them undesirable",
+        ),
+        (
+            [
+                "loss.type=kto",
+                "data={paths: [x.jsonl], eval_fraction: 0.2}",
+                "sweep={space: {loss.beta: {values: [1]}}}",
+            ],
+            "sweep.objective eval/pref/absolute_accuracy compares the responses of a pair; loss.type kto",
+        ),
+        (["loss.desirable_weight=2"], "loss.desirable_weight=2 is KTO's weight λ_D of desirable completions"),
+        (
+            ["monitor.on_alarm=switch", "monitor.switch_to={type: kto}"],
+            "monitor.switch_to.type kto trains on unpaired completions, loss.type dpo on preference pairs",
         ),
         (["loss.simpo_margin=1"], "loss.simpo_margin=1 is SimPO's target reward margin γ_SimPO: loss.type dpo"),
         (["loss.type=orpo", "loss.nll_weight=1"], "ORPO's loss holds its NLL term already"),

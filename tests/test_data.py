@@ -179,11 +179,11 @@ def test_each_public_layout_gives_its_pair(layout, tmp_path):
 
 
 def test_layouts_name_what_is_wrong():
-    def reason(record: dict, fmt: str = "auto", **columns) -> tuple[str, str | None, str]:
+    def reason(record: dict, fmt: str = "auto", unpaired: bool = False, **columns) -> tuple[str, str | None, str]:
         from rayalign.config import ColumnsConfig
 
         with pytest.raises(RecordError) as err:
-            parse_record(json.dumps(record), fmt, ColumnsConfig(**columns))
+            parse_record(json.dumps(record), fmt, ColumnsConfig(**columns), unpaired)
         return err.value.reason, err.value.field, err.value.detail
 
     # UltraFeedback's text prompt is checked against the dialogue it stands beside.
@@ -201,6 +201,8 @@ def test_layouts_name_what_is_wrong():
     assert code == "unknown_layout" and "question, response_j, response_k" in detail and "data.columns" in detail
     # Data a user must decide about, refused with what to do.
     assert reason({"prompt": "q", "completion": "a", "label": True})[0] == "unpaired_record"
+    assert reason({"prompt": "q", "chosen": "a", "rejected": "b"}, unpaired=True)[0] == "paired_record"
+    assert reason({"prompt": "q", "completion": "a", "label": 1}, unpaired=True)[:2] == ("not_a_bool", "label")
     assert reason({"instruction": "q", "completions": [{"response": "a", "overall_score": 3}]})[0] == (
         "rated_completions"
     )
@@ -330,6 +332,46 @@ def test_batched_tokenizing_gives_each_pairs_own_ids_and_errors(tiny_model_dir, 
             {"TokenizedPair", "identical_after_truncation"} if truncation != "drop" else {"TokenizedPair", "too_long"}
         )
         assert expected <= reasons
+
+
+def test_unpaired_completions_tokenize_as_pairs_do_and_take_the_previous_rows_completion_for_kl(
+    tiny_model_dir, tmp_path
+):
+    """TRL's unpaired layout (text or chat) becomes a Completion, tokenized with the ids tokenize_pair gives the same
+    prompt and response; each row's KL completion is the row before's (the first the last's), cut to fit after
+    its own prompt, as TRL rotates completions within a batch."""
+    import pyarrow as pa
+
+    from rayalign.data.parsing import Completion
+    from rayalign.data.tokenizing import tokenize_completion, with_kl_completions
+
+    text = parse_record(json.dumps({"prompt": "2+2=", "completion": " 4", "label": True}), "auto", unpaired=True)
+    chat = parse_record(
+        json.dumps(
+            {"prompt": _messages(("user", "2+2?")), "completion": _messages(("assistant", "5")), "label": False}
+        ),
+        "unpaired",
+        unpaired=True,
+    )
+    assert text == Completion("2+2=", " 4", True) and chat == Completion(_messages(("user", "2+2?")), "5", False)
+    tok = load_tokenizer(tiny_model_dir)
+    data = make_config(tmp_path).data
+    for completion in (text, chat):
+        got = tokenize_completion(completion, tok, data)
+        pair = tokenize_pair(Pair(completion.prompt, completion.completion, "x"), tok, data)
+        assert (got.prompt_ids, got.chosen_ids, got.rejected_ids) == (pair.prompt_ids, pair.chosen_ids, [])
+    ids = pa.list_(pa.int32())
+    batch = pa.table(
+        {
+            "prompt_ids": pa.array([[1, 2], [1, 2, 3, 4, 5, 6], [1]], ids),
+            "chosen_ids": pa.array([[7], [8, 8], [9, 9, 9]], ids),
+            "rejected_ids": pa.array([[], [], []], ids),
+        }
+    )
+    out = with_kl_completions(batch, max_length=8)
+    assert out.column("rejected_ids").to_pylist() == [[9, 9, 9], [7], [8, 8]]
+    assert with_kl_completions(batch, max_length=7).column("rejected_ids").to_pylist()[1] == [7][:1]
+    assert with_kl_completions(batch, max_length=6).column("rejected_ids").to_pylist()[1] == []
 
 
 # ------------------------------------------------------------------ the Ray Data stage

@@ -1,5 +1,6 @@
 """Each loss against values computed by hand from its formula."""
 
+import dataclasses
 import math
 
 import pytest
@@ -108,6 +109,115 @@ def test_orpo_by_hand():
     assert got.tolist() == pytest.approx(want, abs=1e-12)
     # Stable at both ends: P → 1 (s → 0⁻) and P → 0 (s ≪ 0), where the naive log(1 − e^s) loses every digit.
     assert losses.log_odds(t(-1e-12, -60.0)).tolist() == pytest.approx([-math.log(1e-12), -60.0], rel=1e-6)
+
+
+def test_kto_by_hand():
+    """z_0 = max(0, mean(log π_θ(y') − log π_ref(y'))), detached; L = λ_D (1 − σ(β(r − z_0))) for a desirable y,
+    λ_U (1 − σ(β(z_0 − r))) for an undesirable one, r = log π_θ(y) − log π_ref(y)."""
+    policy, ref = t(-2.0, -5.0, -1.0), t(-3.0, -4.0, -1.0)  # r = 1, −1, 0
+    policy_kl, ref_kl = t(-4.0, -6.0, -2.0), t(-5.0, -6.0, -2.5)  # mean(KL) = 0.5
+    desirable = torch.tensor([True, False, False])
+    beta, weights = 0.5, {"desirable_weight": 1.5, "undesirable_weight": 0.5}
+    got = losses.kto(policy, policy_kl, ref, ref_kl, desirable, beta=beta, **weights)
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    want = [1.5 * (1 - sigmoid(0.5 * (1 - 0.5))), 0.5 * (1 - sigmoid(0.5 * (0.5 + 1))), 0.5 * (1 - sigmoid(0.25))]
+    assert got.tolist() == pytest.approx(want, abs=1e-12)
+    # The reference point is never negative, and no gradient flows through it.
+    assert losses.kto_reference_point(t(-9.0), t(-1.0)).item() == 0.0
+    trained, kl = policy.clone().requires_grad_(), policy_kl.clone().requires_grad_()
+    losses.kto(trained, kl, ref, ref_kl, desirable, beta=beta, **weights).sum().backward()
+    assert kl.grad is None and trained.grad is not None
+    # Through the objective: declared unpaired, it needs the labels.
+    cfg = LossConfig(type="kto", beta=beta, **weights)
+    logps = losses.PairLogps(policy, policy_kl, ref, ref_kl, t(1.0, 1.0, 1.0), t(1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="loss.type kto takes labelled unpaired completions"):
+        losses.objective(cfg, logps)
+    terms = losses.objective(cfg, dataclasses.replace(logps, desirable=desirable))
+    assert terms.loss.tolist() == pytest.approx(want, abs=1e-12) and terms.desirable is desirable
+    # What it reports: rewards and log-probs by label (as TRL's KTOTrainer), the KL estimate; no preference.
+    meter = IntervalMeter()
+    meter.add(terms, tokens=6, beta=beta)
+    row = meter.reduce(started=0.0, clock=lambda: 1.0)
+    assert row["rewards/chosen"] == 0.5 and row["rewards/rejected"] == pytest.approx(-0.25)
+    assert row["logps/chosen"] == -2.0 and row["logps/rejected"] == -3.0 and row["kl"] == 0.5
+    assert not {"pref/absolute_accuracy", "pref/frac_in_U", "rewards/accuracies", "rewards/margins"} & set(row)
+
+
+def _trls_kto_loss(cfg: LossConfig, logps: losses.PairLogps) -> torch.Tensor:
+    """TRL 1.16's KTOTrainer._compute_loss, its own code (it has no separate loss function), on given log-probs: a
+    stand-in model returns the completions' (or, called on the KL inputs, the KL completions') summed log-probs as
+    a fused LM head's per-token log-probs (the sum in the first position, zeros after), the reference's come
+    precomputed (``ref_logps``, ``ref_KL_logps``), one process."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    rows, width = len(logps.policy_chosen), 3
+    zeros = torch.zeros(rows, width - 1)
+
+    def outputs(summed):
+        per_token = torch.cat([summed[:, None], torch.zeros(rows, width - 2)], dim=1)
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros)
+
+    inputs = {
+        "input_ids": torch.zeros(rows, width, dtype=torch.long),
+        "attention_mask": torch.ones(rows, width, dtype=torch.long),
+        "completion_mask": torch.tensor([[0, 1, 1]] * rows),
+        "KL_input_ids": torch.ones(rows, width, dtype=torch.long),
+        "KL_attention_mask": torch.ones(rows, width, dtype=torch.long),
+        "KL_completion_mask": torch.tensor([[0, 1, 1]] * rows),
+        "label": logps.desirable,
+        "ref_logps": logps.ref_chosen,
+        "ref_KL_logps": logps.ref_rejected,
+    }
+
+    def model(input_ids, **_):
+        return outputs(logps.policy_rejected if input_ids is inputs["KL_input_ids"] else logps.policy_chosen)
+
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x),
+        calculate_KL=True,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        loss_type="kto",
+        beta=cfg.beta,
+        desirable_weight=cfg.desirable_weight,
+        undesirable_weight=cfg.undesirable_weight,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    trainer._compute_kl_logps = KTOTrainer._compute_kl_logps.__get__(trainer)
+    return KTOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kto_equals_trls_kto_trainer_on_the_same_logps(seed):
+    """rayalign's objective for loss.type kto against TRL 1.16's KTOTrainer loss code, on the same summed
+    log-probs of completions and KL completions and the same labels: the batch mean and its gradient agree to
+    1e-6 (float32, as both compute)."""
+    pytest.importorskip("trl", reason="TRL is installed by `make install-bench`")
+    generator = torch.Generator().manual_seed(seed)
+    size = 16
+
+    def logp():
+        return -30 * torch.rand(size, generator=generator)
+
+    policy = logp().requires_grad_()
+    tokens = torch.ones(size)
+    desirable = torch.rand(size, generator=generator) < 0.6
+    logps = losses.PairLogps(policy, logp(), logp(), logp(), tokens, tokens, desirable)
+    for beta, weights in ((0.1, (1.0, 1.0)), (0.5, (1.33, 0.7))):
+        cfg = LossConfig(type="kto", beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+        values = (_trls_kto_loss(cfg, logps), losses.objective(cfg, logps).loss.mean())
+        assert torch.allclose(values[0], values[1], rtol=0, atol=1e-6), (beta, values)
+        grads = [torch.autograd.grad(value, policy)[0] for value in values]
+        assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-6), beta
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -240,7 +350,7 @@ def test_a_reference_free_loss_is_declared_so_and_computed_without_one():
 
 
 @pytest.mark.parametrize("kind", ["dpo", "ipo", "hinge", "cpo", "cpo_clip", "simpo", "orpo"])
-def test_preference_loss_dispatch(kind):
+def test_preference_loss_dispatch(kind):  # kto: test_kto_by_hand
     cfg = LossConfig(type=kind, beta=0.5, **({"gamma": 1.0} if kind == "cpo" else {}))
     scale = 8 if kind == "orpo" else 1  # ORPO's odds need probabilities, not summed log-probs
     got = losses.preference_loss(cfg, PC / scale, PR / scale, RC, RR)

@@ -109,6 +109,61 @@ def test_a_loss_without_reference_trains_without_any_reference(ray_cluster, tmp_
 
 
 @pytest.mark.timeout(600)
+def test_kto_trains_on_unpaired_completions_and_each_kind_of_loss_refuses_the_others_data(ray_cluster, tmp_path):
+    """KTO on an unpaired JSONL (TRL's prompt/completion/label; each synthetic pair as a desirable and an undesirable
+    completion) with one bad line, quarantined. At step 1 the policy is the reference: every completion's log-ratio
+    and the KL estimate are 0, so each row's loss is exactly 1 − σ(0) = 0.5 when the reference and the workers score
+    the same tokens, KL completions included. A paired loss on this file, and KTO on pairs, are refused in one line."""
+    from rayalign.data.synthetic import arithmetic_pairs, to_jsonl
+    from rayalign.errors import DataQualityError
+
+    pairs = arithmetic_pairs(16, seed=0)
+    records = [
+        {"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"} for p in pairs for k in p if k != "prompt"
+    ]
+    unpaired = tmp_path / "unpaired.jsonl"
+    bad = '{"prompt": "Q: 1+1=?", "completion": " 2", "label": "yes"}\n'
+    unpaired.write_text(to_jsonl(records[:7]) + bad + to_jsonl(records[7:]))
+    paired = tmp_path / "paired.jsonl"
+    paired.write_text(to_jsonl(pairs))
+
+    def config(path, loss, name):
+        return make_config(
+            tmp_path,
+            data={"synthetic": None, "paths": [str(path)]},
+            loss=loss,
+            output={"name": name},
+            # All 32 completions in every step (and KL completions rotated among all of them), 6 times over: each
+            # step's loss is over the same rows, so it falls step by step rather than with the luck of a sample.
+            train={"micro_batch_size": 32, "zero_stage": 0, "log_every": 1, "learning_rate": 3e-3, "epochs": 6},
+            scaling={"num_workers": 1},
+        )
+
+    cfg = config(unpaired, {"type": "kto", "beta": 0.5}, "kto")
+    summary = run_train(cfg)
+    rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
+    print("kto losses", [round(r["loss"], 4) for r in rows], "kl", [round(r["kl"], 4) for r in rows])
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-4) and rows[0]["kl"] == pytest.approx(0, abs=1e-4)
+    assert rows[0]["rewards/chosen"] == pytest.approx(0, abs=1e-4)
+    assert all("pref/absolute_accuracy" not in r and "rewards/margins" not in r for r in rows)
+    assert summary["loss_decreased"] and rows[-1]["rewards/chosen"] > rows[-1]["rewards/rejected"]
+    assert summary["data"]["ok"] == 32 and summary["data"]["quarantined_by_reason"] == {"not_a_bool": 1}
+    (bad,) = read_jsonl(cfg.output.run_dir / "quarantine.jsonl")
+    assert (bad["row"], bad["reason"], bad["field"]) == (8, "not_a_bool", "label")
+
+    refusals = (
+        (unpaired, "dpo", "unpaired_record", "set loss.type: kto"),
+        (paired, "kto", "paired_record", "takes unpaired prompt/completion/label records"),
+    )
+    for path, loss_type, reason, remedy in refusals:
+        with pytest.raises(DataQualityError) as refused:
+            run_train(config(path, {"type": loss_type}, f"refused-{loss_type}"))
+        message = str(refused.value)
+        assert "\n" not in message and f"{path.name} line 1: {reason}" in message and remedy in message, message
+
+
+@pytest.mark.timeout(600)
 def test_zero3_shared_prompt_with_activation_checkpointing_and_a_token_budget(ray_cluster, tmp_path):
     """ZeRO-3 (parameters sharded; the chunked head gathers them again when it recomputes) with the
     decoder's activations recomputed too: at step 1 the policy is the reference, so DPO's loss is log 2

@@ -17,8 +17,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rayalign.loss_specs import LOSSES, needs_reference
-from rayalign.metrics import DEFAULT_OBJECTIVE, GENERATION_PREFIX, OBJECTIVE_MODES
+from rayalign.loss_specs import LOSSES, needs_reference, takes_unpaired
+from rayalign.metrics import (
+    ABSOLUTE_ACCURACY,
+    DEFAULT_OBJECTIVE,
+    FRAC_IN_U,
+    GENERATION_PREFIX,
+    OBJECTIVE_MODES,
+    REWARD_ACCURACY,
+    eval_key,
+)
 
 
 class ConfigError(ValueError):
@@ -261,12 +269,13 @@ class DataConfig(_Section):
     revision: str | None = Field(
         None, min_length=1, description="Branch, tag or commit of the hub dataset ids in data.paths (absent: main)."
     )
-    format: Literal["auto", "pairs", "conversational", "hh", "sharegpt", "alpaca", "rated"] = Field(
+    format: Literal["auto", "pairs", "conversational", "hh", "sharegpt", "alpaca", "rated", "unpaired"] = Field(
         "auto",
         description="The records' layout (README, Data formats): auto detects each record's; pairs (text prompt, "
         "or none: the start chosen and rejected share, as TRL), conversational (message lists; a text prompt "
         "beside them, as UltraFeedback's, is checked against them), hh, LLaMA-Factory's sharegpt and alpaca; "
-        "rated (never detected): a prompt's best- against its worst-rated completion, ties dropped.",
+        "rated (never detected): a prompt's best- against its worst-rated completion, ties dropped; unpaired: "
+        "TRL's prompt/completion/label records, for loss.type kto.",
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     tokenizing_tasks: int | None = Field(
@@ -393,6 +402,15 @@ class LossConfig(_Section):
     odds_ratio_weight: float = Field(
         0.1, gt=0, description="ORPO's weight λ of the odds-ratio term beside the NLL (type orpo; TRL's ORPO beta)."
     )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="KTO's weight λ_D of a desirable completion's loss (type kto; TRL's name)."
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="KTO's weight λ_U of an undesirable completion's loss (type kto). The KTO paper keeps "
+        "λ_D·n_D / (λ_U·n_U) between 1 and 4/3 for n_D desirable and n_U undesirable completions.",
+    )
     nll_weight: float = Field(0.0, ge=0, description="Weight of the NLL term on chosen.")
     length_normalize: bool = Field(
         False, description="Use per-token average log-probs instead of sums (simpo and orpo always do)."
@@ -412,6 +430,11 @@ class LossConfig(_Section):
             raise ValueError(
                 f"loss.nll_weight={self.nll_weight:g}: ORPO's loss holds its NLL term already "
                 "(weigh the odds ratio against it with loss.odds_ratio_weight)"
+            )
+        if takes_unpaired(self.type) and self.nll_weight > 0:
+            raise ValueError(
+                f"loss.nll_weight={self.nll_weight:g} is an NLL term on chosen responses: loss.type {self.type} "
+                "trains on unpaired completions, half of them undesirable (leave it 0)"
             )
         return self
 
@@ -944,6 +967,19 @@ class RunConfig(_Section):
                 "reference.backend: adapters_off disables LoRA adapters to score the reference: "
                 "set model.lora, or use reference.backend: transformers or vllm"
             )
+        switch = self.monitor.switch_to
+        if switch is not None and takes_unpaired(switch.type) != takes_unpaired(self.loss.type):
+            kinds = {True: "unpaired completions", False: "preference pairs"}
+            raise ValueError(
+                f"monitor.switch_to.type {switch.type} trains on {kinds[takes_unpaired(switch.type)]}, "
+                f"loss.type {self.loss.type} on {kinds[takes_unpaired(self.loss.type)]}: switch to a loss "
+                "that takes the run's data"
+            )
+        if takes_unpaired(self.loss.type) and self.data.synthetic is not None:
+            raise ValueError(
+                f"loss.type {self.loss.type} trains on unpaired prompt/completion/label records and data.synthetic "
+                "generates preference pairs: set data.paths"
+            )
         if not needs_reference(self.loss.type):
             if self.reference.in_worker:
                 raise ValueError(
@@ -1026,6 +1062,15 @@ class RunConfig(_Section):
                 f"monitor: keeping the best model by {self.monitor.best_key} needs held-out pairs: set "
                 "data.eval_fraction > 0"
             )
+        paired_only = {eval_key(key) for key in (ABSOLUTE_ACCURACY, REWARD_ACCURACY, FRAC_IN_U)}
+        if takes_unpaired(self.loss.type):
+            objective = self.sweep.objective if self.sweep is not None else None
+            for setting, key in (("monitor.keep_best", self.monitor.best_key), ("sweep.objective", objective)):
+                if key in paired_only:
+                    raise ValueError(
+                        f"{setting} {key} compares the responses of a pair; loss.type {self.loss.type} trains on "
+                        "unpaired completions: use eval/loss or a generation score (eval/gen/score)"
+                    )
         if self.sweep is None:
             return self
         if self.data.eval_fraction == 0:

@@ -17,6 +17,11 @@ target so that the learned margin is never negative.
 The reference-free losses (``simpo``, ``orpo``) compare the policy's per-token
 average log-probs s(y) = log π_θ(y|x) / |y| and need no reference model at all.
 
+``kto`` takes unpaired completions, each labelled desirable or undesirable. Its rows
+are laid out as pairs (:mod:`rayalign.schema`): the completion y where a pair's
+chosen response is, and the KL completion y' (another row's completion for this
+prompt) where the rejected one is; so its four log-probs arrive in the same places.
+
 Each loss is declared once in :data:`rayalign.loss_specs.LOSSES`: which function
 here, its own config parameters, whether it needs reference log-probs and whether
 it compares per-token averages; :func:`preference_loss` calls it from there.
@@ -167,6 +172,41 @@ def orpo(policy_chosen: Tensor, policy_rejected: Tensor, beta: float, odds_ratio
     return -policy_chosen - odds_ratio_weight * ratio
 
 
+def kto_reference_point(policy_kl: Tensor, ref_kl: Tensor) -> Tensor:
+    """KTO's reference point z_0 = max(0, mean over the batch of log π_θ(y'|x) − log π_ref(y'|x)), detached: the
+    KL(π_θ‖π_ref) estimate from mismatched completions y' (Ethayarajh et al., 2024, "KTO", §4.1). A scalar tensor."""
+    return (policy_kl - ref_kl).mean().detach().clamp(min=0)
+
+
+def kto(
+    policy_completion: Tensor,
+    policy_kl: Tensor,
+    ref_completion: Tensor,
+    ref_kl: Tensor,
+    desirable: Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> Tensor:
+    """Kahneman-Tversky Optimization (Ethayarajh et al., 2024, "KTO", eqs. 7-8), on unpaired completions.
+
+        r   = log π_θ(y|x) − log π_ref(y|x)
+        z_0 = kto_reference_point(log π_θ(y'|x), log π_ref(y'|x))
+        L   = λ_D (1 − σ(β(r − z_0)))   for a desirable y
+              λ_U (1 − σ(β(z_0 − r)))   for an undesirable y
+
+    ``desirable``: bool (B,), the label; λ_D, λ_U = ``desirable_weight``, ``undesirable_weight`` (TRL's names).
+    z_0 is estimated over this batch's rows (TRL also averages it across processes; here each worker its own).
+    """
+    reward = policy_completion - ref_completion
+    z0 = kto_reference_point(policy_kl, ref_kl)
+    return torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (reward - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - reward))),
+    )
+
+
 def nll(policy_chosen: Tensor, chosen_tokens: Tensor) -> Tensor:
     """Per-token negative log-likelihood of the chosen response: −log π(y_w|x) / |y_w|."""
     return -policy_chosen / chosen_tokens.clamp(min=1)
@@ -178,16 +218,22 @@ def preference_loss(
     policy_rejected: Tensor,
     ref_chosen: Tensor | None,
     ref_rejected: Tensor | None,
+    desirable: Tensor | None = None,
 ) -> Tensor:
     """Per-pair loss for ``cfg.type`` (log-probs already summed or length-normalized; the reference ones may be
-    None for a loss that needs none), called as :data:`rayalign.loss_specs.LOSSES` declares it.
-    Raises ValueError when the loss needs a reference and gets None."""
+    None for a loss that needs none), called as :data:`rayalign.loss_specs.LOSSES` declares it. For an unpaired
+    loss the "pair" is (completion, KL completion) and ``desirable`` (bool (B,)) labels the completion.
+    Raises ValueError when the loss needs a reference, or labels, and gets None."""
     spec = LOSSES[cfg.type]
     compared = [policy_chosen, policy_rejected]
     if spec.needs_reference:
         if ref_chosen is None or ref_rejected is None:
             raise ValueError(f"loss.type {cfg.type} needs reference log-probs and the batch has none")
         compared += [ref_chosen, ref_rejected]
+    if spec.data == "unpaired":
+        if desirable is None:
+            raise ValueError(f"loss.type {cfg.type} takes labelled unpaired completions and the batch has no labels")
+        compared.append(desirable)
     own = {p.argument: getattr(cfg, name) for name, p in spec.parameters.items()}
     return globals()[spec.function](*compared, beta=cfg.beta, **own)
 
@@ -195,7 +241,8 @@ def preference_loss(
 @dataclass(frozen=True)
 class PairLogps:
     """Per-pair sequence log-probs (summed over response tokens) and response lengths, each (B,); the reference's
-    are None where none was scored (a loss that needs no reference)."""
+    are None where none was scored (a loss that needs no reference). Unpaired rows (KTO) carry their completion's
+    as chosen, the KL completion's as rejected, and ``desirable`` (bool (B,)); pairs have None there."""
 
     policy_chosen: Tensor
     policy_rejected: Tensor
@@ -203,16 +250,19 @@ class PairLogps:
     ref_rejected: Tensor | None
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    desirable: Tensor | None = None
 
 
 @dataclass(frozen=True)
 class ObjectiveTerms:
     """What :func:`objective` returns: the per-pair loss (the caller reduces) and the log-probs
     (π_θ(y_w), π_θ(y_l), π_ref(y_w), π_ref(y_l)) its preference term compared, which the metrics report (the
-    reference's None where none was scored)."""
+    reference's None where none was scored); for unpaired rows, (π_θ(y), π_θ(y'), π_ref(y), π_ref(y')) and the
+    labels in ``desirable``."""
 
     loss: Tensor
     compared: tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+    desirable: Tensor | None = None
 
 
 def objective(cfg: LossConfig, logps: PairLogps) -> ObjectiveTerms:
@@ -229,7 +279,7 @@ def objective(cfg: LossConfig, logps: PairLogps) -> ObjectiveTerms:
         compared = tuple(
             None if value is None else value / length.clamp(min=1) for value, length in zip(compared, lengths)
         )
-    loss = preference_loss(cfg, *compared)
+    loss = preference_loss(cfg, *compared, desirable=logps.desirable)
     if cfg.nll_weight > 0:
         loss = loss + cfg.nll_weight * nll(logps.policy_chosen, logps.chosen_tokens)
-    return ObjectiveTerms(loss, compared)
+    return ObjectiveTerms(loss, compared, logps.desirable)

@@ -12,13 +12,17 @@ Rank 0 appends one row per logging step to ``metrics.jsonl``::
     logps/chosen, logps/rejected log π_θ(y|x) summed over the response tokens (per token with length_normalize)
     pref/absolute_accuracy       share of pairs with δ_θ > 0: the policy prefers y_w outright
     pref/frac_in_U               share with δ_ref < δ_θ < 0: better than the reference, still preferring y_l
+    kl                           unpaired data (KTO): the KL estimate z_0 from mismatched completions, mean over rows
     pairs/s, tokens/s            throughput over the interval, every worker together (tokens: computed positions)
     memory/peak_allocated_gib    rank 0's peak accelerator memory (GPU runs only)
     eval/<key>                   the same statistics on the held-out pairs (no rates), when evaluated
 
 The rewards/* keys and pref/frac_in_U need the reference's log-probs (REFERENCE_KEYS): a run whose loss needs no
 reference (simpo, orpo) leaves them out of its training rows, and has them on its held-out rows only when
-monitor.reference_for_heldout scored the held-out pairs with the reference.
+monitor.reference_for_heldout scored the held-out pairs with the reference. A run on unpaired completions (kto)
+has no pairs to compare: its rewards/chosen and logps/chosen are over the desirable completions, its /rejected
+over the undesirable ones (as TRL's KTOTrainer logs them), and it reports kl where the others report the margins,
+accuracies and frac_in_U.
     eval/gen/<name>              generation-based evaluation (rayalign evaluate): each side's mean verifier
                                  score and response length, the policy's win/tie/loss shares and win rate
     alarm                        the pathology alarm's reason, on the rows where it holds
@@ -48,6 +52,7 @@ LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 ABSOLUTE_ACCURACY = "pref/absolute_accuracy"
 FRAC_IN_U = "pref/frac_in_U"
+KL = "kl"
 PAIRS_PER_S = "pairs/s"
 TOKENS_PER_S = "tokens/s"
 PEAK_MEMORY_GIB = "memory/peak_allocated_gib"
@@ -68,12 +73,16 @@ PER_PAIR_KEYS = (
     LOGPS_REJECTED,
     ABSOLUTE_ACCURACY,
     FRAC_IN_U,
+    KL,
 )
 # The per-pair statistics that compare against the reference: unavailable where no reference was scored.
 REFERENCE_KEYS = (REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARD_ACCURACY, FRAC_IN_U)
+# The statistics of unpaired data (KTO) alone.
+UNPAIRED_ONLY_KEYS = (KL,)
 RATE_KEYS = (PAIRS_PER_S, TOKENS_PER_S)
-# Every logged row has these keys (besides step/epoch/lr bookkeeping), but REFERENCE_KEYS where none was scored.
-METRIC_KEYS = (LOSS, *PER_PAIR_KEYS, *RATE_KEYS)
+# Every logged row of a paired run has these keys (besides step/epoch/lr bookkeeping), but REFERENCE_KEYS where
+# none was scored.
+METRIC_KEYS = (LOSS, *(key for key in PER_PAIR_KEYS if key not in UNPAIRED_ONLY_KEYS), *RATE_KEYS)
 # What a run's summary reports first and last of (with the loss), and the sweep's table abbreviates.
 SUMMARY_KEYS = (REWARD_ACCURACY, ABSOLUTE_ACCURACY, FRAC_IN_U, REWARDS_MARGINS)
 SHORT_NAMES = {ABSOLUTE_ACCURACY: "abs_acc", REWARD_ACCURACY: "reward_acc", FRAC_IN_U: "frac_in_U"}

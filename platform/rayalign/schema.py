@@ -14,6 +14,12 @@ How a batch of rows becomes model input is :mod:`rayalign.packing`.
     chosen_token_logps     list<float64>    reference    per-token log π_ref(y_w|x); refcheck only
     rejected_token_logps   list<float64>    reference    per-token log π_ref(y_l|x); refcheck only
     tokens_digest          binary(16)       reference    digest of the pair's token ids: the reference store's row key
+    desirable              bool             data         unpaired rows only (KTO): the completion's label
+
+An unpaired row (a loss that takes unpaired completions, rayalign.loss_specs) is laid out as a pair, so the
+layouts, the reference scorer and its store take it unchanged: its completion y where a pair's chosen response
+is (``completion_ids`` is ``chosen_ids``), and where the rejected one is, the KL completion y': another row's
+completion, scored under this row's prompt for KTO's KL estimate (``kl_completion_ids`` is ``rejected_ids``).
 
 A scored row, for example::
 
@@ -45,6 +51,9 @@ REJECTED_TOKENS = "rejected_tokens"
 CHOSEN_TOKEN_LOGPS = "chosen_token_logps"
 REJECTED_TOKEN_LOGPS = "rejected_token_logps"
 TOKENS_DIGEST = "tokens_digest"  # rayalign.reference.store; never leaves the reference stage
+DESIRABLE = "desirable"
+COMPLETION_IDS = CHOSEN_IDS  # an unpaired row's completion (see above)
+KL_COMPLETION_IDS = REJECTED_IDS  # an unpaired row's KL completion
 
 # The data stage's working columns (see above).
 RECORD = "record"

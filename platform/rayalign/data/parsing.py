@@ -1,11 +1,12 @@
 """Parsing one record into a :class:`Pair` of texts, in the layouts ``data.format`` names (``pairs``,
 ``conversational``, ``hh``, LLaMA-Factory's ``sharegpt`` and ``alpaca``, or ``auto``), its fields named as
-``data.columns`` says; an unusable record raises :class:`RecordError` with a stable reason."""
+``data.columns`` says, or, for a loss that takes unpaired data (KTO), into a labelled :class:`Completion`
+(TRL's unpaired layout, ``unpaired``); an unusable record raises :class:`RecordError` with a stable reason."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,6 +31,15 @@ class Pair:
     prompt: str | list[dict[str, str]]
     chosen: str
     rejected: str
+
+
+@dataclass
+class Completion:
+    """A normalised unpaired record (KTO's data): one completion of a prompt, labelled desirable or not."""
+
+    prompt: str | list[dict[str, str]]
+    completion: str
+    desirable: bool
 
 
 def _require_str(obj: dict, key: str, allow_empty: bool = False) -> str:
@@ -231,11 +241,7 @@ def detect_format(obj: dict) -> str:
     if isinstance(obj.get("chosen"), list) or isinstance(obj.get("prompt"), list):
         return "conversational"
     if "chosen" not in obj and "completion" in obj and "label" in obj:
-        raise RecordError(
-            "unpaired_record",
-            "prompt/completion/label is unpaired (KTO-style) data; preference losses need a chosen and a rejected "
-            "response per prompt: pair them first",
-        )
+        return "unpaired"
     if "chosen" not in obj and "completions" in obj:
         raise RecordError(
             "rated_completions",
@@ -273,7 +279,23 @@ def required_fields(fmt: str, columns: ColumnsConfig | None = None) -> list[str]
         "sharegpt": ["conversations", named["chosen"], named["rejected"]],
         "alpaca": ["instruction", named["chosen"], named["rejected"]],
         "rated": [named["prompt"], getattr(columns, "completions", "completions")],
+        "unpaired": [named["prompt"], "completion", "label"],
     }.get(fmt, [named["chosen"], named["rejected"]])
+
+
+def _parse_unpaired(obj: dict) -> Completion:
+    """TRL's unpaired layout: ``prompt`` (text, or messages), ``completion`` (text, or one assistant message as a
+    list) and ``label`` (true: desirable)."""
+    label = obj.get("label")
+    if not isinstance(label, bool):
+        raise RecordError("not_a_bool", f"field 'label' must be true or false, got {json.dumps(label)}", "label")
+    if isinstance(obj.get("completion"), list):
+        completion = _final_assistant_text(_check_messages(obj["completion"], "completion"), "completion")
+    else:
+        completion = _require_str(obj, "completion")
+    prompt = obj.get("prompt")
+    prompt = _check_messages(prompt, "prompt") if isinstance(prompt, list) else _require_str(obj, "prompt", True)
+    return Completion(prompt, completion, label)
 
 
 def _renamed(obj: dict, columns: ColumnsConfig | None) -> dict:
@@ -292,7 +314,7 @@ def _renamed(obj: dict, columns: ColumnsConfig | None) -> dict:
     return out
 
 
-def _with_system(pair: Pair, system: Any) -> Pair:
+def _with_system(pair: Pair | Completion, system: Any) -> Pair | Completion:
     """A system text (Intel orca's, LLaMA-Factory's ``system``) as the prompt's first message."""
     if system is None or (isinstance(system, str) and not system.strip()):
         return pair
@@ -301,7 +323,7 @@ def _with_system(pair: Pair, system: Any) -> Pair:
     messages = pair.prompt if isinstance(pair.prompt, list) else [{"role": "user", "content": pair.prompt}]
     if messages and messages[0]["role"] == "system":
         return pair
-    return Pair([{"role": "system", "content": system}, *messages], pair.chosen, pair.rejected)
+    return replace(pair, prompt=[{"role": "system", "content": system}, *messages])
 
 
 def _json_object(record: str) -> dict:
@@ -328,23 +350,43 @@ def parse_prompt_record(record: str) -> tuple[str | list[dict[str, str]], dict[s
     return prompt, obj
 
 
-def parse_record(record: str, fmt: str, columns: ColumnsConfig | None = None) -> Pair:
+def parse_record(
+    record: str, fmt: str, columns: ColumnsConfig | None = None, unpaired: bool = False
+) -> Pair | Completion:
     """Parse one raw record (JSON text) in layout ``fmt`` ('auto' detects), its fields named as ``columns``
-    says (None: the standard names); raises RecordError."""
+    says (None: the standard names): a Pair, or with ``unpaired`` (the loss takes unpaired data) a Completion.
+    Raises RecordError, among others ``unpaired_record`` (a completion where the loss takes pairs) and
+    ``paired_record`` (the reverse)."""
     obj = _renamed(_json_object(record), columns)
     fmt = detect_format(obj) if fmt == "auto" else fmt
-    pair = _parse_rated(obj, columns) if fmt == "rated" else _PARSERS[fmt](obj)
+    if unpaired != (fmt == "unpaired"):
+        if unpaired:
+            raise RecordError(
+                "paired_record",
+                f"a {fmt} preference record; the loss (kto) takes unpaired prompt/completion/label records",
+            )
+        raise RecordError(
+            "unpaired_record",
+            "an unpaired prompt/completion/label record (KTO's data); preference losses take a chosen and a "
+            "rejected response per prompt: set loss.type: kto, or pair them first",
+            "completion",
+        )
+    if fmt == "unpaired":
+        parsed = _parse_unpaired(obj)
+    else:
+        parsed = _parse_rated(obj, columns) if fmt == "rated" else _PARSERS[fmt](obj)
     if fmt != "hh":
-        pair = _with_system(pair, obj.get("system"))
-    _check_encodable(pair)
-    if pair.chosen == pair.rejected:
+        parsed = _with_system(parsed, obj.get("system"))
+    _check_encodable(parsed)
+    if isinstance(parsed, Pair) and parsed.chosen == parsed.rejected:
         raise RecordError("identical_responses", "chosen and rejected responses are identical", "rejected")
-    return pair
+    return parsed
 
 
-def _check_encodable(pair: Pair) -> None:
+def _check_encodable(pair: Pair | Completion) -> None:
     """Valid JSON can still hold text no tokenizer or Arrow column takes: a lone UTF-16 surrogate (``\\ud83d``)."""
-    for name in ("prompt", "chosen", "rejected"):
+    names = ("prompt", "completion") if isinstance(pair, Completion) else ("prompt", "chosen", "rejected")
+    for name in names:
         value = getattr(pair, name)
         texts = [m.get("content", "") for m in value] if isinstance(value, list) else [value]
         for text in texts:

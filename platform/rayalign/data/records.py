@@ -19,6 +19,8 @@ Supported record formats (``data.format``, or detected per record with ``auto``)
   dialogue before the final assistant turn. Rendered with the tokenizer's chat template.
 * ``hh``: Anthropic HH-RLHF transcripts; the prompt is everything up to and including
   the last ``"\\n\\nAssistant:"``, the response is the rest.
+* ``unpaired`` (a loss that takes unpaired data, KTO): ``{"prompt", "completion", "label"}``;
+  each row also gets its KL completion (:func:`~rayalign.data.tokenizing.with_kl_completions`).
 
 A record that cannot be used is never dropped silently: it is written to
 ``quarantine.jsonl`` with its file, line/row and the reason, and the run fails
@@ -40,10 +42,23 @@ from rayalign.config import RunConfig
 from rayalign.cpus import cluster_nodes
 from rayalign.data.reading import QUARANTINE_RECORD_CHARS, InputFiles, input_files, read_preference_files
 from rayalign.data.report import DataReport
-from rayalign.data.tokenizing import tokenize_records
+from rayalign.data.tokenizing import tokenize_records, with_kl_completions
 from rayalign.errors import DataQualityError
+from rayalign.loss_specs import takes_unpaired
 from rayalign.models import ModelSource
-from rayalign.schema import DETAIL, FIELD, OK, PAIR_KEY, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
+from rayalign.schema import (
+    DESIRABLE,
+    DETAIL,
+    FIELD,
+    OK,
+    PAIR_KEY,
+    RECORD,
+    ROW,
+    SOURCE,
+    STATUS,
+    TOKEN_COLUMNS,
+    TRUNCATED,
+)
 from rayalign.storage import QUARANTINE_FILE, publish, replaced_whole, stored_twin
 
 
@@ -107,9 +122,10 @@ def prepare_pairs(
     records = read_preference_files(inputs, num_cpus, cfg.data.max_record_bytes)
     if cfg.data.limit is not None:
         records = records.limit(cfg.data.limit)
+    unpaired = takes_unpaired(cfg.loss.type)
     prepared = records.map_batches(
         tokenize_records,
-        fn_kwargs={"model": model, "data_cfg": cfg.data},
+        fn_kwargs={"model": model, "data_cfg": cfg.data, "unpaired": unpaired},
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=_tokenizing_tasks(cfg)),
         num_cpus=num_cpus,
@@ -143,7 +159,17 @@ def prepare_pairs(
             report,
         )
     usable = prepared.map_batches(_only(status_is_ok=True), batch_format="pyarrow", num_cpus=num_cpus)
-    return usable.select_columns([*PAIR_KEY, *TOKEN_COLUMNS], num_cpus=num_cpus), report, inputs
+    columns = [*PAIR_KEY, *TOKEN_COLUMNS]
+    if unpaired:
+        usable = usable.map_batches(
+            with_kl_completions,
+            fn_args=(cfg.data.max_length,),
+            batch_size=max(2, cfg.train.micro_batch_size),  # TRL's: the per-device batch
+            batch_format="pyarrow",
+            num_cpus=num_cpus,
+        )
+        columns.append(DESIRABLE)
+    return usable.select_columns(columns, num_cpus=num_cpus), report, inputs
 
 
 def shuffled(pairs: Dataset, cfg: RunConfig) -> Dataset:

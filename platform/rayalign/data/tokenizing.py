@@ -1,5 +1,6 @@
 """Tokenizing one pair: prompt and responses to token ids, truncated as ``data.truncation`` says;
-:class:`PairTokenizer` does it to a batch of records, and :func:`tokenize_records` in a Ray Data task.
+:class:`PairTokenizer` does it to a batch of records, and :func:`tokenize_records` in a Ray Data task. Unpaired
+completions (KTO's data) are tokenized the same way, and :func:`with_kl_completions` gives each its KL completion.
 
 Text pairs: one BOS per sequence and one EOS per response, whatever the text holds. Chat pairs (the prompt is a
 list of messages) with a chat template: what the template renders, token for token, as inference will see it:
@@ -11,11 +12,27 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rayalign.config import DataConfig
-from rayalign.data.parsing import Pair, RecordError, parse_record
+from rayalign.data.parsing import Completion, Pair, RecordError, parse_record
 from rayalign.models import ModelSource
-from rayalign.schema import DETAIL, FIELD, OK, READ_ERROR, RECORD, ROW, SOURCE, STATUS, TOKEN_COLUMNS, TRUNCATED
+from rayalign.schema import (
+    COMPLETION_IDS,
+    DESIRABLE,
+    DETAIL,
+    FIELD,
+    KL_COMPLETION_IDS,
+    OK,
+    PROMPT_IDS,
+    READ_ERROR,
+    RECORD,
+    ROW,
+    SOURCE,
+    STATUS,
+    TOKEN_COLUMNS,
+    TRUNCATED,
+)
 
 
 class TokenizedPair(NamedTuple):
@@ -39,14 +56,41 @@ def tokenize_pair(pair: Pair, tokenizer, cfg: DataConfig) -> TokenizedPair:
     or quarantine the pair as ``too_long``.
     """
     prompt_ids = tokenize_prompt(pair.prompt, tokenizer)
-    if isinstance(pair.prompt, list) and tokenizer.chat_template:
-        chosen_ids, rejected_ids = (
-            _rendered_response_ids(pair.prompt, prompt_ids, text, tokenizer, key)
-            for key, text in (("chosen", pair.chosen), ("rejected", pair.rejected))
-        )
-    else:
-        chosen_ids, rejected_ids = (_response_ids(text, tokenizer) for text in (pair.chosen, pair.rejected))
+    chosen_ids, rejected_ids = _responses_ids(
+        pair.prompt, prompt_ids, {"chosen": pair.chosen, "rejected": pair.rejected}, tokenizer
+    )
     return _fitted(prompt_ids, chosen_ids, rejected_ids, cfg)
+
+
+def tokenize_completion(completion: Completion, tokenizer, cfg: DataConfig) -> TokenizedPair:
+    """An unpaired completion's ids as :func:`tokenize_pair` makes a pair's, its completion where the chosen
+    response goes and no rejected one yet (:func:`with_kl_completions` puts the KL completion there)."""
+    prompt_ids = tokenize_prompt(completion.prompt, tokenizer)
+    (completion_ids,) = _responses_ids(completion.prompt, prompt_ids, {"completion": completion.completion}, tokenizer)
+    return _fitted(prompt_ids, completion_ids, [], cfg)
+
+
+def _responses_ids(
+    prompt: str | list[dict[str, str]], prompt_ids: list[int], responses: dict[str, str], tokenizer
+) -> list[list[int]]:
+    """Each of ``responses`` (field name → text) as the ids that follow ``prompt_ids``: the chat template's
+    rendering for a chat prompt, else the text and one EOS."""
+    if isinstance(prompt, list) and tokenizer.chat_template:
+        return [_rendered_response_ids(prompt, prompt_ids, text, tokenizer, key) for key, text in responses.items()]
+    return [_response_ids(text, tokenizer) for text in responses.values()]
+
+
+def with_kl_completions(batch: pa.Table, max_length: int) -> pa.Table:
+    """Ray Data task: each unpaired row's KL completion, the completion of the row before it in ``batch`` (the
+    first row takes the last's), cut to fit ``max_length`` after this row's prompt. As TRL does within a batch of
+    ``per_device_train_batch_size`` (Ethayarajh et al., 2024, §4.1): (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}).
+    A batch of one row gets its own completion."""
+    completions = batch.column(COMPLETION_IDS).to_pylist()
+    prompt_lengths = pc.list_value_length(batch.column(PROMPT_IDS)).to_pylist()
+    rotated = completions[-1:] + completions[:-1]
+    kl = [ids[: max_length - length] for ids, length in zip(rotated, prompt_lengths)]
+    index = batch.schema.get_field_index(KL_COMPLETION_IDS)
+    return batch.set_column(index, KL_COMPLETION_IDS, pa.array(kl, batch.schema.field(index).type))
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig) -> list[TokenizedPair | RecordError]:
@@ -175,29 +219,45 @@ def _closed(ids: list[int], tokenizer) -> list[int]:
 
 
 class PairTokenizer:
-    """Raw records -> tokenized pairs, or a reason they were rejected (a ``pyarrow.Table`` batch in and out)."""
+    """Raw records -> tokenized pairs (with ``unpaired``: tokenized completions, and their ``desirable`` column),
+    or a reason they were rejected (a ``pyarrow.Table`` batch in and out)."""
 
-    def __init__(self, model: ModelSource, data_cfg: DataConfig):
+    def __init__(self, model: ModelSource, data_cfg: DataConfig, unpaired: bool = False):
         from rayalign.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model.local_dir())
         self.cfg = data_cfg
+        self.unpaired = unpaired
 
-    def _parsed(self, record: str, read_error: str | None) -> Pair | RecordError:
+    def _parsed(self, record: str, read_error: str | None) -> Pair | Completion | RecordError:
         if read_error is not None:
             reason, _, detail = read_error.partition(": ")
             return RecordError(reason, detail)
         try:
-            return parse_record(record, self.cfg.format, self.cfg.columns)
+            return parse_record(record, self.cfg.format, self.cfg.columns, self.unpaired)
         except Exception as exc:  # noqa: BLE001  one record never stops the stage: it is quarantined with why
+            return as_record_error(exc)
+
+    def _tokenized_completion(self, completion: Completion) -> TokenizedPair | RecordError:
+        try:
+            return tokenize_completion(completion, self.tokenizer, self.cfg)
+        except Exception as exc:  # noqa: BLE001  as in tokenize_pairs
             return as_record_error(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         records = batch.column(RECORD).to_pylist()
         parsed = [self._parsed(r, e) for r, e in zip(records, batch.column(READ_ERROR).to_pylist())]
         tokenized = iter(tokenize_pairs([p for p in parsed if isinstance(p, Pair)], self.tokenizer, self.cfg))
+        results = [
+            next(tokenized)
+            if isinstance(p, Pair)
+            else self._tokenized_completion(p)
+            if isinstance(p, Completion)
+            else p
+            for p in parsed
+        ]
         out: dict[str, list] = {k: [] for k in (STATUS, FIELD, DETAIL, RECORD, TRUNCATED, *TOKEN_COLUMNS)}
-        for record, result in zip(records, (next(tokenized) if isinstance(p, Pair) else p for p in parsed)):
+        for record, result in zip(records, results):
             if isinstance(result, RecordError):  # the raw text is only kept for the quarantine
                 ids, truncated = ([], [], []), False
                 status, fld, detail, kept = result.reason, result.field, result.detail, record
@@ -209,6 +269,9 @@ class PairTokenizer:
             for name, value in zip(TOKEN_COLUMNS, ids):
                 out[name].append(value)
         ids_type = pa.list_(pa.int32())
+        labels = {}
+        if self.unpaired:
+            labels[DESIRABLE] = pa.array([p.desirable if isinstance(p, Completion) else None for p in parsed])
         return pa.table(
             {
                 SOURCE: batch.column(SOURCE),
@@ -216,22 +279,23 @@ class PairTokenizer:
                 **{name: pa.array(out[name], pa.string()) for name in (STATUS, FIELD, DETAIL, RECORD)},
                 TRUNCATED: pa.array(out[TRUNCATED], pa.bool_()),
                 **{name: pa.array(out[name], ids_type) for name in TOKEN_COLUMNS},
+                **{name: values.cast(pa.bool_()) for name, values in labels.items()},
             }
         )
 
 
 # The tokenizer a task worker loaded last, by the model's content key and the data settings (see tokenize_records).
-_loaded: tuple[tuple[str, str], PairTokenizer] | None = None
+_loaded: tuple[tuple[str, str, bool], PairTokenizer] | None = None
 
 
-def tokenize_records(batch: pa.Table, model: ModelSource, data_cfg: DataConfig) -> pa.Table:
-    """Ray Data task: :class:`PairTokenizer` on ``batch``.
+def tokenize_records(batch: pa.Table, model: ModelSource, data_cfg: DataConfig, unpaired: bool = False) -> pa.Table:
+    """Ray Data task: :class:`PairTokenizer` on ``batch`` (``unpaired``: the loss takes unpaired completions).
 
     Ray reuses a task's worker process for later tasks, of this run and of later runs on the same cluster; it
     keeps the tokenizer it loaded (one, keyed by the model's content and ``data_cfg``), so a warm cluster
     tokenizes a small run in a fraction of a second where a new actor took about 4.5 s to start."""
     global _loaded
-    key = (model.key, data_cfg.model_dump_json())
+    key = (model.key, data_cfg.model_dump_json(), unpaired)
     if _loaded is None or _loaded[0] != key:
-        _loaded = (key, PairTokenizer(model, data_cfg))
+        _loaded = (key, PairTokenizer(model, data_cfg, unpaired))
     return _loaded[1](batch)

@@ -38,8 +38,9 @@ def trend(values: Sequence[float]) -> float:
 
 
 def pathology_alarm(rows: Sequence[dict[str, Any]], window: int, min_change: float) -> str | None:
-    """The reason the alarm fires on the last ``window`` rows, or None when they look healthy."""
-    if len(rows) < window:
+    """The reason the alarm fires on the last ``window`` rows, or None when they look healthy, or have no
+    preference to watch (unpaired data: KTO's rows have no absolute accuracy)."""
+    if len(rows) < window or not all(ABSOLUTE_ACCURACY in r for r in rows[-window:]):
         return None
     recent = rows[-window:]
     loss_change = trend([r[LOSS] for r in recent])

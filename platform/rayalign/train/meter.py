@@ -14,16 +14,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from rayalign.losses import ObjectiveTerms, margins
+from rayalign.losses import ObjectiveTerms, kto_reference_point, margins
 from rayalign.metrics import (
     ABSOLUTE_ACCURACY,
     FRAC_IN_U,
+    KL,
     LOGPS_CHOSEN,
     LOGPS_REJECTED,
     LOSS,
     PAIRS_PER_S,
     PER_PAIR_KEYS,
-    REFERENCE_KEYS,
     REWARD_ACCURACY,
     REWARDS_CHOSEN,
     REWARDS_MARGINS,
@@ -32,12 +32,18 @@ from rayalign.metrics import (
 )
 
 
-def preference_stats(compared: tuple[Tensor, Tensor, Tensor | None, Tensor | None], beta: float) -> dict[str, Tensor]:
-    """Per-pair values (shape (B,)) of every preference statistic; average them to report.
-    ``compared``: (log π_θ(y_w), log π_θ(y_l), log π_ref(y_w), log π_ref(y_l)), each (B,), as the objective
+def preference_stats(
+    compared: tuple[Tensor, Tensor, Tensor | None, Tensor | None], beta: float, desirable: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Per-pair values (shape (B,)) of every preference statistic; average them to report, NaN where a row has
+    none. ``compared``: (log π_θ(y_w), log π_θ(y_l), log π_ref(y_w), log π_ref(y_l)), each (B,), as the objective
     compared them (:attr:`rayalign.losses.ObjectiveTerms.compared`). Without the reference's (None), only the
-    policy's statistics: the :data:`rayalign.metrics.REFERENCE_KEYS` are left out."""
+    policy's statistics: the :data:`rayalign.metrics.REFERENCE_KEYS` are left out. Unpaired rows (``desirable``
+    given; KTO's) have no preference: the rewards and log-probs of their desirable completions (``/chosen``) and
+    undesirable ones (``/rejected``), and the KL estimate z_0, as TRL's KTOTrainer reports them."""
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = compared
+    if desirable is not None:
+        return _unpaired_stats(compared, beta, desirable)
     if ref_chosen is None or ref_rejected is None:
         delta_policy = policy_chosen - policy_rejected
         return {
@@ -60,6 +66,21 @@ def preference_stats(compared: tuple[Tensor, Tensor, Tensor | None, Tensor | Non
     }
 
 
+def _unpaired_stats(
+    compared: tuple[Tensor, Tensor, Tensor | None, Tensor | None], beta: float, desirable: Tensor
+) -> dict[str, Tensor]:
+    policy, policy_kl, ref, ref_kl = compared  # completion y and KL completion y' (rayalign.schema)
+    reward = beta * (policy - ref)
+    nan = torch.full_like(reward, float("nan"))
+    return {
+        REWARDS_CHOSEN: torch.where(desirable, reward, nan),
+        REWARDS_REJECTED: torch.where(desirable, nan, reward),
+        LOGPS_CHOSEN: torch.where(desirable, policy, nan),
+        LOGPS_REJECTED: torch.where(desirable, nan, policy),
+        KL: kto_reference_point(policy_kl, ref_kl).expand_as(reward),
+    }
+
+
 class IntervalMeter:
     """Sums per-pair metrics over a logging interval, on the device the metrics are computed on.
 
@@ -69,20 +90,24 @@ class IntervalMeter:
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        # float64: token counts over a long interval stay exact.
-        # The statistics, then the loss, the pairs, the pairs scored with a reference, the tokens.
-        self.sums = torch.zeros(len(PER_PAIR_KEYS) + 4, dtype=torch.float64, device=device)
+        # float64: token counts over a long interval stay exact. Each statistic's sum and the rows it had a value
+        # for (a statistic no row had, e.g. one that needs the reference, is left out); then loss, rows, tokens.
+        self.sums = torch.zeros(2 * len(PER_PAIR_KEYS) + 3, dtype=torch.float64, device=device)
 
     def add(self, terms: ObjectiveTerms, tokens: int, beta: float) -> None:
         """One micro-batch: its per-pair loss and statistics (:func:`preference_stats` at ``beta``), and the
         ``tokens`` its forward pass computed."""
-        stats = preference_stats(terms.compared, beta)
-        zero = terms.loss.detach().new_zeros(())
-        sums = [stats[k].detach().sum() if k in stats else zero for k in PER_PAIR_KEYS] + [terms.loss.detach().sum()]
-        self.sums[:-3] += torch.stack(sums).to(device=self.sums.device, dtype=self.sums.dtype)
-        self.sums[-3] += terms.loss.numel()
-        if REWARD_ACCURACY in stats:
-            self.sums[-2] += terms.loss.numel()
+        stats = preference_stats(terms.compared, beta, terms.desirable)
+        loss = terms.loss.detach()
+        values = torch.stack(
+            [stats[k].detach() if k in stats else torch.full_like(loss, torch.nan) for k in PER_PAIR_KEYS]
+        )
+        values = values.to(device=self.sums.device, dtype=self.sums.dtype)
+        keys = len(PER_PAIR_KEYS)
+        self.sums[:keys] += values.nansum(dim=1)
+        self.sums[keys : 2 * keys] += (~values.isnan()).sum(dim=1)
+        self.sums[-3] += loss.sum().to(self.sums.dtype)
+        self.sums[-2] += loss.numel()
         self.sums[-1] += tokens
 
     def reduce(
@@ -104,13 +129,12 @@ class IntervalMeter:
             sums = all_reduce(sums)
         values = sums.tolist()
         elapsed_s = clock() - started
-        pairs, with_reference, tokens = values[-3], values[-2], values[-1]
-        row = {LOSS: values[-4] / max(pairs, 1)}
-        for i, key in enumerate(PER_PAIR_KEYS):
-            if key not in REFERENCE_KEYS:
-                row[key] = values[i] / max(pairs, 1)
-            elif with_reference > 0:  # else unavailable: left out, never written as 0
-                row[key] = values[i] / with_reference
+        loss, pairs, tokens = values[-3:]
+        keys = len(PER_PAIR_KEYS)
+        row = {LOSS: loss / max(pairs, 1)}
+        for key, total, count in zip(PER_PAIR_KEYS, values[:keys], values[keys : 2 * keys]):
+            if count > 0:  # else unavailable (no reference, or unpaired data): left out, never written as 0
+                row[key] = total / count
         row[PAIRS_PER_S] = pairs / max(elapsed_s, 1e-9)
         row[TOKENS_PER_S] = tokens / max(elapsed_s, 1e-9)
         return row

@@ -20,10 +20,11 @@ from torch import Tensor
 from rayalign.config import LossConfig, TrainConfig
 from rayalign.distributed import Collective
 from rayalign.logprobs import split_pairs
+from rayalign.loss_specs import takes_unpaired
 from rayalign.losses import ObjectiveTerms, PairLogps, objective
 from rayalign.metrics import as_eval
 from rayalign.packing import pack_pairs, row_width
-from rayalign.schema import CHOSEN_IDS, PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, REJECTED_IDS
+from rayalign.schema import CHOSEN_IDS, DESIRABLE, PROMPT_IDS, REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS, REJECTED_IDS
 from rayalign.train.batching import MicroBatching, take
 from rayalign.train.meter import IntervalMeter
 
@@ -87,6 +88,9 @@ class PreferenceStep:
             ref_rejected = torch.as_tensor(batch[REF_REJECTED_LOGPS], device=self.device).to(logps.dtype)
         policy_chosen, policy_rejected = split_pairs(logps)
         chosen_tokens, rejected_tokens = split_pairs(counts)
+        desirable = None  # unpaired rows' labels (rayalign.schema)
+        if DESIRABLE in batch:
+            desirable = torch.as_tensor(batch[DESIRABLE], dtype=torch.bool, device=self.device)
         terms = objective(
             self.loss,
             PairLogps(
@@ -96,6 +100,7 @@ class PreferenceStep:
                 ref_rejected=ref_rejected,
                 chosen_tokens=chosen_tokens,
                 rejected_tokens=rejected_tokens,
+                desirable=desirable,
             ),
         )
         return ScoredMicroBatch(terms, pairs.real_tokens, computed)
@@ -150,6 +155,8 @@ class PreferenceStep:
 
     @cached_property
     def stand_in_pair(self) -> dict[str, Any]:
-        """One pair of pad tokens, with reference columns: a forward pass like any other whose result is dropped."""
+        """One pair of pad tokens, with reference columns (and a label, for an unpaired loss): a forward pass like
+        any other whose result is dropped."""
         pad = [[self.pad_id]]
-        return {PROMPT_IDS: pad, CHOSEN_IDS: pad, REJECTED_IDS: pad, REF_CHOSEN_LOGPS: [0.0], REF_REJECTED_LOGPS: [0.0]}
+        pair = {PROMPT_IDS: pad, CHOSEN_IDS: pad, REJECTED_IDS: pad, REF_CHOSEN_LOGPS: [0.0], REF_REJECTED_LOGPS: [0.0]}
+        return {**pair, DESIRABLE: [True]} if takes_unpaired(self.loss.type) else pair
