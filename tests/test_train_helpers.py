@@ -81,3 +81,18 @@ def test_scoring_a_batch_applies_the_objective_to_policy_and_reference_log_probs
     expected = objective(loss_cfg, PairLogps(pc, pr, torch.tensor([-9.0, -4.0]), torch.tensor([-3.0, -12.0]), nc, nr))
     assert torch.allclose(terms.loss, expected.loss, atol=1e-5) and all(math.isfinite(v) for v in terms.loss.tolist())
     assert terms.compared[2].tolist() == [-9.0, -4.0]  # the reference column as given, cast to float32
+
+
+def test_the_final_checkpoint_is_the_kept_one_of_the_latest_step_whatever_registered_last(tmp_path):
+    """After a lost node, a report of the failed worker group (an earlier step) can be registered after the restarted
+    group's last checkpoint: the run reads back the latest step's, not the last registered."""
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    from rayalign.train.stage import last_step_checkpoint
+
+    at = {step: Checkpoint.from_directory(str(tmp_path / str(step))) for step in (7, 12)}
+    result = SimpleNamespace(checkpoint=at[7], best_checkpoints=[(at[12], {"step": 12}), (at[7], {"step": 7})])
+    assert last_step_checkpoint(result) is at[12]
+    assert last_step_checkpoint(SimpleNamespace(checkpoint=None, best_checkpoints=None)) is None

@@ -144,6 +144,18 @@ class TrainingHooks:
     after_training: Callable[[], dict[str, Any]] | None = None
 
 
+def last_step_checkpoint(result):
+    """The kept checkpoint (``ray.train.Checkpoint``) of the latest step in Ray Train's ``result``, or None.
+
+    Not ``result.checkpoint``, the last one registered: after a lost node, a worker of the failed group can report
+    a checkpoint of an earlier step once its stream ends, and it can be registered after the restarted group's
+    last one (seen on CI: a run restored at step 6 and finished at step 12 read back step 7's metrics)."""
+    kept = result.best_checkpoints or []
+    if not kept:
+        return result.checkpoint
+    return max(kept, key=lambda kept_one: kept_one[1].get(STEP, -1))[0]
+
+
 def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = TrainingHooks()) -> dict[str, Any]:
     """Fit on ``inputs.scored`` into ``cfg.output.run_dir``; write and return summary.json (with the pre-flight
     :class:`LayoutCost`) and the run's plot; the trackers get all of it.
@@ -170,10 +182,11 @@ def train_stage(cfg: RunConfig, inputs: TrainingInputs, hooks: TrainingHooks = T
         raise
     finally:
         progress.close()
-    if result.checkpoint is None:
+    final = last_step_checkpoint(result)
+    if final is None:
         raise RuntimeError(f"training ended without a checkpoint; see {run_dir / METRICS_FILE}")
     # The final checkpoint holds rank 0's metrics: the driver may be on another node than rank 0.
-    write_local(run_dir / METRICS_FILE, read_checkpoint_file(result.checkpoint, METRICS_FILE))
+    write_local(run_dir / METRICS_FILE, read_checkpoint_file(final, METRICS_FILE))
     summary = summarize(cfg, inputs.model, inputs.data_report, time.perf_counter() - inputs.started)
     summary["preflight"] = inputs.preflight
     summary["planned_steps"] = planned

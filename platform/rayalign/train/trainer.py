@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from rayalign.config import RunConfig
 from rayalign.cpus import resolved
-from rayalign.metrics import OBJECTIVE_MODES
+from rayalign.metrics import OBJECTIVE_MODES, STEP
 from rayalign.models import ModelSource
 from rayalign.reference.stage import ScoredPairs
 from rayalign.storage import BEST_DIR, MODEL_DIR, RAY_TRAIN_DIR, RAY_TRAIN_RUN, run_location
@@ -91,7 +91,10 @@ def fit(cfg: RunConfig, plan: WorkerPlan, scored: ScoredPairs, callbacks: list |
             # endpoint travels with it to every worker.
             storage_path=(stored / RAY_TRAIN_DIR).path,
             storage_filesystem=stored.fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Kept by step, not by arrival: see rayalign.train.stage.last_step_checkpoint.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=STEP, checkpoint_score_order="max"
+            ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
