@@ -631,6 +631,17 @@ def run_rayalign(s: Setting, variant: str = "rayalign") -> dict[str, Any]:
     return result
 
 
+def bare_sequence_logps(model, pairs):
+    """What a plain loop does: full float32 logits of every position, then the response tokens' log-probs summed
+    per sequence (chosen rows, then rejected)."""
+    import torch
+
+    logits = model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, use_cache=False).logits
+    logps = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    per_token = logps[pairs.predictor, pairs.target]
+    return torch.zeros(pairs.counts.shape[0], device=logits.device).index_add(0, pairs.sequence, per_token), None
+
+
 def run_bare(s: Setting) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -638,13 +649,6 @@ def run_bare(s: Setting) -> dict[str, Any]:
     from rayalign.logprobs import split_pairs
     from rayalign.models import load_causal_lm, load_tokenizer
     from rayalign.packing import pack_pairs
-
-    def sequence_logps(model, pairs):
-        """What a plain loop does: full float32 logits of every position, then the response tokens."""
-        logits = model(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, use_cache=False).logits
-        logps = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
-        per_token = logps[pairs.predictor, pairs.target]
-        return torch.zeros(pairs.counts.shape[0], device=logits.device).index_add(0, pairs.sequence, per_token), None
 
     device = torch.device(s.device)
     pad_id = load_tokenizer(s.model_dir).pad_token_id
@@ -654,7 +658,7 @@ def run_bare(s: Setting) -> dict[str, Any]:
     model = load_causal_lm(s.model_dir, s.dtype).to(device)
     model.eval()
     with torch.inference_mode():  # the reference = the starting weights, scored before the timed loop
-        refs = [split_pairs(sequence_logps(model, b.to(device))[0]) for b in batches]
+        refs = [split_pairs(bare_sequence_logps(model, b.to(device))[0]) for b in batches]
     refs = [(c.clone(), r.clone()) for c, r in refs]  # out of inference mode
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
@@ -665,7 +669,7 @@ def run_bare(s: Setting) -> dict[str, Any]:
     for batch, (ref_chosen, ref_rejected) in zip(batches, refs):
         step_tokens.append(batch.real_tokens)
         batch = batch.to(device)
-        logps, _ = sequence_logps(model, batch)
+        logps, _ = bare_sequence_logps(model, batch)
         chosen, rejected = split_pairs(logps)
         loss = -F.logsigmoid(s.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
         loss.backward()

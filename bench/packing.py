@@ -270,15 +270,16 @@ class Inputs:
     references: list[tuple[list[float], list[float]]]
 
 
-def prepare_inputs(args: argparse.Namespace) -> Inputs:
-    """The model (built once, reused), the first HH pairs in micro-batches, and their reference log-probs."""
+def prepare_inputs(args: argparse.Namespace, spec: ModelSpec | None = None) -> Inputs:
+    """The model (built once, reused; ``spec``, else the tiny or the small shape), the first HH pairs in
+    micro-batches, and their reference log-probs."""
     data = Path(args.data)
     if not data.is_file():
         raise SystemExit(f"data file not found: {data} (see ../shared/data/README.md)")
     from rayalign.config import DataConfig
     from rayalign.models import load_tokenizer
 
-    spec = TINY if args.quick else SMALL
+    spec = spec or (TINY if args.quick else SMALL)
     model_dir = build_model_dir(spec, args.dtype, data, max(1024, 2 * args.max_length), Path(args.work_dir) / "models")
     data_cfg = DataConfig(
         paths=[str(data)], format="hh", max_length=args.max_length, max_prompt_length=args.max_length // 2

@@ -133,6 +133,7 @@ def test_kto_trains_on_unpaired_completions_and_each_kind_of_loss_refuses_the_ot
             data={"synthetic": None, "paths": [str(path)]},
             loss=loss,
             output={"name": name},
+            reference={"cache": True},  # through the reference store, as pairs go
             # All 32 completions in every step (and KL completions rotated among all of them), 6 times over: each
             # step's loss is over the same rows, so it falls step by step rather than with the luck of a sample.
             train={"micro_batch_size": 32, "zero_stage": 0, "log_every": 1, "learning_rate": 3e-3, "epochs": 6},
@@ -149,6 +150,7 @@ def test_kto_trains_on_unpaired_completions_and_each_kind_of_loss_refuses_the_ot
     assert all("pref/absolute_accuracy" not in r and "rewards/margins" not in r for r in rows)
     assert summary["loss_decreased"] and rows[-1]["rewards/chosen"] > rows[-1]["rewards/rejected"]
     assert summary["data"]["ok"] == 32 and summary["data"]["quarantined_by_reason"] == {"not_a_bool": 1}
+    assert summary["reference"]["cache"]["scored"] == 32  # each completion with its KL completion, one stored row
     (bad,) = read_jsonl(cfg.output.run_dir / "quarantine.jsonl")
     assert (bad["row"], bad["reason"], bad["field"]) == (8, "not_a_bool", "label")
 

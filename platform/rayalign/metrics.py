@@ -15,6 +15,7 @@ Rank 0 appends one row per logging step to ``metrics.jsonl``::
     kl                           unpaired data (KTO): the KL estimate z_0 from mismatched completions, mean over rows
     pairs/s, tokens/s            throughput over the interval, every worker together (tokens: computed positions)
     memory/peak_allocated_gib    rank 0's peak accelerator memory (GPU runs only)
+    memory/peak_rss_gib          rank 0's peak resident set in host RAM (every run)
     eval/<key>                   the same statistics on the held-out pairs (no rates), when evaluated
 
 The rewards/* keys and pref/frac_in_U need the reference's log-probs (REFERENCE_KEYS): a run whose loss needs no
@@ -56,6 +57,7 @@ KL = "kl"
 PAIRS_PER_S = "pairs/s"
 TOKENS_PER_S = "tokens/s"
 PEAK_MEMORY_GIB = "memory/peak_allocated_gib"
+PEAK_RSS_GIB = "memory/peak_rss_gib"
 ALARM = "alarm"
 DISPLACEMENT = "displacement"
 ACTION = "action"

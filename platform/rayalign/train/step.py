@@ -3,7 +3,9 @@
 :class:`PreferenceStep` is built once per worker (:meth:`PreferenceStep.of_plan`) from the settings that stay
 fixed for a run: the loss, the batching and packing, the pad id, the device, the attention implementation and
 where the reference comes from. Training, held-out evaluation, the GPU checks and ``bench/packing.py`` call
-the same object, so none of them writes the step again.
+the same object, so none of them writes the step again. Its parts are named ranges in a ``torch.profiler`` trace
+(``rayalign.pack``, ``rayalign.policy_logps``, ``rayalign.backward``, ``rayalign.optimizer_step``; see
+``bench/profile_step.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from rayalign.config import LossConfig, TrainConfig
 from rayalign.distributed import Collective
@@ -76,13 +79,16 @@ class PreferenceStep:
         :class:`rayalign.logprobs.PolicyLogps`, or the DeepSpeed engine around one. The reference columns
         (float64 from the actors) are cast to the log-probs' dtype on the device, with no host synchronisation."""
         packing = self.batching.packing
-        pairs = pack_pairs(batch, packing.layout, self.pad_id, row_width(packing.row_tokens, self.attention))
-        computed = pairs.computed_tokens
-        pairs = pairs.to(self.device)
+        with record_function("rayalign.pack"):
+            pairs = pack_pairs(batch, packing.layout, self.pad_id, row_width(packing.row_tokens, self.attention))
+            computed = pairs.computed_tokens
+            pairs = pairs.to(self.device)
         ref_chosen = ref_rejected = None  # a loss that needs no reference, on pairs scored by none
         if self.reference_in_worker:
-            ref_chosen, ref_rejected = split_pairs(adapters_off_logps(policy, pairs))
-        logps, counts = policy(pairs)
+            with record_function("rayalign.reference_adapters_off"):
+                ref_chosen, ref_rejected = split_pairs(adapters_off_logps(policy, pairs))
+        with record_function("rayalign.policy_logps"):
+            logps, counts = policy(pairs)
         if not self.reference_in_worker and REF_CHOSEN_LOGPS in batch:
             ref_chosen = torch.as_tensor(batch[REF_CHOSEN_LOGPS], device=self.device).to(logps.dtype)
             ref_rejected = torch.as_tensor(batch[REF_REJECTED_LOGPS], device=self.device).to(logps.dtype)
@@ -124,9 +130,11 @@ class PreferenceStep:
         for index, part in enumerate(parts):
             engine.set_gradient_accumulation_boundary(index == len(parts) - 1)
             scored = self.score(engine, part)
-            engine.backward(scored.terms.loss.sum() / num_pairs, scale_wrt_gas=False)
+            with record_function("rayalign.backward"):
+                engine.backward(scored.terms.loss.sum() / num_pairs, scale_wrt_gas=False)
             done.append(scored)
-        engine.step()
+        with record_function("rayalign.optimizer_step"):
+            engine.step()
         return done
 
     def evaluate(self, policy, batches: Iterable[dict[str, Any]], collective: Collective) -> dict[str, float]:

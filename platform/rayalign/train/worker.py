@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,17 @@ from rayalign.cpus import use_reserved_cpus
 from rayalign.distributed import Collective
 from rayalign.errors import TrainingDiverged
 from rayalign.logprobs import PolicyLogps, ResponseHead
-from rayalign.metrics import ACTION, EPOCH, LOSS, LR, PEAK_MEMORY_GIB, RESUMED_FROM_STEP, STEP, FirstAlarm
+from rayalign.metrics import (
+    ACTION,
+    EPOCH,
+    LOSS,
+    LR,
+    PEAK_MEMORY_GIB,
+    PEAK_RSS_GIB,
+    RESUMED_FROM_STEP,
+    STEP,
+    FirstAlarm,
+)
 from rayalign.models import ModelSource
 from rayalign.storage import METRICS_FILE, MODEL_DIR, Location, append_jsonl
 from rayalign.train import actions, checkpoint
@@ -123,10 +136,31 @@ def lr_schedule(train: TrainConfig, total_steps: int):
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
-    """This worker's peak accelerator memory so far (GiB); nothing on the CPU."""
-    if device.type != "cuda":
-        return {}
-    return {PEAK_MEMORY_GIB: torch.cuda.max_memory_allocated(device) / 2**30}
+    """This worker's peak memory so far (GiB): its process's resident set in host RAM, and on a GPU the
+    accelerator memory torch allocated."""
+    peak = {PEAK_RSS_GIB: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        peak[PEAK_MEMORY_GIB] = torch.cuda.max_memory_allocated(device) / 2**30
+    return peak
+
+
+@contextmanager
+def partitioned_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, ``from_pretrained`` inside this builds the model with its parameters already partitioned
+    across the workers (transformers' DeepSpeed integration constructs it under ``deepspeed.zero.Init`` while an
+    ``HfDeepSpeedConfig`` is alive, and loads each weight into its partitions), so no worker holds the whole model
+    in host RAM; at other stages, nothing changes."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later transformers calls (the export) see a plain model again
+        del alive
 
 
 @dataclass(frozen=True)
@@ -177,7 +211,8 @@ class TrainingWorker:
         torch.manual_seed(plan.train.seed + rank)
         t = plan.train
         model_dir = plan.model.local_dir()
-        model = load_causal_lm(model_dir, plan.dtype, plan.attn_implementation)
+        with partitioned_construction(deepspeed_config(t, plan.dtype)):
+            model = load_causal_lm(model_dir, plan.dtype, plan.attn_implementation)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if plan.lora is not None:
