@@ -112,15 +112,20 @@ def _rayalign_step(job: Job, model, layout: str, deepspeed: bool):
     from rayalign.models import load_tokenizer
     from rayalign.schema import REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS
     from rayalign.train.step import PreferenceStep
+    from rayalign.train.worker import adamw
 
     device = torch.device(job.device)
     batching = TrainConfig(
-        micro_batch_size=len(job.batches[0]["prompt_ids"]), zero_stage=2, packing=PackingConfig(layout=layout)
+        micro_batch_size=len(job.batches[0]["prompt_ids"]),
+        zero_stage=2,
+        learning_rate=1e-5,
+        weight_decay=0.0,
+        packing=PackingConfig(layout=layout),
     )
     pad_id = load_tokenizer(job.model_dir).pad_token_id
     step = PreferenceStep(LossConfig(type="dpo", beta=0.1), batching, pad_id, device)
     policy = PolicyLogps(model, batching.packing.logps_chunk_tokens)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=0.0)
+    optimizer = adamw(list(policy.parameters()), batching)  # the workers' own
     if deepspeed:
         import deepspeed as ds
 

@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_throughput import HH, TINY, ModelSpec, build_model_dir, device_info, parameter_counts, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# SmolLM2-360M-Instruct's shape (its config.json), random init.
+# SmolLM2-360M-Instruct's shape (its config.json), random init, with an untied output head: under ZeRO-3 a head tied
+# to the input embedding fails DeepSpeed 0.19.8's zero_grad on CPU ("unknown parameter type": the shared weight is
+# reduced by the head's ZeRO-3 leaf hook and then gets the embedding's gradient again; issue 36's note).
 SMOLLM2_360M = ModelSpec(
-    layers=32, hidden=960, heads=15, kv_heads=5, mlp=2560, vocab=49_152, tokenizer_records=None, tie_embeddings=True
+    layers=32, hidden=960, heads=15, kv_heads=5, mlp=2560, vocab=49_152, tokenizer_records=None, tie_embeddings=False
 )
 RUN = """
 import json, sys
@@ -56,13 +58,26 @@ def train_worker_peaks() -> dict[int, float]:
     return peaks
 
 
-def side(package: Path, model_dir: Path, work: Path, name: str) -> dict:
-    """One ``rayalign train`` with the package at ``package`` first on the path; rank 0's peak RSS."""
+def side(package: Path, model_dir: Path, work: Path, name: str, hidden: int) -> dict:
+    """One ``rayalign train`` with the package at ``package`` first on the path; its workers' peak RSS."""
+    # ZeRO's buckets as this checkout sizes them by the hidden size h, given to both sides (an earlier commit
+    # left DeepSpeed's 2 GB defaults): what differs is how the model is built.
+    buckets = {
+        "reduce_bucket_size": 50_000_000,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
     tree = {
         "model": {"path": str(model_dir), "dtype": "float32"},
         "data": {"synthetic": {"num_pairs": 16}, "max_length": 64, "max_prompt_length": 32, "shuffle": False},
         "reference": {"backend": "transformers", "cpus_per_actor": 0.5},
-        "train": {"micro_batch_size": 4, "zero_stage": 3, "log_every": 1, "max_steps": 2},
+        "train": {
+            "micro_batch_size": 4,
+            "zero_stage": 3,
+            "log_every": 1,
+            "max_steps": 2,
+            "deepspeed": {"zero_optimization": buckets},
+        },
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "output": {"root": str(work / "runs"), "name": name, "if_exists": "replace"},
     }
@@ -98,20 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     spec = TINY if args.quick else SMOLLM2_360M
     model_dir = build_model_dir(spec, "float32", HH, 1024, work / "models")
-    results = {"this checkout": side(REPO / "platform", model_dir, work, "after")}
+    results = {"this checkout": side(REPO / "platform", model_dir, work, "after", spec.hidden)}
     if args.before:
         with tempfile.TemporaryDirectory() as tmp:
             tree = Path(tmp) / "before"
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True)
             try:
-                results[f"commit {args.before}"] = side(tree / "platform", model_dir, work, "before")
+                results[f"commit {args.before}"] = side(tree / "platform", model_dir, work, "before", spec.hidden)
             finally:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
     counts = parameter_counts(model_dir)
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"dir": model_dir.name, **counts, "fp32_weights_gib": round(counts["total"] * 4 / 2**30, 3)},
-        "settings": "2 workers, ZeRO-3, fp32, 2 steps of 4 pairs per worker, synthetic pairs, max_length 64",
+        "settings": "2 workers, ZeRO-3 (buckets h², 0.9·h², persistence 10·h), fp32, 2 steps of 4 pairs per worker, "
+        "synthetic pairs, max_length 64",
         "largest_worker_peak_rss_gib": {k: max(v["worker_peak_rss_gib"]) for k, v in results.items()},
         "results": results,
         "machine": device_info("cpu"),
