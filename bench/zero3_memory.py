@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_throughput import HH, TINY, ModelSpec, build_model_dir, device_info, parameter_counts, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# SmolLM2-360M-Instruct's shape (its config.json), random init, with an untied output head: under ZeRO-3 a head tied
-# to the input embedding fails DeepSpeed 0.19.8's zero_grad on CPU ("unknown parameter type": the shared weight is
-# reduced by the head's ZeRO-3 leaf hook and then gets the embedding's gradient again; issue 36's note).
+# SmolLM2-360M-Instruct's shape (its config.json), random init, with an untied output head: with the h²-sized buckets
+# below, a head tied to the input embedding fails DeepSpeed 0.19.8's ZeRO-3 zero_grad on CPU ("unknown parameter
+# type"), and DeepSpeed's default buckets (2 GB buffers) do not fit two workers in 24 GiB.
 SMOLLM2_360M = ModelSpec(
     layers=32, hidden=960, heads=15, kv_heads=5, mlp=2560, vocab=49_152, tokenizer_records=None, tie_embeddings=False
 )

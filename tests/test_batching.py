@@ -89,3 +89,50 @@ def test_the_preflight_lays_the_sample_out_as_the_workers_will(tmp_path):
         real
     )
     assert cost.tokens_per_step == pytest.approx(cost.computed_tokens_per_pair["shared_prompt"] * 8 * 2)
+
+
+def test_a_tied_head_trains_under_zero3_with_the_model_built_partitioned(tmp_path):
+    """A model whose output head is its input embedding (SmolLM2's, Llama 3.2's), built as a ZeRO-3 worker builds it:
+    partitioned as it is constructed (no rank holds it whole), then two optimizer steps of the training step on a
+    real DeepSpeed engine. (With ZeRO's buckets sized by the hidden size, the second step failed on CPU in
+    DeepSpeed's zero_grad: rayalign.train.worker.deepspeed_config.) In a process of its own: DeepSpeed keeps
+    process-wide state of the groups an earlier engine test made."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        losses, steps = pool.apply(_tied_head_under_zero3, (str(tmp_path),))
+    assert all(math.isfinite(loss) for loss in losses) and steps == 2
+
+
+def _tied_head_under_zero3(model_dir: str) -> tuple[list[float], int]:
+    import deepspeed
+    from engines import one_process_group
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayalign.config import LossConfig, TrainConfig
+    from rayalign.logprobs import PolicyLogps, ResponseHead
+    from rayalign.models import load_causal_lm
+    from rayalign.train.step import PreferenceStep
+    from rayalign.train.worker import adamw, deepspeed_config, partitioned_construction
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, tie_word_embeddings=True, **shape)).save_pretrained(model_dir)
+    train = TrainConfig(zero_stage=3, micro_batch_size=4)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    with one_process_group("gloo", torch.device("cpu")):
+        config = deepspeed_config(train, "float32")
+        with partitioned_construction(config):
+            model = load_causal_lm(model_dir)
+        embedding = model.get_input_embeddings().weight
+        assert embedding.numel() == 0 and embedding.ds_numel == 128 * 32  # partitioned, never whole
+        assert model.get_output_embeddings().weight is embedding
+        policy = PolicyLogps(model)
+        deepspeed.utils.set_z3_leaf_modules(policy, [ResponseHead])
+        optimizer = adamw(list(policy.parameters()), train)
+        engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=config)
+        step = PreferenceStep(LossConfig(), train, PAD, torch.device("cpu"))
+        losses = [
+            step.optimizer_step(engine, pairs_batch(4, seed), lambda count: count)[0].terms.loss.mean().item()
+            for seed in range(2)
+        ]
+        return losses, engine.global_steps

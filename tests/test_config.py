@@ -221,13 +221,6 @@ def test_deepspeed_options_merge_over_the_generated_config_and_cannot_override_o
         "stage3_param_persistence_threshold": 0,
         "reduce_bucket_size": 1000,
     }
-    # Buckets sized by the model's hidden size h (as HF's Trainer's `auto`), the user's settings over them.
-    assert deepspeed_config(cfg.train, cfg.model.dtype, hidden_size=64)["zero_optimization"] == {
-        "stage": 3,
-        "stage3_param_persistence_threshold": 0,
-        "reduce_bucket_size": 1000,
-        "stage3_prefetch_bucket_size": int(0.9 * 64 * 64),
-    }
     assert generated["communication_data_type"] == "fp32" and generated["gradient_clipping"] == 1.0
     for override, setting in (
         ("train.deepspeed.zero_optimization.stage=1", "train.zero_stage"),

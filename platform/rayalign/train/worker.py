@@ -91,20 +91,13 @@ class WorkerPlan:
     progress: Any = None  # a ProgressBoard's handle: rank 0 posts each logged row (train/progress.py)
 
 
-def deepspeed_config(train: TrainConfig, dtype: str, hidden_size: int | None = None) -> dict[str, Any]:
+def deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any]:
     """DeepSpeed's config from the run's settings, with ``train.deepspeed`` merged over it (nested sections key by
-    key; the config refuses the keys set here from rayalign's own settings). With the model's ``hidden_size`` h,
-    ZeRO's buckets are sized by it as Hugging Face's Trainer sizes its ``auto`` entries: gradient reduction in
-    buckets of h² elements, ZeRO-3 prefetching 0.9·h² and keeping parameters under 10·h whole. DeepSpeed's own
-    defaults (5·10⁸ elements a bucket: 2 GB in float32 each) are sized for large GPUs; on a CPU worker they were
-    most of its memory."""
-    generated = _generated_deepspeed_config(train, dtype)
-    if hidden_size is not None and train.zero_stage >= 2:
-        generated["zero_optimization"]["reduce_bucket_size"] = hidden_size * hidden_size
-        if train.zero_stage == 3:
-            generated["zero_optimization"]["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-            generated["zero_optimization"]["stage3_param_persistence_threshold"] = 10 * hidden_size
-    return merged(generated, train.deepspeed)
+    key; the config refuses the keys set here from rayalign's own settings). ZeRO's buckets stay DeepSpeed's
+    defaults: sized by the hidden size as Hugging Face's Trainer does (h² elements), ZeRO-3 failed on CPU for a
+    model whose head is tied to its input embedding (DeepSpeed 0.19.8's ``zero_grad``: "unknown parameter type");
+    set them in ``train.deepspeed`` where the defaults' 2 GB buffers do not fit."""
+    return merged(_generated_deepspeed_config(train, dtype), train.deepspeed)
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -161,14 +154,6 @@ def adamw(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(
         params, lr=train.learning_rate, betas=train.adam_betas, weight_decay=train.weight_decay, fused=True
     )
-
-
-def hidden_size(model_dir: Path) -> int | None:
-    """The model's hidden size from its ``config.json`` (a multimodal model's text part's), None if it has none."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_dir))
-    return getattr(config.get_text_config(), "hidden_size", None)
 
 
 @contextmanager
@@ -238,7 +223,7 @@ class TrainingWorker:
         torch.manual_seed(plan.train.seed + rank)
         t = plan.train
         model_dir = plan.model.local_dir()
-        ds_config = deepspeed_config(t, plan.dtype, hidden_size(model_dir))
+        ds_config = deepspeed_config(t, plan.dtype)
         with partitioned_construction(ds_config):
             model = load_causal_lm(model_dir, plan.dtype, plan.attn_implementation)
         if t.gradient_checkpointing:
