@@ -147,9 +147,8 @@ class TrainingHooks:
 def last_step_checkpoint(result):
     """The kept checkpoint (``ray.train.Checkpoint``) of the latest step in Ray Train's ``result``, or None.
 
-    Not ``result.checkpoint``, the last one registered: after a lost node, a worker of the failed group can report
-    a checkpoint of an earlier step once its stream ends, and it can be registered after the restarted group's
-    last one (seen on CI: a run restored at step 6 and finished at step 12 read back step 7's metrics)."""
+    Not ``result.checkpoint``, the last one registered: across a restart of the workers, registration order need
+    not be step order (a report of the failed group can arrive late)."""
     kept = result.best_checkpoints or []
     if not kept:
         return result.checkpoint

@@ -195,7 +195,11 @@ class TrainingWorker:
         self.world_size = ray.train.get_context().get_world_size()
         self.device = step.device
         self.collective = Collective.of_worker_group(self.device)
-        self.metrics_path = Path(plan.run_dir) / METRICS_FILE
+        # Rank 0's file only. After a lost node, Ray Train may start another rank on the node where the failed
+        # group's rank 0 wrote its rows: that rank's run directory holds a stale metrics.jsonl, which must never go
+        # into a checkpoint (every rank uploads into one checkpoint folder, the last upload winning; seen on CI:
+        # a run restored at step 6 and finished at step 12 read back rows 1-7 of the failed group).
+        self.metrics_path: Path | None = Path(plan.run_dir) / METRICS_FILE if self.rank == 0 else None
         self.history = restored.history  # rank 0's logged rows, for the pathology alarm
         self.first_alarm = FirstAlarm()
         self.meter = IntervalMeter(self.device)
@@ -362,6 +366,7 @@ class TrainingWorker:
 
     def _record(self, row: dict[str, Any]) -> None:
         """Rank 0: the metrics file, the progress relay, the log line."""
+        assert self.metrics_path is not None, "only rank 0 records rows"
         append_jsonl(self.metrics_path, row)
         if self.plan.progress is not None:
             self.plan.progress.post.remote(row)  # not awaited: the next step does not wait on the driver
