@@ -23,6 +23,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+# Ray keeps as many idle worker processes as the node has CPUs (2 here) and ends the others a second after their
+# task: each run's Ray Data tasks then started fresh processes that imported torch and transformers again (~4 s of
+# CPU each). Four kept idle are reused across the session's runs: a tiny run after the first went from 45 s to 35 s
+# on this machine (2026-12-08). A long-lived cluster with more CPUs keeps more by default.
+TEST_CLUSTER_SYSTEM_CONFIG = {"num_workers_soft_limit": 4}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
@@ -31,7 +38,13 @@ def ray_cluster():
     # The dashboard serves the state API (list_actors) that some tests inspect.
     # address="local": always a cluster of this session's own, never one another test process started with
     # `ray start` or ray.cluster_utils (which plain ray.init() would join).
-    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=True)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=512 * 1024**2,
+        include_dashboard=True,
+        _system_config=TEST_CLUSTER_SYSTEM_CONFIG,
+    )
     yield
     ray.shutdown()
 

@@ -71,19 +71,13 @@ def test_two_workers_zero2_cpo(ray_cluster, tmp_path):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "loss",
-    [
-        # At step 1 the policy's per-token averages s(y_w) and s(y_l) are close: L ≈ −log σ(−γ_SimPO) = 1.31 for γ = 1.
-        {"type": "simpo", "beta": 2.0, "simpo_margin": 1.0},
-        # L ≈ −s(y_w) + λ·log 2: the chosen response's NLL, and an odds ratio near 1.
-        {"type": "orpo", "odds_ratio_weight": 0.5},
-    ],
-    ids=lambda loss: loss["type"],
-)
-def test_a_loss_without_reference_trains_without_any_reference(ray_cluster, tmp_path, loss):
+def test_a_loss_without_reference_trains_without_any_reference(ray_cluster, tmp_path):
     """A loss that needs no reference (rayalign.loss_specs) starts no reference actor at all, asserted through
-    Ray's state API, and lowers its loss; the metrics that need a reference are left out, never written as 0."""
+    Ray's state API, and lowers its loss; the metrics that need a reference are left out, never written as 0.
+    SimPO here; ORPO, the other such loss, trains in test_heldout_split_is_evaluated (with a reference for the
+    held-out pairs only)."""
+    # At step 1 the policy's per-token averages s(y_w) and s(y_l) are close: L ≈ −log σ(−γ_SimPO) = 1.31 for γ = 1.
+    loss = {"type": "simpo", "beta": 2.0, "simpo_margin": 1.0}
     cfg = make_config(
         tmp_path,
         data={"synthetic": {"num_pairs": 16}},
@@ -97,13 +91,10 @@ def test_a_loss_without_reference_trains_without_any_reference(ray_cluster, tmp_
     started = {actor_id: name for actor_id, name in train_and_reference_actors().items() if actor_id not in before}
     assert len(started) == 1 and "RayTrainWorker" in next(iter(started.values())), started
     rows = read_jsonl(cfg.output.run_dir / "metrics.jsonl")
-    print(loss["type"], "losses", [round(r["loss"], 4) for r in rows])
+    print("simpo losses", [round(r["loss"], 4) for r in rows])
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all("pref/frac_in_U" not in r and "rewards/chosen" not in r and "pref/absolute_accuracy" in r for r in rows)
-    if loss["type"] == "simpo":
-        assert rows[0]["loss"] == pytest.approx(1.3133, abs=0.3)
-    else:  # logps/chosen is s(y_w), the per-token average ORPO compares
-        assert rows[0]["loss"] == pytest.approx(-rows[0]["logps/chosen"] + 0.5 * math.log(2), abs=0.1)
+    assert rows[0]["loss"] == pytest.approx(1.3133, abs=0.3)
     assert summary["loss_decreased"] and "pref/frac_in_U" not in summary["last"]
     assert summary["reference"]["scope"] == "none"
 
@@ -262,6 +253,9 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     for key in ("eval/loss", "eval/pref/absolute_accuracy", "eval/pref/frac_in_U", "eval/rewards/accuracies"):
         assert key in rows[-1]
     assert all("pref/frac_in_U" not in r and "rewards/chosen" not in r for r in rows)
+    # ORPO's L ≈ −s(y_w) + λ·log 2 at step 1: the chosen response's NLL (logps/chosen is s(y_w), the per-token
+    # average ORPO compares), and an odds ratio near 1.
+    assert rows[0]["loss"] == pytest.approx(-rows[0]["logps/chosen"] + 0.5 * math.log(2), abs=0.1)
     assert all(r["eval/loss"] > 0.3 for r in rows if "eval/loss" in r)  # measured on the pair, not 0.0
     assert summary["heldout"]["eval/loss"] == rows[-1]["eval/loss"]
     assert "eval/pairs/s" not in rows[-1]

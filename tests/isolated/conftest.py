@@ -415,6 +415,8 @@ class IsolatedCluster:
             args += [
                 "--head",
                 f"--port={self.gcs_port}",
+                # Every node takes the head's: idle worker processes kept for reuse (see tests/conftest.py).
+                f"--system-config={json.dumps({'num_workers_soft_limit': 4})}",
                 "--num-cpus=0",
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
