@@ -8,12 +8,10 @@ both back; the data position is recomputed from the step (see :mod:`rayalign.tra
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,54 +101,6 @@ def read_checkpoint_file(checkpoint: Checkpoint, name: str) -> bytes:
     """One file of a (possibly remote) checkpoint, without downloading the model shards."""
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as stream:
         return stream.read()
-
-
-@dataclass(frozen=True)
-class ModelExport:
-    """Where and how the trained policy is exported: from the starting weights' ``model_dir`` (its tokenizer)
-    into ``out_dir`` on rank 0's node, then ``storage``. ``merge_adapters``: with LoRA, also save the base with
-    the adapters merged in."""
-
-    model_dir: Path
-    out_dir: Path
-    storage: Location
-    zero_stage: int
-    merge_adapters: bool = False
-
-
-def export_hf_model(engine, export: ModelExport, rank: int) -> None:
-    """Save the policy in Hugging Face format as ``export`` says (every rank calls it: ZeRO-3 gathers).
-
-    ``engine.module`` is a :class:`rayalign.logprobs.PolicyLogps`; its ``model`` is what is saved. With LoRA
-    (a PEFT model) that is the adapter, in PEFT's format, under ``out_dir/adapter``; ``merge_adapters`` also
-    saves the base with the adapters merged in as ``out_dir`` itself."""
-    import deepspeed
-
-    from rayalign.models import load_tokenizer
-
-    model_dir, out_dir, storage, zero_stage = export.model_dir, export.out_dir, export.storage, export.zero_stage
-
-    # ZeRO-3 shards parameters across ranks: gather full tensors before saving.
-    params = list(engine.module.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
-    with gather:
-        if rank == 0:
-            model = engine.module.model
-            # Written whole into a folder of its own, then moved onto out_dir: a killed export never leaves a
-            # model/ that looks complete, and nothing of an earlier run's model/ survives beside it.
-            staging = out_dir.with_name(f"{out_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-            if hasattr(model, "peft_config"):
-                model.save_pretrained(staging / "adapter", safe_serialization=True)
-                load_tokenizer(model_dir).save_pretrained(staging / "adapter")
-                if export.merge_adapters:  # the last use of the engine: merging in place is fine
-                    model.merge_and_unload().save_pretrained(staging, safe_serialization=True)
-                    load_tokenizer(model_dir).save_pretrained(staging)
-            else:
-                model.save_pretrained(staging, safe_serialization=True)
-                load_tokenizer(model_dir).save_pretrained(staging)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            staging.rename(out_dir)
-            upload(out_dir, storage)
 
 
 @dataclass(frozen=True)

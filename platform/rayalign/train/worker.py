@@ -54,6 +54,7 @@ from rayalign.models import ModelSource
 from rayalign.storage import METRICS_FILE, MODEL_DIR, Location, append_jsonl
 from rayalign.train import actions, checkpoint
 from rayalign.train.batching import heldout_share
+from rayalign.train.export import ModelExport, export_hf_model
 from rayalign.train.meter import IntervalMeter
 from rayalign.train.step import PreferenceStep
 from rayalign.train.steps import StepPlan, pairs_per_step
@@ -384,14 +385,21 @@ class TrainingWorker:
         plan = self.plan
         if plan.best_model is not None and self.best_record is not None and (plan.monitor.keep_best or self.stopped):
             plan.best_model.restore_into(self.engine)
-        export = checkpoint.ModelExport(
+        export = ModelExport(
             plan.model.local_dir(),
             Path(plan.run_dir) / MODEL_DIR,
             plan.model_storage,
             plan.train.zero_stage,
             merge_adapters=plan.lora is not None and plan.lora.export_merged,
         )
-        checkpoint.export_hf_model(self.engine, export, self.rank)
+        written = export_hf_model(self.engine, export, self.rank)
+        if written is not None:
+            logger.info(
+                "model exported: %d safetensors file(s), %.2f GB, at most %.2f GB gathered at once",
+                len(written.files),
+                written.total_bytes / 1e9,
+                written.largest_gather_bytes / 1e9,
+            )
 
 
 def train_loop_per_worker(config: dict[str, WorkerPlan]) -> None:
