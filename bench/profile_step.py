@@ -129,7 +129,7 @@ def _rayalign_step(job: Job, model, layout: str, deepspeed: bool):
     if deepspeed:
         import deepspeed as ds
 
-        from rayalign.train.worker import deepspeed_config
+        from rayalign.train.deepspeed_settings import deepspeed_config
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0")
         os.environ.update(WORLD_SIZE="1", LOCAL_RANK="0")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rayalign.config import LoraConfig, LossConfig, TrainConfig
+from rayalign.train.deepspeed_settings import deepspeed_config
 from rayalign.train.step import PreferenceStep
-from rayalign.train.worker import deepspeed_config
 
 PAD = 0
 # Shifts every seed the exactness tests draw their pairs from: `RAYALIGN_TEST_SEED=7 pytest ...` runs them on

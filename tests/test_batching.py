@@ -112,8 +112,9 @@ def _tied_head_under_zero3(model_dir: str) -> tuple[list[float], int]:
     from rayalign.config import LossConfig, TrainConfig
     from rayalign.logprobs import PolicyLogps, ResponseHead
     from rayalign.models import load_causal_lm
+    from rayalign.train.deepspeed_settings import deepspeed_config
     from rayalign.train.step import PreferenceStep
-    from rayalign.train.worker import adamw, deepspeed_config, partitioned_construction
+    from rayalign.train.worker import adamw, partitioned_construction
 
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     LlamaForCausalLM(LlamaConfig(vocab_size=128, tie_word_embeddings=True, **shape)).save_pretrained(model_dir)

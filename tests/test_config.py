@@ -203,7 +203,7 @@ def test_a_sweep_searches_simpo_margin_or_orpo_weight_like_cpo_gamma():
 def test_deepspeed_options_merge_over_the_generated_config_and_cannot_override_ours():
     """`train.deepspeed` reaches DeepSpeed merged key by key over what rayalign generates; a key rayalign sets from
     its own settings is refused in one line naming that setting."""
-    from rayalign.train.worker import deepspeed_config
+    from rayalign.train.deepspeed_settings import deepspeed_config
 
     base = {"model": {"tiny": {}}, "data": {"synthetic": {}}}
     cfg = config_from_dict(

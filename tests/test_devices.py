@@ -21,9 +21,9 @@ from rayalign.distributed import Collective, backend_device
 from rayalign.logprobs import PolicyLogps
 from rayalign.losses import ObjectiveTerms
 from rayalign.runtime import ClusterResourceError, ResourceDemand, Workload, check_resources
+from rayalign.train.deepspeed_settings import deepspeed_config
 from rayalign.train.meter import IntervalMeter
 from rayalign.train.step import PreferenceStep
-from rayalign.train.worker import deepspeed_config
 
 META = torch.device("meta")
 

@@ -275,6 +275,10 @@ def test_heldout_split_is_evaluated(ray_cluster, tmp_path, capsys):
     assert main(["validate", "--config", str(config), "--json"]) == 0 and ray.is_initialized()
     announced = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert announced["optimizer_steps"] == summary["planned_steps"] == summary["steps"]
+    # ... the memory plan per rank (rayalign.memory_plan), with no GPU to hold it against here.
+    plan = announced["memory_plan"]
+    assert (plan["zero_stage"], plan["num_workers"], plan["dtype"], plan["fits"]) == (3, 2, "float32", None)
+    assert plan["device"]["weights"] > 0 and plan["device_total"] > plan["device"]["weights"]
     # ... and the CPUs and threads of each process: the workers' as given, the reference actor's from auto (it
     # scores the held-out pair before training starts: the node less Ray Data's quarter core).
     assert announced["cpus"]["train_worker"] == {"count": 2, "cpus": 0.5, "torch_threads": 1}

@@ -146,10 +146,12 @@ def _evaluate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
 
 
 def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
-    """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training."""
+    """The data stage alone: read, validate, tokenize, truncate, quarantine; no reference, no training. Then the
+    memory plan per training rank, from the model's config alone (rayalign.memory_plan)."""
     from rayalign.cpus import cpu_plan
     from rayalign.data.records import count_training_pairs
     from rayalign.data.stage import prepare_data
+    from rayalign.memory_plan import memory_plan, model_size
     from rayalign.train.steps import step_plan
 
     (cfg,) = configs
@@ -169,6 +171,11 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
         log.info(report.summary_line())
         console.error(f"rayalign: error: {problem}")
     _shutdown_ray(args)
+    plan = None
+    if problem is None:
+        size = model_size(data.model.driver_dir, cfg.model.lora)
+        plan = memory_plan(cfg, size, _gpu_memory_gib(args.gpu_memory_gib))
+        log.info(plan.line())
     if args.json:
         console.print(
             json.dumps(
@@ -183,11 +190,21 @@ def _validate(args: argparse.Namespace, configs: list[RunConfig], console: Conso
                     "skipped_files": report.skipped_files.as_dict(),
                     "optimizer_steps": steps,
                     "cpus": cpu_plan(cfg),
+                    "memory_plan": plan.as_dict() if plan is not None else None,
                     "ok": problem is None,
                 }
             )
         )
     return 2 if problem else 0
+
+
+def _gpu_memory_gib(given: float | None) -> float | None:
+    """One GPU's memory in GiB: ``given``, else the driver's GPU 0 when it has one, else None (unknown)."""
+    if given is not None:
+        return given
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 1024**3 if torch.cuda.is_available() else None
 
 
 def _report(args: argparse.Namespace, configs: list[RunConfig], console: Console) -> int:
@@ -305,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arguments(validate)
     validate.add_argument("--json", action="store_true", help="end with one JSON line of the counts")
+    validate.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="one GPU's memory: the memory plan says whether a rank fits it (default: the driver's GPU 0, if any)",
+    )
     validate.set_defaults(func=_validate)
 
     evaluate = sub.add_parser(

@@ -73,7 +73,7 @@ def export_hf_model(engine, export: ModelExport, rank: int) -> ExportedWeights |
     full = not lora or export.merge_adapters
     if lora:
         _save_adapters(model, staging / "adapter", rank, sharded)
-    written = _save_full_weights(model, staging, rank, sharded, export.max_shard_size, merged=lora) if full else None
+    written = _save_full_weights(model, staging, export, rank) if full else None
     if rank != 0:
         return None
     for folder in [staging / "adapter"] * lora + [staging] * full:
@@ -114,9 +114,10 @@ def _save_adapters(model, out: Path, rank: int, sharded: bool) -> None:
             model.save_pretrained(out, state_dict=state, safe_serialization=True)
 
 
-def _save_full_weights(model, out: Path, rank: int, sharded: bool, max_shard_size, merged: bool):
+def _save_full_weights(model, out: Path, export: ModelExport, rank: int) -> ExportedWeights | None:
     """The whole model's weights into ``out`` (with its config): ``save_pretrained`` when parameters are whole on
-    every rank, else shard by shard. ``merged``: ``model`` is a PEFT model whose adapters are merged in."""
+    every rank, else shard by shard. A PEFT model is saved with its adapters merged in."""
+    sharded, merged = export.zero_stage == 3, hasattr(model, "peft_config")
     if not sharded:
         if rank == 0:  # the last use of the engine: merging in place is fine
             (model.merge_and_unload() if merged else model).save_pretrained(out, safe_serialization=True)
@@ -130,7 +131,7 @@ def _save_full_weights(model, out: Path, rank: int, sharded: bool, max_shard_siz
             name: torch.empty(_full_shape(weight.param), dtype=weight.param.dtype, device="meta")
             for name, weight in weights.items()
         },
-        max_shard_size=max_shard_size,
+        max_shard_size=export.max_shard_size,
     )
     largest = 0
     if rank == 0:

@@ -54,6 +54,7 @@ from rayalign.models import ModelSource
 from rayalign.storage import METRICS_FILE, MODEL_DIR, Location, append_jsonl
 from rayalign.train import actions, checkpoint
 from rayalign.train.batching import heldout_share
+from rayalign.train.deepspeed_settings import deepspeed_config
 from rayalign.train.export import ModelExport, export_hf_model
 from rayalign.train.meter import IntervalMeter
 from rayalign.train.step import PreferenceStep
@@ -90,37 +91,6 @@ class WorkerPlan:
     has_eval: bool
     reference_in_worker: bool = False  # reference.backend adapters_off: scored here, adapters disabled
     progress: Any = None  # a ProgressBoard's handle: rank 0 posts each logged row (train/progress.py)
-
-
-def deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any]:
-    """DeepSpeed's config from the run's settings, with ``train.deepspeed`` merged over it (nested sections key by
-    key; the config refuses the keys set here from rayalign's own settings). ZeRO's buckets stay DeepSpeed's
-    defaults: sized by the hidden size as Hugging Face's Trainer does (h² elements), ZeRO-3 failed on CPU for a
-    model whose head is tied to its input embedding (DeepSpeed 0.19.8's ``zero_grad``: "unknown parameter type");
-    set them in ``train.deepspeed`` where the defaults' 2 GB buffers do not fit."""
-    return merged(_generated_deepspeed_config(train, dtype), train.deepspeed)
-
-
-def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` merged into a copy of ``base``: a dict merges into a dict key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _generated_deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any]:
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "gradient_clipping": train.max_grad_norm,
-        "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": dtype == "bfloat16"},
-        # We pass a torch optimizer: naming one here would JIT-build fused_adam (~70 s on CPU).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 def lr_schedule(train: TrainConfig, total_steps: int):
