@@ -205,6 +205,29 @@ def test_the_log_is_private_and_never_written_through_a_planted_link(tmp_path):
     assert done.returncode != 0 and "is a symbolic link; rayalign does not write its log through one" in done.stderr
     assert target.read_text() == "keep me"
 
+    # A command that claims its run (train, sweep) writes beside the run directory until its claim succeeds: a
+    # refused one leaves the run's log alone and keeps nothing of its own; an adopted one moves in, 0600.
+    claiming = (
+        "import sys; from pathlib import Path; from rayalign.console import Console; "
+        "c = Console(); c.capture(Path(sys.argv[1]), claim_first=True); print('written')\n"
+        "try:\n    c.adopt_log() if sys.argv[2] == 'adopt' else None\n"
+        "except Exception as err:\n    c.error(str(err)); sys.exit(2)\n"
+        "finally:\n    c.close()"
+    )
+    held = tmp_path / "held"
+    (held / "logs").mkdir(parents=True)
+    (held / "logs" / "rayalign.log").write_text("the running run's lines\n")
+    subprocess.run([sys.executable, "-c", claiming, str(held), "refused"], check=True, capture_output=True)
+    assert (held / "logs" / "rayalign.log").read_text() == "the running run's lines\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    subprocess.run([sys.executable, "-c", claiming, str(held), "adopt"], check=True, capture_output=True)
+    adopted = held / "logs" / "rayalign.log"
+    assert "written" in adopted.read_text() and adopted.stat().st_mode & 0o777 == 0o600
+    done = subprocess.run(
+        [sys.executable, "-c", claiming, str(tmp_path / "planted"), "adopt"], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "is a symbolic link" in done.stderr and target.read_text() == "keep me"
+
 
 @pytest.mark.parametrize("script", ["pathology", "sweep_gamma"])
 def test_job_scripts_bind_a_cluster_they_start_to_loopback_before_importing_ray(script):

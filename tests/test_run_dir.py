@@ -147,7 +147,21 @@ def test_a_killed_run_is_refused_then_resumed_from_its_checkpoint(ray_cluster, t
             if proc.poll() is None:
                 proc.kill()
 
-    # The command again (in this process: a refusal starts nothing) is refused, naming --resume.
+    # The command again is refused, naming --resume, and leaves the killed run's log as it was (before, the refused
+    # command truncated it as it started: console.capture's claim_first). As a person runs it, then in this process.
+    run_log = cfg.output.run_dir / "logs" / "rayalign.log"
+    kept = run_log.read_bytes()
+    again = subprocess.run(
+        [sys.executable, "-m", "rayalign.cli", "train", "--config", str(config_file)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 2 and "--resume" in again.stderr, again.stderr[-2000:]
+    assert kept and run_log.read_bytes() == kept
+    assert not list(cfg.output.run_dir.parent.glob("*.pending"))  # the refused command's own log is gone
     capsys.readouterr()
     code, refused = main(["train", "--config", str(config_file)]), capsys.readouterr().err
     assert code == 2 and "with a checkpoint" in refused and "--resume" in refused, refused

@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace, configs: list[RunConfig], console: Console)
 
     summaries = []
     for cfg in configs:
-        console.capture(cfg.output.run_dir)
+        console.capture(cfg.output.run_dir, claim_first=True)
         log.info("training %s (%s) -> %s", cfg.output.name, cfg.loss.type, cfg.output.run_dir)
         summaries.append(run_train(cfg, console))
     _shutdown_ray(args)  # flush worker logs first, so the table is the last thing printed
@@ -58,8 +58,8 @@ def _sweep(args: argparse.Namespace, configs: list[RunConfig], console: Console)
     from rayalign.tune.sweep import format_sweep_table, run_sweep
 
     (cfg,) = configs
-    console.capture(cfg.output.run_dir)
-    summary = run_sweep(cfg, fresh=args.fresh)
+    console.capture(cfg.output.run_dir, claim_first=True)
+    summary = run_sweep(cfg, fresh=args.fresh, on_claimed=console.adopt_log)
     _shutdown_ray(args)
     files = summary["files"]
     console.print("\n" + format_sweep_table(summary))
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 def _keep_log(console: Console, configs: list[RunConfig]) -> None:
     """The command's log goes to the run's storage too, whatever the ending: on a cluster the driver's
     disk may be gone with its node."""
-    if console.log_path is None or not configs or configs[0].output.storage is None:
+    if console.log_path is None or console.log_pending or not configs or configs[0].output.storage is None:
         return
     from rayalign.storage import publish
 

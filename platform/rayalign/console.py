@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,22 @@ from rayalign.metrics import ABSOLUTE_ACCURACY, FRAC_IN_U, LOSS, PAIRS_PER_S, RE
 log = logging.getLogger("rayalign")
 
 LOG_FILE = "logs/rayalign.log"  # in the run directory
+
+
+def _open_log(path: Path, mode: int) -> int:
+    """The log file, the owner's alone (it holds configs and paths), and never through a link planted in its
+    place; ``mode``: ``os.O_TRUNC`` or ``os.O_EXCL``."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        if path.is_symlink():
+            raise ConfigError(
+                f"{path} is a symbolic link; rayalign does not write its log through one "
+                "(remove it, or set another output.root)"
+            ) from None
+        raise ConfigError(f"cannot write the log {path}: {err.strerror}") from None
+    os.fchmod(fd, 0o600)  # a log left by an earlier version keeps its mode otherwise
+    return fd
 
 
 def step_line(row: dict[str, Any], total_steps: int) -> str:
@@ -47,6 +64,7 @@ class Console:
     def __init__(self, verbose: bool = False):
         self.verbose = verbose
         self.log_path: Path | None = None
+        self._pending_for: Path | None = None  # where the log goes once its run is claimed
         self._log_handler: logging.Handler | None = None
         self._closed = False
         sys.stdout.flush()
@@ -71,26 +89,23 @@ class Console:
         log.setLevel(logging.INFO)
         log.propagate = False
 
-    def capture(self, run_dir: Path) -> Path | None:
+    def capture(self, run_dir: Path, claim_first: bool = False) -> Path | None:
         """From now on, everything but rayalign's own messages goes to ``run_dir/logs/rayalign.log``
-        (with ``--verbose``, nowhere new). Returns the log file, which is also announced."""
+        (with ``--verbose``, nowhere new). Returns the log file, which is also announced.
+
+        ``claim_first`` (a command that claims its run directory: train, sweep): the log is written beside the
+        run directory until :meth:`adopt_log` moves it in, once the claim succeeded; a refused command never
+        touches the log of the run that holds the name (nor, at the end, its copy in storage)."""
         if not self.can_capture:
             return None
         path = run_dir / LOG_FILE
+        if claim_first:
+            self._pending_for = path
+            path = run_dir.parent / f".{run_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.log.pending"
         path.parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
-        # The owner's alone (it holds configs and paths), and never through a link planted in its place.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        except OSError as err:
-            if path.is_symlink():
-                raise ConfigError(
-                    f"{path} is a symbolic link; rayalign does not write its log through one "
-                    "(remove it, or set another output.root)"
-                ) from None
-            raise ConfigError(f"cannot write the log {path}: {err.strerror}") from None
-        os.fchmod(fd, 0o600)  # a log left by an earlier version keeps its mode otherwise
+        fd = _open_log(path, os.O_EXCL if claim_first else os.O_TRUNC)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
@@ -106,8 +121,27 @@ class Console:
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s [rayalign] %(message)s"))
         log.addHandler(self._log_handler)
         self.log_path = path
-        log.info("Ray's and the libraries' output: %s (--verbose shows it here)", path)
+        log.info("Ray's and the libraries' output: %s (--verbose shows it here)", self._pending_for or path)
         return path
+
+    @property
+    def log_pending(self) -> bool:
+        """The log waits for its run's claim (see :meth:`capture`)."""
+        return self._pending_for is not None
+
+    def adopt_log(self) -> None:
+        """The run directory is this run's now: its log moves in (a rename: writing goes on unbroken)."""
+        if self._pending_for is None or self.log_path is None:
+            return
+        final, self._pending_for = self._pending_for, None
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_symlink():
+            raise ConfigError(
+                f"{final} is a symbolic link; rayalign does not write its log through one "
+                "(remove it, or set another output.root)"
+            )
+        os.replace(self.log_path, final)
+        self.log_path = final
 
     def print(self, text: str = "") -> None:
         """Final results (tables, where the files are): on the console, and in the log."""
@@ -137,6 +171,9 @@ class Console:
         for handler in (self._console_handler, self._log_handler):
             if handler is not None:
                 log.removeHandler(handler)
+        if self.log_pending and self.log_path is not None:  # refused before its claim: nothing of it is kept
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
         log.propagate = True
         self.stream.flush()
         self.error_stream.flush()

@@ -48,6 +48,8 @@ def run_train(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     check_scorer(cfg)
     with claimed_run_dir(cfg) as run_dir:
+        if console is not None:
+            console.adopt_log()  # the name is this run's: its log may go into the run directory now
         log.info("data: reading and tokenizing")
         data = prepare_data(cfg, run_dir, Workload())
         cost = preflight(cfg, data)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rayalign.storage import Location, upload
+from rayalign.storage import Location, upload, write_local
 
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"  # Hugging Face's name for a sharded model's index
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # save_pretrained's default
@@ -146,7 +146,7 @@ def _save_full_weights(model, out: Path, export: ModelExport, rank: int) -> Expo
         return None
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
-        (out / SAFE_WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_local(out / SAFE_WEIGHTS_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
     hf_model = model.get_base_model() if merged else model
     hf_model.config.save_pretrained(out)
     if hf_model.can_generate() and hf_model.generation_config is not None:

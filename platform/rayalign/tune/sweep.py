@@ -31,6 +31,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,14 +262,18 @@ class SharedScores:
     heldout: Dataset | None = None
 
 
-def run_sweep(cfg: RunConfig, fresh: bool = False) -> dict[str, Any]:
-    """Run (or resume) the sweep in ``cfg.sweep``; writes the sweep directory, returns its summary."""
+def run_sweep(cfg: RunConfig, fresh: bool = False, on_claimed: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep in ``cfg.sweep``; writes the sweep directory, returns its summary.
+    ``on_claimed``: called once the sweep holds its name and its directory passed the checks (the console's log
+    moves in then)."""
     if cfg.sweep is None:
         raise ConfigError("this config has no `sweep` section (see jobs/configs/sweep-gamma.yaml)")
     check_scorer(cfg)
     with held_run_name(cfg.output):
         started = time.perf_counter()
         resuming = _open_sweep_dir(cfg, fresh)
+        if on_claimed is not None:
+            on_claimed()
         shared = _score_once(cfg)
         steps = step_plan(cfg.train, cfg.scaling.num_workers, shared.num_train).total
         membership = SweepMembership(cfg.output.name, mlflow_parent=open_sweep_parent(cfg))
