@@ -86,3 +86,18 @@ def test_offload_moves_states_to_the_host_and_a_budget_says_whether_a_rank_fits(
     )
     assert recomputed.device["activations"] < full.device["activations"] / 8
     assert full.tokens_per_pass == 8192 and full.reference_actor == pytest.approx(2 * LLAMA_8B.total / GIB)
+
+
+def test_the_large_model_recipes_load_and_the_8b_one_fits_80_gib_per_rank():
+    """jobs/configs' recipes for nodes of 8 x 80 GB (paths are placeholders): valid configs; the 8 B one's plan,
+    with Llama-3.1-8B's shape, fits an 80 GiB GPU (bench/memory_plans.py prints both plans)."""
+    from conftest import REPO
+
+    from rayalign.config import load_config
+
+    eight = load_config(REPO / "jobs/configs/llama-8b-dpo-8xh100.yaml")
+    seventy = load_config(REPO / "jobs/configs/llama-70b-lora-dpo-2x8xh100.yaml")
+    assert (eight.train.zero_stage, eight.scaling.num_workers, eight.model.dtype) == (3, 8, "bfloat16")
+    assert seventy.model.lora is not None and seventy.reference.in_worker and seventy.scaling.num_workers == 16
+    plan = memory_plan(eight, LLAMA_8B, 80)
+    assert plan.fits and plan.device["weights"] * GIB == pytest.approx(2 * LLAMA_8B.total / 8)

@@ -167,7 +167,8 @@ def memory_plan(cfg, size: ModelSize, device_budget_gib: float | None = None) ->
         activations = tokens * size.num_layers * per_token_layer
     # Float32 logits of one chunk, with their softmax and gradient.
     logits = 3 * min(tokens, train.packing.logps_chunk_tokens) * size.vocab_size * 4
-    reference_actor = size.total * BYTES[dtype] / GIB if needs_reference(cfg.loss.type) else None
+    actors = needs_reference(cfg.loss.type) and not cfg.reference.in_worker  # adapters_off scores in the workers
+    reference_actor = size.total * BYTES[dtype] / GIB if actors else None
     return MemoryPlan(
         zero_stage=stage,
         num_workers=workers,
