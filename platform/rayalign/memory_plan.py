@@ -12,7 +12,8 @@ bytes per parameter. ZeRO-1 partitions the fp32 parts across the N ranks, ZeRO-2
 ZeRO-3 the weights too (its estimator counts no separate model-dtype gradients): in bfloat16 ZeRO-2 holds
 2Ψ + 18Ψ/N and ZeRO-3 18Ψ/N plus one gathered layer (4 bytes per parameter), as DeepSpeed's estimators say.
 ``offload_optimizer`` / ``offload_param`` (``train.deepspeed``) move the fp32 parts / the weights to host memory.
-DeepSpeed's communication buckets come from the effective config (its defaults where unset).
+DeepSpeed's communication buckets, and under ZeRO-3 the parameters it keeps gathered
+(``stage3_max_live_parameters``), come from the effective config (its defaults where unset).
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
 §4.1): 34·h bytes per token and layer at 2 bytes per value without the attention scores (SDPA and flash attention
 keep none), or, with activation checkpointing, each layer's input (2·h) plus one layer's recomputation. The
@@ -35,6 +36,7 @@ DEEPSPEED_BUCKET_DEFAULTS = {
     "reduce_bucket_size": 5e8,
     "allgather_bucket_size": 5e8,
     "stage3_prefetch_bucket_size": 5e7,
+    "stage3_max_live_parameters": 1e9,
 }
 ACTIVATION_BYTES_PER_TOKEN_LAYER_PER_H = 34  # Korthikanti et al. 2022, 16-bit values, no attention scores kept
 
@@ -159,6 +161,9 @@ def memory_plan(cfg, size: ModelSize, device_budget_gib: float | None = None) ->
         buffers += zero["allgather_bucket_size"] * value
     if stage == 3:
         buffers += zero["stage3_prefetch_bucket_size"] * value + size.largest_layer * 4  # DeepSpeed's estimate
+        # Gathered parameters stay resident until this many are (DeepSpeed releases them only beyond it): with
+        # the default 1e9 a model below a billion parameters is held whole on every rank during the passes.
+        buffers += min(zero["stage3_max_live_parameters"], size.total) * value
     tokens = train.tokens_per_batch or train.micro_batch_size * 2 * cfg.data.max_length
     per_token_layer = ACTIVATION_BYTES_PER_TOKEN_LAYER_PER_H * size.hidden_size * value / 2
     if train.gradient_checkpointing:
