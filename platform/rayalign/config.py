@@ -986,7 +986,6 @@ class RunConfig(_Section):
                     f"loss.type {self.loss.type} needs no reference: reference.backend adapters_off would score "
                     "one for nothing (use transformers or vllm for the held-out pairs, or leave it out)"
                 )
-            switch = self.monitor.switch_to
             if switch is not None and needs_reference(switch.type):
                 raise ValueError(
                     f"monitor.switch_to.type {switch.type} needs the reference's log-probs, which a "
