@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 
 import torch
@@ -14,8 +15,9 @@ def test_a_zero3_export_gathers_one_shard_at_a_time_and_loads_back_as_the_model(
     """A full model and a LoRA model on a real ZeRO-3 engine (every parameter partitioned), exported with a small
     shard size: Hugging Face's sharded layout (index and shards) that ``from_pretrained`` loads back to the engine's
     weights, the same names ``save_pretrained`` writes, at most one shard gathered at once; with LoRA, the adapters
-    alone in PEFT's format, and the merged model equal to PEFT's own merge of those adapters. In a process of its
-    own: DeepSpeed keeps process-wide state of the groups an earlier engine test made."""
+    alone in PEFT's format, and the merged model equal to PEFT's own merge of those adapters. Then a model trained
+    two steps with its weights and Adam's states offloaded to host memory (train.deepspeed), exported trained. In a
+    process of its own: DeepSpeed keeps process-wide state of the groups an earlier engine test made."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         pool.apply(_export_under_zero3, (str(tiny_model_dir), str(tmp_path)))
 
@@ -24,25 +26,23 @@ def _export_under_zero3(model_dir: str, root: str) -> None:
     from pathlib import Path
 
     import deepspeed
-    from engines import deepspeed_engine, one_process_group
+    from engines import PAD, deepspeed_engine, one_process_group, pairs_batch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from rayalign.config import LoraConfig, TrainConfig
+    from rayalign.config import LoraConfig, LossConfig, TrainConfig
     from rayalign.models import load_tokenizer
     from rayalign.storage import location
     from rayalign.train.export import SAFE_WEIGHTS_INDEX, ModelExport, export_hf_model
+    from rayalign.train.step import PreferenceStep
 
     root = Path(root)
     base = LlamaForCausalLM.from_pretrained(model_dir)
     assert not base.config.tie_word_embeddings  # the head is a weight of its own (tied heads: test_batching.py)
-    train = TrainConfig(
-        zero_stage=3,
-        micro_batch_size=4,
-        # Every parameter partitioned: the tiny model's are all below the default persistence threshold.
-        deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
-    )
+    # Every parameter partitioned: the tiny model's are all below the default persistence threshold.
+    zero = {"stage3_param_persistence_threshold": 0}
+    train = TrainConfig(zero_stage=3, micro_batch_size=4, deepspeed={"zero_optimization": zero})
     with one_process_group("gloo", torch.device("cpu")):
         # The full model.
         engine = deepspeed_engine(model_dir, train, torch.device("cpu"))
@@ -88,3 +88,20 @@ def _export_under_zero3(model_dir: str, root: str) -> None:
             changed += not torch.equal(tensor, base.state_dict()[name])
         assert changed > 0  # the adapters are in the merged weights
         assert load_tokenizer(out).pad_token_id == load_tokenizer(out / "adapter").pad_token_id
+
+        # Weights and Adam's states offloaded to host memory (train.deepspeed): two optimizer steps of the training
+        # step with rayalign's own optimizer, then an export that holds the trained weights.
+        offload = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+        offloaded = train.model_copy(update={"deepspeed": {"zero_optimization": {**zero, **offload}}})
+        engine = deepspeed_engine(model_dir, offloaded, torch.device("cpu"))
+        assert engine.zero_offload_optimizer() and engine.zero_offload_param()
+        step = PreferenceStep(LossConfig(), offloaded, PAD, torch.device("cpu"))
+        losses = [
+            step.optimizer_step(engine, pairs_batch(4, seed), lambda count: count)[0].terms.loss.mean().item()
+            for seed in range(2)
+        ]
+        assert all(math.isfinite(loss) for loss in losses) and engine.global_steps == 2
+        out = root / "offloaded"
+        export_hf_model(engine, ModelExport(model_dir, out, location(str(root / "stored-offloaded")), 3), rank=0)
+        trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        assert any(not torch.equal(trained[name], tensor) for name, tensor in base.state_dict().items())

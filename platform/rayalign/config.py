@@ -471,7 +471,7 @@ class PackingConfig(_Section):
     )
 
 
-# The DeepSpeed keys rayalign generates from its own settings (rayalign.train.worker.deepspeed_config), which
+# The DeepSpeed keys rayalign generates from its own settings (rayalign.train.deepspeed_settings), which
 # train.deepspeed may not override: each with the setting that decides it.
 DEEPSPEED_KEYS_OWNED = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",

@@ -36,6 +36,10 @@ def _generated_deepspeed_config(train: TrainConfig, dtype: str) -> dict[str, Any
         "bf16": {"enabled": dtype == "bfloat16"},
         # We pass a torch optimizer: naming one here would JIT-build fused_adam (~70 s on CPU).
         "zero_allow_untested_optimizer": True,
+        # With offload_optimizer (train.deepspeed), Adam steps the offloaded fp32 states on the CPU: torch's fused
+        # AdamW does it in one kernel; DeepSpeed's CPUAdam would need a JIT build on every node, and DeepSpeed's
+        # check (this key true) refuses any other optimizer under offload.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
